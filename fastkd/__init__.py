@@ -1,0 +1,11 @@
+"""fastkd: fused knowledge-distillation losses with calibration statistics for free.
+
+Importing fastkd touches no GPU and does not import Triton (the kernels load on first use).
+"""
+from .backends import available_backends
+from .calibration import CalibrationMeter, CalibrationReport, calibration_error
+from .loss import KDLoss, KLDivLoss, kd_loss, kl_loss
+
+__all__ = ["kl_loss", "kd_loss", "KDLoss", "KLDivLoss", "CalibrationMeter", "CalibrationReport",
+           "calibration_error", "available_backends"]
+__version__ = "0.1.0"

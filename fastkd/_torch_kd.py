@@ -1,0 +1,96 @@
+"""The PyTorch backend: the fused loss's math in plain tensor ops, any device, chunks of rows.
+
+It mirrors the Triton kernel (loss and gradients in one forward, fp32 arithmetic, float64 for
+float64 inputs), so the two backends give the same numbers. Rows are processed in chunks so the
+temporaries stay a bounded multiple of one chunk, not of N x C.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._spec import KDSpec
+
+CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
+
+
+def _compute_dtype(*tensors):
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _masked(p, v):
+    """p * v where p > 0, else 0: the convention 0 * log 0 = 0 (masked classes, -inf logits)."""
+    return torch.where(p > 0, p * v, 0.0)
+
+
+def _divergence(la, lb, spec: KDSpec):
+    """Per-row divergence and the gradients w.r.t. the tempered logits a = s/T and b = t/T."""
+    ps, pt = la.exp(), lb.exp()
+    if spec.divergence == 2:  # generalised JSD
+        lm = torch.log(spec.beta * pt + (1 - spec.beta) * ps)
+        ref_s, ref_t = la - lm, lb - lm
+    else:
+        ref_t = lb - la
+        ref_s = -ref_t
+    d_s = _masked(ps, ref_s).sum(-1, keepdim=True)
+    d_t = _masked(pt, ref_t).sum(-1, keepdim=True)
+    if spec.divergence == 0:  # KL(p_t || p_s)
+        return d_t, ps - pt, _masked(pt, ref_t - d_t)
+    if spec.divergence == 1:  # KL(p_s || p_t)
+        return d_s, _masked(ps, ref_s - d_s), pt - ps
+    b = spec.beta
+    return b * d_t + (1 - b) * d_s, (1 - b) * _masked(ps, ref_s - d_s), b * _masked(pt, ref_t - d_t)
+
+
+INPLACE_BACKWARD = False  # scale_grad allocates; backward may run again
+
+
+def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
+    """Rows (N, C) of student/teacher logits -> (loss per row fp32 (N,), grad_s | None, grad_t | None).
+
+    ``row_scale`` (a 1-element tensor or None) multiplies the gradients (1 / rows that count);
+    ignored rows get loss 0 and gradient 0.
+    """
+    n, c = s.shape
+    cd = _compute_dtype(s, t)
+    loss = torch.empty(n, dtype=cd, device=s.device)
+    gs = torch.empty_like(s) if grad_s else None
+    gt = torch.empty_like(t) if grad_t else None
+    scale = row_scale.to(cd) if row_scale is not None else torch.ones((), dtype=cd, device=s.device)
+    step = max(1, CHUNK_ELEMENTS // max(c, 1))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        x, y = s[lo:hi].to(cd), t[lo:hi].to(cd)
+        if labels is not None:
+            lab = labels[lo:hi]
+            keep = lab != spec.ignore_index
+            lab = torch.where(keep, lab, 0)
+        else:
+            lab, keep = None, torch.ones(hi - lo, dtype=torch.bool, device=s.device)
+        la = (x * spec.inv_temperature).log_softmax(-1)
+        lb = (y * spec.inv_temperature).log_softmax(-1)
+        div, ga, gb = _divergence(la, lb, spec)
+        row = spec.kd_scale * div.squeeze(-1)
+        if spec.has_ce:
+            l1 = x.log_softmax(-1)
+            row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
+        loss[lo:hi] = torch.where(keep, row, 0.0)
+        w = torch.where(keep, scale, 0.0)[:, None]
+        kd_g = spec.kd_scale * spec.inv_temperature
+        if grad_s:
+            g = kd_g * ga
+            if spec.has_ce:
+                g = g + spec.ce_scale * (l1.exp() - torch.nn.functional.one_hot(lab, c).to(cd))
+            gs[lo:hi] = torch.where(w != 0, g * w, 0.0)
+        if grad_t:
+            gt[lo:hi] = torch.where(w != 0, kd_g * gb * w, 0.0)
+        for m, logits in ((meter, x), (teacher_meter, y)):
+            if m is not None:
+                m._add_rows(logits, lab, keep)
+    return loss if cd == torch.float64 else loss.float(), gs, gt
+
+
+def scale_grad(grad, grad_output):
+    """The backward: the gradient from the forward times the upstream gradient (out of place)."""
+    if grad_output.dim():
+        grad_output = grad_output.reshape(-1, 1)
+    return grad * grad_output.to(grad.dtype)

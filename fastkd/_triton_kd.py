@@ -1,0 +1,316 @@
+"""The Triton backend: one fused kernel for the KD loss, its gradients and calibration statistics.
+
+Imported lazily (only when the triton backend runs). Under ``TRITON_INTERPRET=1`` the same kernels
+run on CPU tensors, which is how the test suite checks them without a GPU.
+
+Per row, a = s/T and b = t/T: the kernel finds max and sum-exp of a and b (and of s at T = 1 for
+the cross-entropy and the calibration statistics) with online softmax, then the divergence, then
+the gradients. Rows that fit in one tile (``ONE_PASS``) are read once into registers: the traffic
+is the floor, read s + read t + write grad (3 N C bytes). Longer rows loop over tiles: one sweep
+for the statistics, a second that accumulates the divergence and, for KL(p_t || p_s), already
+writes the student's gradient (5 N C bytes); when the gradient needs the divergence value first
+(reverse KL, JSD, teacher gradients) a third sweep writes it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._spec import KDSpec
+from .calibration import bin_edges
+
+NEG_INF = float("-inf")
+# Longest row kept in registers, by element size; beyond it the looping path runs. These are first
+# choices, not yet tuned on a GPU (see bench/RESULTS.md).
+ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}
+LOOP_BLOCK_C = 4096
+TILE_ELEMENTS = 4096  # elements per program in the one-pass path: several rows when C is small
+
+
+@triton.jit
+def _online_max_sumexp(m, z_t, z_1, z_2, arg, x, cols, inv_temp, NEED_T1: tl.constexpr):
+    """Merges one tile of rows into running (max, sum exp((x-max)/T), sum exp(x-max),
+    sum exp(2(x-max)), argmax). Masked columns hold -inf."""
+    bm = tl.max(x, axis=1)
+    m_new = tl.maximum(m, bm)
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # all -inf so far: keep exp() finite
+    xs = x - m_safe[:, None]
+    z_t = z_t * tl.exp((m - m_safe) * inv_temp) + tl.sum(tl.exp(xs * inv_temp), axis=1)
+    if NEED_T1:
+        r = tl.exp(m - m_safe)
+        e = tl.exp(xs)
+        z_1 = z_1 * r + tl.sum(e, axis=1)
+        z_2 = z_2 * r * r + tl.sum(e * e, axis=1)
+        barg = tl.min(tl.where(x == bm[:, None], cols[None, :], 2147483647), axis=1)
+        arg = tl.where(bm > m, barg, arg)  # first maximum wins, as torch.argmax
+    return m_new, z_t, z_1, z_2, arg
+
+
+@triton.jit
+def _divergence_terms(x, y, lse_a, lse_b, inv_temp, beta, DIVERGENCE: tl.constexpr):
+    """Tempered probabilities, log-ratios and the per-element divergence terms of a tile."""
+    la = x * inv_temp - lse_a[:, None]
+    lb = y * inv_temp - lse_b[:, None]
+    ps = tl.exp(la)
+    pt = tl.exp(lb)
+    ref_t = lb - la
+    ref_s = la - lb
+    if DIVERGENCE == 2:  # generalised JSD against M = beta p_t + (1 - beta) p_s
+        lm = tl.log(beta * pt + (1.0 - beta) * ps)
+        ref_t = lb - lm
+        ref_s = la - lm
+    term_s = tl.where(ps > 0, ps * ref_s, 0.0)  # 0 log 0 = 0: masked classes add nothing
+    term_t = tl.where(pt > 0, pt * ref_t, 0.0)
+    return ps, pt, ref_s, ref_t, term_s, term_t
+
+
+@triton.jit
+def _store_grads(gs_ptr, gt_ptr, offs_s, offs_t, mask, x, cols, label, lse_1, w,
+                 ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale, beta,
+                 DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
+                 GRAD_S: tl.constexpr, GRAD_T: tl.constexpr):
+    """d loss / d logits for one tile, already scaled by w = row scale (0 for ignored rows)."""
+    if DIVERGENCE == 0:  # KL(p_t || p_s)
+        ga = ps - pt
+        gb = tl.where(pt > 0, pt * (ref_t - d_t[:, None]), 0.0)
+    elif DIVERGENCE == 1:  # KL(p_s || p_t)
+        ga = tl.where(ps > 0, ps * (ref_s - d_s[:, None]), 0.0)
+        gb = pt - ps
+    else:
+        ga = (1.0 - beta) * tl.where(ps > 0, ps * (ref_s - d_s[:, None]), 0.0)
+        gb = beta * tl.where(pt > 0, pt * (ref_t - d_t[:, None]), 0.0)
+    keep = w[:, None] != 0
+    if GRAD_S:
+        g = kd_g * ga
+        if HAS_CE:
+            p1 = tl.exp(x - lse_1[:, None])
+            g += ce_scale * (p1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+        g = tl.where(keep, g * w[:, None], 0.0)
+        tl.store(gs_ptr + offs_s, g.to(gs_ptr.dtype.element_ty), mask=mask)
+    if GRAD_T:
+        g = tl.where(keep, kd_g * gb * w[:, None], 0.0)
+        tl.store(gt_ptr + offs_t, g.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
+               NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr):
+    """Adds a tile of rows to a calibration histogram: one atomic per bin per program."""
+    lse_1 = m + tl.log(z_1)
+    conf = 1.0 / z_1  # the top class has exp(max - max) = 1
+    correct = tl.where(arg == label, 1.0, 0.0)
+    nll = lse_1 - x_label
+    brier = z_2 / (z_1 * z_1) - 2.0 * tl.exp(x_label - lse_1) + 1.0
+    # bin = number of edges <= conf, minus 1 (torch.bucketize(right=True) on the same fp32 edges)
+    b = tl.maximum(tl.minimum((conf * NUM_BINS).to(tl.int32), NUM_BINS), 0)
+    b = tl.where(conf < tl.load(edges_ptr + b), b - 1, b)
+    b = tl.where(conf >= tl.load(edges_ptr + b + 1), b + 1, b)
+    bins = tl.arange(0, BINS_P2)
+    hit = (b[:, None] == bins[None, :]) & keep[:, None]
+    nb: tl.constexpr = NUM_BINS + 1
+    in_range = bins < nb
+    tl.atomic_add(meter_ptr + bins, tl.sum(hit.to(tl.float32), axis=0).to(tl.float64), mask=in_range)
+    tl.atomic_add(meter_ptr + nb + bins,
+                  tl.sum(tl.where(hit, conf[:, None], 0.0), axis=0).to(tl.float64), mask=in_range)
+    tl.atomic_add(meter_ptr + 2 * nb + bins,
+                  tl.sum(tl.where(hit, correct[:, None], 0.0), axis=0).to(tl.float64), mask=in_range)
+    tl.atomic_add(meter_ptr + 3 * nb, tl.sum(tl.where(keep, nll, 0.0), axis=0).to(tl.float64))
+    tl.atomic_add(meter_ptr + 3 * nb + 1, tl.sum(tl.where(keep, brier, 0.0), axis=0).to(tl.float64))
+
+
+@triton.jit
+def _kd_fwd_kernel(
+    # pointers
+    s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_scale_ptr, edges_ptr,
+    meter_s_ptr, meter_t_ptr,
+    # shapes and strides (elements)
+    n_rows, n_cols, stride_s, stride_t, stride_gs, stride_gt,
+    # scalars
+    inv_temp, kd_scale, ce_scale, beta, ignore_index,
+    # constants
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    METER_S: tl.constexpr, METER_T: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        keep = row_ok & (label != ignore_index)
+        label = tl.where(keep, label, 0)
+        x_label = tl.load(s_ptr + rows * stride_s + label, mask=keep, other=0.0).to(tl.float32)
+        y_label = tl.load(t_ptr + rows * stride_t + label, mask=keep, other=0.0).to(tl.float32)
+    else:
+        label = tl.zeros([BLOCK_N], dtype=tl.int64)
+        keep = row_ok
+        x_label = tl.zeros([BLOCK_N], dtype=tl.float32)
+        y_label = x_label
+    if HAS_ROW_SCALE:
+        w = tl.where(keep, tl.load(row_scale_ptr), 0.0)
+    else:
+        w = tl.where(keep, 1.0, 0.0)
+    kd_g = kd_scale * inv_temp
+    STUDENT_T1: tl.constexpr = HAS_CE or METER_S
+    # the gradient needs the divergence's value first (a third sweep when looping)?
+    LATE_GRAD: tl.constexpr = (GRAD_S and DIVERGENCE != 0) or (GRAD_T and DIVERGENCE != 1)
+
+    zeros = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m_s = zeros + NEG_INF
+    m_t = zeros + NEG_INF
+    z_s, z1_s, z2_s, z_t, z1_t, z2_t = zeros, zeros, zeros, zeros, zeros, zeros
+    arg_s = tl.zeros([BLOCK_N], dtype=tl.int32)
+    arg_t = arg_s
+    d_s = zeros
+    d_t = zeros
+    row_off_s = rows[:, None] * stride_s
+    row_off_t = rows[:, None] * stride_t
+    row_off_gs = rows[:, None] * stride_gs
+    row_off_gt = rows[:, None] * stride_gt
+
+    if ONE_PASS:  # the whole row lives in registers: read once, write once
+        cols = tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+        y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+        m_s, z_s, z1_s, z2_s, arg_s = _online_max_sumexp(m_s, z_s, z1_s, z2_s, arg_s, x, cols,
+                                                          inv_temp, STUDENT_T1)
+        m_t, z_t, z1_t, z2_t, arg_t = _online_max_sumexp(m_t, z_t, z1_t, z2_t, arg_t, y, cols,
+                                                          inv_temp, METER_T)
+        lse_a = m_s * inv_temp + tl.log(z_s)
+        lse_b = m_t * inv_temp + tl.log(z_t)
+        lse_1 = m_s + tl.log(z1_s)
+        ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
+                                                                 beta, DIVERGENCE)
+        d_s = tl.sum(term_s, axis=1)
+        d_t = tl.sum(term_t, axis=1)
+        _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :], mask,
+                     x, cols, label, lse_1, w, ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale,
+                     beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
+    else:
+        for c0 in range(0, n_cols, BLOCK_C):  # sweep 1: softmax statistics
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            m_s, z_s, z1_s, z2_s, arg_s = _online_max_sumexp(m_s, z_s, z1_s, z2_s, arg_s, x, cols,
+                                                              inv_temp, STUDENT_T1)
+            m_t, z_t, z1_t, z2_t, arg_t = _online_max_sumexp(m_t, z_t, z1_t, z2_t, arg_t, y, cols,
+                                                              inv_temp, METER_T)
+        lse_a = m_s * inv_temp + tl.log(z_s)
+        lse_b = m_t * inv_temp + tl.log(z_t)
+        lse_1 = m_s + tl.log(z1_s)
+        for c0 in range(0, n_cols, BLOCK_C):  # sweep 2: the divergence (and KL's student grad)
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
+                                                                     beta, DIVERGENCE)
+            d_s += tl.sum(term_s, axis=1)
+            d_t += tl.sum(term_t, axis=1)
+            if not LATE_GRAD:
+                _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
+                             mask, x, cols, label, lse_1, w, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
+                             ce_scale, beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
+        if LATE_GRAD:
+            for c0 in range(0, n_cols, BLOCK_C):  # sweep 3: gradients that need the divergence
+                cols = c0 + tl.arange(0, BLOCK_C)
+                mask = row_ok[:, None] & (cols[None, :] < n_cols)
+                x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+                y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+                ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
+                                                                         beta, DIVERGENCE)
+                _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
+                             mask, x, cols, label, lse_1, w, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
+                             ce_scale, beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
+
+    if DIVERGENCE == 0:
+        div = d_t
+    elif DIVERGENCE == 1:
+        div = d_s
+    else:
+        div = beta * d_t + (1.0 - beta) * d_s
+    loss = kd_scale * div
+    if HAS_CE:
+        loss += ce_scale * (lse_1 - x_label)
+    tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=row_ok)
+    if METER_S:
+        _meter_add(meter_s_ptr, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
+                   NUM_BINS, BINS_P2)
+    if METER_T:
+        _meter_add(meter_t_ptr, edges_ptr, keep, m_t, z1_t, z2_t, arg_t, y_label, label,
+                   NUM_BINS, BINS_P2)
+
+
+@triton.jit
+def _scale_grad_kernel(grad_ptr, factor_ptr, n_cols, n_elements, FACTOR_PER_ROW: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """grad *= factor in place. Where the factor is 1 (the usual loss.backward()) the masked loads
+    and stores move no data, so the backward costs one scalar read: no host sync, no traffic."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n_elements
+    if FACTOR_PER_ROW:
+        f = tl.load(factor_ptr + offs // n_cols, mask=in_range, other=1.0)
+    else:
+        f = tl.load(factor_ptr) + tl.zeros([BLOCK], dtype=tl.float32)
+    todo = in_range & (f != 1.0)
+    g = tl.load(grad_ptr + offs, mask=todo, other=0.0).to(tl.float32)
+    tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
+
+
+def _launch_config(n_cols: int, elem_size: int):
+    """(BLOCK_N, BLOCK_C, ONE_PASS, num_warps) for a row length and element size."""
+    if n_cols <= ONE_PASS_MAX.get(elem_size, ONE_PASS_MAX[4]):
+        block_c = triton.next_power_of_2(n_cols)
+        block_n = max(1, min(TILE_ELEMENTS // block_c, 256))
+        one_pass = True
+    else:
+        block_c, block_n, one_pass = LOOP_BLOCK_C, 1, False
+    tile = block_n * block_c
+    num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    return block_n, block_c, one_pass, num_warps
+
+
+INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
+
+
+def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
+    """Rows (N, C) -> (loss per row fp32 (N,), grad_s | None, grad_t | None) in one launch."""
+    n, c = s.shape
+    loss = torch.empty(n, dtype=torch.float32, device=s.device)
+    gs = torch.empty_like(s) if grad_s else None
+    gt = torch.empty_like(t) if grad_t else None
+    if n == 0:
+        return loss, gs, gt
+    meters = [m for m in (meter, teacher_meter) if m is not None]
+    num_bins = meters[0].num_bins if meters else 1  # both meters share it (checked by the caller)
+    edges = bin_edges(num_bins, s.device)
+    dummy = loss  # stands in for absent optional pointers (never dereferenced)
+    block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()))
+    _kd_fwd_kernel[(triton.cdiv(n, block_n),)](
+        s, t, labels if labels is not None else dummy, loss,
+        gs if grad_s else dummy, gt if grad_t else dummy,
+        row_scale if row_scale is not None else dummy, edges,
+        meter._state_on(s.device) if meter is not None else dummy,
+        teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
+        n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
+        spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
+        BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
+        HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, HAS_ROW_SCALE=row_scale is not None,
+        GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
+        NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1), num_warps=num_warps,
+    )
+    return loss, gs, gt
+
+
+def scale_grad(grad, grad_output):
+    """The backward: scales the forward's gradient by grad_output in place (device-side check for 1)."""
+    factor = grad_output.detach().to(torch.float32).contiguous()
+    n = grad.numel()
+    if n:
+        block = 4096
+        _scale_grad_kernel[(triton.cdiv(n, block),)](grad, factor, grad.shape[-1], n,
+                                                     FACTOR_PER_ROW=factor.dim() > 0, BLOCK=block)
+    return grad

@@ -1,0 +1,69 @@
+"""Which backend runs a call: ``backend=`` > ``FASTKD_BACKEND`` > auto.
+
+auto picks triton for CUDA tensors when Triton imports (and for CPU tensors under
+``TRITON_INTERPRET=1``), else torch. A backend asked for by name that cannot run raises with the
+reason; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+class BackendInfo(NamedTuple):
+    name: str
+    available: bool
+    reason: str  # why it cannot run here ("" when it can)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        return f"triton does not import ({type(e).__name__}: {e})"
+    return ""
+
+
+def _triton_unusable(device: torch.device, dtypes=()) -> str:
+    """Why the Triton kernels cannot run on this device / these dtypes ("" when they can)."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "tensors are on the CPU (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    if device.type not in ("cuda", "cpu"):
+        return f"Triton does not run on {device.type} tensors"
+    if torch.float64 in dtypes:
+        return "the kernels compute in float32; float64 logits need backend='torch'"
+    return ""
+
+
+def available_backends(device=None) -> list[BackendInfo]:
+    """Each backend with whether it can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    why = _triton_unusable(device)
+    return [BackendInfo("triton", not why, why), BackendInfo("torch", True, "")]
+
+
+def resolve(backend, device: torch.device, dtypes):
+    """The backend module for a call (``kd_forward``/``scale_grad``), or a ValueError saying why not."""
+    name = backend if backend is not None else os.environ.get("FASTKD_BACKEND", "auto") or "auto"
+    source = "backend" if backend is not None else "FASTKD_BACKEND"
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    name = name.lower()
+    if name != "torch":
+        why = _triton_unusable(device, dtypes)
+        if why and name == "triton":
+            raise ValueError(f"{source}='triton' cannot run: {why}")
+        name = "torch" if why else "triton"
+    return importlib.import_module(f"fastkd._{name}_kd")

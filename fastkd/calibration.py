@@ -1,0 +1,221 @@
+"""Calibration statistics of a classifier: ECE / RMS-CE / MCE, NLL, Brier, reliability bins.
+
+Confidence is the largest softmax probability of a row at T = 1, the prediction its argmax.
+Bins are equal-width over [0, 1] with torchmetrics' edge convention: ``bucketize(conf,
+linspace(0, 1, B + 1), right=True) - 1``, so bins are closed on the left and a confidence of
+exactly 1.0 falls into an extra bin ``B`` of its own. The meter keeps a histogram (count, sum of
+confidence, sum of correct per bin, plus NLL and Brier totals) in one float64 tensor: counts are
+exact integers below 2**53, sums keep their precision over millions of rows, and memory does not
+grow with the rows seen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+NORMS = ("l1", "l2", "max")
+
+
+def bin_edges(num_bins: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The ``num_bins + 1`` edges torchmetrics uses, plus a trailing +inf (for the kernels' search)."""
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=dtype, device=device)
+    return torch.cat([edges, edges.new_full((1,), math.inf)])
+
+
+def _check_num_bins(num_bins) -> int:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+    return num_bins
+
+
+@dataclass
+class Bin:
+    lower: float
+    upper: float
+    count: int
+    confidence: float  # mean confidence of the rows in the bin (0 when empty)
+    accuracy: float  # fraction correct (0 when empty)
+
+
+@dataclass
+class CalibrationReport:
+    ece: float  # expected calibration error (l1)
+    rms_ce: float  # root-mean-square calibration error (l2)
+    mce: float  # maximum calibration error (max)
+    accuracy: float
+    nll: float  # mean negative log-likelihood at T = 1
+    brier: float  # mean of sum_c (p_c - onehot_c)^2
+    count: int
+    bins: list[Bin] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "bins"} | {
+            "bins": [b.__dict__ for b in self.bins]
+        }
+
+
+def _bin_errors(count: torch.Tensor, conf_sum: torch.Tensor, correct_sum: torch.Tensor):
+    """(|acc - conf| per bin, bin proportions): the quantities every norm is built from."""
+    safe = count.clamp(min=1)
+    gap = (correct_sum / safe - conf_sum / safe).abs()
+    return gap, count / count.sum()
+
+
+def _norm(gap: torch.Tensor, prop: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "l1":
+        return (gap * prop).sum()
+    if norm == "l2":
+        return ((gap**2) * prop).sum().sqrt()
+    return gap.max()
+
+
+def _histogram(conf, correct, keep, num_bins):
+    """Per-bin (count, confidence sum, correct sum) in float64; rows where ``keep`` is False add nothing."""
+    idx = torch.bucketize(conf, bin_edges(num_bins, conf.device, conf.dtype)[:-1], right=True) - 1
+    idx = idx.clamp_(0, num_bins)  # a NaN confidence lands in the last bin, as its NaN sum shows
+    out = torch.zeros(3, num_bins + 1, dtype=torch.float64, device=conf.device)
+    for i, v in enumerate((keep, conf, correct)):
+        out[i].scatter_add_(0, idx, torch.where(keep, v.to(torch.float64), 0.0))
+    return out
+
+
+def calibration_error(logits_or_probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15,
+                      norm: str = "l1") -> torch.Tensor:
+    """Top-label calibration error of ``(N, C)`` logits or probabilities against ``labels``.
+
+    Equals ``torchmetrics.functional.classification.multiclass_calibration_error`` (same bins,
+    same rule: the input is taken as probabilities when every value lies in [0, 1], else softmax
+    is applied). ``norm``: "l1" (ECE), "l2" (RMS calibration error) or "max" (MCE).
+    """
+    _check_num_bins(num_bins)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(logits_or_probs, torch.Tensor) or not logits_or_probs.is_floating_point():
+        raise TypeError("logits_or_probs must be a floating-point tensor")
+    if logits_or_probs.dim() != 2:
+        raise ValueError(f"logits_or_probs must be (N, C), got shape {tuple(logits_or_probs.shape)}")
+    _check_labels(labels, logits_or_probs.shape[:1], logits_or_probs.shape[1], None)
+    p = logits_or_probs.detach()
+    if p.dtype in (torch.float16, torch.bfloat16):
+        p = p.float()
+    if not bool(((p >= 0) & (p <= 1)).all()):
+        p = p.softmax(dim=1)
+    conf, pred = p.max(dim=1)
+    hist = _histogram(conf, pred == labels, torch.ones_like(conf, dtype=torch.bool), num_bins)
+    gap, prop = _bin_errors(*hist)
+    return _norm(gap, prop, norm).to(p.dtype)
+
+
+def _check_labels(labels, shape, num_classes, ignore_index, name="labels", check_range=True):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the logits without the class "
+                         f"dimension), got {tuple(labels.shape)}")
+    if check_range and labels.numel():  # one host synchronisation
+        bad = (labels < 0) | (labels >= num_classes)
+        if ignore_index is not None:
+            bad &= labels != ignore_index
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            allowed = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+            raise ValueError(f"{name} must lie in [0, {num_classes}){allowed}; found {first}")
+
+
+def row_statistics(x: torch.Tensor, labels: torch.Tensor):
+    """Per-row (confidence, correct, NLL, Brier) of ``(N, C)`` logits at T = 1, in x's dtype."""
+    p = x.softmax(dim=-1)
+    conf, pred = p.max(dim=-1)
+    lab = labels.unsqueeze(-1)
+    nll = -x.log_softmax(dim=-1).gather(-1, lab).squeeze(-1)
+    brier = (p * p).sum(-1) - 2 * p.gather(-1, lab).squeeze(-1) + 1
+    return conf, pred == labels, nll, brier
+
+
+class CalibrationMeter:
+    """Accumulates calibration statistics over batches in constant memory.
+
+    ``update(logits, labels)`` adds a batch; ``kd_loss(..., meter=m)`` adds the student's rows from
+    inside the fused loss with the same statistics. ``compute()`` returns a
+    :class:`CalibrationReport`; ``all_reduce()`` sums the state over ``torch.distributed`` ranks.
+    """
+
+    def __init__(self, num_bins: int = 15):
+        self.num_bins = _check_num_bins(num_bins)
+        self.state: torch.Tensor | None = None  # float64 [3 * (B + 1) + 2], lazily on the data's device
+
+    # layout of ``state``: counts, confidence sums, correct sums (B + 1 each), NLL sum, Brier sum
+    def _state_on(self, device) -> torch.Tensor:
+        size = 3 * (self.num_bins + 1) + 2
+        if self.state is None:
+            self.state = torch.zeros(size, dtype=torch.float64, device=device)
+        elif self.state.device != torch.device(device):
+            raise ValueError(f"this meter holds statistics on {self.state.device}; got logits on {device}")
+        return self.state
+
+    def _add_rows(self, x, labels, keep):
+        """Adds rows of fp32/fp64 logits ``x``; rows where ``keep`` is False add nothing."""
+        conf, correct, nll, brier = row_statistics(x, labels.clamp(min=0))
+        state = self._state_on(x.device)
+        nb = self.num_bins + 1
+        state[: 3 * nb] += _histogram(conf, correct, keep, self.num_bins).reshape(-1)
+        state[3 * nb] += torch.where(keep, nll.double(), 0.0).sum()
+        state[3 * nb + 1] += torch.where(keep, brier.double(), 0.0).sum()
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+        """Adds ``(..., C)`` logits with their labels; rows labelled ``ignore_index`` are skipped."""
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            raise TypeError("logits must be a floating-point tensor")
+        if logits.dim() < 1 or logits.shape[-1] < 1:
+            raise ValueError(f"logits must be (..., C) with C >= 1, got {tuple(logits.shape)}")
+        _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+        x = logits.detach().reshape(-1, logits.shape[-1])
+        x = x.double() if x.dtype == torch.float64 else x.float()
+        lab = labels.reshape(-1).to(x.device)
+        keep = lab != ignore_index
+        self._add_rows(x, torch.where(keep, lab, 0), keep)
+        return self
+
+    def reset(self):
+        if self.state is not None:
+            self.state.zero_()
+
+    def state_dict(self) -> dict:
+        return {"num_bins": self.num_bins, "state": None if self.state is None else self.state.clone()}
+
+    def load_state_dict(self, sd: dict):
+        self.num_bins = _check_num_bins(sd["num_bins"])
+        self.state = None if sd["state"] is None else sd["state"].to(torch.float64).clone()
+
+    def all_reduce(self, group=None):
+        """Sums the statistics of every rank (each rank must have seen data on the same device type)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self._state_on(self.state.device if self.state is not None else "cpu"),
+                            group=group)
+        return self
+
+    def compute(self) -> CalibrationReport:
+        nb = self.num_bins + 1
+        state = (self.state if self.state is not None else torch.zeros(3 * nb + 2, dtype=torch.float64)).cpu()
+        count, conf_sum, correct_sum = state[: 3 * nb].reshape(3, nb)
+        total = int(count.sum().item())
+        if total == 0:
+            nan = float("nan")
+            return CalibrationReport(nan, nan, nan, nan, nan, nan, 0, [])
+        gap, prop = _bin_errors(count, conf_sum, correct_sum)
+        edges = bin_edges(self.num_bins, dtype=torch.float64)[:nb].tolist()
+        safe = count.clamp(min=1)
+        bins = [Bin(lo, edges[i + 1] if i + 1 < nb else 1.0, int(c), float(cs / s), float(ks / s))
+                for i, (lo, c, cs, ks, s) in enumerate(zip(edges, count, conf_sum, correct_sum, safe))]
+        return CalibrationReport(
+            ece=float(_norm(gap, prop, "l1")), rms_ce=float(_norm(gap, prop, "l2")),
+            mce=float(_norm(gap, prop, "max")), accuracy=float(correct_sum.sum() / total),
+            nll=float(state[3 * nb] / total), brier=float(state[3 * nb + 1] / total),
+            count=total, bins=bins)

@@ -1,0 +1,202 @@
+"""The public losses: ``kl_loss``, ``kd_loss`` and their ``nn.Module`` wrappers.
+
+Shapes: logits ``(..., C)`` are flattened to rows ``(N, C)``; labels ``(...)``. Per row, with
+p_s = softmax(s / T), p_t = softmax(t / T):
+
+    kl:          D = KL(p_t || p_s) = sum p_t (log p_t - log p_s)      (Hinton et al. 2015)
+    reverse_kl:  D = KL(p_s || p_t)
+    jsd:         D = beta KL(p_t || M) + (1 - beta) KL(p_s || M),  M = beta p_t + (1 - beta) p_s
+
+    kd_loss row  = alpha T^2 D + (1 - alpha) CE(s, label)    (CE at T = 1)
+    kl_loss row  = D                                         (no T^2: F.kl_div's value)
+
+Reductions: "batchmean" = sum / rows that count, "sum", "mean" = F.kl_div's (the divergence
+also divided by C; the CE part is a mean over rows, as F.cross_entropy's), "none" = per row.
+Rows whose label is ``ignore_index`` add nothing and do not count.
+
+The gradient is computed in the forward pass (the loss is almost always the last op); the
+backward only scales it by ``grad_output``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import backends
+from ._spec import DIVERGENCES, KDSpec
+from .calibration import CalibrationMeter, _check_labels
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _check_logits(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp32, fp16, bf16), got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., C) with C >= 1 classes, got {tuple(x.shape)}")
+
+
+def _check_real(value, name, low, high, low_open, high_open) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {span}, got {value!r}")
+    return float(value)
+
+
+def _check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_meter(meter, name, device):
+    if meter is None:
+        return
+    if not isinstance(meter, CalibrationMeter):
+        raise TypeError(f"{name} must be a fastkd.CalibrationMeter, got {type(meter).__name__}")
+    meter._state_on(device)  # raises if it already holds statistics on another device
+
+
+class _FusedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, labels, row_scale, spec, reduction, impl, meter, teacher_meter):
+        loss_rows, gs, gt = impl.kd_forward(s, t, labels, row_scale, spec, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[1], meter, teacher_meter)
+        ctx.impl, ctx.grads = impl, (gs, gt)
+        if reduction == "none":
+            return loss_rows
+        loss = loss_rows.sum()
+        return loss * row_scale[0].to(loss.dtype) if row_scale is not None else loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("fastkd's triton backend scales its saved gradient in place, so it can "
+                               "be back-propagated once per forward; use backend='torch' to call "
+                               "backward again on the same graph")
+        gs, gt = ctx.grads
+        if ctx.impl.INPLACE_BACKWARD:
+            ctx.grads = None
+        gs = ctx.impl.scale_grad(gs, grad_output) if gs is not None else None
+        gt = ctx.impl.scale_grad(gt, grad_output) if gt is not None else None
+        return gs, gt, None, None, None, None, None, None, None
+
+
+def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
+           reduction, meter, teacher_meter, backend, validate_labels, t_squared):
+    """Validates everything, then runs one fused evaluation on the chosen backend."""
+    _check_logits(s, "student_logits")
+    _check_logits(t, "teacher_logits")
+    if s.shape != t.shape:
+        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} "
+                         "must have the same shape")
+    if s.device != t.device:
+        raise ValueError(f"student_logits ({s.device}) and teacher_logits ({t.device}) must be on "
+                         "the same device")
+    temperature = _check_real(temperature, "temperature", 0.0, math.inf, True, True)
+    _check_choice(reduction, "reduction", REDUCTIONS)
+    _check_choice(divergence, "divergence", DIVERGENCES)
+    if divergence == "jsd":
+        beta = _check_real(beta, "beta", 0.0, 1.0, True, True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    c = s.shape[-1]
+    if labels is not None:
+        _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels)
+        if labels.device != s.device:
+            raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
+    elif ce_weight != 0:
+        raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
+    for m, name in ((meter, "meter"), (teacher_meter, "teacher_meter")):
+        _check_meter(m, name, s.device)
+        if m is not None and labels is None:
+            raise ValueError(f"{name} needs labels (calibration compares predictions with them)")
+    if meter is not None and teacher_meter is not None and meter.num_bins != teacher_meter.num_bins:
+        raise ValueError("meter and teacher_meter must have the same num_bins")
+    impl = backends.resolve(backend, s.device, (s.dtype, t.dtype))
+
+    s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
+    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
+    t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+    labels2 = labels.reshape(-1).to(torch.int64) if labels is not None else None
+    scale_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+    row_scale = None
+    if reduction in ("batchmean", "mean"):
+        rows = (labels2 != ignore_index).sum() if labels2 is not None else torch.tensor(s2.shape[0])
+        row_scale = (1.0 / rows.clamp(min=1).to(device=s.device, dtype=scale_dtype)).reshape(1)
+    kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
+    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence),
+                  float(beta), ignore_index)
+    loss = _FusedKD.apply(s2, t2, labels2, row_scale, spec, reduction, impl, meter, teacher_meter)
+    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+
+
+def kl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", *,
+            ignore_index=-100, labels=None, backend=None, validate_labels=True):
+    """KL(p_t || p_s) of tempered softmaxes: a drop-in for the PyTorch KD recipe's ``F.kl_div``.
+
+    ``kl_loss(s, t, temperature=T)`` equals
+    ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
+    ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
+    ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
+    range check of labels (its one host synchronisation).
+    """
+    return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=1.0,
+                  ce_weight=0.0, divergence="kl", beta=0.5, ignore_index=ignore_index,
+                  reduction=reduction, meter=None, teacher_meter=None, backend=backend,
+                  validate_labels=validate_labels, t_squared=False)
+
+
+def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, alpha=0.9,
+            divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean", meter=None,
+            teacher_meter=None, backend=None, validate_labels=True):
+    """The distillation objective ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE(s, labels)`` in one pass.
+
+    ``meter`` / ``teacher_meter`` (:class:`CalibrationMeter`) collect the calibration statistics
+    of the student's / teacher's logits at T = 1 inside the same pass. See the module docstring
+    for the divergences and reductions.
+    """
+    alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
+    return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,
+                  ce_weight=1.0 - alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                  reduction=reduction, meter=meter, teacher_meter=teacher_meter, backend=backend,
+                  validate_labels=validate_labels, t_squared=True)
+
+
+class KLDivLoss(nn.Module):
+    """Module form of :func:`kl_loss`."""
+
+    def __init__(self, temperature=1.0, reduction="batchmean", ignore_index=-100, backend=None):
+        super().__init__()
+        self.temperature, self.reduction = temperature, reduction
+        self.ignore_index, self.backend = ignore_index, backend
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return kl_loss(student_logits, teacher_logits, self.temperature, self.reduction,
+                       ignore_index=self.ignore_index, labels=labels, backend=self.backend)
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`; ``forward(s, t, labels, meter=None, teacher_meter=None)``."""
+
+    def __init__(self, temperature=4.0, alpha=0.9, divergence="kl", beta=0.5, ignore_index=-100,
+                 reduction="batchmean", backend=None):
+        super().__init__()
+        self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits, teacher_logits, labels=None, meter=None, teacher_meter=None):
+        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
+                       alpha=self.alpha, divergence=self.divergence, beta=self.beta,
+                       ignore_index=self.ignore_index, reduction=self.reduction, meter=meter,
+                       teacher_meter=teacher_meter, backend=self.backend)
