@@ -1,0 +1,46 @@
+"""Float64 references, written from the formulas, independent of fastkd's code."""
+import torch
+
+
+def _plogq(p, logp, logq):
+    """sum p (log p - log q) with 0 log 0 = 0, and no NaN gradients from masked (-inf) classes."""
+    on = p > 0
+    return (p * (torch.where(on, logp, 0.0) - torch.where(on, logq, 0.0))).sum(-1)
+
+
+def divergence(s, t, temperature, kind="kl", beta=0.5):
+    """Per-row divergence between softmax(t/T) and softmax(s/T), float64."""
+    ls = torch.log_softmax(s.double() / temperature, -1)
+    lt = torch.log_softmax(t.double() / temperature, -1)
+    ps, pt = ls.exp(), lt.exp()
+    if kind == "kl":
+        return _plogq(pt, lt, ls)
+    if kind == "reverse_kl":
+        return _plogq(ps, ls, lt)
+    m = beta * pt + (1 - beta) * ps
+    lm = torch.log(torch.where(m > 0, m, 1.0))  # classes with m = 0 are masked by _plogq
+    return beta * _plogq(pt, lt, lm) + (1 - beta) * _plogq(ps, ls, lm)
+
+
+def kd_objective(s, t, labels, temperature, alpha, kind="kl", beta=0.5, ignore_index=-100,
+                 reduction="batchmean", t_squared=True):
+    """alpha T^2 D + (1 - alpha) CE per row, reduced; rows labelled ignore_index dropped."""
+    c = s.shape[-1]
+    s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
+    d = divergence(s2, t2, temperature, kind, beta) * (temperature**2 if t_squared else 1.0)
+    row = alpha * d
+    if reduction == "mean":
+        row = row / c
+    keep = torch.ones(s2.shape[0], dtype=torch.bool)
+    if labels is not None:
+        lab = labels.reshape(-1)
+        keep = lab != ignore_index
+        if alpha < 1:
+            ce = -torch.log_softmax(s2.double(), -1).gather(1, torch.where(keep, lab, 0)[:, None])[:, 0]
+            row = row + (1 - alpha) * ce
+    row = torch.where(keep, row, 0.0)
+    if reduction == "none":
+        return row.reshape(s.shape[:-1])
+    if reduction == "sum":
+        return row.sum()
+    return row.sum() / max(int(keep.sum()), 1)

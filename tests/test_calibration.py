@@ -1,0 +1,178 @@
+"""Calibration statistics: torchmetrics as the cross-check, float64 formulas as the reference."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+import fastkd
+from conftest import BACKENDS
+
+
+def logits_with_certain_rows(gen, n=300, c=10):
+    """Random logits at several sharpness levels, plus rows whose softmax max is exactly 1.0."""
+    x = torch.randn(n, c, generator=gen) * torch.rand(n, 1, generator=gen) * 8
+    x[:7] = 0.0
+    x[:7, 3] = 200.0  # softmax rounds to exactly 1.0 in float32
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[:4] = 3  # some certain rows right, some wrong
+    return x, labels
+
+
+def reference_report(x, labels, num_bins):
+    """The report's numbers from the formulas in float64 (confidence binned on fp32 edges)."""
+    p32 = x.float().softmax(-1)
+    conf32, pred = p32.max(-1)
+    edges = torch.linspace(0, 1, num_bins + 1)
+    idx = torch.tensor([int((edges <= c).sum()) - 1 for c in conf32.tolist()])
+    p = x.double().softmax(-1)
+    correct = (pred == labels).double()
+    gaps, props = [], []
+    for b in range(num_bins + 1):
+        sel = idx == b
+        props.append(sel.double().mean())
+        gaps.append((correct[sel].mean() - conf32[sel].double().mean()).abs() if sel.any() else torch.tensor(0.0))
+    gap, prop = torch.stack(gaps), torch.stack(props)
+    onehot = torch.nn.functional.one_hot(labels, x.shape[1]).double()
+    return dict(ece=float((gap * prop).sum()), rms_ce=float(((gap**2) * prop).sum().sqrt()),
+                mce=float(gap.max()), accuracy=float(correct.mean()),
+                nll=float(-p.log().gather(1, labels[:, None]).mean()),
+                brier=float(((p - onehot) ** 2).sum(1).mean()), count=len(labels),
+                bin_counts=torch.bincount(idx, minlength=num_bins + 1).tolist())
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+@pytest.mark.parametrize("num_bins", [1, 7, 15, 100])
+@pytest.mark.parametrize("as_probs", [False, True], ids=["logits", "probs"])
+def test_calibration_error_equals_torchmetrics(norm, num_bins, as_probs, gen):
+    x, labels = logits_with_certain_rows(gen)
+    inp = x.softmax(-1) if as_probs else x
+    ours = fastkd.calibration_error(inp, labels, num_bins=num_bins, norm=norm)
+    theirs = multiclass_calibration_error(inp, labels, num_classes=10, n_bins=num_bins, norm=norm)
+    assert abs(float(ours) - float(theirs)) <= 1e-6
+
+
+def test_calibration_error_rejects_bad_arguments():
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="norm"):
+        fastkd.calibration_error(x, y, norm="l3")
+    with pytest.raises(ValueError, match="num_bins"):
+        fastkd.calibration_error(x, y, num_bins=0)
+    with pytest.raises(ValueError, match="labels"):
+        fastkd.calibration_error(x, torch.tensor([0, 1, 5, 0]))
+    with pytest.raises(TypeError, match="logits_or_probs"):
+        fastkd.calibration_error(x.long(), y)
+
+
+@pytest.mark.parametrize("num_bins", [10, 15])
+def test_meter_report_matches_formulas_and_torchmetrics(num_bins, gen):
+    x, labels = logits_with_certain_rows(gen, n=500)
+    meter = fastkd.CalibrationMeter(num_bins)
+    for chunk in range(0, 500, 128):  # several updates accumulate
+        meter.update(x[chunk:chunk + 128], labels[chunk:chunk + 128])
+    rep, ref = meter.compute(), reference_report(x, labels, num_bins)
+    for key in ("ece", "rms_ce", "mce", "accuracy", "nll", "brier"):
+        assert getattr(rep, key) == pytest.approx(ref[key], abs=1e-6), key
+    assert rep.count == ref["count"]
+    assert [b.count for b in rep.bins] == ref["bin_counts"]
+    assert rep.bins[-1].lower == 1.0 and rep.bins[-1].count >= 7  # the exactly-1.0 bin
+    for norm, key in (("l1", "ece"), ("l2", "rms_ce"), ("max", "mce")):
+        tm = multiclass_calibration_error(x, labels, num_classes=10, n_bins=num_bins, norm=norm)
+        assert getattr(rep, key) == pytest.approx(float(tm), abs=1e-6)
+
+
+def test_meter_skips_ignored_rows_and_memory_is_constant(gen):
+    x, labels = logits_with_certain_rows(gen, n=200)
+    masked = labels.clone()
+    masked[::3] = -100
+    meter = fastkd.CalibrationMeter()
+    meter.update(x, masked)
+    size = meter.state.numel()
+    for _ in range(5):
+        meter.update(x, masked)
+    assert meter.state.numel() == size
+    kept = masked != -100
+    ref = fastkd.CalibrationMeter().update(x[kept], labels[kept]).compute()
+    rep = meter.compute()
+    assert rep.count == 6 * int(kept.sum())
+    assert rep.ece == pytest.approx(ref.ece, abs=1e-9) and rep.nll == pytest.approx(ref.nll, abs=1e-9)
+
+
+def test_meter_state_dict_round_trip_and_reset(gen):
+    x, labels = logits_with_certain_rows(gen)
+    meter = fastkd.CalibrationMeter(12).update(x, labels)
+    clone = fastkd.CalibrationMeter()
+    clone.load_state_dict(meter.state_dict())
+    assert clone.num_bins == 12 and clone.compute() == meter.compute()
+    meter.reset()
+    assert meter.compute().count == 0
+
+
+def test_meter_counts_are_exact_over_many_rows():
+    meter = fastkd.CalibrationMeter(4)
+    x = torch.zeros(1_000_003, 2)
+    x[:, 0] = 1.0  # every row: confidence sigmoid(1) = 0.731 -> bin 2, prediction 0
+    labels = torch.zeros(1_000_003, dtype=torch.long)
+    labels[::2] = 1
+    for _ in range(3):
+        meter.update(x, labels)
+    rep = meter.compute()
+    assert rep.count == 3_000_009 and rep.bins[2].count == 3_000_009
+    assert rep.accuracy == pytest.approx(500_001 / 1_000_003, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [pytest.param((300, 10), id="300x10"), pytest.param((23, 1100), id="23x1100")])
+def test_meters_inside_kd_loss_equal_update(backend, shape, gen):
+    s = torch.randn(shape, generator=gen) * 4
+    t = torch.randn(shape, generator=gen) * 4
+    s[:3] = 0.0
+    s[:3, 1] = 300.0  # certain rows: confidence exactly 1.0
+    labels = torch.randint(0, shape[1], shape[:1], generator=gen)
+    labels[5::7] = -100
+    inside, teacher_inside = fastkd.CalibrationMeter(), fastkd.CalibrationMeter()
+    fastkd.kd_loss(s.requires_grad_(), t, labels, meter=inside, teacher_meter=teacher_inside,
+                   backend=backend).backward()
+    outside = fastkd.CalibrationMeter().update(s.detach(), labels)
+    teacher_outside = fastkd.CalibrationMeter().update(t, labels)
+    for a, b in ((inside, outside), (teacher_inside, teacher_outside)):
+        ra, rb = a.compute(), b.compute()
+        assert [x.count for x in ra.bins] == [x.count for x in rb.bins]
+        for key in ("ece", "rms_ce", "mce", "accuracy", "nll", "brier"):
+            assert getattr(ra, key) == pytest.approx(getattr(rb, key), rel=1e-5, abs=1e-6), key
+
+
+def test_meter_inside_kd_loss_works_without_gradients(gen):
+    s, t = torch.randn(50, 10, generator=gen), torch.randn(50, 10, generator=gen)
+    labels = torch.randint(0, 10, (50,), generator=gen)
+    for backend in ("torch", "triton"):
+        m = fastkd.CalibrationMeter()
+        with torch.inference_mode():
+            fastkd.kd_loss(s, t, labels, meter=m, backend=backend)
+        assert m.compute().count == 50
+
+
+def _all_reduce_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(rank)
+    meter = fastkd.CalibrationMeter().update(torch.randn(100 + rank, 5, generator=g),
+                                             torch.randint(0, 5, (100 + rank,), generator=g))
+    results[rank] = meter.state.clone()
+    meter.all_reduce()
+    results[f"reduced{rank}"] = meter.state.clone()
+    dist.destroy_process_group()
+
+
+def test_all_reduce_sums_exactly_across_ranks():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_all_reduce_worker, args=(2, port, results), nprocs=2)
+    total = results[0] + results[1]
+    assert torch.equal(results["reduced0"], total) and torch.equal(results["reduced1"], total)
+    assert int(total[:16].sum()) == 201
