@@ -45,6 +45,7 @@ class CalibrationReport:
     rms_ce: float  # root-mean-square calibration error (l2)
     mce: float  # maximum calibration error (max)
     accuracy: float
+    confidence: float  # mean top-1 confidence (above accuracy: over-confident)
     nll: float  # mean negative log-likelihood at T = 1
     brier: float  # mean of sum_c (p_c - onehot_c)^2
     count: int
@@ -208,7 +209,7 @@ class CalibrationMeter:
         total = int(count.sum().item())
         if total == 0:
             nan = float("nan")
-            return CalibrationReport(nan, nan, nan, nan, nan, nan, 0, [])
+            return CalibrationReport(nan, nan, nan, nan, nan, nan, nan, 0, [])
         gap, prop = _bin_errors(count, conf_sum, correct_sum)
         edges = bin_edges(self.num_bins, dtype=torch.float64)[:nb].tolist()
         safe = count.clamp(min=1)
@@ -217,5 +218,6 @@ class CalibrationMeter:
         return CalibrationReport(
             ece=float(_norm(gap, prop, "l1")), rms_ce=float(_norm(gap, prop, "l2")),
             mce=float(_norm(gap, prop, "max")), accuracy=float(correct_sum.sum() / total),
+            confidence=float(conf_sum.sum() / total),
             nll=float(state[3 * nb] / total), brier=float(state[3 * nb + 1] / total),
             count=total, bins=bins)

@@ -1,0 +1,87 @@
+"""``fastkd distill``: the distillation study from the command line.
+
+Bad arguments end with one line on stderr and exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .train import StudyConfig
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser):
+    """One option per StudyConfig field: booleans become flags, the rest take a typed value."""
+    for f in dataclasses.fields(StudyConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type == "bool":
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                    action="store_false", help=f"do not: {help_}")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_)
+            continue
+        kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastkd", description="fast knowledge distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    distill = sub.add_parser("distill", help="train a teacher, a student alone and a distilled "
+                             "student; report accuracy and calibration",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_arguments(distill)
+    return parser
+
+
+def validate(cfg: StudyConfig):
+    """Rejects bad settings before any data is read or model trained."""
+    from .data import DATASETS
+    from .models import MODELS
+    from .policies import POLICIES
+    from ._spec import DIVERGENCES
+
+    def choice(value, name, choices):
+        if value is not None and value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+
+    choice(cfg.dataset, "dataset", DATASETS)
+    choice(cfg.teacher, "teacher model", MODELS)
+    choice(cfg.student, "student model", MODELS)
+    choice(cfg.divergence, "divergence", DIVERGENCES)
+    choice(cfg.policy, "policy", POLICIES)
+    if not cfg.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if not 0 <= cfg.alpha <= 1:
+        raise ValueError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    for name in ("epochs", "teacher_epochs"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if cfg.batch_size < 1 or cfg.num_bins < 1 or cfg.log_interval < 1:
+        raise ValueError("--batch-size, --num-bins and --log-interval must be >= 1")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    try:
+        validate(cfg)
+        from .report import results_table
+        from .study import run_study
+
+        report = run_study(cfg)
+    except (ValueError, OSError) as e:  # DataError is a ValueError; a bad path an OSError
+        print(f"fastkd: error: {e}", file=sys.stderr)
+        return 2
+    out = f"{report['config']['out_dir']}/{report['config']['name']}"
+    print(results_table(report["results"]))
+    print(f"\npolicy {report['policy']['name']}; {report['timing']['seconds']:.1f} s on "
+          f"{report['timing']['device']}; report, diagrams and curves in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Writing the study's results: report.md, reliability diagrams and training curves (PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = [("parameters", "params", "{:,}"), ("accuracy", "acc", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
+           ("mce", "MCE", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("brier", "Brier", "{:.4f}"),
+           ("agreement", "agree w/ teacher", "{:.4f}"), ("fitted_temperature", "T*", "{:.3f}"),
+           ("ece_after_scaling", "ECE after T*", "{:.4f}")]
+LABELS = {"teacher": "teacher", "student": "student alone", "distilled": "distilled student"}
+
+
+def results_table(results: dict) -> str:
+    """The results as a Markdown table (also what the CLI prints)."""
+    head = "| model | arch | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    rule = "|" + "---|" * (len(COLUMNS) + 2)
+    rows = [f"| {LABELS[k]} | {r['model']} | " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS)
+            + " |" for k, r in results.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def per_class_reports(data, preds) -> tuple[dict, dict]:
+    """scikit-learn's classification_report for each student: (dicts, text tables)."""
+    from sklearn.metrics import classification_report
+
+    y = data.y_test.cpu().numpy()
+    kw = dict(labels=list(range(data.num_classes)), target_names=data.class_names, zero_division=0)
+    dicts, texts = {}, {}
+    for key in ("student", "distilled"):
+        p = preds[key].cpu().numpy()
+        dicts[key] = classification_report(y, p, output_dict=True, **kw)
+        texts[key] = classification_report(y, p, digits=3, **kw)
+    return dicts, texts
+
+
+def plot_reliability(meters: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(meters), figsize=(4.2 * len(meters), 4.2), sharey=True)
+    for ax, (key, meter) in zip(axes, meters.items()):
+        rep = meter.compute()
+        bins = [b for b in rep.bins if b.upper > b.lower]  # the extra bin of confidence == 1.0
+        last = rep.bins[-1]  # is drawn inside the top bin
+        width = bins[0].upper - bins[0].lower
+        counts = [b.count for b in bins]
+        accs = [b.accuracy * b.count for b in bins]
+        confs = [b.confidence * b.count for b in bins]
+        counts[-1] += last.count
+        accs[-1] += last.accuracy * last.count
+        confs[-1] += last.confidence * last.count
+        centers = [b.lower + width / 2 for b in bins]
+        acc = [a / c if c else 0 for a, c in zip(accs, counts)]
+        conf = [s / c if c else 0 for s, c in zip(confs, counts)]
+        ax.bar(centers, acc, width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+        ax.bar(centers, [c - a if n else 0 for a, c, n in zip(acc, conf, counts)], bottom=acc,
+               width=width, color="#dd8452", alpha=0.5, edgecolor="#dd8452", label="gap")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(title=f"{LABELS[key]}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", xlabel="confidence",
+               xlim=(0, 1), ylim=(0, 1))
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(history: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train_loss", "training loss"), ("val_accuracy", "validation accuracy"),
+              ("val_ece", "validation ECE"), ("temperature", "distillation T / alpha")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for stage, rows in history.items():
+            if not rows or (key == "temperature" and stage != "distilled"):
+                continue
+            ep = [r["epoch"] for r in rows]
+            ax.plot(ep, [r[key] for r in rows], label=LABELS[stage] if key != "temperature" else "T")
+            if key == "temperature":
+                ax.plot(ep, [r["alpha"] for r in rows], label="alpha")
+        ax.set(title=title, xlabel="epoch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> dict:
+    """Writes report.md and the PNGs; returns the per-class tables (as dicts) for report.json."""
+    per_class, texts = per_class_reports(data, preds)
+    plot_reliability(meters, out / "reliability.png")
+    plot_curves(report["history"], out / "curves.png")
+    cfg = report["config"]
+    traj = report["policy"]["trajectory"]
+    pairs = [f"{r['temperature']:.2f}/{r['alpha']:.2f}" for r in traj]
+    moves = f"stayed at {pairs[0]}" if len(set(pairs)) == 1 else ", ".join(pairs)
+    lines = [
+        f"# fastkd distillation study: {cfg['dataset']}",
+        "",
+        f"Teacher `{cfg['teacher']}`, student `{cfg['student']}`; T = {cfg['temperature']}, "
+        f"alpha = {cfg['alpha']}, divergence `{cfg['divergence']}`, seed {cfg['seed']}, "
+        f"device `{cfg['device']}`. Split: {report['dataset']['train']} train / "
+        f"{report['dataset']['val']} validation / {report['dataset']['test']} test.",
+        "",
+        "## Test results",
+        "",
+        results_table(report["results"]),
+        "",
+        "ECE/MCE with " + str(cfg["num_bins"]) + " equal-width bins; T* = temperature fitted on the "
+        "validation split (Guo et al. 2017), ECE after T* on the test split.",
+        "",
+        f"## Feedback policy: `{report['policy']['name']}`",
+        "",
+        f"T / alpha per epoch of the distilled student: {moves}",
+        "",
+        "## Per-class report (test split)",
+        "",
+    ]
+    for key in ("student", "distilled"):
+        lines += [f"### {LABELS[key]}", "", "```", texts[key].rstrip(), "```", ""]
+    lines += ["![reliability](reliability.png)", "", "![curves](curves.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return per_class

@@ -1,0 +1,222 @@
+"""The lean training loop: one model, one stage (teacher, student alone, distilled student).
+
+Data live on the device; batches are index slices of a per-epoch permutation drawn from a
+generator seeded by (seed, stage, epoch), so a resumed run draws the same batches. No host
+synchronisation inside a step: ``.item()`` only at the log interval. The teacher runs under
+``inference_mode`` (bf16 autocast on CUDA) and its logits are computed once when the inputs
+repeat exactly (no augmentation). Checkpoints are written atomically after every epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationMeter
+from .data import DataBundle
+from .loss import kd_loss
+from .policies import Policy
+
+
+@dataclass
+class StudyConfig:
+    """Every knob of ``fastkd distill``; the command line is built from these fields."""
+
+    dataset: str = field(default="digits", metadata={"help": "digits | cifar10 | cifar100"})
+    data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live"})
+    download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
+    teacher: str | None = field(default=None, metadata={"help": "teacher model (default by dataset)"})
+    student: str | None = field(default=None, metadata={"help": "student model (default by dataset)"})
+    teacher_ckpt: str | None = field(default=None, metadata={"help": "reuse a trained teacher"})
+    epochs: int | None = field(default=None, metadata={"help": "student epochs (digits 40, CIFAR 30)"})
+    teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: epochs)"})
+    batch_size: int = field(default=128, metadata={"help": "batch size"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (digits 0.05, CIFAR 0.1)"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
+    alpha: float = field(default=0.9, metadata={"help": "weight of the distillation term in [0, 1]"})
+    divergence: str = field(default="kl", metadata={"help": "kl | reverse_kl | jsd"})
+    policy: str = field(default="constant", metadata={"help": "constant | anneal | calibration"})
+    num_bins: int = field(default=15, metadata={"help": "calibration bins"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
+    backend: str | None = field(default=None, metadata={"help": "fastkd backend: auto | triton | torch"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
+    out_dir: str = field(default="runs", metadata={"help": "parent folder of the run"})
+    name: str | None = field(default=None, metadata={"help": "run name (default <dataset>-s<seed>)"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
+    log_interval: int = field(default=50, metadata={"help": "steps between progress updates"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def resolved(self) -> StudyConfig:
+        """A copy with the dataset-dependent defaults filled in."""
+        from .models import DEFAULTS
+
+        small = self.dataset == "digits"
+        teacher, student = DEFAULTS.get(self.dataset, (None, None))
+        epochs = self.epochs if self.epochs is not None else (40 if small else 30)
+        return StudyConfig(**{**asdict(self),
+                              "teacher": self.teacher or teacher, "student": self.student or student,
+                              "epochs": epochs, "teacher_epochs": self.teacher_epochs or epochs,
+                              "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
+                              "name": self.name or f"{self.dataset}-s{self.seed}",
+                              "device": resolve_device(self.device)})
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temporary file in the same folder, then rename: a crash leaves either the
+    old checkpoint or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model, data: DataBundle, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """fp32 logits of a whole split, in evaluation mode."""
+    model.eval()
+    with _autocast(x.device):
+        out = [model(data.prepare(x[i:i + batch_size])).float() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(model, data, x, y, teacher_logits=None, num_bins=15, backend=None) -> dict:
+    """Accuracy and calibration of ``model`` on (x, y); the statistics come from the fused loss's
+    meter when teacher logits are given, else from ``CalibrationMeter.update``."""
+    logits = predict(model, data, x)
+    meter = CalibrationMeter(num_bins)
+    if teacher_logits is not None:
+        with torch.inference_mode():
+            kd_loss(logits, teacher_logits, y, alpha=1.0, meter=meter, backend=backend)
+    else:
+        meter.update(logits, y)
+    rep = meter.compute()
+    return {"accuracy": rep.accuracy, "confidence": rep.confidence, "ece": rep.ece, "mce": rep.mce,
+            "nll": rep.nll, "brier": rep.brier}
+
+
+def _optimizer(model, lr, weight_decay, device):
+    kw = dict(lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if device.type == "cuda":
+        kw["fused"] = True  # one kernel for the whole update where the build has it
+    try:
+        return torch.optim.SGD(model.parameters(), **kw)
+    except (RuntimeError, TypeError):
+        kw.pop("fused", None)
+        return torch.optim.SGD(model.parameters(), **kw)
+
+
+def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, epochs: int,
+        teacher=None, policy: Policy | None = None, log=None, writer=None) -> list[dict]:
+    """Trains ``model`` for ``epochs`` (continuing from ``ckpt`` when ``cfg.resume``); returns the
+    per-epoch history. With a teacher the loss is ``kd_loss``, else cross-entropy."""
+    device = data.x_train.device
+    opt = _optimizer(model, cfg.lr, cfg.weight_decay, device)
+    steps = -(-len(data.x_train) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(epochs * steps, 1),
+                                                pct_start=0.15)
+    state = {"epoch": 0, "temperature": cfg.temperature, "alpha": cfg.alpha,
+             "best_nll": float("inf"), "history": [], "finished": False}
+    if cfg.resume and ckpt.exists():
+        ck = load_checkpoint(ckpt, device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        state = ck["state"]
+    if state["finished"]:
+        return state["history"]
+    step_fn = torch.compile(model) if cfg.compile else model
+    cached = None
+    if teacher is not None and not data.augment:  # the inputs repeat exactly: teacher once
+        cached = predict(teacher, data, data.x_train)
+    n = len(data.x_train)
+    bar = tqdm(total=n * epochs, initial=n * state["epoch"], desc=stage, unit="img",
+               disable=not cfg.progress, dynamic_ncols=True)
+    for epoch in range(state["epoch"], epochs):
+        stage_id = ("teacher", "student", "distilled").index(stage)
+        seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
+        torch.manual_seed(seed)  # dropout and friends
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=gen).to(device)
+        model.train()
+        total = torch.zeros((), device=device)
+        train_meter = CalibrationMeter(cfg.num_bins) if teacher is not None else None
+        t0 = time.perf_counter()
+        for i, idx in enumerate(perm.split(cfg.batch_size)):
+            x = data.prepare(data.x_train[idx], gen)
+            y = data.y_train[idx]
+            with _autocast(device):
+                out = step_fn(x)
+            if teacher is None:
+                loss = F.cross_entropy(out.float(), y)
+            else:
+                if cached is not None:
+                    t_logits = cached[idx]
+                else:
+                    with torch.inference_mode(), _autocast(device):
+                        teacher.eval()
+                        t_logits = teacher(x)
+                loss = kd_loss(out, t_logits, y, temperature=state["temperature"], alpha=state["alpha"],
+                               divergence=cfg.divergence, meter=train_meter, backend=cfg.backend,
+                               validate_labels=False)  # labels were checked when the data loaded
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * len(idx)
+            bar.update(len(idx))
+            if cfg.progress and i % cfg.log_interval == 0:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+        seconds = time.perf_counter() - t0
+        teacher_val = predict(teacher, data, data.x_val) if teacher is not None else None
+        val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
+        row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
+               "samples_per_s": n / seconds, "lr": sched.get_last_lr()[0],
+               "temperature": state["temperature"], "alpha": state["alpha"],
+               **{f"val_{k}": v for k, v in val.items()}}
+        if train_meter is not None:
+            row["train_ece"] = train_meter.compute().ece
+        state["history"].append(row)
+        if policy is not None:
+            state["temperature"], state["alpha"] = policy.next(epoch, epochs, val, state["temperature"],
+                                                               state["alpha"], state["best_nll"])
+        state["best_nll"] = min(state["best_nll"], val["nll"])
+        state["epoch"] = epoch + 1
+        state["finished"] = epoch + 1 == epochs
+        if log is not None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "state": state}, ckpt)
+    bar.close()
+    if epochs == 0:
+        state["finished"] = True
+    return state["history"]
