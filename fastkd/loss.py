@@ -128,7 +128,7 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
     s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
-    labels2 = labels.reshape(-1).to(torch.int64) if labels is not None else None
+    labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     scale_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     row_scale = None
     if reduction in ("batchmean", "mean"):
