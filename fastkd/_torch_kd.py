@@ -22,23 +22,25 @@ def _masked(p, v):
     return torch.where(p > 0, p * v, 0.0)
 
 
-def _divergence(la, lb, spec: KDSpec):
-    """Per-row divergence and the gradients w.r.t. the tempered logits a = s/T and b = t/T."""
+def _divergence(la, lb, spec: KDSpec, grad_t: bool):
+    """Per-row divergence and its gradients w.r.t. the tempered logits a = s/T and b = t/T
+    (the teacher's only when ``grad_t``); only the terms a divergence needs are computed."""
     ps, pt = la.exp(), lb.exp()
-    if spec.divergence == 2:  # generalised JSD
-        lm = torch.log(spec.beta * pt + (1 - spec.beta) * ps)
-        ref_s, ref_t = la - lm, lb - lm
-    else:
+    if spec.divergence == 0:  # KL(p_t || p_s)
         ref_t = lb - la
-        ref_s = -ref_t
+        d_t = _masked(pt, ref_t).sum(-1, keepdim=True)
+        return d_t, ps - pt, _masked(pt, ref_t - d_t) if grad_t else None
+    if spec.divergence == 1:  # KL(p_s || p_t)
+        ref_s = la - lb
+        d_s = _masked(ps, ref_s).sum(-1, keepdim=True)
+        return d_s, _masked(ps, ref_s - d_s), pt - ps
+    b = spec.beta  # generalised JSD against M = beta p_t + (1 - beta) p_s
+    lm = torch.log(b * pt + (1 - b) * ps)
+    ref_s, ref_t = la - lm, lb - lm
     d_s = _masked(ps, ref_s).sum(-1, keepdim=True)
     d_t = _masked(pt, ref_t).sum(-1, keepdim=True)
-    if spec.divergence == 0:  # KL(p_t || p_s)
-        return d_t, ps - pt, _masked(pt, ref_t - d_t)
-    if spec.divergence == 1:  # KL(p_s || p_t)
-        return d_s, _masked(ps, ref_s - d_s), pt - ps
-    b = spec.beta
-    return b * d_t + (1 - b) * d_s, (1 - b) * _masked(ps, ref_s - d_s), b * _masked(pt, ref_t - d_t)
+    gb = b * _masked(pt, ref_t - d_t) if grad_t else None
+    return b * d_t + (1 - b) * d_s, (1 - b) * _masked(ps, ref_s - d_s), gb
 
 
 INPLACE_BACKWARD = False  # scale_grad allocates; backward may run again
@@ -68,7 +70,7 @@ def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool
             lab, keep = None, torch.ones(hi - lo, dtype=torch.bool, device=s.device)
         la = (x * spec.inv_temperature).log_softmax(-1)
         lb = (y * spec.inv_temperature).log_softmax(-1)
-        div, ga, gb = _divergence(la, lb, spec)
+        div, ga, gb = _divergence(la, lb, spec, grad_t)
         row = spec.kd_scale * div.squeeze(-1)
         if spec.has_ce:
             l1 = x.log_softmax(-1)

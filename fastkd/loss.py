@@ -130,10 +130,11 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     scale_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
-    row_scale = None
-    if reduction in ("batchmean", "mean"):
-        rows = (labels2 != ignore_index).sum() if labels2 is not None else torch.tensor(s2.shape[0])
-        row_scale = (1.0 / rows.clamp(min=1).to(device=s.device, dtype=scale_dtype)).reshape(1)
+    row_scale = None  # 1 / rows that count, kept on the device: no host synchronisation
+    if reduction in ("batchmean", "mean") and labels2 is not None:
+        row_scale = (1.0 / (labels2 != ignore_index).sum().clamp(min=1).to(scale_dtype)).reshape(1)
+    elif reduction in ("batchmean", "mean"):
+        row_scale = torch.full((1,), 1.0 / max(s2.shape[0], 1), dtype=scale_dtype, device=s.device)
     kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence),
                   float(beta), ignore_index)

@@ -133,6 +133,14 @@ def test_triton_looping_path(monkeypatch, divergence, teacher_grad, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_large_vocabulary_bf16(backend, gen):
+    """A 128k vocabulary: the triton backend's looping path at its real tile size."""
+    s, t = randn((3, 128256), gen, torch.bfloat16), randn((3, 128256), gen, torch.bfloat16)
+    labels = torch.tensor([5, -100, 128255])
+    check_against_reference(backend, s, t, labels, 1.6e-2, temperature=2.0, alpha=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_minus_inf_is_finite(backend, gen):
     labels = random_labels((6,), 40, gen)
     for divergence in ("kl", "reverse_kl", "jsd"):
