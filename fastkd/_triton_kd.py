@@ -29,6 +29,15 @@ TILE_ELEMENTS = 4096  # elements per program in the one-pass path: several rows 
 
 
 @triton.jit
+def _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols):
+    """Student and teacher logits of a tile as fp32; masked elements read as -inf (zero mass)."""
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+    y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+    return x, y, mask
+
+
+@triton.jit
 def _online_max_sumexp(m, z_t, z_1, z_2, arg, x, cols, inv_temp, NEED_T1: tl.constexpr):
     """Merges one tile of rows into running (max, sum exp((x-max)/T), sum exp(x-max),
     sum exp(2(x-max)), argmax). Masked columns hold -inf."""
@@ -171,9 +180,7 @@ def _kd_fwd_kernel(
 
     if ONE_PASS:  # the whole row lives in registers: read once, write once
         cols = tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-        y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+        x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
         m_s, z_s, z1_s, z2_s, arg_s = _online_max_sumexp(m_s, z_s, z1_s, z2_s, arg_s, x, cols,
                                                           inv_temp, STUDENT_T1)
         m_t, z_t, z1_t, z2_t, arg_t = _online_max_sumexp(m_t, z_t, z1_t, z2_t, arg_t, y, cols,
@@ -191,9 +198,7 @@ def _kd_fwd_kernel(
     else:
         for c0 in range(0, n_cols, BLOCK_C):  # sweep 1: softmax statistics
             cols = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-            y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
             m_s, z_s, z1_s, z2_s, arg_s = _online_max_sumexp(m_s, z_s, z1_s, z2_s, arg_s, x, cols,
                                                               inv_temp, STUDENT_T1)
             m_t, z_t, z1_t, z2_t, arg_t = _online_max_sumexp(m_t, z_t, z1_t, z2_t, arg_t, y, cols,
@@ -203,9 +208,7 @@ def _kd_fwd_kernel(
         lse_1 = m_s + tl.log(z1_s)
         for c0 in range(0, n_cols, BLOCK_C):  # sweep 2: the divergence (and KL's student grad)
             cols = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-            y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+            x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
             ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
                                                                      beta, DIVERGENCE)
             d_s += tl.sum(term_s, axis=1)
@@ -217,9 +220,7 @@ def _kd_fwd_kernel(
         if LATE_GRAD:
             for c0 in range(0, n_cols, BLOCK_C):  # sweep 3: gradients that need the divergence
                 cols = c0 + tl.arange(0, BLOCK_C)
-                mask = row_ok[:, None] & (cols[None, :] < n_cols)
-                x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-                y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
+                x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
                 ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
                                                                          beta, DIVERGENCE)
                 _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
