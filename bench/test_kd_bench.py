@@ -39,6 +39,8 @@ def providers():
     out = {"fastkd-torch": None, "eager": recipe}
     if ON_GPU:
         out["fastkd-triton"] = None
+        if not fastkd.backends._cuda_unusable(torch.device("cuda")):
+            out["fastkd-cuda"] = None  # the CUDA C++ extension (JIT-built on first use)
     if ON_GPU or os.environ.get("FASTKD_BENCH_COMPILE") == "1":
         out["compiled"] = torch.compile(recipe, dynamic=False)
     liger = _liger() if ON_GPU else None

@@ -1,19 +1,20 @@
 """Which backend runs a call: ``backend=`` > ``FASTKD_BACKEND`` > auto.
 
 auto picks triton for CUDA tensors when Triton imports (and for CPU tensors under
-``TRITON_INTERPRET=1``), else torch. A backend asked for by name that cannot run raises with the
-reason; nothing falls back silently.
+``TRITON_INTERPRET=1``), else torch; the cuda C++ extension runs only when asked for by name. A
+backend asked for by name that cannot run raises with the reason; nothing falls back silently.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 class BackendInfo(NamedTuple):
@@ -45,13 +46,34 @@ def _triton_unusable(device: torch.device, dtypes=()) -> str:
     return ""
 
 
+def _cuda_unusable(device: torch.device, dtypes=()) -> str:
+    """Why the CUDA C++ extension cannot run here ("" when it can, built or buildable on first use)."""
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors (got {device.type})"
+    if torch.float64 in dtypes:
+        return "the kernels compute in float32; float64 logits need backend='torch'"
+    return _cuda_unbuildable()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_unbuildable() -> str:
+    if importlib.util.find_spec("fastkd._C") is not None:
+        return ""
+    from ._cuda_build import SOURCES, toolkit_root
+
+    if toolkit_root() is None or not all(p.is_file() for p in SOURCES):
+        return "the extension is not built (FASTKD_BUILD_CUDA=1) and cannot be compiled here (no nvcc or sources)"
+    return ""
+
+
 def available_backends(device=None) -> list[BackendInfo]:
     """Each backend with whether it can run on ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    why = _triton_unusable(device)
-    return [BackendInfo("triton", not why, why), BackendInfo("torch", True, "")]
+    triton_why, cuda_why = _triton_unusable(device), _cuda_unusable(device)
+    return [BackendInfo("triton", not triton_why, triton_why), BackendInfo("cuda", not cuda_why, cuda_why),
+            BackendInfo("torch", True, "")]
 
 
 def resolve(backend, device: torch.device, dtypes):
@@ -61,7 +83,11 @@ def resolve(backend, device: torch.device, dtypes):
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     name = name.lower()
-    if name != "torch":
+    if name == "cuda":
+        why = _cuda_unusable(device, dtypes)
+        if why:
+            raise ValueError(f"{source}='cuda' cannot run: {why}")
+    elif name != "torch":
         why = _triton_unusable(device, dtypes)
         if why and name == "triton":
             raise ValueError(f"{source}='triton' cannot run: {why}")

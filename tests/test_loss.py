@@ -59,7 +59,7 @@ def check_against_reference(backend, s, t, labels, rtol_grad, teacher_grad=False
     out = fastkd.kd_loss(s, t, labels, backend=backend, **kw)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     close(out, ref, 1e-5, msg="loss")
-    upstream = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+    upstream = torch.rand(ref.shape, dtype=torch.float64, device=ref.device) + 0.5
     inputs = (s, t) if teacher_grad else (s,)
     got = grads_of(out, inputs, upstream.float())
     want = grads_of(ref, (s64, t64) if teacher_grad else (s64,), upstream)
@@ -341,18 +341,3 @@ def test_import_touches_no_gpu_and_not_triton():
     code = ("import sys, fastkd; assert 'triton' not in sys.modules, 'triton imported';"
             "import torch; assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,rtol_grad", DTYPES)
-@pytest.mark.parametrize("shape", [(4096, 10), (1024, 1000), (64, 32000), (8, 128256)],
-                         ids=["4096x10", "1024x1000", "64x32000", "8x128256"])
-def test_triton_on_gpu(dtype, rtol_grad, shape):
-    g = torch.Generator().manual_seed(0)
-    s, t = randn(shape, g, dtype).cuda(), randn(shape, g, dtype).cuda()
-    labels = random_labels(shape[:-1], shape[-1], g, ignore_every=7).cuda()
-    s.requires_grad_()
-    out = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.5, backend="triton")
-    ref = kd_objective(s.detach().double().cpu().requires_grad_(), t.double().cpu(), labels.cpu(), 2.0, 0.5)
-    close(out.cpu(), ref, 1e-5)

@@ -1,0 +1,85 @@
+"""Building the optional CUDA extension: ahead of time by setup.py (``FASTKD_BUILD_CUDA=1``), or
+on first use through ``torch.utils.cpp_extension.load`` (cached under ~/.cache/torch_extensions).
+
+torch guesses the toolkit's root from where ``nvcc`` lies, which is wrong when ``nvcc`` is a
+wrapper script (e.g. /usr/local/bin/nvcc): the link step then finds no libcudart. Unless
+``CUDA_HOME`` is set, we ask nvcc itself (its ``TOP`` in a dry run) and set ``CUDA_HOME``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+SOURCES = [KERNELS / "kd_kernels.cu", KERNELS / "binding.cpp"]
+CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
+
+
+def toolkit_root() -> str | None:
+    """The CUDA toolkit's root: $CUDA_HOME, else where nvcc says it lives; None without nvcc."""
+    return os.environ.get("CUDA_HOME") or _root_from_nvcc()
+
+
+@functools.lru_cache(maxsize=None)
+def _root_from_nvcc() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        top = re.search(r"^#\$ TOP=(.+)$", out.stderr + out.stdout, re.MULTILINE)
+        if top:
+            return str(Path(top.group(1).strip()).resolve())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return str(Path(nvcc).resolve().parent.parent)
+
+
+def arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST: the user's, else the card in use (real SASS), else Hopper (sm_90)."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0"
+
+
+def prepare_environment():
+    """Sets CUDA_HOME and TORCH_CUDA_ARCH_LIST (unless the user did) before torch reads them."""
+    root = toolkit_root()
+    if root is None:
+        raise RuntimeError("nvcc not found (install a CUDA toolkit or set CUDA_HOME)")
+    os.environ["CUDA_HOME"] = root
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch_list())
+    import torch.utils.cpp_extension as cpp
+
+    cpp.CUDA_HOME = root  # the module read it at import time
+
+
+@functools.lru_cache(maxsize=None)
+def load(verbose: bool = False):
+    """The extension module: the ahead-of-time build if installed, else a JIT build (cached)."""
+    try:
+        from . import _C  # type: ignore[attr-defined]
+
+        return _C
+    except ImportError:
+        pass
+    if not all(p.is_file() for p in SOURCES):
+        raise RuntimeError(f"the CUDA sources are not at {KERNELS} (JIT needs a source checkout; "
+                           "or install with FASTKD_BUILD_CUDA=1)")
+    prepare_environment()
+    from torch.utils.cpp_extension import load as jit_load
+
+    print("fastkd: compiling the CUDA extension (first use; cached afterwards)...", file=sys.stderr)
+    return jit_load(name="fastkd_cuda", sources=[str(p) for p in SOURCES], extra_cuda_cflags=CUDA_FLAGS,
+                    extra_cflags=["-O3"], verbose=verbose)
