@@ -72,10 +72,16 @@ def main(argv=None) -> int:
         from .report import results_table
         from .study import run_study
 
+        from . import distributed
+
         report = run_study(cfg)
     except (ValueError, OSError) as e:  # DataError is a ValueError; a bad path an OSError
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2
+    main_rank = distributed.is_main()
+    distributed.shutdown()
+    if not main_rank:  # under torchrun only rank 0 reports
+        return 0
     out = f"{report['config']['out_dir']}/{report['config']['name']}"
     print(results_table(report["results"]))
     print(f"\npolicy {report['policy']['name']}; {report['timing']['seconds']:.1f} s on "

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .calibration import CalibrationMeter
 from .data import load_data
 from .models import build_model, count_parameters
@@ -25,10 +27,12 @@ MODEL_KEYS = ("teacher", "student", "distilled")
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T) (L-BFGS on log T)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    x, y = logits.detach().float().cpu().clone(), labels.cpu()  # clone: not an inference tensor
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    """The T > 0 minimising the NLL of softmax(logits / T): L-BFGS on log T, in float64 and run to
+    convergence, so that T depends on the logits and not on where the optimiser stopped."""
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    x, y = logits.detach().cpu().double(), labels.cpu()  # a copy: not an inference tensor
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=500, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -49,10 +53,14 @@ def _open_writer(folder: Path):
 
 
 def run_study(cfg: StudyConfig) -> dict:
+    """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
+    cfg.device = distributed.init_from_env(cfg.device)
+    main = distributed.is_main()
     out = Path(cfg.out_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
     shape, k = data.input_shape, data.num_classes
@@ -60,13 +68,15 @@ def run_study(cfg: StudyConfig) -> dict:
 
     def new_model(name, seed):
         torch.manual_seed(seed)
-        m = build_model(name, shape, k).to(cfg.device)
+        m = build_model(name, shape, k)
+        if distributed.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
+            m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
+        m = m.to(cfg.device)
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
-    writer = _open_writer(out / "tensorboard")
-    mode = "a" if cfg.resume else "w"
+    writer = _open_writer(out / "tensorboard") if main else None
     history = {}
-    with open(out / "metrics.jsonl", mode) as log:
+    with open(out / "metrics.jsonl", "a" if cfg.resume else "w") if main else nullcontext() as log:
         teacher = new_model(cfg.teacher, cfg.seed)
         if cfg.teacher_ckpt:
             ck = load_checkpoint(Path(cfg.teacher_ckpt), cfg.device)
@@ -117,7 +127,8 @@ def run_study(cfg: StudyConfig) -> dict:
         "history": history,
         "timing": {"seconds": time.perf_counter() - started, "device": str(cfg.device)},
     }
-    report["per_class"] = write_outputs(out, report, data, preds, meters)
-    with open(out / "report.json", "w") as f:
-        json.dump(report, f, indent=2)
+    if main:
+        report["per_class"] = write_outputs(out, report, data, preds, meters)
+        with open(out / "report.json", "w") as f:
+            json.dump(report, f, indent=2)
     return report

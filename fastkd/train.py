@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibration import CalibrationMeter
 from .data import DataBundle
 from .loss import kd_loss
@@ -106,15 +107,18 @@ def predict(model, data: DataBundle, x: torch.Tensor, batch_size: int = 1024) ->
 
 def evaluate(model, data, x, y, teacher_logits=None, num_bins=15, backend=None) -> dict:
     """Accuracy and calibration of ``model`` on (x, y); the statistics come from the fused loss's
-    meter when teacher logits are given, else from ``CalibrationMeter.update``."""
+    meter when teacher logits are given, else from ``CalibrationMeter.update``. Under torchrun each
+    rank measures its shard and the meters are summed over ranks."""
+    x, y = distributed.shard(x), distributed.shard(y)
     logits = predict(model, data, x)
     meter = CalibrationMeter(num_bins)
     if teacher_logits is not None:
         with torch.inference_mode():
-            kd_loss(logits, teacher_logits, y, alpha=1.0, meter=meter, backend=backend)
+            kd_loss(logits, distributed.shard(teacher_logits), y, alpha=1.0, meter=meter, backend=backend)
     else:
         meter.update(logits, y)
-    rep = meter.compute()
+    meter._state_on(logits.device)
+    rep = meter.all_reduce().compute()
     return {"accuracy": rep.accuracy, "confidence": rep.confidence, "ece": rep.ece, "mce": rep.mce,
             "nll": rep.nll, "brier": rep.brier}
 
@@ -133,8 +137,11 @@ def _optimizer(model, lr, weight_decay, device):
 def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, epochs: int,
         teacher=None, policy: Policy | None = None, log=None, writer=None) -> list[dict]:
     """Trains ``model`` for ``epochs`` (continuing from ``ckpt`` when ``cfg.resume``); returns the
-    per-epoch history. With a teacher the loss is ``kd_loss``, else cross-entropy."""
+    per-epoch history. With a teacher the loss is ``kd_loss``, else cross-entropy. Under torchrun
+    the model is wrapped in DistributedDataParallel and each rank takes its slice of every batch;
+    only rank 0 writes the log and the checkpoint."""
     device = data.x_train.device
+    rank, world = distributed.rank_and_world()
     opt = _optimizer(model, cfg.lr, cfg.weight_decay, device)
     steps = -(-len(data.x_train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(epochs * steps, 1),
@@ -149,13 +156,18 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         state = ck["state"]
     if state["finished"]:
         return state["history"]
-    step_fn = torch.compile(model) if cfg.compile else model
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    step_fn = torch.compile(net) if cfg.compile else net
     cached = None
     if teacher is not None and not data.augment:  # the inputs repeat exactly: teacher once
         cached = predict(teacher, data, data.x_train)
     n = len(data.x_train)
     bar = tqdm(total=n * epochs, initial=n * state["epoch"], desc=stage, unit="img",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     for epoch in range(state["epoch"], epochs):
         stage_id = ("teacher", "student", "distilled").index(stage)
         seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
@@ -166,13 +178,17 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         total = torch.zeros((), device=device)
         train_meter = CalibrationMeter(cfg.num_bins) if teacher is not None else None
         t0 = time.perf_counter()
-        for i, idx in enumerate(perm.split(cfg.batch_size)):
-            x = data.prepare(data.x_train[idx], gen)
+        for i, batch in enumerate(perm.split(cfg.batch_size)):
+            # every rank draws the same augmentation, then keeps its slice of the global batch;
+            # DDP averages gradients over ranks, hence sum / global batch * world
+            x = distributed.shard(data.prepare(data.x_train[batch], gen))
+            idx = distributed.shard(batch)
             y = data.y_train[idx]
+            scale = world / len(batch)
             with _autocast(device):
                 out = step_fn(x)
             if teacher is None:
-                loss = F.cross_entropy(out.float(), y)
+                loss = F.cross_entropy(out.float(), y, reduction="sum") * scale
             else:
                 if cached is not None:
                     t_logits = cached[idx]
@@ -181,16 +197,18 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
                         teacher.eval()
                         t_logits = teacher(x)
                 loss = kd_loss(out, t_logits, y, temperature=state["temperature"], alpha=state["alpha"],
-                               divergence=cfg.divergence, meter=train_meter, backend=cfg.backend,
-                               validate_labels=False)  # labels were checked when the data loaded
+                               divergence=cfg.divergence, reduction="sum", meter=train_meter,
+                               backend=cfg.backend,
+                               validate_labels=False) * scale  # labels were checked at loading
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.detach() * len(idx)
-            bar.update(len(idx))
+            total += loss.detach() / scale
+            bar.update(len(batch))
             if cfg.progress and i % cfg.log_interval == 0:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+        distributed.all_reduce_sum(total)
         seconds = time.perf_counter() - t0
         teacher_val = predict(teacher, data, data.x_val) if teacher is not None else None
         val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
@@ -199,7 +217,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
                "temperature": state["temperature"], "alpha": state["alpha"],
                **{f"val_{k}": v for k, v in val.items()}}
         if train_meter is not None:
-            row["train_ece"] = train_meter.compute().ece
+            train_meter._state_on(device)
+            row["train_ece"] = train_meter.all_reduce().compute().ece
         state["history"].append(row)
         if policy is not None:
             state["temperature"], state["alpha"] = policy.next(epoch, epochs, val, state["temperature"],
@@ -214,8 +233,10 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             for k, v in row.items():
                 if isinstance(v, float):
                     writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "state": state}, ckpt)
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "state": state}, ckpt)
+        distributed.barrier()
     bar.close()
     if epochs == 0:
         state["finished"] = True

@@ -222,3 +222,15 @@ def test_random_crop_flip_is_a_shifted_window():
         img = padded[i] if not flip[i] else padded[i].flip(-1)
         x0 = int(dx[i]) if not flip[i] else 4 - int(dx[i])  # flipping mirrors the window too
         assert torch.equal(out[i], img[:, dy[i]:dy[i] + 6, x0:x0 + 6])
+
+
+def test_fit_temperature_finds_the_nll_minimum():
+    from fastkd.study import fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 10, generator=g) * 4
+    labels = torch.where(torch.rand(500, generator=g) < 0.6, logits.argmax(1), torch.randint(0, 10, (500,), generator=g))
+    t_star = fit_temperature(logits, labels)
+    grid = torch.linspace(0.2, 5.0, 4801, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / t, labels) for t in grid])
+    assert abs(t_star - float(grid[nll.argmin()])) <= 1e-3
