@@ -15,6 +15,7 @@ import torch
 
 RESULTS: list[dict] = []
 LOOP_RESULTS: list[dict] = []
+LINEAR_RESULTS: list[dict] = []
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 ITERS = 20 if ON_GPU else 3
@@ -59,8 +60,7 @@ def _table() -> list[str]:
     base = {}
     for r in RESULTS:
         base[(r["rows"], r["classes"], r["dtype"], r["mode"], r["provider"])] = r["ms"]
-    lines = [f"device: {torch.cuda.get_device_name() if ON_GPU else 'CPU'}, torch {torch.__version__}, "
-             f"copy bandwidth {copy_bandwidth() / 1e9:.0f} GB/s",
+    lines = [f"copy bandwidth {copy_bandwidth() / 1e9:.0f} GB/s",
              f"{'shape':>16} {'dtype':>8} {'mode':>9} {'provider':>15} {'ms':>9} {'x eager':>8} "
              f"{'x compiled':>10} {'GB/s':>7} {'% floor':>8} {'extra MiB':>10}"]
     for r in RESULTS:
@@ -87,17 +87,32 @@ def _loop_table() -> list[str]:
             for r in LOOP_RESULTS]
 
 
+def _linear_table() -> list[str]:
+    eager = {r["shape"]: r for r in LINEAR_RESULTS if r["provider"] == "materialised-eager"}
+    lines = []
+    for r in LINEAR_RESULTS:
+        base = eager.get(r["shape"])
+        mem = "" if r["extra_mib"] is None else f", peak extra {r['extra_mib']:.0f} MiB"
+        if base and r["extra_mib"] is not None and base["extra_mib"]:
+            mem += f" ({100 * r['extra_mib'] / base['extra_mib']:.0f}% of materialised)"
+        lines.append(f"fused linear {r['provider']:>22} {r['shape']}: {r['ms']:.2f} ms"
+                     + (f", {base['ms'] / r['ms']:.2f}x eager" if base else "") + mem)
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter):
-    if not RESULTS and not LOOP_RESULTS:
+    if not RESULTS and not LOOP_RESULTS and not LINEAR_RESULTS:
         return
-    lines = (_table() if RESULTS else []) + _loop_table()
+    lines = [f"device: {torch.cuda.get_device_name() if ON_GPU else 'CPU'}, torch {torch.__version__}"]
+    lines += (_table()[1:] if RESULTS else []) + _loop_table() + _linear_table()
     terminalreporter.write_sep("=", "fastkd benchmark summary")
     for line in lines:
         terminalreporter.write_line(line)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"device": lines[0], "results": RESULTS, "loops": LOOP_RESULTS}, indent=1))
+    path.write_text(json.dumps({"device": lines[0], "results": RESULTS, "loops": LOOP_RESULTS,
+                                "fused_linear": LINEAR_RESULTS}, indent=1))
     terminalreporter.write_line(f"saved {path}")
 
 

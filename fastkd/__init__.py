@@ -4,8 +4,9 @@ Importing fastkd touches no GPU and does not import Triton (the kernels load on 
 """
 from .backends import available_backends
 from .calibration import CalibrationMeter, CalibrationReport, calibration_error
+from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .loss import KDLoss, KLDivLoss, kd_loss, kl_loss
 
-__all__ = ["kl_loss", "kd_loss", "KDLoss", "KLDivLoss", "CalibrationMeter", "CalibrationReport",
-           "calibration_error", "available_backends"]
+__all__ = ["kl_loss", "kd_loss", "KDLoss", "KLDivLoss", "fused_linear_kd_loss", "FusedLinearKDLoss",
+           "CalibrationMeter", "CalibrationReport", "calibration_error", "available_backends"]
 __version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""Fused linear distillation against the materialised recipe (eager, compiled) and Liger's fused
+linear JSD when it imports: time and peak memory of forward+backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from conftest import DEVICE, ITERS, ON_GPU, LINEAR_RESULTS, sync
+
+T, ALPHA = 2.0, 0.5
+ROWS, HIDDEN, VOCAB = (8192, 4096, 128256) if ON_GPU else (256, 128, 8000)
+DTYPE = torch.bfloat16
+
+
+def materialised(hs, ws, ht, wt, labels):
+    """What LM distillation code writes: both logits, the KD recipe on them, plus cross-entropy."""
+    s, t = hs @ ws.t(), ht @ wt.t()
+    kd = F.kl_div(F.log_softmax(s.float() / T, -1), F.softmax(t.float() / T, -1), reduction="batchmean")
+    return ALPHA * kd * T * T + (1 - ALPHA) * F.cross_entropy(s.float(), labels)
+
+
+def providers():
+    out = {"fastkd-torch": "torch", "materialised-eager": materialised}
+    if ON_GPU:
+        out["fastkd-triton"] = "triton"
+        out["materialised-compiled"] = torch.compile(materialised)
+        try:  # Liger's chunked loss for the JSD objective (the closest it has)
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+            jsd = LigerFusedLinearJSDLoss(weight_hard_loss=1 - ALPHA, weight_soft_loss=ALPHA, beta=0.5,
+                                          temperature=T)
+            out["liger-fused-jsd"] = lambda hs, ws, ht, wt, labels: jsd(hs, ws, ht, wt, labels)
+        except Exception:
+            pass
+    return out
+
+
+PROVIDERS = providers()
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_fused_linear(benchmark, provider):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    hs = torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g).to(DTYPE).requires_grad_()
+    ws = (torch.randn(VOCAB, HIDDEN, device=DEVICE, generator=g) / HIDDEN**0.5).to(DTYPE).requires_grad_()
+    ht = torch.randn(ROWS, HIDDEN, device=DEVICE, generator=g).to(DTYPE)
+    wt = (torch.randn(VOCAB, HIDDEN, device=DEVICE, generator=g) / HIDDEN**0.5).to(DTYPE)
+    labels = torch.randint(0, VOCAB, (ROWS,), device=DEVICE, generator=g)
+    fn = PROVIDERS[provider]
+
+    def step():
+        hs.grad = ws.grad = None
+        if isinstance(fn, str):
+            loss = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, temperature=T, alpha=ALPHA,
+                                               divergence="jsd" if "jsd" in provider else "kl", backend=fn)
+        else:
+            loss = fn(hs, ws, ht, wt, labels)
+        loss.backward()
+
+    step()
+    sync()
+    peak = None
+    if ON_GPU:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+
+    def run():
+        for _ in range(ITERS):
+            step()
+        sync()
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    LINEAR_RESULTS.append(dict(provider=provider, shape=f"{ROWS}x{HIDDEN}x{VOCAB} bf16",
+                               ms=benchmark.stats.stats.median / ITERS * 1e3,
+                               extra_mib=None if peak is None else peak / 2**20))

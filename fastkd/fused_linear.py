@@ -1,0 +1,183 @@
+"""Fused linear distillation: hidden states and output projections in, logits never materialised.
+
+    s = h_s W_s^T + b_s    (N, V_s)        t = h_t W_t^T + b_t    (N, V_t)
+    loss = kd_loss(s, t, labels, ...)      (the same objective, reductions and ignore_index)
+
+Rows are processed in chunks of ``chunk_size``: the chunk's logits (one GEMM each, fp32
+accumulation inside the GEMM, stored in the hidden states' dtype as a model's own head would
+produce them), the fused kernel's loss and logit gradients, then the gradients of the hidden
+states (per chunk) and of the weights and biases (accumulated over chunks in fp32, returned in
+their dtypes). Only one chunk of logits exists at a time. The teacher's gradients are computed
+only when its tensors require grad.
+
+Vocabularies of different sizes: the distributions are compared over the student's classes.
+Teacher classes beyond the student's vocabulary are dropped (the teacher's softmax is taken over
+the shared classes); student classes beyond the teacher's get teacher probability 0 (logit -inf,
+never 0), so the student is taught to put no mass there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from ._spec import DIVERGENCES, KDSpec
+from .calibration import _check_labels
+from .loss import REDUCTIONS, _check_choice, _check_logits, _check_real
+
+CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
+
+
+def _check_linear(h, w, b, side):
+    _check_logits(h, f"{side}_hidden")
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise TypeError(f"{side}_weight must be a floating-point (V, H) tensor")
+    if w.shape[1] != h.shape[-1]:
+        raise ValueError(f"{side}_weight is {tuple(w.shape)} but {side}_hidden has H = {h.shape[-1]}")
+    if w.dtype != h.dtype:
+        raise TypeError(f"{side}_weight ({w.dtype}) and {side}_hidden ({h.dtype}) must share a dtype")
+    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0],)):
+        raise ValueError(f"{side}_bias must be a tensor of shape ({w.shape[0]},)")
+
+
+def _logits(h, w, b):
+    out = h @ w.t()
+    return out + b if b is not None else out
+
+
+def _accumulate(acc, a, b):
+    """acc (fp32) += a @ b. On CUDA one GEMM that writes fp32 (``out_dtype``, where this torch has
+    it); elsewhere the product in the inputs' dtype (fp32 accumulation inside the GEMM) is added
+    into the fp32 accumulator: one temporary of acc's shape in the inputs' dtype."""
+    if acc.is_cuda and a.dtype != acc.dtype:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    acc.add_(a @ b)
+
+
+def _match_vocab(t, v_s):
+    """Teacher logits over the student's classes: extra teacher classes dropped, missing ones -inf."""
+    v_t = t.shape[1]
+    if v_t > v_s:
+        return t[:, :v_s]
+    if v_t < v_s:
+        return F.pad(t, (0, v_s - v_t), value=float("-inf"))
+    return t
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_scale, spec, impl, chunk):
+        need = ctx.needs_input_grad
+        grad_t = any(need[3:6])
+        n, v_s, v_t = hs.shape[0], ws.shape[0], wt.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hs.device)
+        g_hs = torch.empty_like(hs) if need[0] else None
+        g_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need[1] else None
+        g_bs = torch.zeros(v_s, dtype=torch.float32, device=ws.device) if need[2] else None
+        g_ht = torch.empty_like(ht) if need[3] else None
+        g_wt = torch.zeros(wt.shape, dtype=torch.float32, device=wt.device) if need[4] else None
+        g_bt = torch.zeros(v_t, dtype=torch.float32, device=wt.device) if need[5] else None
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            h_s, h_t = hs[lo:hi], ht[lo:hi]
+            s = _logits(h_s, ws, bs)
+            t = _match_vocab(_logits(h_t, wt, bt), v_s)
+            lab = labels[lo:hi] if labels is not None else None
+            rows, d_s, d_t = impl.kd_forward(s, t, lab, row_scale, spec, True, grad_t, None, None)
+            loss += rows.sum()
+            if g_hs is not None:
+                g_hs[lo:hi] = d_s @ ws
+            if g_ws is not None:
+                _accumulate(g_ws, d_s.t(), h_s)
+            if g_bs is not None:
+                g_bs += d_s.float().sum(0)
+            if grad_t:
+                d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
+                if g_ht is not None:
+                    g_ht[lo:hi] = d_t @ wt
+                if g_wt is not None:
+                    _accumulate(g_wt, d_t.t(), h_t)
+                if g_bt is not None:
+                    g_bt += d_t.float().sum(0)
+        ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
+                      ht.dtype, wt.dtype, None if bt is None else bt.dtype)
+        return loss * row_scale[0] if row_scale is not None else loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        go = grad_output.float()
+        out = [None if g is None else (g.float() * go).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None)
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
+                         student_bias=None, teacher_bias=None, temperature=4.0, alpha=0.9,
+                         divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean",
+                         chunk_size=None, backend=None):
+    """``kd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, labels, ...)`` without materialising the logits.
+
+    Hidden states ``(..., H)`` (student and teacher may have different H), weights ``(V, H)``.
+    Reductions "batchmean", "sum" and "mean" ("none" would need a weight gradient per row: use
+    :func:`fastkd.kd_loss` on materialised logits for that).
+    """
+    _check_linear(student_hidden, student_weight, student_bias, "student")
+    _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same leading (row) shape")
+    temperature = _check_real(temperature, "temperature", 0.0, math.inf, True, True)
+    alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
+    _check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
+    _check_choice(divergence, "divergence", DIVERGENCES)
+    if divergence == "jsd":
+        beta = _check_real(beta, "beta", 0.0, 1.0, True, True)
+    v_s = student_weight.shape[0]
+    rows_shape = student_hidden.shape[:-1]
+    if labels is not None:
+        _check_labels(labels, rows_shape, v_s, ignore_index)
+    elif alpha < 1:
+        raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    dtypes = (student_hidden.dtype, teacher_hidden.dtype)
+    impl = backends.resolve(backend, student_hidden.device, dtypes)
+
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    n = hs.shape[0]
+    lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+    row_scale = None
+    if reduction != "sum":
+        counted = (lab != ignore_index).sum() if lab is not None else torch.full((), n, device=hs.device)
+        row_scale = (1.0 / counted.clamp(min=1).float()).reshape(1)
+    chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
+    kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
+    spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), float(beta),
+                  ignore_index)
+    return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
+                                row_scale, spec, impl, chunk)
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`fused_linear_kd_loss`."""
+
+    def __init__(self, temperature=4.0, alpha=0.9, divergence="kl", beta=0.5, ignore_index=-100,
+                 reduction="batchmean", chunk_size=None, backend=None):
+        super().__init__()
+        self.kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                       ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                       backend=backend)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None):
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                    student_bias=student_bias, teacher_bias=teacher_bias, **self.kw)
