@@ -48,6 +48,29 @@ def copy_bandwidth() -> float:
     return _bandwidth["bw"]
 
 
+def measure(benchmark, step, rounds: int) -> int | None:
+    """Warms ``step`` up, measures its peak extra GPU memory (None on a CPU), then times rounds of
+    ITERS calls with pytest-benchmark; returns the peak extra bytes."""
+    for _ in range(3):  # compilation, autotuning, caches
+        step()
+    sync()
+    extra = None
+    if ON_GPU:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        extra = torch.cuda.max_memory_allocated() - base
+
+    def run():
+        for _ in range(ITERS):
+            step()
+        sync()
+
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+    return extra
+
+
 def record(benchmark, *, provider, shape, dtype, mode, floor_bytes, extra_memory=None):
     seconds = benchmark.stats.stats.median / ITERS
     RESULTS.append(dict(provider=provider, rows=shape[0], classes=shape[1], dtype=str(dtype).split(".")[-1],

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import DEVICE, ITERS, ON_GPU, LINEAR_RESULTS, sync
+from conftest import DEVICE, ITERS, LINEAR_RESULTS, ON_GPU, measure
 
 T, ALPHA = 2.0, 0.5
 ROWS, HIDDEN, VOCAB = (8192, 4096, 128256) if ON_GPU else (256, 128, 8000)
@@ -59,22 +59,7 @@ def test_fused_linear(benchmark, provider):
             loss = fn(hs, ws, ht, wt, labels)
         loss.backward()
 
-    step()
-    sync()
-    peak = None
-    if ON_GPU:
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-
-    def run():
-        for _ in range(ITERS):
-            step()
-        sync()
-
-    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    peak = measure(benchmark, step, rounds=3)
     LINEAR_RESULTS.append(dict(provider=provider, shape=f"{ROWS}x{HIDDEN}x{VOCAB} bf16",
                                ms=benchmark.stats.stats.median / ITERS * 1e3,
                                extra_mib=None if peak is None else peak / 2**20))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from conftest import DEVICE, ITERS, ON_GPU, record, sync
+from conftest import DEVICE, ON_GPU, measure, record
 
 T = 4.0
 if ON_GPU:
@@ -88,23 +88,7 @@ def test_kd_loss(benchmark, shape, provider, mode):
     step = make_step(provider, mode, s, t, labels)
     if step is None:
         pytest.skip("no calibration meter in this provider")
-    for _ in range(3):  # warm-up: compilation, autotuning, caches
-        step()
-    sync()
-    extra = None
-    if ON_GPU:
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        sync()
-        extra = torch.cuda.max_memory_allocated() - base
-
-    def run():
-        for _ in range(ITERS):
-            step()
-        sync()
-
-    benchmark.pedantic(run, rounds=10 if ON_GPU else 3, warmup_rounds=1)
+    extra = measure(benchmark, step, rounds=10 if ON_GPU else 3)
     size = n * c * s.element_size()
     record(benchmark, provider=provider, shape=(n, c), dtype=dtype, mode=mode,
            floor_bytes=(2 if mode == "fwd" else 3) * size, extra_memory=extra)

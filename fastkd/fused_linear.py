@@ -61,6 +61,16 @@ def _accumulate(acc, a, b):
     acc.add_(a @ b)
 
 
+def _project_back(d_logits, h, w, g_h, g_w, g_b, lo, hi):
+    """Gradients of one chunk through logits = h W^T + b (those that are asked for)."""
+    if g_h is not None:
+        g_h[lo:hi] = d_logits @ w
+    if g_w is not None:
+        _accumulate(g_w, d_logits.t(), h)
+    if g_b is not None:
+        g_b += d_logits.float().sum(0)
+
+
 def _match_vocab(t, v_s):
     """Teacher logits over the student's classes: extra teacher classes dropped, missing ones -inf."""
     v_t = t.shape[1]
@@ -92,20 +102,10 @@ class _FusedLinearKD(torch.autograd.Function):
             lab = labels[lo:hi] if labels is not None else None
             rows, d_s, d_t = impl.kd_forward(s, t, lab, row_scale, spec, True, grad_t, None, None)
             loss += rows.sum()
-            if g_hs is not None:
-                g_hs[lo:hi] = d_s @ ws
-            if g_ws is not None:
-                _accumulate(g_ws, d_s.t(), h_s)
-            if g_bs is not None:
-                g_bs += d_s.float().sum(0)
+            _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
-                if g_ht is not None:
-                    g_ht[lo:hi] = d_t @ wt
-                if g_wt is not None:
-                    _accumulate(g_wt, d_t.t(), h_t)
-                if g_bt is not None:
-                    g_bt += d_t.float().sum(0)
+                _project_back(d_t, h_t, wt, g_ht, g_wt, g_bt, lo, hi)
         ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
