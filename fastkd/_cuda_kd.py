@@ -10,7 +10,7 @@ from .calibration import bin_edges
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
 
-def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
+def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
     """Rows (N, C) -> (loss per row fp32 (N,), grad_s | None, grad_t | None) in one launch."""
     ext = load()
     out_s, out_t = s.dtype, t.dtype
@@ -22,7 +22,8 @@ def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool
     gt = torch.empty_like(t) if grad_t else None
     meters = [m for m in (meter, teacher_meter) if m is not None]
     num_bins = meters[0].num_bins if meters else 1
-    ext.kd_forward(s, t, labels, row_scale.float() if row_scale is not None else None,
+    on_device = torch.is_tensor(row_count)
+    ext.kd_forward(s, t, labels, row_count if on_device else None, 1.0 if on_device else 1.0 / max(row_count, 1),
                    bin_edges(num_bins, s.device), loss, gs, gt,
                    meter._state_on(s.device) if meter is not None else None,
                    teacher_meter._state_on(s.device) if teacher_meter is not None else None,

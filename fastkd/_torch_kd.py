@@ -46,18 +46,21 @@ def _divergence(la, lb, spec: KDSpec, grad_t: bool):
 INPLACE_BACKWARD = False  # scale_grad allocates; backward may run again
 
 
-def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
+def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
     """Rows (N, C) of student/teacher logits -> (loss per row fp32 (N,), grad_s | None, grad_t | None).
 
-    ``row_scale`` (a 1-element tensor or None) multiplies the gradients (1 / rows that count);
-    ignored rows get loss 0 and gradient 0.
+    Each row's loss and gradient are divided by ``row_count`` (the rows that count: an int, or a
+    1-element tensor summed on the device); ignored rows get loss 0 and gradient 0.
     """
     n, c = s.shape
     cd = _compute_dtype(s, t)
     loss = torch.empty(n, dtype=cd, device=s.device)
     gs = torch.empty_like(s) if grad_s else None
     gt = torch.empty_like(t) if grad_t else None
-    scale = row_scale.to(cd) if row_scale is not None else torch.ones((), dtype=cd, device=s.device)
+    if torch.is_tensor(row_count):
+        scale = 1.0 / row_count.clamp(min=1).to(cd).reshape(())
+    else:
+        scale = torch.full((), 1.0 / max(row_count, 1), dtype=cd, device=s.device)
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -75,7 +78,7 @@ def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool
         if spec.has_ce:
             l1 = x.log_softmax(-1)
             row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
-        loss[lo:hi] = torch.where(keep, row, 0.0)
+        loss[lo:hi] = torch.where(keep, row * scale, 0.0)
         w = torch.where(keep, scale, 0.0)[:, None]
         kd_g = spec.kd_scale * spec.inv_temperature
         if grad_s:

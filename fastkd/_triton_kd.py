@@ -131,16 +131,16 @@ def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
 @triton.jit
 def _kd_fwd_kernel(
     # pointers
-    s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_scale_ptr, edges_ptr,
+    s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_count_ptr, edges_ptr,
     meter_s_ptr, meter_t_ptr,
     # shapes and strides (elements)
     n_rows, n_cols, stride_s, stride_t, stride_gs, stride_gt,
     # scalars
-    inv_temp, kd_scale, ce_scale, beta, ignore_index,
+    inv_temp, kd_scale, ce_scale, beta, ignore_index, inv_count,
     # constants
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    HAS_ROW_SCALE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     METER_S: tl.constexpr, METER_T: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,10 +156,9 @@ def _kd_fwd_kernel(
         keep = row_ok
         x_label = tl.zeros([BLOCK_N], dtype=tl.float32)
         y_label = x_label
-    if HAS_ROW_SCALE:
-        w = tl.where(keep, tl.load(row_scale_ptr), 0.0)
-    else:
-        w = tl.where(keep, 1.0, 0.0)
+    if COUNT_ON_DEVICE:  # rows that count, summed on the device: 1 / max(count, 1)
+        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+    w = tl.where(keep, inv_count, 0.0)  # scales loss and gradient of a row; 0 for ignored rows
     kd_g = kd_scale * inv_temp
     STUDENT_T1: tl.constexpr = HAS_CE or METER_S
     # the gradient needs the divergence's value first (a third sweep when looping)?
@@ -236,7 +235,7 @@ def _kd_fwd_kernel(
     loss = kd_scale * div
     if HAS_CE:
         loss += ce_scale * (lse_1 - x_label)
-    tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=row_ok)
+    tl.store(loss_ptr + rows, tl.where(keep, loss * w, 0.0), mask=row_ok)
     if METER_S:
         _meter_add(meter_s_ptr, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
                    NUM_BINS, BINS_P2)
@@ -277,7 +276,7 @@ def _launch_config(n_cols: int, elem_size: int):
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
 
-def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
+def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
     """Rows (N, C) -> (loss per row fp32 (N,), grad_s | None, grad_t | None) in one launch."""
     n, c = s.shape
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
@@ -293,13 +292,14 @@ def kd_forward(s, t, labels, row_scale, spec: KDSpec, grad_s: bool, grad_t: bool
     _kd_fwd_kernel[(triton.cdiv(n, block_n),)](
         s, t, labels if labels is not None else dummy, loss,
         gs if grad_s else dummy, gt if grad_t else dummy,
-        row_scale if row_scale is not None else dummy, edges,
+        row_count if torch.is_tensor(row_count) else dummy, edges,
         meter._state_on(s.device) if meter is not None else dummy,
         teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
         n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
         spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
+        1.0 if torch.is_tensor(row_count) else 1.0 / max(row_count, 1),
         BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
-        HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, HAS_ROW_SCALE=row_scale is not None,
+        HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
         GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
         NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1), num_warps=num_warps,
     )

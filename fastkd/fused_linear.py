@@ -83,7 +83,7 @@ def _match_vocab(t, v_s):
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_scale, spec, impl, chunk):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_count, spec, impl, chunk):
         need = ctx.needs_input_grad
         grad_t = any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], wt.shape[0]
@@ -100,7 +100,7 @@ class _FusedLinearKD(torch.autograd.Function):
             s = _logits(h_s, ws, bs)
             t = _match_vocab(_logits(h_t, wt, bt), v_s)
             lab = labels[lo:hi] if labels is not None else None
-            rows, d_s, d_t = impl.kd_forward(s, t, lab, row_scale, spec, True, grad_t, None, None)
+            rows, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, True, grad_t, None, None)
             loss += rows.sum()
             _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
@@ -109,7 +109,7 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
-        return loss * row_scale[0] if row_scale is not None else loss
+        return loss  # rows come scaled by 1 / row_count
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -155,16 +155,15 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
     n = hs.shape[0]
     lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    row_scale = None
+    row_count = 1
     if reduction != "sum":
-        counted = (lab != ignore_index).sum() if lab is not None else torch.full((), n, device=hs.device)
-        row_scale = (1.0 / counted.clamp(min=1).float()).reshape(1)
+        row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else n
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
     kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), float(beta),
                   ignore_index)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
-                                row_scale, spec, impl, chunk)
+                                row_count, spec, impl, chunk)
 
 
 class FusedLinearKDLoss(nn.Module):

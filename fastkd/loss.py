@@ -68,14 +68,11 @@ def _check_meter(meter, name, device):
 
 class _FusedKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, labels, row_scale, spec, reduction, impl, meter, teacher_meter):
-        loss_rows, gs, gt = impl.kd_forward(s, t, labels, row_scale, spec, ctx.needs_input_grad[0],
+    def forward(ctx, s, t, labels, row_count, spec, reduction, impl, meter, teacher_meter):
+        loss_rows, gs, gt = impl.kd_forward(s, t, labels, row_count, spec, ctx.needs_input_grad[0],
                                             ctx.needs_input_grad[1], meter, teacher_meter)
         ctx.impl, ctx.grads = impl, (gs, gt)
-        if reduction == "none":
-            return loss_rows
-        loss = loss_rows.sum()
-        return loss * row_scale[0].to(loss.dtype) if row_scale is not None else loss
+        return loss_rows if reduction == "none" else loss_rows.sum()  # rows come scaled by 1/count
 
     @staticmethod
     @once_differentiable
@@ -129,16 +126,13 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    scale_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
-    row_scale = None  # 1 / rows that count, kept on the device: no host synchronisation
-    if reduction in ("batchmean", "mean") and labels2 is not None:
-        row_scale = (1.0 / (labels2 != ignore_index).sum().clamp(min=1).to(scale_dtype)).reshape(1)
-    elif reduction in ("batchmean", "mean"):
-        row_scale = torch.full((1,), 1.0 / max(s2.shape[0], 1), dtype=scale_dtype, device=s.device)
+    row_count = 1  # rows divide by this; summed on the device when labels decide it (no host sync)
+    if reduction in ("batchmean", "mean"):
+        row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
     kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence),
                   float(beta), ignore_index)
-    loss = _FusedKD.apply(s2, t2, labels2, row_scale, spec, reduction, impl, meter, teacher_meter)
+    loss = _FusedKD.apply(s2, t2, labels2, row_count, spec, reduction, impl, meter, teacher_meter)
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
 

@@ -2,7 +2,7 @@
 #include <torch/extension.h>
 
 void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
-                const c10::optional<at::Tensor>& row_scale, const at::Tensor& edges, at::Tensor loss,
+                const c10::optional<at::Tensor>& row_count, double inv_count, const at::Tensor& edges, at::Tensor loss,
                 const c10::optional<at::Tensor>& grad_s, const c10::optional<at::Tensor>& grad_t,
                 const c10::optional<at::Tensor>& meter_s, const c10::optional<at::Tensor>& meter_t,
                 double inv_temp, double kd_scale, double ce_scale, double beta, int64_t divergence,

@@ -28,7 +28,8 @@ struct Params {
   bool has_ce, grad_s, grad_t;
   int num_bins;
   const int64_t* labels;   // null: no labels
-  const float* row_scale;  // null: 1
+  const int64_t* row_count;  // rows that count, summed on the device; null: use inv_count
+  float inv_count;
   const float* edges;      // num_bins + 2 (last = +inf)
   float* loss;
   double* meter_s;  // null: no student meter
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
     int64_t label = p.labels ? p.labels[row] : 0;
     bool keep = !p.labels || label != p.ignore_index;
     label = keep ? label : 0;
-    float w = keep ? (p.row_scale ? *p.row_scale : 1.f) : 0.f;
+    float w = keep ? (p.row_count ? 1.f / fmaxf(static_cast<float>(*p.row_count), 1.f) : p.inv_count) : 0.f;
 
     Stats st_s = empty_stats(), st_t = empty_stats();
     for (int64_t c = lane; c < p.n_cols; c += group) {  // sweep 1
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(kThreads)
       float x_label = keep && p.labels ? static_cast<float>(srow[label]) : 0.f;
       float loss = p.kd_scale * div;
       if (p.has_ce) loss += p.ce_scale * (lse_1 - x_label);
-      p.loss[row] = keep ? loss : 0.f;
+      p.loss[row] = keep ? loss * w : 0.f;
       if (keep && p.meter_s) meter_add(hist_s, st_s, x_label, label, p);
       if (keep && p.meter_t) {
         // the teacher's T = 1 statistics were gathered with the same push (z1, z2 at T = 1)
@@ -271,7 +272,7 @@ int grid_for(int64_t work_items, int per_block) {
 }  // namespace
 
 void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& labels,
-                const c10::optional<at::Tensor>& row_scale, const at::Tensor& edges, at::Tensor loss,
+                const c10::optional<at::Tensor>& row_count, double inv_count, const at::Tensor& edges, at::Tensor loss,
                 const c10::optional<at::Tensor>& grad_s, const c10::optional<at::Tensor>& grad_t,
                 const c10::optional<at::Tensor>& meter_s, const c10::optional<at::Tensor>& meter_t,
                 double inv_temp, double kd_scale, double ce_scale, double beta, int64_t divergence,
@@ -298,7 +299,8 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
   p.grad_t = grad_t.has_value();
   p.num_bins = static_cast<int>(num_bins);
   p.labels = ptr_or_null<int64_t>(labels);
-  p.row_scale = ptr_or_null<float>(row_scale);
+  p.row_count = ptr_or_null<int64_t>(row_count);
+  p.inv_count = static_cast<float>(inv_count);
   p.edges = edges.data_ptr<float>();
   p.loss = loss.data_ptr<float>();
   p.meter_s = ptr_or_null<double>(meter_s);
