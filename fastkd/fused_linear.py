@@ -17,7 +17,6 @@ never 0), so the student is taught to put no mass there.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import nn
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
 from .calibration import _check_labels
-from .loss import REDUCTIONS, _check_choice, _check_logits, _check_real
+from .loss import _check_logits, _check_objective, _check_real
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
 
@@ -133,18 +132,12 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
                          f"{tuple(teacher_hidden.shape)} must have the same leading (row) shape")
-    temperature = _check_real(temperature, "temperature", 0.0, math.inf, True, True)
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
-    _check_choice(reduction, "reduction", tuple(r for r in REDUCTIONS if r != "none"))
-    _check_choice(divergence, "divergence", DIVERGENCES)
-    if divergence == "jsd":
-        beta = _check_real(beta, "beta", 0.0, 1.0, True, True)
+    temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels,
+                                         1.0 - alpha, reductions=("batchmean", "sum", "mean"))
     v_s = student_weight.shape[0]
-    rows_shape = student_hidden.shape[:-1]
     if labels is not None:
-        _check_labels(labels, rows_shape, v_s, ignore_index)
-    elif alpha < 1:
-        raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
+        _check_labels(labels, student_hidden.shape[:-1], v_s, ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -160,7 +153,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
         row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else n
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
     kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
-    spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), float(beta),
+    spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), beta,
                   ignore_index)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                 row_count, spec, impl, chunk)

@@ -58,6 +58,21 @@ def _check_choice(value, name, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_objective(temperature, divergence, beta, ignore_index, reduction, labels, ce_weight,
+                     reductions=REDUCTIONS):
+    """The checks every loss shares; returns (temperature, beta) as floats."""
+    temperature = _check_real(temperature, "temperature", 0.0, math.inf, True, True)
+    _check_choice(reduction, "reduction", reductions)
+    _check_choice(divergence, "divergence", DIVERGENCES)
+    if divergence == "jsd":
+        beta = _check_real(beta, "beta", 0.0, 1.0, True, True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if labels is None and ce_weight != 0:
+        raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
+    return temperature, float(beta)
+
+
 def _check_meter(meter, name, device):
     if meter is None:
         return
@@ -78,9 +93,9 @@ class _FusedKD(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         if ctx.grads is None:
-            raise RuntimeError("fastkd's triton backend scales its saved gradient in place, so it can "
-                               "be back-propagated once per forward; use backend='torch' to call "
-                               "backward again on the same graph")
+            raise RuntimeError("fastkd's triton and cuda backends scale the saved gradient in place, so "
+                               "a graph can be back-propagated once per forward; use backend='torch' "
+                               "to call backward again on the same graph")
         gs, gt = ctx.grads
         if ctx.impl.INPLACE_BACKWARD:
             ctx.grads = None
@@ -100,20 +115,13 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     if s.device != t.device:
         raise ValueError(f"student_logits ({s.device}) and teacher_logits ({t.device}) must be on "
                          "the same device")
-    temperature = _check_real(temperature, "temperature", 0.0, math.inf, True, True)
-    _check_choice(reduction, "reduction", REDUCTIONS)
-    _check_choice(divergence, "divergence", DIVERGENCES)
-    if divergence == "jsd":
-        beta = _check_real(beta, "beta", 0.0, 1.0, True, True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels,
+                                         ce_weight)
     c = s.shape[-1]
     if labels is not None:
         _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels)
         if labels.device != s.device:
             raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
-    elif ce_weight != 0:
-        raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
     for m, name in ((meter, "meter"), (teacher_meter, "teacher_meter")):
         _check_meter(m, name, s.device)
         if m is not None and labels is None:
@@ -130,8 +138,8 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     if reduction in ("batchmean", "mean"):
         row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
     kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
-    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence),
-                  float(beta), ignore_index)
+    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta,
+                  ignore_index)
     loss = _FusedKD.apply(s2, t2, labels2, row_count, spec, reduction, impl, meter, teacher_meter)
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
