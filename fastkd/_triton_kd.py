@@ -20,7 +20,7 @@ import triton.language as tl
 from ._spec import KDSpec
 from .calibration import bin_edges
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 # Longest row kept in registers, by element size; beyond it the looping path runs. These are first
 # choices, not yet tuned on a GPU (see bench/RESULTS.md).
 ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}
@@ -168,7 +168,7 @@ def _kd_fwd_kernel(
     m_s = zeros + NEG_INF
     m_t = zeros + NEG_INF
     z_s, z1_s, z2_s, z_t, z1_t, z2_t = zeros, zeros, zeros, zeros, zeros, zeros
-    arg_s = tl.zeros([BLOCK_N], dtype=tl.int32)
+    arg_s = tl.zeros([BLOCK_N], dtype=tl.int64)
     arg_t = arg_s
     d_s = zeros
     d_t = zeros
