@@ -13,6 +13,10 @@ writes the student's gradient (5 N C bytes); when the gradient needs the diverge
 """
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
@@ -21,8 +25,8 @@ from ._spec import KDSpec
 from .calibration import bin_edges
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
-# Longest row kept in registers, by element size; beyond it the looping path runs. These are first
-# choices, not yet tuned on a GPU (see bench/RESULTS.md).
+# Longest row kept in registers, by element size; beyond it the looping path runs. These defaults
+# are first choices; measured configurations per card (bench/tune_triton.py) take precedence.
 ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}
 LOOP_BLOCK_C = 4096
 TILE_ELEMENTS = 4096  # elements per program in the one-pass path: several rows when C is small
@@ -260,8 +264,24 @@ def _scale_grad_kernel(grad_ptr, factor_ptr, n_cols, n_elements, FACTOR_PER_ROW:
     tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
 
 
-def _launch_config(n_cols: int, elem_size: int):
-    """(BLOCK_N, BLOCK_C, ONE_PASS, num_warps) for a row length and element size."""
+TUNED_CONFIGS = Path(__file__).with_name("triton_configs.json")  # written by bench/tune_triton.py
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_configs(device_name: str) -> dict:
+    """Measured launch configurations for this card: {"<elem size>:<C rounded up to 2^k>": config}."""
+    try:
+        return json.loads(TUNED_CONFIGS.read_text()).get(device_name, {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _launch_config(n_cols: int, elem_size: int, device_name: str = ""):
+    """(BLOCK_N, BLOCK_C, ONE_PASS, num_warps) for a row length and element size: the measured
+    configuration for this card when bench/tune_triton.py has stored one, else the defaults."""
+    tuned = _tuned_configs(device_name).get(f"{elem_size}:{triton.next_power_of_2(n_cols)}")
+    if tuned:
+        return tuned["block_n"], tuned["block_c"], tuned["one_pass"], tuned["num_warps"]
     if n_cols <= ONE_PASS_MAX.get(elem_size, ONE_PASS_MAX[4]):
         block_c = triton.next_power_of_2(n_cols)
         block_n = max(1, min(TILE_ELEMENTS // block_c, 256))
@@ -288,7 +308,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     num_bins = meters[0].num_bins if meters else 1  # both meters share it (checked by the caller)
     edges = bin_edges(num_bins, s.device)
     dummy = loss  # stands in for absent optional pointers (never dereferenced)
-    block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()))
+    device_name = torch.cuda.get_device_name(s.device) if s.is_cuda else ""
+    block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()),
+                                                           device_name)
     _kd_fwd_kernel[(triton.cdiv(n, block_n),)](
         s, t, labels if labels is not None else dummy, loss,
         gs if grad_s else dummy, gt if grad_t else dummy,

@@ -341,3 +341,23 @@ def test_import_touches_no_gpu_and_not_triton():
     code = ("import sys, fastkd; assert 'triton' not in sys.modules, 'triton imported';"
             "import torch; assert not torch.cuda.is_initialized()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_measured_launch_configurations_take_precedence(tmp_path, monkeypatch, gen):
+    """bench/tune_triton.py stores per-card configurations; the launcher uses them (and stays right)."""
+    import json
+
+    from fastkd import _triton_kd
+
+    table = tmp_path / "configs.json"
+    table.write_text(json.dumps({"": {"4:256": {"block_n": 1, "block_c": 64, "one_pass": False, "num_warps": 4}}}))
+    monkeypatch.setattr(_triton_kd, "TUNED_CONFIGS", table)
+    _triton_kd._tuned_configs.cache_clear()
+    try:
+        assert _triton_kd._launch_config(203, 4) == (1, 64, False, 4)
+        assert _triton_kd._launch_config(203, 2) == _triton_kd._launch_config(203, 2, "other card")
+        s, t = randn((5, 203), gen), randn((5, 203), gen)
+        check_against_reference("triton", s, t, random_labels((5,), 203, gen), 1e-5, teacher_grad=True,
+                                temperature=2.0, alpha=0.5, divergence="jsd")
+    finally:
+        _triton_kd._tuned_configs.cache_clear()
