@@ -5,7 +5,6 @@ import torch
 
 from ._cuda_build import load
 from ._spec import KDSpec
-from .calibration import bin_edges
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
@@ -22,9 +21,10 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     gt = torch.empty_like(t) if grad_t else None
     meters = [m for m in (meter, teacher_meter) if m is not None]
     num_bins = meters[0].num_bins if meters else 1
+    edges = meters[0]._edges_on(s.device) if meters else loss  # loss: a stand-in, never read
     on_device = torch.is_tensor(row_count)
     ext.kd_forward(s, t, labels, row_count if on_device else None, 1.0 if on_device else 1.0 / max(row_count, 1),
-                   bin_edges(num_bins, s.device), loss, gs, gt,
+                   edges, loss, gs, gt,
                    meter._state_on(s.device) if meter is not None else None,
                    teacher_meter._state_on(s.device) if teacher_meter is not None else None,
                    spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.divergence,

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ._spec import KDSpec
-from .calibration import bin_edges
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 # Longest row kept in registers, by element size; beyond it the looping path runs. These defaults
@@ -304,10 +303,10 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     gt = torch.empty_like(t) if grad_t else None
     if n == 0:
         return loss, gs, gt
+    dummy = loss  # stands in for absent optional pointers (never dereferenced)
     meters = [m for m in (meter, teacher_meter) if m is not None]
     num_bins = meters[0].num_bins if meters else 1  # both meters share it (checked by the caller)
-    edges = bin_edges(num_bins, s.device)
-    dummy = loss  # stands in for absent optional pointers (never dereferenced)
+    edges = meters[0]._edges_on(s.device) if meters else dummy
     device_name = torch.cuda.get_device_name(s.device) if s.is_cuda else ""
     block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()),
                                                            device_name)

@@ -148,6 +148,7 @@ class CalibrationMeter:
     def __init__(self, num_bins: int = 15):
         self.num_bins = _check_num_bins(num_bins)
         self.state: torch.Tensor | None = None  # float64 [3 * (B + 1) + 2], lazily on the data's device
+        self._edges: torch.Tensor | None = None  # the bin edges the kernels search, on that device
 
     # layout of ``state``: counts, confidence sums, correct sums (B + 1 each), NLL sum, Brier sum
     def _state_on(self, device) -> torch.Tensor:
@@ -157,6 +158,11 @@ class CalibrationMeter:
         elif self.state.device != torch.device(device):
             raise ValueError(f"this meter holds statistics on {self.state.device}; got logits on {device}")
         return self.state
+
+    def _edges_on(self, device) -> torch.Tensor:
+        if self._edges is None or self._edges.device != self._state_on(device).device:
+            self._edges = bin_edges(self.num_bins, self.state.device)
+        return self._edges
 
     def _add_rows(self, x, labels, keep):
         """Adds rows of fp32/fp64 logits ``x``; rows where ``keep`` is False add nothing."""
