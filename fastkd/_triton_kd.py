@@ -120,7 +120,7 @@ def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
     b = tl.where(conf >= tl.load(edges_ptr + b + 1), b + 1, b)
     bins = tl.arange(0, BINS_P2)
     hit = (b[:, None] == bins[None, :]) & keep[:, None]
-    nb: tl.constexpr = NUM_BINS + 1
+    nb = NUM_BINS + 1
     in_range = bins < nb
     tl.atomic_add(meter_ptr + bins, tl.sum(hit.to(tl.float32), axis=0).to(tl.float64), mask=in_range)
     tl.atomic_add(meter_ptr + nb + bins,
@@ -145,6 +145,8 @@ def _kd_fwd_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     METER_S: tl.constexpr, METER_T: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr,
+    STUDENT_T1: tl.constexpr,  # statistics of s at T = 1 (cross-entropy or meter)
+    LATE_GRAD: tl.constexpr,  # the gradient needs the divergence's value first (a third sweep)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -163,9 +165,6 @@ def _kd_fwd_kernel(
         inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
     w = tl.where(keep, inv_count, 0.0)  # scales loss and gradient of a row; 0 for ignored rows
     kd_g = kd_scale * inv_temp
-    STUDENT_T1: tl.constexpr = HAS_CE or METER_S
-    # the gradient needs the divergence's value first (a third sweep when looping)?
-    LATE_GRAD: tl.constexpr = (GRAD_S and DIVERGENCE != 0) or (GRAD_T and DIVERGENCE != 1)
 
     zeros = tl.zeros([BLOCK_N], dtype=tl.float32)
     m_s = zeros + NEG_INF
@@ -322,7 +321,10 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
         HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
         GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
-        NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1), num_warps=num_warps,
+        NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1),
+        STUDENT_T1=spec.has_ce or meter is not None,
+        LATE_GRAD=(grad_s and spec.divergence != 0) or (grad_t and spec.divergence != 1),
+        num_warps=num_warps,
     )
     return loss, gs, gt
 

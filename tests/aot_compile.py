@@ -40,7 +40,8 @@ def main() -> int:
                 "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64"}
         consts = dict(BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
                       HAS_LABELS=labels, HAS_CE=labels, COUNT_ON_DEVICE=labels, GRAD_S=grad_s, GRAD_T=grad_t,
-                      METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16)
+                      METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16, STUDENT_T1=labels,
+                      LATE_GRAD=(grad_s and divergence != 0) or (grad_t and divergence != 1))
         name = f"kd_fwd {dtype} one_pass={one_pass} div={divergence} grads={grad_s},{grad_t} labels={labels}"
         try:
             compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=8)
