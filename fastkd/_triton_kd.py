@@ -24,11 +24,18 @@ import triton.language as tl
 from ._spec import KDSpec
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
-# Longest row kept in registers, by element size; beyond it the looping path runs. These defaults
-# are first choices; measured configurations per card (bench/tune_triton.py) take precedence.
-ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}
+# Defaults, chosen from the compiler's register counts on sm_90 (no spills, <= 128 registers per
+# thread; tests/aot_compile.py checks it), not from timings: measured configurations per card
+# (bench/tune_triton.py) take precedence. Longest row kept in registers, by element size; beyond
+# it the looping path runs; "heavy" variants (teacher gradient, teacher meter or JSD) keep more
+# tensors live per element and spill beyond 8192.
+ONE_PASS_MAX = {"light": {1: 16384, 2: 16384, 4: 8192}, "heavy": {1: 8192, 2: 8192, 4: 8192}}
 LOOP_BLOCK_C = 4096
-TILE_ELEMENTS = 4096  # elements per program in the one-pass path: several rows when C is small
+# elements per program in the one-pass path (several rows when C is small) and per thread: short
+# rows carry more per-row state per thread, so they get smaller tiles and fewer elements a thread
+TILE_ELEMENTS = {"short": 2048, "long": 4096}
+ELEMENTS_PER_THREAD = {"short": 4, "long": 8}
+SHORT_ROW = 256
 
 
 @triton.jit
@@ -267,27 +274,29 @@ TUNED_CONFIGS = Path(__file__).with_name("triton_configs.json")  # written by be
 
 @functools.lru_cache(maxsize=None)
 def _tuned_configs(device_name: str) -> dict:
-    """Measured launch configurations for this card: {"<elem size>:<C rounded up to 2^k>": config}."""
+    """Measured launch configurations for this card:
+    {"<elem size>:<C rounded up to 2^k>:<light|heavy>": config}."""
     try:
         return json.loads(TUNED_CONFIGS.read_text()).get(device_name, {})
     except (OSError, ValueError):
         return {}
 
 
-def _launch_config(n_cols: int, elem_size: int, device_name: str = ""):
+def _launch_config(n_cols: int, elem_size: int, device_name: str = "", heavy: bool = False):
     """(BLOCK_N, BLOCK_C, ONE_PASS, num_warps) for a row length and element size: the measured
     configuration for this card when bench/tune_triton.py has stored one, else the defaults."""
-    tuned = _tuned_configs(device_name).get(f"{elem_size}:{triton.next_power_of_2(n_cols)}")
+    variant = "heavy" if heavy else "light"
+    tuned = _tuned_configs(device_name).get(f"{elem_size}:{triton.next_power_of_2(n_cols)}:{variant}")
     if tuned:
         return tuned["block_n"], tuned["block_c"], tuned["one_pass"], tuned["num_warps"]
-    if n_cols <= ONE_PASS_MAX.get(elem_size, ONE_PASS_MAX[4]):
+    if n_cols <= ONE_PASS_MAX[variant].get(elem_size, 8192):
         block_c = triton.next_power_of_2(n_cols)
-        block_n = max(1, min(TILE_ELEMENTS // block_c, 256))
+        kind = "short" if block_c <= SHORT_ROW else "long"
+        block_n = max(1, TILE_ELEMENTS[kind] // block_c)
         one_pass = True
     else:
-        block_c, block_n, one_pass = LOOP_BLOCK_C, 1, False
-    tile = block_n * block_c
-    num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+        kind, block_c, block_n, one_pass = "long", LOOP_BLOCK_C, 1, False
+    num_warps = min(16, max(4, block_n * block_c // (32 * ELEMENTS_PER_THREAD[kind])))
     return block_n, block_c, one_pass, num_warps
 
 
@@ -307,8 +316,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     num_bins = meters[0].num_bins if meters else 1  # both meters share it (checked by the caller)
     edges = meters[0]._edges_on(s.device) if meters else dummy
     device_name = torch.cuda.get_device_name(s.device) if s.is_cuda else ""
+    heavy = grad_t or teacher_meter is not None or spec.divergence == 2
     block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()),
-                                                           device_name)
+                                                           device_name, heavy)
     _kd_fwd_kernel[(triton.cdiv(n, block_n),)](
         s, t, labels if labels is not None else dummy, loss,
         gs if grad_s else dummy, gt if grad_t else dummy,

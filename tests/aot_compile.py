@@ -5,7 +5,11 @@ suite compiles every kernel variant too. Run as a script (TRITON_INTERPRET must 
 import inspect
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -25,11 +29,46 @@ def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: pointers.get(n) or SCALARS.get(n) or "constexpr" for n in names}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
-    triton.compile(ASTSource(kernel, signature, consts), target=TARGET, options={"num_warps": num_warps})
+    return triton.compile(ASTSource(kernel, signature, consts), target=TARGET, options={"num_warps": num_warps})
+
+
+def spills(cubin: bytes) -> int:
+    """Bytes of stack (register spills) of a compiled kernel, from the cuobjdump Triton bundles."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    return int(re.search(r"STACK:(\d+)", out).group(1))
+
+
+def check_default_configs() -> int:
+    """The launcher's default configurations compile without register spills (heaviest variant)."""
+    failures = 0
+    for n_cols, dtype in ((10, "fp32"), (100, "fp32"), (1000, "fp32"), (8192, "fp32"), (16384, "bf16"),
+                          (32000, "bf16")):
+        size = 4 if dtype == "fp32" else 2
+        ptrs = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+                "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
+                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64"}
+        for divergence, grad_t, meters in ((0, False, False), (1, False, False), (0, False, True),
+                                           (0, True, False), (2, False, False), (2, True, True)):
+            heavy = grad_t or meters or divergence == 2  # meters: the teacher's too, below
+            block_n, block_c, one_pass, warps = K._launch_config(n_cols, size, "", heavy)
+            consts = dict(BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
+                          HAS_LABELS=True, HAS_CE=True, COUNT_ON_DEVICE=True, GRAD_S=True, GRAD_T=grad_t,
+                          METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16, STUDENT_T1=True,
+                          LATE_GRAD=divergence != 0 or grad_t)
+            kernel = compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps)
+            stack = spills(kernel.asm["cubin"])
+            name = f"default config C={n_cols} {dtype} div={divergence} teacher_grad={grad_t} meters={meters}"
+            print(("ok  " if stack == 0 else "FAIL"), name, f"{block_n}x{block_c} warps={warps} stack={stack}")
+            failures += stack != 0
+    return failures
 
 
 def main() -> int:
-    failures = 0
+    failures = check_default_configs()
     # each path x divergence, with three mixes of dtype / gradients / labels+meters
     mixes = (("bf16", True, True, True), ("fp32", True, False, False), ("fp16", False, False, True))
     for (one_pass, block_n, block_c), divergence, (dtype, grad_s, grad_t, labels) in itertools.product(

@@ -119,7 +119,7 @@ def test_triton_looping_path(monkeypatch, divergence, teacher_grad, gen):
     on a row of several tiles with a ragged last tile."""
     from fastkd import _triton_kd
 
-    monkeypatch.setattr(_triton_kd, "ONE_PASS_MAX", {1: 64, 2: 64, 4: 64})
+    monkeypatch.setattr(_triton_kd, "ONE_PASS_MAX", {v: {1: 64, 2: 64, 4: 64} for v in ("light", "heavy")})
     monkeypatch.setattr(_triton_kd, "LOOP_BLOCK_C", 32)
     shape = (5, 203)
     s, t = randn(shape, gen), randn(shape, gen)
@@ -350,12 +350,12 @@ def test_measured_launch_configurations_take_precedence(tmp_path, monkeypatch, g
     from fastkd import _triton_kd
 
     table = tmp_path / "configs.json"
-    table.write_text(json.dumps({"": {"4:256": {"block_n": 1, "block_c": 64, "one_pass": False, "num_warps": 4}}}))
+    table.write_text(json.dumps({"": {"4:256:heavy": {"block_n": 1, "block_c": 64, "one_pass": False, "num_warps": 4}}}))
     monkeypatch.setattr(_triton_kd, "TUNED_CONFIGS", table)
     _triton_kd._tuned_configs.cache_clear()
     try:
-        assert _triton_kd._launch_config(203, 4) == (1, 64, False, 4)
-        assert _triton_kd._launch_config(203, 2) == _triton_kd._launch_config(203, 2, "other card")
+        assert _triton_kd._launch_config(203, 4, "", heavy=True) == (1, 64, False, 4)
+        assert _triton_kd._launch_config(203, 4, "", heavy=False)[2]  # the light variant: defaults
         s, t = randn((5, 203), gen), randn((5, 203), gen)
         check_against_reference("triton", s, t, random_labels((5,), 203, gen), 1e-5, teacher_grad=True,
                                 temperature=2.0, alpha=0.5, divergence="jsd")
