@@ -9,8 +9,9 @@ from ._spec import KDSpec
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
 
-def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
-    """Rows (N, C) -> (loss per row fp32 (N,), grad_s | None, grad_t | None) in one launch."""
+def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
+               reduce: bool = False):
+    """Rows (N, C) -> (loss per row fp32 (N,) or with ``reduce`` their sum, grad_s, grad_t)."""
     ext = load()
     out_s, out_t = s.dtype, t.dtype
     if s.dtype != t.dtype:  # mixed precision: compute both in fp32 (exact upcast), cast grads back
@@ -33,7 +34,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         gs = gs.to(out_s)
     if gt is not None and gt.dtype != out_t:
         gt = gt.to(out_t)
-    return loss, gs, gt
+    return (loss.sum() if reduce else loss), gs, gt
 
 
 def scale_grad(grad, grad_output):

@@ -46,8 +46,10 @@ def _divergence(la, lb, spec: KDSpec, grad_t: bool):
 INPLACE_BACKWARD = False  # scale_grad allocates; backward may run again
 
 
-def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
-    """Rows (N, C) of student/teacher logits -> (loss per row fp32 (N,), grad_s | None, grad_t | None).
+def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
+               reduce: bool = False):
+    """Rows (N, C) of student/teacher logits -> (loss, grad_s | None, grad_t | None); the loss is
+    fp32 per row (N,), or with ``reduce`` the sum of the rows.
 
     Each row's loss and gradient are divided by ``row_count`` (the rows that count: an int, or a
     1-element tensor summed on the device); ignored rows get loss 0 and gradient 0.
@@ -91,7 +93,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         for m, logits in ((meter, x), (teacher_meter, y)):
             if m is not None:
                 m._add_rows(logits, lab, keep)
-    return loss if cd == torch.float64 else loss.float(), gs, gt
+    return loss.sum() if reduce else loss, gs, gt
 
 
 def scale_grad(grad, grad_output):

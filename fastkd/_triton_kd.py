@@ -139,10 +139,32 @@ def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
 
 
 @triton.jit
+def _last_program_sum(partial_ptr, counter_ptr, total_ptr, partial, BLOCK: tl.constexpr):
+    """The sum of one partial per program, in the same launch and deterministic: every program
+    stores its partial and takes a ticket (acq_rel atomic); the last to arrive adds the partials up
+    in program order and resets the ticket counter for the next launch."""
+    n = tl.num_programs(0)
+    tl.store(partial_ptr + tl.program_id(0), partial)
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == n - 1:
+        _sum_partials(partial_ptr, counter_ptr, total_ptr, n, BLOCK)
+
+
+@triton.jit(noinline=True)
+def _sum_partials(partial_ptr, counter_ptr, total_ptr, n, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
+    tl.store(total_ptr, tl.sum(acc, axis=0))
+    tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
 def _kd_fwd_kernel(
     # pointers
     s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_count_ptr, edges_ptr,
-    meter_s_ptr, meter_t_ptr,
+    meter_s_ptr, meter_t_ptr, partial_ptr, counter_ptr, total_ptr,
     # shapes and strides (elements)
     n_rows, n_cols, stride_s, stride_t, stride_gs, stride_gt,
     # scalars
@@ -154,6 +176,7 @@ def _kd_fwd_kernel(
     METER_S: tl.constexpr, METER_T: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr,
     STUDENT_T1: tl.constexpr,  # statistics of s at T = 1 (cross-entropy or meter)
     LATE_GRAD: tl.constexpr,  # the gradient needs the divergence's value first (a third sweep)
+    REDUCE: tl.constexpr,  # also the scalar loss (sum of the scaled rows), in this launch
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -244,7 +267,10 @@ def _kd_fwd_kernel(
     loss = kd_scale * div
     if HAS_CE:
         loss += ce_scale * (lse_1 - x_label)
-    tl.store(loss_ptr + rows, tl.where(keep, loss * w, 0.0), mask=row_ok)
+    loss = tl.where(keep, loss * w, 0.0)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    if REDUCE:
+        _last_program_sum(partial_ptr, counter_ptr, total_ptr, tl.sum(loss, axis=0), 512)
     if METER_S:
         _meter_add(meter_s_ptr, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
                    NUM_BINS, BINS_P2)
@@ -303,14 +329,27 @@ def _launch_config(n_cols: int, elem_size: int, device_name: str = "", heavy: bo
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
 
-def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter):
-    """Rows (N, C) -> (loss per row fp32 (N,), grad_s | None, grad_t | None) in one launch."""
+_TICKETS: dict = {}  # one self-resetting ticket counter per (device, stream)
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _TICKETS[key]
+
+
+def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
+               reduce: bool = False):
+    """Rows (N, C) -> (loss, grad_s | None, grad_t | None) in one launch; loss is fp32, per row (N,),
+    or with ``reduce`` the sum of the rows."""
     n, c = s.shape
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
     gs = torch.empty_like(s) if grad_s else None
     gt = torch.empty_like(t) if grad_t else None
     if n == 0:
-        return loss, gs, gt
+        return (loss.sum() if reduce else loss), gs, gt
     dummy = loss  # stands in for absent optional pointers (never dereferenced)
     meters = [m for m in (meter, teacher_meter) if m is not None]
     num_bins = meters[0].num_bins if meters else 1  # both meters share it (checked by the caller)
@@ -319,12 +358,16 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     heavy = grad_t or teacher_meter is not None or spec.divergence == 2
     block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()),
                                                            device_name, heavy)
-    _kd_fwd_kernel[(triton.cdiv(n, block_n),)](
+    programs = triton.cdiv(n, block_n)
+    partial = torch.empty(programs if reduce else 1, dtype=torch.float32, device=s.device)
+    total = torch.empty((), dtype=torch.float32, device=s.device)
+    _kd_fwd_kernel[(programs,)](
         s, t, labels if labels is not None else dummy, loss,
         gs if grad_s else dummy, gt if grad_t else dummy,
         row_count if torch.is_tensor(row_count) else dummy, edges,
         meter._state_on(s.device) if meter is not None else dummy,
         teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
+        partial, _ticket_counter(s.device) if reduce else dummy, total,
         n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
         spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
         1.0 if torch.is_tensor(row_count) else 1.0 / max(row_count, 1),
@@ -334,9 +377,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1),
         STUDENT_T1=spec.has_ce or meter is not None,
         LATE_GRAD=(grad_s and spec.divergence != 0) or (grad_t and spec.divergence != 1),
-        num_warps=num_warps,
+        REDUCE=reduce, num_warps=num_warps,
     )
-    return loss, gs, gt
+    return (total if reduce else loss), gs, gt
 
 
 def scale_grad(grad, grad_output):

@@ -99,8 +99,9 @@ class _FusedLinearKD(torch.autograd.Function):
             s = _logits(h_s, ws, bs)
             t = _match_vocab(_logits(h_t, wt, bt), v_s)
             lab = labels[lo:hi] if labels is not None else None
-            rows, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, True, grad_t, None, None)
-            loss += rows.sum()
+            chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, True, grad_t, None, None,
+                                                   reduce=True)
+            loss += chunk_loss
             _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0

@@ -84,10 +84,11 @@ def _check_meter(meter, name, device):
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, labels, row_count, spec, reduction, impl, meter, teacher_meter):
-        loss_rows, gs, gt = impl.kd_forward(s, t, labels, row_count, spec, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[1], meter, teacher_meter)
+        loss, gs, gt = impl.kd_forward(s, t, labels, row_count, spec, ctx.needs_input_grad[0],
+                                       ctx.needs_input_grad[1], meter, teacher_meter,
+                                       reduce=reduction != "none")  # rows come scaled by 1/count
         ctx.impl, ctx.grads = impl, (gs, gt)
-        return loss_rows if reduction == "none" else loss_rows.sum()  # rows come scaled by 1/count
+        return loss
 
     @staticmethod
     @once_differentiable

