@@ -38,11 +38,12 @@ def plain_loop(data, teacher, student, epochs, batch_size=128, T=4.0, alpha=0.9)
                                          pin_memory=ON_GPU)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     teacher.eval()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)  # augmentation on the device, as fastkd's
     for _ in range(epochs):
         student.train()
         for x, y in loader:
             x, y = x.to(DEVICE), y.to(DEVICE)
-            x = data.prepare(x, torch.Generator().manual_seed(0))
+            x = data.prepare(x, gen)
             with torch.no_grad():
                 t = teacher(x)
             s = student(x)

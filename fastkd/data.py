@@ -7,7 +7,7 @@ classes read the standard python-pickle batches from ``data_dir`` (downloaded on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ class DataBundle:
     x_test: torch.Tensor
     y_test: torch.Tensor
     augment: bool  # random crop + flip each step (the inputs then never repeat exactly)
+    _norm: tuple | None = field(default=None, repr=False, compare=False)  # (mean, std) on the device
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -45,19 +46,24 @@ class DataBundle:
         x = x.float().div_(255)
         if generator is not None and self.augment:
             x = random_crop_flip(x, generator)
-        mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(x.device)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    def _normalisation(self, device):
+        """CIFAR's mean and std on the device, made once (a copy per step would sync the host)."""
+        if self._norm is None or self._norm[0].device != device:
+            self._norm = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CIFAR_MEAN, CIFAR_STD))
+        return self._norm
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Per-image random crop (zero padding ``pad``) and horizontal flip of a (N, C, H, W) batch,
-    on x's device: one gather, no Python loop over images."""
+    on x's device with a generator there: one gather, no Python loop, no host round trip."""
     n, _, h, w = x.shape
     dev = x.device
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-    flip = torch.rand(n, generator=generator).to(dev) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+    flip = torch.rand(n, generator=generator, device=dev) < 0.5
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=dev)[None, :]
     cols = torch.arange(w, device=dev)[None, :].expand(n, w)

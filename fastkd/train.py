@@ -172,8 +172,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         stage_id = ("teacher", "student", "distilled").index(stage)
         seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
         torch.manual_seed(seed)  # dropout and friends
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+        gen = torch.Generator(device=device).manual_seed(seed)  # augmentation, drawn on the device
         model.train()
         total = torch.zeros((), device=device)
         train_meter = CalibrationMeter(cfg.num_bins) if teacher is not None else None
