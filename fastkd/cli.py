@@ -43,6 +43,7 @@ def validate(cfg: StudyConfig):
     from .models import MODELS
     from .policies import POLICIES
     from ._spec import DIVERGENCES
+    from .backends import BACKENDS
 
     def choice(value, name, choices):
         if value is not None and value not in choices:
@@ -53,6 +54,7 @@ def validate(cfg: StudyConfig):
     choice(cfg.student, "student model", MODELS)
     choice(cfg.divergence, "divergence", DIVERGENCES)
     choice(cfg.policy, "policy", POLICIES)
+    choice(cfg.backend, "backend", BACKENDS)
     if not cfg.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
     if not 0 <= cfg.alpha <= 1:

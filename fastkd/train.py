@@ -48,7 +48,7 @@ class StudyConfig:
     num_bins: int = field(default=15, metadata={"help": "calibration bins"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
-    backend: str | None = field(default=None, metadata={"help": "fastkd backend: auto | triton | torch"})
+    backend: str | None = field(default=None, metadata={"help": "fastkd backend: auto | triton | cuda | torch"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of the run"})
     name: str | None = field(default=None, metadata={"help": "run name (default <dataset>-s<seed>)"})
@@ -65,7 +65,8 @@ class StudyConfig:
         epochs = self.epochs if self.epochs is not None else (40 if small else 30)
         return StudyConfig(**{**asdict(self),
                               "teacher": self.teacher or teacher, "student": self.student or student,
-                              "epochs": epochs, "teacher_epochs": self.teacher_epochs or epochs,
+                              "epochs": epochs,
+                              "teacher_epochs": self.teacher_epochs if self.teacher_epochs is not None else epochs,
                               "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
                               "name": self.name or f"{self.dataset}-s{self.seed}",
                               "device": resolve_device(self.device)})

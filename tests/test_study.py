@@ -151,6 +151,7 @@ def run_cli(capsys, *args):
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
     (["--policy", "magic"], "unknown policy 'magic'"),
+    (["--backend", "fastest"], "unknown backend 'fastest'; choose from auto, triton, cuda, torch"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist (pass --download"),
     (["--dataset", "cifar10"], "--data-dir is required"),
 ])
