@@ -86,9 +86,10 @@ def atomic_save(obj, path: Path):
 
 def load_checkpoint(path: Path, device):
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        return torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]  # torch's messages run over several lines
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
 
 
 def _autocast(device: torch.device):
