@@ -78,15 +78,16 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         div, ga, gb = _divergence(la, lb, spec, grad_t)
         row = spec.kd_scale * div.squeeze(-1)
         if spec.has_ce:
-            l1 = x.log_softmax(-1)
+            l1 = la if spec.inv_temperature == 1.0 else x.log_softmax(-1)
             row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
         loss[lo:hi] = torch.where(keep, row * scale, 0.0)
         w = torch.where(keep, scale, 0.0)[:, None]
         kd_g = spec.kd_scale * spec.inv_temperature
         if grad_s:
             g = kd_g * ga
-            if spec.has_ce:
-                g = g + spec.ce_scale * (l1.exp() - torch.nn.functional.one_hot(lab, c).to(cd))
+            if spec.has_ce:  # + ce_scale (softmax(s) - onehot(label))
+                g = (g + spec.ce_scale * l1.exp()).scatter_add_(
+                    -1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=s.device))
             gs[lo:hi] = torch.where(w != 0, g * w, 0.0)
         if grad_t:
             gt[lo:hi] = torch.where(w != 0, kd_g * gb * w, 0.0)
