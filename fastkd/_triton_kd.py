@@ -145,6 +145,7 @@ def _last_program_sum(partial_ptr, counter_ptr, total_ptr, partial, BLOCK: tl.co
     in program order and resets the ticket counter for the next launch."""
     n = tl.num_programs(0)
     tl.store(partial_ptr + tl.program_id(0), partial)
+    tl.debug_barrier()  # the partial is written before this program's ticket is taken (release)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == n - 1:
         _sum_partials(partial_ptr, counter_ptr, total_ptr, n, BLOCK)
