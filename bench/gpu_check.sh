@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD TRITON_INTERPRET=0
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRITON_INTERPRET=0
 parts=${*:-tests tune bench}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -21,5 +21,6 @@ fi
 if [[ $parts == *bench* ]]; then
   timeout 240 python -m pytest bench -q -p no:cacheprovider 2>&1 | tee "$OUT/bench.txt" \
     | sed -n '/fastkd benchmark summary/,/^saved/p'
-  cp bench/results/*.json "$OUT/" 2>/dev/null || true
+  newest=$(ls -t bench/results/*.json 2>/dev/null | head -1)
+  [[ -n $newest ]] && cp "$newest" "$OUT/"
 fi

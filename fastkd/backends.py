@@ -59,10 +59,15 @@ def _cuda_unusable(device: torch.device, dtypes=()) -> str:
 def _cuda_unbuildable() -> str:
     if importlib.util.find_spec("fastkd._C") is not None:
         return ""
+    from torch.utils.cpp_extension import is_ninja_available
+
     from ._cuda_build import SOURCES, toolkit_root
 
+    not_built = "the extension is not built (FASTKD_BUILD_CUDA=1) and cannot be compiled here"
     if toolkit_root() is None or not all(p.is_file() for p in SOURCES):
-        return "the extension is not built (FASTKD_BUILD_CUDA=1) and cannot be compiled here (no nvcc or sources)"
+        return f"{not_built} (no nvcc or no kernels/ sources)"
+    if not is_ninja_available():
+        return f"{not_built} (pip install ninja)"
     return ""
 
 

@@ -8,7 +8,14 @@ from reference import kd_objective
 from test_loss import DTYPES, check_against_reference, close, randn, random_labels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-GPU_BACKENDS = ["triton", "cuda"]
+def _gpu_backend(name):
+    """A backend parameter, skipped with the reason when it cannot run on this GPU."""
+    why = "" if not torch.cuda.is_available() else \
+        {b.name: b.reason for b in fastkd.available_backends("cuda")}[name]
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(bool(why), reason=why))
+
+
+GPU_BACKENDS = [_gpu_backend("triton"), _gpu_backend("cuda")]
 SHAPES = [(4096, 10), (1024, 1000), (41, 1271), (64, 32000), (8, 128256)]
 
 
