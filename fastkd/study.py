@@ -21,7 +21,7 @@ from .data import load_data
 from .models import build_model, count_parameters
 from .policies import make_policy
 from .report import write_outputs
-from .train import StudyConfig, evaluate, fit, load_checkpoint, predict
+from .train import StudyConfig, fit, load_checkpoint, predict, summarize
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 
@@ -104,12 +104,12 @@ def run_study(cfg: StudyConfig) -> dict:
     models = dict(zip(MODEL_KEYS, (teacher, student, distilled)))
     teacher_test = predict(teacher, data, data.x_test)
     results, meters, preds = {}, {}, {}
+    shard = distributed.shard  # every rank holds the logits; the meters split the rows
     for key, model in models.items():
-        test_logits = predict(model, data, data.x_test)
-        val_logits = predict(model, data, data.x_val)
-        res = evaluate(model, data, data.x_test, data.y_test, teacher_test, cfg.num_bins, cfg.backend)
-        t_star = fit_temperature(val_logits, data.y_val)
-        meters[key] = CalibrationMeter(cfg.num_bins).update(test_logits, data.y_test)
+        test_logits = teacher_test if key == "teacher" else predict(model, data, data.x_test)
+        res, meters[key] = summarize(shard(test_logits), shard(data.y_test), shard(teacher_test),
+                                     cfg.num_bins, cfg.backend)
+        t_star = fit_temperature(predict(model, data, data.x_val), data.y_val)
         scaled = CalibrationMeter(cfg.num_bins).update(test_logits / t_star, data.y_test).compute()
         preds[key] = test_logits.argmax(-1)
         results[key] = {"model": getattr(cfg, key if key == "teacher" else "student"),

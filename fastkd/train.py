@@ -107,22 +107,26 @@ def predict(model, data: DataBundle, x: torch.Tensor, batch_size: int = 1024) ->
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def evaluate(model, data, x, y, teacher_logits=None, num_bins=15, backend=None) -> dict:
-    """Accuracy and calibration of ``model`` on (x, y); the statistics come from the fused loss's
-    meter when teacher logits are given, else from ``CalibrationMeter.update``. Under torchrun each
-    rank measures its shard and the meters are summed over ranks."""
-    x, y = distributed.shard(x), distributed.shard(y)
-    logits = predict(model, data, x)
+def summarize(logits, y, teacher_logits=None, num_bins=15, backend=None) -> tuple[dict, CalibrationMeter]:
+    """Accuracy and calibration of this rank's rows of logits, the meter summed over ranks; the
+    statistics come from the fused loss's meter when teacher logits are given."""
     meter = CalibrationMeter(num_bins)
     if teacher_logits is not None:
         with torch.inference_mode():
-            kd_loss(logits, distributed.shard(teacher_logits), y, alpha=1.0, meter=meter, backend=backend)
+            kd_loss(logits, teacher_logits, y, alpha=1.0, meter=meter, backend=backend)
     else:
         meter.update(logits, y)
     meter._state_on(logits.device)
     rep = meter.all_reduce().compute()
     return {"accuracy": rep.accuracy, "confidence": rep.confidence, "ece": rep.ece, "mce": rep.mce,
-            "nll": rep.nll, "brier": rep.brier}
+            "nll": rep.nll, "brier": rep.brier}, meter
+
+
+def evaluate(model, data, x, y, teacher_logits=None, num_bins=15, backend=None) -> dict:
+    """:func:`summarize` of ``model`` on (x, y); under torchrun each rank predicts its shard."""
+    shard = distributed.shard
+    teacher_logits = shard(teacher_logits) if teacher_logits is not None else None
+    return summarize(predict(model, data, shard(x)), shard(y), teacher_logits, num_bins, backend)[0]
 
 
 def _optimizer(model, lr, weight_decay, device):
