@@ -84,7 +84,7 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_count, spec, impl, chunk):
         need = ctx.needs_input_grad
-        grad_t = any(need[3:6])
+        grad_s, grad_t = any(need[0:3]), any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], wt.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hs.device)
         g_hs = torch.empty_like(hs) if need[0] else None
@@ -99,10 +99,11 @@ class _FusedLinearKD(torch.autograd.Function):
             s = _logits(h_s, ws, bs)
             t = _match_vocab(_logits(h_t, wt, bt), v_s)
             lab = labels[lo:hi] if labels is not None else None
-            chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, True, grad_t, None, None,
+            chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, grad_s, grad_t, None, None,
                                                    reduce=True)
             loss += chunk_loss
-            _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
+            if grad_s:
+                _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
                 _project_back(d_t, h_t, wt, g_ht, g_wt, g_bt, lo, hi)

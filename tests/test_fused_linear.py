@@ -147,3 +147,16 @@ def test_with_transformers_models_hidden_states_and_lm_head():
     materialised.backward()
     close(loss, materialised.double(), 1e-5)
     close(fused_grad, student.get_output_embeddings().weight.grad.double(), 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_without_gradients(backend, gen):
+    hs, ws, bs = make_side(19, 16, 40, gen, torch.float32)
+    ht, wt, bt = make_side(19, 16, 40, gen, torch.float32)
+    labels = torch.randint(0, 40, (19,), generator=gen)
+    with torch.no_grad():
+        out = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt, chunk_size=6,
+                                          backend=backend)
+    ref = reference(hs.double(), ws.double(), bs.double(), ht.double(), wt.double(), bt.double(), labels,
+                    temperature=4.0, alpha=0.9)
+    close(out, ref, 1e-4)
