@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._cuda_build import load
-from ._spec import KDSpec
+from ._spec import KDSpec, inv_count_on_host, meter_args
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
@@ -20,12 +20,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
     gs = torch.empty_like(s) if grad_s else None
     gt = torch.empty_like(t) if grad_t else None
-    meters = [m for m in (meter, teacher_meter) if m is not None]
-    num_bins = meters[0].num_bins if meters else 1
-    edges = meters[0]._edges_on(s.device) if meters else loss  # loss: a stand-in, never read
-    on_device = torch.is_tensor(row_count)
-    ext.kd_forward(s, t, labels, row_count if on_device else None, 1.0 if on_device else 1.0 / max(row_count, 1),
-                   edges, loss, gs, gt,
+    num_bins, edges = meter_args(meter, teacher_meter, s.device, loss)
+    ext.kd_forward(s, t, labels, row_count if torch.is_tensor(row_count) else None,
+                   inv_count_on_host(row_count), edges, loss, gs, gt,
                    meter._state_on(s.device) if meter is not None else None,
                    teacher_meter._state_on(s.device) if teacher_meter is not None else None,
                    spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.divergence,

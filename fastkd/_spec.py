@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 DIVERGENCES = ("kl", "reverse_kl", "jsd")  # index = the kernels' DIVERGENCE code
 
 
@@ -18,3 +20,17 @@ class KDSpec:
     @property
     def has_ce(self) -> bool:
         return self.ce_scale != 0.0
+
+
+def inv_count_on_host(row_count) -> float:
+    """1 / rows that count when the host knows it (an int); 1.0 when the kernel reads a tensor."""
+    return 1.0 if torch.is_tensor(row_count) else 1.0 / max(row_count, 1)
+
+
+def meter_args(meter, teacher_meter, device, stand_in):
+    """(num_bins, bin edges) for the kernels; ``stand_in`` for the edges when there is no meter
+    (never read). Both meters share num_bins (checked by the caller)."""
+    meters = [m for m in (meter, teacher_meter) if m is not None]
+    if not meters:
+        return 1, stand_in
+    return meters[0].num_bins, meters[0]._edges_on(device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._spec import KDSpec
+from ._spec import KDSpec, inv_count_on_host
 
 CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
 
@@ -62,7 +62,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     if torch.is_tensor(row_count):
         scale = 1.0 / row_count.clamp(min=1).to(cd).reshape(())
     else:
-        scale = torch.full((), 1.0 / max(row_count, 1), dtype=cd, device=s.device)
+        scale = torch.full((), inv_count_on_host(row_count), dtype=cd, device=s.device)
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)

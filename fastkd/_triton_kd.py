@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._spec import KDSpec
+from ._spec import KDSpec, inv_count_on_host, meter_args
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 # Defaults, chosen from the compiler's register counts on sm_90 (no spills, <= 128 registers per
@@ -352,9 +352,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     if n == 0:
         return (loss.sum() if reduce else loss), gs, gt
     dummy = loss  # stands in for absent optional pointers (never dereferenced)
-    meters = [m for m in (meter, teacher_meter) if m is not None]
-    num_bins = meters[0].num_bins if meters else 1  # both meters share it (checked by the caller)
-    edges = meters[0]._edges_on(s.device) if meters else dummy
+    num_bins, edges = meter_args(meter, teacher_meter, s.device, dummy)
     device_name = torch.cuda.get_device_name(s.device) if s.is_cuda else ""
     heavy = grad_t or teacher_meter is not None or spec.divergence == 2
     block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()),
@@ -371,7 +369,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         partial, _ticket_counter(s.device) if reduce else dummy, total,
         n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
         spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
-        1.0 if torch.is_tensor(row_count) else 1.0 / max(row_count, 1),
+        inv_count_on_host(row_count),
         BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
         HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
         GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
