@@ -199,13 +199,14 @@ class CalibrationMeter:
         self.num_bins = _check_num_bins(sd["num_bins"])
         self.state = None if sd["state"] is None else sd["state"].to(torch.float64).clone()
 
-    def all_reduce(self, group=None):
-        """Sums the statistics of every rank (each rank must have seen data on the same device type)."""
+    def all_reduce(self, group=None, device=None):
+        """Sums the statistics of every rank. ``device``: where a meter that saw no rows on this rank
+        keeps its zeros (the collective's device, CUDA under NCCL); default: its own, else CPU."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self._state_on(self.state.device if self.state is not None else "cpu"),
-                            group=group)
+            here = device if device is not None else (self.state.device if self.state is not None else "cpu")
+            dist.all_reduce(self._state_on(here), group=group)
         return self
 
     def compute(self) -> CalibrationReport:

@@ -116,8 +116,7 @@ def summarize(logits, y, teacher_logits=None, num_bins=15, backend=None) -> tupl
             kd_loss(logits, teacher_logits, y, alpha=1.0, meter=meter, backend=backend)
     else:
         meter.update(logits, y)
-    meter._state_on(logits.device)
-    rep = meter.all_reduce().compute()
+    rep = meter.all_reduce(device=logits.device).compute()
     return {"accuracy": rep.accuracy, "confidence": rep.confidence, "ece": rep.ece, "mce": rep.mce,
             "nll": rep.nll, "brier": rep.brier}, meter
 
@@ -171,11 +170,12 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
     cached = None
     if teacher is not None and not data.augment:  # the inputs repeat exactly: teacher once
         cached = predict(teacher, data, data.x_train)
+    teacher_val = predict(teacher, data, data.x_val) if teacher is not None else None  # fixed teacher
+    stage_id = ("teacher", "student", "distilled").index(stage)
     n = len(data.x_train)
     bar = tqdm(total=n * epochs, initial=n * state["epoch"], desc=stage, unit="img",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     for epoch in range(state["epoch"], epochs):
-        stage_id = ("teacher", "student", "distilled").index(stage)
         seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
         torch.manual_seed(seed)  # dropout and friends
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -216,15 +216,13 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
         distributed.all_reduce_sum(total)
         seconds = time.perf_counter() - t0
-        teacher_val = predict(teacher, data, data.x_val) if teacher is not None else None
         val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
         row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
                "samples_per_s": n / seconds, "lr": sched.get_last_lr()[0],
                "temperature": state["temperature"], "alpha": state["alpha"],
                **{f"val_{k}": v for k, v in val.items()}}
         if train_meter is not None:
-            train_meter._state_on(device)
-            row["train_ece"] = train_meter.all_reduce().compute().ece
+            row["train_ece"] = train_meter.all_reduce(device=device).compute().ece
         state["history"].append(row)
         if policy is not None:
             state["temperature"], state["alpha"] = policy.next(epoch, epochs, val, state["temperature"],
