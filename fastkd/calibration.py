@@ -153,9 +153,12 @@ class CalibrationMeter:
     # layout of ``state``: counts, confidence sums, correct sums (B + 1 each), NLL sum, Brier sum
     def _state_on(self, device) -> torch.Tensor:
         size = 3 * (self.num_bins + 1) + 2
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.state is None:
             self.state = torch.zeros(size, dtype=torch.float64, device=device)
-        elif self.state.device != torch.device(device):
+        elif self.state.device != device:
             raise ValueError(f"this meter holds statistics on {self.state.device}; got logits on {device}")
         return self.state
 
