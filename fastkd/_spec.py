@@ -16,10 +16,20 @@ class KDSpec:
     divergence: int  # index into DIVERGENCES
     beta: float  # JSD mixture weight: M = beta * p_t + (1 - beta) * p_s
     ignore_index: int
+    # 0: gradients are written final (times the row scale 1/count), so a backward with
+    # grad_output == 1 moves no data. > 0 (fp16 gradients, whose range a loss scaler's 2^16 times
+    # 1/rows would leave): written as grad_unit * (kd_g ga + ce_scale (p - onehot)) without the row
+    # scale, so the largest coefficient is 1; the backward multiplies by
+    # grad_output * (1/count) / grad_unit (see deferred_grad_factor).
+    grad_unit: float = 0.0
 
     @property
     def has_ce(self) -> bool:
         return self.ce_scale != 0.0
+
+    @property
+    def row_scaled_grad(self) -> bool:
+        return self.grad_unit == 0.0
 
 
 def inv_count_on_host(row_count) -> float:
