@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -242,27 +243,30 @@ class KernelModel:
 
     @property
     def cubin_name(self) -> str:
-        return f"{self.backend}_{self.name.strip('_')[:40]}_{hashlib.sha1(self.cubin).hexdigest()[:10]}.cubin"
+        name = re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_")[:40]
+        return f"{self.backend}_{name}_{hashlib.sha1(self.cubin).hexdigest()[:10]}.cubin"
 
 
 def read_kernel(backend: str, fn: sc.Function, cubin: bytes, usage: dict, programs: int, threads: int,
                 shared: int, trip_count: Callable) -> KernelModel:
-    longest = sc.Counter_(fn, trip_count, "longest")
-    shortest = sc.Counter_(fn, trip_count, "shortest")
+    longest = sc.PathCounter(fn, trip_count, "longest")
+    shortest = sc.PathCounter(fn, trip_count, "shortest")
     count, count_min = longest.count(), shortest.count()
-    pending, widths = sc.max_pending_load_bytes(fn)
     main_end = min([i for n, i in fn.labels.items() if n.startswith("$")], default=len(fn.instrs))
     loops = list(sc.all_loops(count.loops))
-    sweeps = sum(1 for lp in loops if not lp.children and longest.blocks[lp.header].start < main_end
-                 and lp.trips >= 1 and any(sc.is_global_load(i) for i in longest.loop_instrs(lp))
-                 and not any(sc.is_spin(i) for i in longest.loop_instrs(lp)))
+    sweeps = [lp for lp in loops if not lp.children and longest.blocks[lp.header].start < main_end
+              and lp.trips >= 1 and any(sc.is_global_load(i) for i in longest.loop_instrs(lp))
+              and not any(sc.is_spin(i) for i in longest.loop_instrs(lp))]
+    # loads in flight where the traffic is: in the sweeps when the row is looped over
+    spans = [(longest.blocks[lp.header].start, longest.blocks[lp.latch].end) for lp in sweeps]
+    pending, widths = sc.max_pending_load_bytes(fn, spans or None)
     return KernelModel(
         backend=backend, name=fn.name, cubin=cubin, programs=programs, threads=threads,
         registers=usage.get("REG", 0), stack_bytes=usage.get("STACK", 0),
         local_ops=sum(1 for i in fn.instrs if i.op in ("LDL", "STL")), shared_bytes=shared,
         per_program=count.per_program, per_program_min=count_min.per_program, tail=count.tail,
         loops=[(lp.trips, lp.how) for lp in loops], pending_load_bytes=pending, load_widths=widths,
-        sweeps=sweeps, warnings=count.warnings + count_min.warnings)
+        sweeps=len(sweeps), warnings=count.warnings + count_min.warnings)
 
 
 def model_triton_launch(job: sm90.TritonJob, scalars: dict, programs: int, compiled: dict) -> KernelModel:
@@ -494,20 +498,22 @@ def write_cubins(rows: list[dict], cubins: dict, directory: Path):
 
 
 def print_table(rows: list[dict]):
-    head = ("backend", "shape", "variant", "path", "regs", "spill", "CTA/SM", "KB fly", "instr/elem",
-            "mufu/elem", "B/elem", "t_mem", "t_issue", "t_mufu", "issue/mem")
+    head = ("backend", "shape", "variant", "path", "regs", "spill", "CTA/SM", "KB fly", "LDG B", "instr/elem",
+            "(min)", "mufu/elem", "B/elem", "t_mem", "t_issue", "t_mufu", "issue/mem")
     lines = [head]
     for r in rows:
         lines.append((r["backend"], f"{r['rows']}x{r['cols']} {r['dtype']}", r["variant"], r["path"],
                       str(r["registers"]), str(r["spills"]), str(r["ctas_per_sm"]),
-                      f"{r['bytes_in_flight_per_sm'] / 1024:.0f}", f"{r['instr_per_element']:.1f}",
+                      f"{r['bytes_in_flight_per_sm'] / 1024:.0f}", ",".join(map(str, r["load_widths_bytes"])),
+                      f"{r['instr_per_element']:.1f}", f"({r['instr_per_element_min']:.0f})",
                       f"{r['mufu_per_element']:.2f}", f"{r['bytes_per_element']:.2f}", f"{r['t_memory_us']:.1f}",
                       f"{r['t_issue_us']:.1f}", f"{r['t_mufu_us']:.1f}", f"{r['issue_over_memory']:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
-    print("times in us, fwd + bwd (grad_output = 1); instr = thread instructions (warp instr x 32), "
-          "longest hot path; KB fly = load bytes in flight per SM")
+    print("times in us, forward + backward (grad_output = 1); instr = thread instructions (warp instructions x 32)\n"
+          "per element, longest hot path (shortest in brackets); KB fly = load bytes in flight per SM; "
+          "LDG B = global load widths in bytes")
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,6 @@ counted once per launch (``tail``), not once per program.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import re
 from collections import Counter
@@ -34,7 +33,7 @@ SECTION_RE = re.compile(r"^\s*\.section\s+\.text\.(\S+?),")
 TARGET_RE = re.compile(r"`\(([^)]+)\)")
 REG_RE = re.compile(r"\bR(\d+)(\.64|\.128)?\b")
 GRID_SIZE = "c[0x0][0xc]"  # nctaid.x in the constant bank: Triton's tl.num_programs(0)
-STORE_OPS = ("ST", "STG", "STS", "STL", "RED", "REDG", "REDUX", "ATOM", "ATOMG", "ATOMS")
+STORE_OPS = ("ST", "STG", "STS", "STL", "RED", "REDG")  # no destination register
 
 
 @dataclass
@@ -350,7 +349,7 @@ class KernelCount:
     warnings: list[str]
 
 
-class Counter_:
+class PathCounter:
     """Walks one function's CFG; ``trip_count(loop, analysis)`` gives each loop's trips."""
 
     def __init__(self, fn: Function, trip_count: Callable, choose: str):
@@ -483,24 +482,29 @@ class Counter_:
 
 
 def count_kernel(fn: Function, trip_count: Callable, choose: str = "longest") -> KernelCount:
-    return Counter_(fn, trip_count, choose).count()
+    return PathCounter(fn, trip_count, choose).count()
 
 
 # ---------------------------------------------------------------------------------------------
 # loads in flight
 
 
-def max_pending_load_bytes(fn: Function) -> tuple[int, list[int]]:
+def max_pending_load_bytes(fn: Function, spans: Optional[list[tuple[int, int]]] = None) -> tuple[int, list[int]]:
     """Most bytes of global loads one thread has issued and not yet consumed, at any point of the
     kernel's text in address order (reset at loop boundaries), and the load widths seen (bytes).
-    A load is consumed when an instruction reads one of its destination registers."""
+    A load is consumed when an instruction reads one of its destination registers. ``spans``
+    (instruction index ranges, e.g. the loops that carry the traffic) limit where it looks."""
     blocks = build_blocks(fn)
     loop_headers = {blocks[lp.header].start for lp in all_loops(find_loops(blocks, fn.instrs))}
     subroutines = [i for name, i in fn.labels.items() if name.startswith("$")]
     main_end = min(subroutines, default=len(fn.instrs))
+    spans = spans or [(0, main_end)]
     pending: dict[int, tuple[int, frozenset]] = {}  # load index -> (bytes, its registers)
     best, widths = 0, set()
     for i, ins in enumerate(fn.instrs[:main_end]):
+        if not any(lo <= i < hi for lo, hi in spans):
+            pending.clear()
+            continue
         if i in loop_headers or (ins.op == "BRA" and ins.target in fn.labels and fn.labels[ins.target] <= i):
             pending.clear()
         if ins.op in ("EXIT", "RET", "CALL") and not ins.guard:
@@ -572,7 +576,7 @@ def range_trips(loop: ast.For, names: dict) -> int:
     return len(range(*[int(a) for a in args]))
 
 
-def unroll_share(lp: Loop, counter: Counter_, key: Callable, trips: float, how: str) -> tuple[float, str]:
+def unroll_share(lp: Loop, counter: PathCounter, key: Callable, trips: float, how: str) -> tuple[float, str]:
     """Loops compiled from one source loop (same ``key``): nvcc unrolls a grid-stride loop U times
     and adds a remainder loop (and may version it). U = the ratio of a copy's global stores (loads
     when some copy stores nothing) to the smallest copy's; an unrolled copy runs trips / U times,
@@ -602,11 +606,11 @@ def unroll_share(lp: Loop, counter: Counter_, key: Callable, trips: float, how: 
 
 def triton_trip_count(names: dict) -> Callable:
     """Trip counts for a Triton kernel's SASS loops, from the Python source and the arguments."""
-    def key(lp: Loop, counter: Counter_):
+    def key(lp: Loop, counter: PathCounter):
         node = source_for_loop(counter.loop_instrs(lp))
         return None if node is None else (node.lineno, node.col_offset)
 
-    def trip_count(lp: Loop, counter: Counter_) -> tuple[float, str]:
+    def trip_count(lp: Loop, counter: PathCounter) -> tuple[float, str]:
         instrs = counter.loop_instrs(lp)
         if any(is_spin(i) for i in instrs) and not any(is_global_load(i) for i in instrs):
             return 1.0, "retry loop (1 trip: uncontended)"
@@ -683,7 +687,7 @@ def c_for_trips(statement: str, names: dict) -> int:
     return trips
 
 
-def c_loop_source(lp: Loop, counter: Counter_) -> Optional[tuple[str, int]]:
+def c_loop_source(lp: Loop, counter: PathCounter) -> Optional[tuple[str, int]]:
     """The source line of the ``for`` a SASS loop comes from: the loop's increment and test sit
     just before its backward branch, so the first ``for`` line met walking back from it."""
     for ins in reversed(counter.loop_instrs(lp)[-12:]):
@@ -712,7 +716,7 @@ def shape_rule_trip_count(column_trips: float, row_trips: float) -> Callable:
     otherwise by shape: a loop that loads from global memory and holds no other loop sweeps
     columns (``column_trips``); a loop holding loops walks rows (``row_trips``); the rest
     (shared-memory init/flush, CAS retries) runs once. Unrolled copies share the trips."""
-    def trip_count(lp: Loop, counter: Counter_) -> tuple[float, str]:
+    def trip_count(lp: Loop, counter: PathCounter) -> tuple[float, str]:
         instrs = counter.loop_instrs(lp)
         if any(is_spin(i) for i in instrs) and not any(is_global_load(i) for i in instrs):
             return 1.0, "retry loop (1 trip: uncontended)"
