@@ -440,14 +440,25 @@ def triton_path(kernel: KernelModel) -> str:
 # driving it
 
 
+def compile_or_error(job: sm90.TritonJob) -> dict:
+    """A compile error is a result too: the other cases are still modelled."""
+    try:
+        return sm90.compile_triton(job)
+    except Exception as e:  # any compiler failure, reported with its case
+        return {"error": f"{type(e).__name__}: {str(e)[-600:]}"}
+
+
 def compile_all(jobs: list[sm90.TritonJob], workers: int) -> dict:
     """Each distinct job compiled once, in a few processes when there are many."""
     unique = list(dict.fromkeys(jobs))
     if workers <= 1 or len(unique) < 4:
-        return {job: sm90.compile_triton(job) for job in unique}
+        return {job: compile_or_error(job) for job in unique}
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return dict(zip(unique, pool.map(sm90.compile_triton, unique)))
+        return dict(zip(unique, pool.map(compile_or_error, unique)))
+
+
+FAILURES: list[str] = []  # cases that could not be modelled (the exit status says so)
 
 
 def model_triton(cases: list[Case], workers: int) -> list[dict]:
@@ -456,6 +467,10 @@ def model_triton(cases: list[Case], workers: int) -> list[dict]:
     models: dict = {}
     rows = []
     for case, launches in recorded.items():
+        errors = [compiled[job]["error"] for job, _, _ in launches if "error" in compiled[job]]
+        if errors:
+            FAILURES.append(f"triton {case.rows}x{case.cols}:{case.dtype} {case.variant.name}: {errors[0]}")
+            continue
         kernels = []
         for job, scalars, programs in launches:
             key = (job, tuple(sorted(scalars.items())), programs)
@@ -544,8 +559,11 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1))
     else:
         print_table(rows)
-        print(f"triton {triton.__version__}, torch {torch.__version__}; modelled in {time.time() - start:.0f} s")
-    return 0
+        print(f"kernels of {Path(fastkd.__file__).parent.parent}; triton {triton.__version__}, "
+              f"torch {torch.__version__}; modelled in {time.time() - start:.0f} s")
+    for failure in FAILURES:
+        print("not modelled:", failure, file=sys.stderr)
+    return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":
