@@ -108,10 +108,6 @@ def is_global_store(ins: Instr) -> bool:
     return ins.op in ("STG", "ST")
 
 
-def is_mufu(ins: Instr) -> bool:
-    return ins.op == "MUFU"
-
-
 def is_spin(ins: Instr) -> bool:
     """A compare-and-swap retry (e.g. fp64 atomicAdd on shared memory)."""
     return "CAS" in ins.opcode or "SPIN" in ins.opcode
