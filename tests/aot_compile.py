@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+# this checkout's kernels: run as a script, sys.path[0] is tests/ and an editable install elsewhere wins
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
