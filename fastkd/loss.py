@@ -132,7 +132,7 @@ class _FusedKD(torch.autograd.Function):
 
 
 def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
-           reduction, meter, teacher_meter, backend, validate_labels, t_squared):
+           reduction, meter, teacher_meter, backend, validate_labels, t_squared, num_items=None):
     """Validates everything, then runs one fused evaluation on the chosen backend."""
     _check_logits(s, "student_logits")
     _check_logits(t, "teacher_logits")
@@ -165,7 +165,9 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     row_count = 1  # rows divide by this; summed on the device when labels decide it (no host sync)
-    if reduction in ("batchmean", "mean"):
+    if num_items is not None:
+        row_count = _check_num_items(num_items, reduction, s.device)
+    elif reduction in ("batchmean", "mean"):
         row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
     kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta, ignore_index,
@@ -180,36 +182,54 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
 
+def _check_num_items(num_items, reduction, device):
+    """What "batchmean" divides by instead of the rows that count: a positive number, or an
+    integer tensor of one element on the logits' device (summed there, e.g. over micro-batches)."""
+    if reduction != "batchmean":
+        raise ValueError(f"num_items replaces the row count of reduction='batchmean', got reduction={reduction!r}")
+    if torch.is_tensor(num_items):
+        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.dtype == torch.bool:
+            raise TypeError(f"num_items must be a number or a one-element integer tensor, got {num_items.dtype} "
+                            f"of shape {tuple(num_items.shape)}")
+        if num_items.device != device:
+            raise ValueError(f"num_items ({num_items.device}) must be on the logits' device ({device})")
+        return num_items.reshape(1).to(torch.int64)
+    return _check_real(num_items, "num_items", 0.0, math.inf, True, True)
+
+
 def kl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", *,
-            ignore_index=-100, labels=None, backend=None, validate_labels=True):
+            ignore_index=-100, labels=None, backend=None, validate_labels=True, num_items=None):
     """KL(p_t || p_s) of tempered softmaxes: a drop-in for the PyTorch KD recipe's ``F.kl_div``.
 
     ``kl_loss(s, t, temperature=T)`` equals
     ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
     ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
     ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
-    range check of labels (its one host synchronisation).
+    range check of labels (its one host synchronisation). ``num_items``: see :func:`kd_loss`.
     """
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=1.0,
                   ce_weight=0.0, divergence="kl", beta=0.5, ignore_index=ignore_index,
                   reduction=reduction, meter=None, teacher_meter=None, backend=backend,
-                  validate_labels=validate_labels, t_squared=False)
+                  validate_labels=validate_labels, t_squared=False, num_items=num_items)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, alpha=0.9,
             divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean", meter=None,
-            teacher_meter=None, backend=None, validate_labels=True):
+            teacher_meter=None, backend=None, validate_labels=True, num_items=None):
     """The distillation objective ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE(s, labels)`` in one pass.
 
     ``meter`` / ``teacher_meter`` (:class:`CalibrationMeter`) collect the calibration statistics
     of the student's / teacher's logits at T = 1 inside the same pass. See the module docstring
-    for the divergences and reductions.
+    for the divergences and reductions. ``num_items`` (with "batchmean"): divide the sum by this
+    instead of the rows that count — the global count under gradient accumulation or DDP (a
+    number, or a one-element integer tensor); the scale is folded into the kernel, so the
+    backward still moves no data.
     """
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,
                   ce_weight=1.0 - alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
                   reduction=reduction, meter=meter, teacher_meter=teacher_meter, backend=backend,
-                  validate_labels=validate_labels, t_squared=True)
+                  validate_labels=validate_labels, t_squared=True, num_items=num_items)
 
 
 class KLDivLoss(nn.Module):
