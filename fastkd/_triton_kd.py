@@ -13,6 +13,7 @@ writes the student's gradient (5 N C bytes); when the gradient needs the diverge
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ import triton.language as tl
 from ._spec import KDSpec, inv_count_on_host, meter_args
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
+NAN = tl.constexpr(float("nan"))
 # Defaults, chosen from the compiler's register counts on sm_90 (no spills, <= 128 registers per
 # thread; tests/aot_compile.py checks it), not from timings: measured configurations per card
 # (bench/tune_triton.py) take precedence. Longest row kept in registers, by element size; beyond
@@ -89,7 +91,8 @@ def _store_grads(gs_ptr, gt_ptr, offs_s, offs_t, mask, x, cols, label, lse_1, w,
                  ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale, beta,
                  DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
                  GRAD_S: tl.constexpr, GRAD_T: tl.constexpr):
-    """d loss / d logits for one tile, already scaled by w = row scale (0 for ignored rows)."""
+    """d loss / d logits for one tile, times w: the row scale, or grad_unit (fp16 gradients);
+    0 for ignored rows, NaN for rows with an out-of-range label."""
     if DIVERGENCE == 0:  # KL(p_t || p_s)
         ga = ps - pt
         gb = tl.where(pt > 0, pt * (ref_t - d_t[:, None]), 0.0)
@@ -115,16 +118,20 @@ def _store_grads(gs_ptr, gt_ptr, offs_s, offs_t, mask, x, cols, label, lse_1, w,
 @triton.jit
 def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
                NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr):
-    """Adds a tile of rows to a calibration histogram: one atomic per bin per program."""
+    """Adds a tile of rows to a calibration histogram: one atomic per bin per program. A row of
+    all -inf or with NaN has a NaN confidence, lands in the last bin (as in
+    CalibrationMeter.update) and counts as wrong; an out-of-range label (x_label NaN) counts as wrong, NLL/Brier NaN."""
     lse_1 = m + tl.log(z_1)
-    conf = 1.0 / z_1  # the top class has exp(max - max) = 1
-    correct = tl.where(arg == label, 1.0, 0.0)
+    # the top class has exp(max - max) = 1; z_1 = 0 (all -inf), inf or NaN: no confidence
+    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), 1.0 / z_1, NAN)
+    correct = tl.where((arg == label) & (conf == conf), 1.0, 0.0)  # no confidence: no prediction
     nll = lse_1 - x_label
     brier = z_2 / (z_1 * z_1) - 2.0 * tl.exp(x_label - lse_1) + 1.0
     # bin = number of edges <= conf, minus 1 (torch.bucketize(right=True) on the same fp32 edges)
     b = tl.maximum(tl.minimum((conf * NUM_BINS).to(tl.int32), NUM_BINS), 0)
     b = tl.where(conf < tl.load(edges_ptr + b), b - 1, b)
     b = tl.where(conf >= tl.load(edges_ptr + b + 1), b + 1, b)
+    b = tl.where(conf == conf, tl.maximum(tl.minimum(b, NUM_BINS), 0), NUM_BINS)
     bins = tl.arange(0, BINS_P2)
     hit = (b[:, None] == bins[None, :]) & keep[:, None]
     nb = NUM_BINS + 1
@@ -170,6 +177,7 @@ def _kd_fwd_kernel(
     n_rows, n_cols, stride_s, stride_t, stride_gs, stride_gt,
     # scalars
     inv_temp, kd_scale, ce_scale, beta, ignore_index, inv_count,
+    grad_unit,  # 0: gradients times the row scale; > 0: times grad_unit instead (fp16 gradients)
     # constants
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
@@ -185,16 +193,25 @@ def _kd_fwd_kernel(
         label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
         keep = row_ok & (label != ignore_index)
         label = tl.where(keep, label, 0)
-        x_label = tl.load(s_ptr + rows * stride_s + label, mask=keep, other=0.0).to(tl.float32)
-        y_label = tl.load(t_ptr + rows * stride_t + label, mask=keep, other=0.0).to(tl.float32)
+        # a label outside [0, C) (validate_labels=False) counts, reads nothing and makes its row NaN
+        bad = (label < 0) | (label >= n_cols)
+        at = tl.where(bad, 0, label)
+        x_label = tl.load(s_ptr + rows * stride_s + at, mask=keep & ~bad, other=0.0).to(tl.float32)
+        y_label = tl.load(t_ptr + rows * stride_t + at, mask=keep & ~bad, other=0.0).to(tl.float32)
+        x_label = tl.where(bad, NAN, x_label)
+        y_label = tl.where(bad, NAN, y_label)
     else:
         label = tl.zeros([BLOCK_N], dtype=tl.int64)
         keep = row_ok
+        bad = rows < 0  # none
         x_label = tl.zeros([BLOCK_N], dtype=tl.float32)
         y_label = x_label
     if COUNT_ON_DEVICE:  # rows that count, summed on the device: 1 / max(count, 1)
         inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
-    w = tl.where(keep, inv_count, 0.0)  # scales loss and gradient of a row; 0 for ignored rows
+    w = tl.where(keep, inv_count, 0.0)  # scales the loss of a row; 0 for ignored rows
+    gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)  # and its gradient
+    w = tl.where(bad, NAN, w)
+    gw = tl.where(bad, NAN, gw)
     kd_g = kd_scale * inv_temp
 
     zeros = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -225,7 +242,7 @@ def _kd_fwd_kernel(
         d_s = tl.sum(term_s, axis=1)
         d_t = tl.sum(term_t, axis=1)
         _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :], mask,
-                     x, cols, label, lse_1, w, ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale,
+                     x, cols, label, lse_1, gw, ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale,
                      beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
     else:
         for c0 in range(0, n_cols, BLOCK_C):  # sweep 1: softmax statistics
@@ -247,7 +264,7 @@ def _kd_fwd_kernel(
             d_t += tl.sum(term_t, axis=1)
             if not LATE_GRAD:
                 _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
-                             mask, x, cols, label, lse_1, w, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
+                             mask, x, cols, label, lse_1, gw, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
                              ce_scale, beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
         if LATE_GRAD:
             for c0 in range(0, n_cols, BLOCK_C):  # sweep 3: gradients that need the divergence
@@ -256,7 +273,7 @@ def _kd_fwd_kernel(
                 ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
                                                                          beta, DIVERGENCE)
                 _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
-                             mask, x, cols, label, lse_1, w, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
+                             mask, x, cols, label, lse_1, gw, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
                              ce_scale, beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
 
     if DIVERGENCE == 0:
@@ -330,15 +347,32 @@ def _launch_config(n_cols: int, elem_size: int, device_name: str = "", heavy: bo
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
 
-_TICKETS: dict = {}  # one self-resetting ticket counter per (device, stream)
+_TICKETS: dict = {}  # one self-resetting ticket counter per (device, stream), outside graph capture
 
 
-def _ticket_counter(device: torch.device) -> torch.Tensor:
+def _on(device):
+    """Launches go to the tensors' device, whichever device is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _reduction_state(device):
+    """(ticket counter, total) of the in-launch sum. Eagerly: the shared self-resetting counter of
+    this (device, stream), no memset per call. Under CUDA-graph capture every launch owns its
+    counter: all captures share one capture stream, and two graphs replayed at once on two streams
+    would otherwise interleave tickets. Counter and total then live in one zeroed allocation that
+    the returned total (a view of it) keeps alive, and the graph's memset re-zeroes it each replay."""
+    if _capturing(device):
+        state = torch.zeros(2, dtype=torch.int32, device=device)
+        return state[:1], state[1:].view(torch.float32).view(())
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     if key not in _TICKETS:
         _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _TICKETS[key]
+    return _TICKETS[key], torch.empty((), dtype=torch.float32, device=device)
 
 
 def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
@@ -359,34 +393,38 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                                                            device_name, heavy)
     programs = triton.cdiv(n, block_n)
     partial = torch.empty(programs if reduce else 1, dtype=torch.float32, device=s.device)
-    total = torch.empty((), dtype=torch.float32, device=s.device)
-    _kd_fwd_kernel[(programs,)](
-        s, t, labels if labels is not None else dummy, loss,
-        gs if grad_s else dummy, gt if grad_t else dummy,
-        row_count if torch.is_tensor(row_count) else dummy, edges,
-        meter._state_on(s.device) if meter is not None else dummy,
-        teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
-        partial, _ticket_counter(s.device) if reduce else dummy, total,
-        n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
-        spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
-        inv_count_on_host(row_count),
-        BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
-        HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
-        GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
-        NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1),
-        STUDENT_T1=spec.has_ce or meter is not None,
-        LATE_GRAD=(grad_s and spec.divergence != 0) or (grad_t and spec.divergence != 1),
-        REDUCE=reduce, num_warps=num_warps,
-    )
+    with _on(s.device):  # the capture check and the launch look at the tensors' device
+        counter, total = _reduction_state(s.device) if reduce else (dummy, dummy)
+        _kd_fwd_kernel[(programs,)](
+            s, t, labels if labels is not None else dummy, loss,
+            gs if grad_s else dummy, gt if grad_t else dummy,
+            row_count if torch.is_tensor(row_count) else dummy, edges,
+            meter._state_on(s.device) if meter is not None else dummy,
+            teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
+            partial, counter, total,
+            n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
+            spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
+            inv_count_on_host(row_count), spec.grad_unit,
+            BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
+            HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
+            GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
+            NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1),
+            STUDENT_T1=spec.has_ce or meter is not None,
+            LATE_GRAD=(grad_s and spec.divergence != 0) or (grad_t and spec.divergence != 1),
+            REDUCE=reduce, num_warps=num_warps,
+        )
     return (total if reduce else loss), gs, gt
 
 
-def scale_grad(grad, grad_output):
-    """The backward: scales the forward's gradient by grad_output in place (device-side check for 1)."""
-    factor = grad_output.detach().to(torch.float32).contiguous()
+def scale_grad(grad, factor):
+    """The backward: grad *= factor in place, in fp32; factor is a float32 tensor, 0-d or one per row
+    (grad_output times the row scale over grad_unit, from loss.py). Where it is 1 no data moves
+    (a device-side check, no host sync)."""
+    factor = factor.detach().to(device=grad.device, dtype=torch.float32).contiguous()
     n = grad.numel()
     if n:
         block = 4096
-        _scale_grad_kernel[(triton.cdiv(n, block),)](grad, factor, grad.shape[-1], n,
-                                                     FACTOR_PER_ROW=factor.dim() > 0, BLOCK=block)
+        with _on(grad.device):
+            _scale_grad_kernel[(triton.cdiv(n, block),)](grad, factor, grad.shape[-1], n,
+                                                         FACTOR_PER_ROW=factor.dim() > 0, BLOCK=block)
     return grad

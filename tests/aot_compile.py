@@ -24,7 +24,8 @@ from fastkd import _triton_kd as K  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 SCALARS = {"n_rows": "i64", "n_cols": "i64", "stride_s": "i64", "stride_t": "i64", "stride_gs": "i64",
            "stride_gt": "i64", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
-           "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "n_elements": "i64"}
+           "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "grad_unit": "fp32",
+           "n_elements": "i64"}
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int):

@@ -1,0 +1,238 @@
+"""The Triton kernel's own contract, at the launcher (``kd_forward`` / ``scale_grad``) and through the
+public losses, against float64 references written here: fp16 gradients saved in grad units, a
+captured launch's own reduction state, calibration edge rows, out-of-range labels."""
+import math
+
+import pytest
+import torch
+
+import fastkd
+from fastkd._spec import KDSpec
+
+K = pytest.importorskip("fastkd._triton_kd")
+
+NAN = float("nan")
+
+
+def randn(shape, gen, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def rows_reference(s, t, labels, T, kd_scale, ce_scale, ignore_index=-100):
+    """Per row, float64: (loss row, d row / d s, d row / d t) of kd_scale KL(p_t||p_s) + ce_scale CE,
+    unscaled (no 1/count), rows labelled ignore_index zeroed."""
+    s64 = s.double().requires_grad_()
+    t64 = t.double().requires_grad_()
+    ls, lt = torch.log_softmax(s64 / T, -1), torch.log_softmax(t64 / T, -1)
+    row = kd_scale * (lt.exp() * (lt - ls)).sum(-1)
+    keep = torch.ones(s.shape[0], dtype=torch.bool)
+    if labels is not None:
+        keep = labels != ignore_index
+        if ce_scale:
+            lab = torch.where(keep, labels, 0)
+            row = row - ce_scale * torch.log_softmax(s64, -1).gather(1, lab[:, None])[:, 0]
+    row = torch.where(keep, row, 0.0)
+    gs, gt = torch.autograd.grad(row.sum(), (s64, t64))
+    return row.detach(), gs, gt
+
+
+def spec_for(T, kd_scale, ce_scale, grad_unit=0.0, divergence=0, beta=0.5):
+    return KDSpec(1.0 / T, kd_scale, ce_scale, divergence, beta, -100, grad_unit)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("shape", [(64, 10), (37, 300), (5, 3000)], ids=["64x10", "37x300", "5x3000"])
+@pytest.mark.parametrize("row_count", ["host", "device"])
+def test_fp16_gradients_in_grad_units(shape, row_count, gen):
+    """grad_unit > 0: the kernel writes grad_unit * d row / d logits, without the row scale (0 for
+    ignored rows); the loss keeps it. scale_grad then applies grad_output * w / grad_unit in fp32."""
+    n, c = shape
+    s, t = randn(shape, gen, torch.float16), randn(shape, gen, torch.float16)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[::4] = -100
+    kept = int((labels != -100).sum())
+    count = kept if row_count == "host" else torch.tensor([kept])
+    T, kd_scale, ce_scale, unit = 2.0, 0.7 * 4.0, 0.3, 0.5
+    row, ref_gs, ref_gt = rows_reference(s, t, labels, T, kd_scale, ce_scale)
+    loss, gs, gt = K.kd_forward(s, t, labels, count, spec_for(T, kd_scale, ce_scale, unit), True, True,
+                                None, None)
+    assert gs.dtype == gt.dtype == torch.float16
+    torch.testing.assert_close(loss.double(), row / kept, rtol=1e-5, atol=1e-6)
+    assert rel_err(gs, unit * ref_gs) < 2e-3 and rel_err(gt, unit * ref_gt) < 2e-3
+    assert (gs[labels == -100] == 0).all() and (gt[labels == -100] == 0).all()
+
+    # the backward of a loss scaler: grad_output 65536 on a batchmean loss
+    for go in (65536.0, 1024.0, 2.0**-10):
+        g = gs.clone()
+        K.scale_grad(g, torch.tensor(go / kept / unit))
+        want = ref_gs * go / kept
+        # 2e-3, or twice the error of rounding the exact gradient to fp16 (subnormal at 2^-10)
+        assert rel_err(g, want) < max(2e-3, 2 * rel_err(want.half(), want)), go
+        # a normal fp16 number is never flushed to 0 or inf, unless its value in grad units was
+        # below fp16's smallest subnormal (few rows, huge factor: a limit of any fp16 saved gradient)
+        normal = (want.abs() >= 2.0**-14) & ((unit * ref_gs).abs() >= 2.0**-24)
+        assert (g[normal] != 0).all() and torch.isfinite(g).all()
+    # reduction="none": one factor per row
+    factor = torch.rand(n, generator=gen) * 1000
+    g = gs.clone()
+    K.scale_grad(g, (factor / unit).float())
+    assert rel_err(g, ref_gs * factor.double()[:, None]) < 2e-3
+
+
+def test_scale_grad_with_factor_one_moves_nothing(gen):
+    g = randn((7, 33), gen, torch.float16)
+    before = g.clone()
+    K.scale_grad(g, torch.tensor(1.0))
+    assert torch.equal(g, before)
+    K.scale_grad(g, torch.tensor([1.0] * 3 + [2.0] + [1.0] * 3))
+    assert torch.equal(g[3], (before[3].float() * 2).half()) and torch.equal(g[:3], before[:3])
+
+
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "captured"])
+def test_captured_launch_owns_its_reduction_state(monkeypatch, capturing, gen):
+    """Under CUDA-graph capture (mocked here) the launch takes a zeroed counter of its own, tied to
+    the returned loss; eagerly it shares the per-(device, stream) counter, left at 0 after each call."""
+    monkeypatch.setattr(K, "_capturing", lambda device: capturing)
+    monkeypatch.setattr(K, "_TICKETS", {})
+    seen, make = [], K._reduction_state
+    monkeypatch.setattr(K, "_reduction_state", lambda device: seen.append(make(device)) or seen[-1])
+    for n in (3000, 17, 1):
+        s, t = randn((n, 10), gen), randn((n, 10), gen)
+        row, _, _ = rows_reference(s, t, None, 3.0, 1.0, 0.0)
+        total, _, _ = K.kd_forward(s, t, None, n, spec_for(3.0, 1.0, 0.0), False, False, None, None,
+                                   reduce=True)
+        assert total.shape == () and total.dtype == torch.float32
+        assert math.isclose(total.item(), row.sum().item() / n, rel_tol=1e-5)
+        counter, _ = seen[-1]
+        assert counter.item() == 0
+        if capturing:  # a counter per launch, in one allocation with the total it returns
+            assert K._TICKETS == {} and len({c.data_ptr() for c, _ in seen}) == len(seen)
+            assert counter.untyped_storage().data_ptr() == total.untyped_storage().data_ptr()
+        else:
+            (counter,) = K._TICKETS.values()
+            assert counter.item() == 0
+
+
+def _meter_reference(x, labels, num_bins, ignore_index=-100):
+    """Per bin counts / confidence sums / correct sums, NLL and Brier sums, float64, written plainly:
+    confidence 1/sum exp(x - max) when that is finite and positive, else NaN (last bin); a label
+    outside [0, C) is wrong and makes NLL and Brier NaN."""
+    nb = num_bins + 1
+    count, conf_sum, correct_sum = [0] * nb, [0.0] * nb, [0.0] * nb
+    nll = brier = 0.0
+    edges = torch.linspace(0, 1, num_bins + 1).tolist()  # fp32 edges, as the kernels'
+    c = x.shape[1]
+    for row, label in zip(x.double(), labels.tolist()):
+        if label == ignore_index:
+            continue
+        m = row.max()
+        z = float(torch.exp(row - m).sum()) if math.isfinite(m) else (0.0 if m == -math.inf else NAN)
+        conf = 1.0 / z if 0 < z < math.inf else NAN
+        if math.isnan(conf):
+            b = num_bins
+        else:
+            conf32 = float(torch.tensor(conf, dtype=torch.float32))
+            b = min(max(sum(e <= conf32 for e in edges) - 1, 0), num_bins)
+        ok = 0 <= label < c
+        p = torch.softmax(row, 0)
+        correct = ok and not math.isnan(conf) and int(row.argmax()) == label
+        count[b] += 1
+        conf_sum[b] += conf
+        correct_sum[b] += float(correct)
+        nll += float(-torch.log_softmax(row, 0)[label]) if ok else NAN
+        brier += float(((p - torch.nn.functional.one_hot(torch.tensor(label), c)) ** 2).sum()) if ok else NAN
+    return count, conf_sum, correct_sum, nll, brier
+
+
+def _check_meter(meter, ref):
+    nb = meter.num_bins + 1
+    state = meter.state.double()
+    count, conf_sum, correct_sum, nll, brier = ref
+    assert state[:nb].tolist() == count
+    torch.testing.assert_close(state[nb:2 * nb], torch.tensor(conf_sum, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert state[2 * nb:3 * nb].tolist() == correct_sum
+    torch.testing.assert_close(state[3 * nb:], torch.tensor([nll, brier], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", ["one-pass", "looping"])
+def test_calibration_edge_rows_land_in_the_last_bin(monkeypatch, path, gen):
+    """A labelled row of all -inf (confidence inf before) or with a NaN has a NaN confidence: it
+    counts in bin NUM_BINS, as CalibrationMeter.update puts it; the count equals the labelled rows."""
+    if path == "looping":
+        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(K, "LOOP_BLOCK_C", 16)
+    n, c = 12, 40
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    s[1] = float("-inf")
+    t[2] = float("-inf")
+    s[3, 5] = NAN
+    t[4, 7] = NAN
+    s[5, :30] = float("-inf")
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[6] = -100
+    labels[0] = int(s[0].argmax())  # one certainly right
+    meter, teacher_meter = fastkd.CalibrationMeter(10), fastkd.CalibrationMeter(10)
+    fastkd.kd_loss(s, t, labels, alpha=0.5, meter=meter, teacher_meter=teacher_meter, reduction="none",
+                   backend="triton")
+    _check_meter(meter, _meter_reference(s, labels, 10))
+    _check_meter(teacher_meter, _meter_reference(t, labels, 10))
+    assert meter.compute().count == teacher_meter.compute().count == n - 1
+    update = fastkd.CalibrationMeter(10).update(s, labels)
+    assert meter.state[:11].tolist() == update.state[:11].tolist()
+
+
+@pytest.mark.parametrize("path", ["one-pass", "looping"])
+@pytest.mark.parametrize("objective", ["kl_loss", "kd_loss"])
+def test_out_of_range_labels_give_nan_rows_and_read_nothing(monkeypatch, path, objective, gen):
+    """validate_labels=False: a label outside [0, C) that is not ignore_index counts as a row, makes
+    its loss and gradient rows NaN (so a GradScaler skips the step), counts as wrong in the meter
+    with NaN NLL / Brier; the other rows are exact. The logits are a window of a larger buffer whose
+    other elements would be finite if read."""
+    if path == "looping":
+        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(K, "LOOP_BLOCK_C", 16)
+    n, c = 9, 37
+    big_s, big_t = randn((n + 2, c + 8), gen), randn((n + 2, c + 8), gen)
+    s, t = big_s[1:-1, 4:4 + c].contiguous(), big_t[1:-1, 4:4 + c].contiguous()
+    labels = torch.randint(0, c, (n,), generator=gen)
+    bad = torch.zeros(n, dtype=torch.bool)
+    labels[2], labels[5], labels[7] = c, -1, 2**40
+    bad[[2, 5, 7]] = True
+    labels[4] = -100
+    kept = int((labels != -100).sum())
+    s.requires_grad_()
+    t.requires_grad_()
+    if objective == "kl_loss":
+        loss = fastkd.kl_loss(s, t, temperature=2.0, labels=labels, reduction="none", backend="triton",
+                              validate_labels=False)
+        kd_scale, ce_scale, meter = 1.0, 0.0, None
+    else:
+        meter = fastkd.CalibrationMeter(8)
+        loss = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.6, reduction="none", meter=meter,
+                              backend="triton", validate_labels=False)
+        kd_scale, ce_scale = 0.6 * 4.0, 0.4
+    gs, gt = torch.autograd.grad(loss, (s, t), torch.ones(n))
+    row, ref_gs, ref_gt = rows_reference(s.detach(), t.detach(), torch.where(bad, -100, labels), 2.0,
+                                         kd_scale, ce_scale)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(gs[bad]).all() and torch.isnan(gt[bad]).all()
+    torch.testing.assert_close(loss[~bad].double(), row[~bad], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs[~bad].double(), ref_gs[~bad], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gt[~bad].double(), ref_gt[~bad], rtol=1e-5, atol=1e-6)
+    if meter is not None:
+        _check_meter(meter, _meter_reference(s.detach(), labels, 8))
+        assert int(meter.state[:9].sum()) == kept
+    # batchmean: the bad rows count, and the loss is NaN
+    total = fastkd.kl_loss(s, t, labels=labels, backend="triton", validate_labels=False)
+    assert torch.isnan(total)
+    # directly at the launcher, the rows that count include the bad ones (row_count on the device)
+    spec = spec_for(2.0, kd_scale, ce_scale)
+    rows, g1, _ = K.kd_forward(s.detach(), t.detach(), labels, torch.tensor([kept]), spec, True, False,
+                               None, None)
+    torch.testing.assert_close(rows[~bad].double(), row[~bad] / kept, rtol=1e-5, atol=1e-6)
+    assert torch.isnan(rows[bad]).all() and torch.isnan(g1[bad]).all() and not torch.isnan(g1[~bad]).any()
