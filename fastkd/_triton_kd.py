@@ -25,7 +25,6 @@ import triton.language as tl
 from ._spec import KDSpec, inv_count_on_host, meter_args
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
-NAN = tl.constexpr(float("nan"))
 # Defaults, chosen from the compiler's register counts on sm_90 (no spills, <= 128 registers per
 # thread; tests/aot_compile.py checks it), not from timings: measured configurations per card
 # (bench/tune_triton.py) take precedence. Longest row kept in registers, by element size; beyond
@@ -123,7 +122,7 @@ def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
     CalibrationMeter.update) and counts as wrong; an out-of-range label (x_label NaN) counts as wrong, NLL/Brier NaN."""
     lse_1 = m + tl.log(z_1)
     # the top class has exp(max - max) = 1; z_1 = 0 (all -inf), inf or NaN: no confidence
-    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), 1.0 / z_1, NAN)
+    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), 1.0 / z_1, float("nan"))
     correct = tl.where((arg == label) & (conf == conf), 1.0, 0.0)  # no confidence: no prediction
     nll = lse_1 - x_label
     brier = z_2 / (z_1 * z_1) - 2.0 * tl.exp(x_label - lse_1) + 1.0
@@ -198,8 +197,8 @@ def _kd_fwd_kernel(
         at = tl.where(bad, 0, label)
         x_label = tl.load(s_ptr + rows * stride_s + at, mask=keep & ~bad, other=0.0).to(tl.float32)
         y_label = tl.load(t_ptr + rows * stride_t + at, mask=keep & ~bad, other=0.0).to(tl.float32)
-        x_label = tl.where(bad, NAN, x_label)
-        y_label = tl.where(bad, NAN, y_label)
+        x_label = tl.where(bad, float("nan"), x_label)
+        y_label = tl.where(bad, float("nan"), y_label)
     else:
         label = tl.zeros([BLOCK_N], dtype=tl.int64)
         keep = row_ok
@@ -210,8 +209,8 @@ def _kd_fwd_kernel(
         inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
     w = tl.where(keep, inv_count, 0.0)  # scales the loss of a row; 0 for ignored rows
     gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)  # and its gradient
-    w = tl.where(bad, NAN, w)
-    gw = tl.where(bad, NAN, gw)
+    w = tl.where(bad, float("nan"), w)
+    gw = tl.where(bad, float("nan"), gw)
     kd_g = kd_scale * inv_temp
 
     zeros = tl.zeros([BLOCK_N], dtype=tl.float32)
