@@ -154,16 +154,19 @@ def recorded_launches(module):
     call to ``module`` (so the real launcher runs on CPU tensors)."""
     launches: list[Launch] = []
     kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
-    real_resolve = backends.resolve
+    real = {name: getattr(backends, name) for name in ("resolve", "resolve_name", "module")}
     try:
         for name, kernel in kernels.items():
             setattr(module, name, _Recorder(kernel, launches))
         backends.resolve = lambda *args, **kwargs: module
+        backends.resolve_name = lambda *args, **kwargs: "triton"
+        backends.module = lambda name: module
         yield launches
     finally:
         for name, kernel in kernels.items():
             setattr(module, name, kernel)
-        backends.resolve = real_resolve
+        for name, fn in real.items():
+            setattr(backends, name, fn)
 
 
 def run_forward_backward(case: Case):
