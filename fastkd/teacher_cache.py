@@ -1,0 +1,397 @@
+"""The offline teacher cache: a teacher's top-K log-probabilities per row, written once, read
+memory-mapped, for ``fastkd.sparse_kd_loss``.
+
+A cache is a folder::
+
+    index.json                   what the cache holds (rows, row shape, K, vocabulary, dtypes,
+                                 where it came from, the shards); written last
+    shard-00000-ids.npy          int32 (rows in the shard, *row_shape, K), -1 = no entry
+    shard-00000-logprobs.npy     float16, or bfloat16 kept as its uint16 bit pattern
+    ...
+
+A row is one item of the data set the teacher ran over: for a classifier ``row_shape`` is ``()``
+(one image, K entries), for a causal LM it is ``(positions,)`` (one sequence of tokens, K entries
+per token). Entries are sorted by log-probability, highest first, so the first k columns of a
+top-K cache are the top-k cache for any k <= K.
+
+Why numpy ``.npy`` shards and a JSON index: numpy is already a core dependency (safetensors would
+do the same job but only arrives with transformers, and the study's cache must work without it);
+the format is small, documented and stable (NEP 1), readable by any tool without fastkd; its
+header states dtype and shape, so one ``stat`` per shard tells a truncated file from a whole one;
+and ``np.load(mmap_mode="r")`` maps it with random row access at no cost until a row is read,
+in every DataLoader worker. numpy has no bfloat16, so bf16 log-probabilities are stored as their
+16-bit pattern (lossless) and viewed back as ``torch.bfloat16``.
+
+An interrupted write leaves no cache that looks complete: shards go into a hidden sibling folder,
+the index is written after every shard is on disk, and only then is the folder renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "fastkd-teacher-cache"
+VERSION = 1
+INDEX = "index.json"
+# name -> (how numpy stores it, what the reader returns)
+LOGPROB_DTYPES = {"float16": (np.dtype(np.float16), torch.float16),
+                  "bfloat16": (np.dtype(np.uint16), torch.bfloat16)}
+IDS_DTYPE = np.dtype(np.int32)
+PAD_ID = -1
+DEFAULT_SHARD_BYTES = 256 << 20
+
+
+class CacheError(ValueError):
+    """A teacher cache that cannot be written or read as asked (the CLI prints it as one line)."""
+
+
+def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int32, log-probabilities fp32) of the k most likely classes of ``log_softmax(logits)``
+    at T = 1 over the last dimension, highest first. Computed in fp32 whatever the logits' dtype."""
+    if not 1 <= k <= logits.shape[-1]:
+        raise CacheError(f"k must lie in [1, {logits.shape[-1]}] (the vocabulary), got {k}")
+    logprobs, ids = logits.float().log_softmax(-1).topk(k, dim=-1)
+    return ids.to(torch.int32), logprobs
+
+
+def fingerprint(inputs) -> str:
+    """sha256 of an array's dtype, shape and bytes: ties a cache to the inputs it was computed on."""
+    a = inputs.detach().cpu().numpy() if torch.is_tensor(inputs) else np.asarray(inputs)
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _shard_names(i: int) -> tuple[str, str]:
+    return f"shard-{i:05d}-ids.npy", f"shard-{i:05d}-logprobs.npy"
+
+
+def _save_synced(path: Path, array: np.ndarray):
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder: Path):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TeacherCacheWriter:
+    """Writes a cache folder at ``path``, one batch of rows at a time, atomically::
+
+        with TeacherCacheWriter("cache", k=10, vocab=10) as w:
+            for x in batches:
+                w.add_logits(teacher(x))          # or w.add(ids, logprobs) from a serving engine
+
+    ``rows`` (if given) is checked when the writer closes: a teacher loop that skipped a batch is
+    an error, not a short cache. ``inputs_sha256`` (see :func:`fingerprint`) and ``source`` (any
+    JSON-able description of the teacher and data) go into the index. An exception inside the
+    ``with`` block removes the partial folder; ``path`` is never left half written."""
+
+    def __init__(self, path, *, k: int, vocab: int, row_shape: tuple[int, ...] = (),
+                 dtype: str = "float16", rows: int | None = None, inputs_sha256: str | None = None,
+                 source: dict | None = None, overwrite: bool = False,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+        if dtype not in LOGPROB_DTYPES:
+            raise CacheError(f"dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {dtype!r}")
+        if not 1 <= k <= vocab:
+            raise CacheError(f"k must lie in [1, vocab={vocab}], got {k}")
+        self.path = Path(path)
+        self._check_target(overwrite)
+        self.k, self.vocab, self.dtype = k, vocab, dtype
+        self.row_shape = tuple(int(d) for d in row_shape)
+        self.expected_rows, self.overwrite = rows, overwrite
+        self.meta = {"inputs_sha256": inputs_sha256, "source": source or {}}
+        row_bytes = math.prod(self.row_shape) * k * (IDS_DTYPE.itemsize + 2)
+        self.shard_rows = max(1, shard_bytes // max(row_bytes, 1))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
+                                         dir=self.path.parent))
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_rows = 0
+        self.shards: list[dict] = []
+        self.rows = 0
+
+    def _check_target(self, overwrite: bool):
+        if self.path.exists() and not overwrite:
+            raise CacheError(f"{self.path} exists; pass overwrite=True (--overwrite) to replace it")
+        if self.path.exists() and not (self.path / INDEX).is_file():
+            raise CacheError(f"{self.path} exists and is not a teacher cache; not replacing it")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    def add_logits(self, logits: torch.Tensor):
+        """Adds rows of teacher logits ``(B, *row_shape, vocab)``; keeps their top-K log-probs."""
+        if logits.shape[-1] != self.vocab:
+            raise CacheError(f"logits have {logits.shape[-1]} classes, the cache's vocab is {self.vocab}")
+        self.add(*top_k_logprobs(logits, self.k))
+
+    def add(self, ids: torch.Tensor, logprobs: torch.Tensor):
+        """Adds rows of top-K entries: ids ``(B, *row_shape, K)`` in [-1, vocab) (-1 = no entry,
+        at the end of a row) and their log-probabilities at T = 1, highest first."""
+        shape = (*self.row_shape, self.k)
+        if ids.shape != logprobs.shape or tuple(ids.shape[1:]) != shape:
+            raise CacheError(f"ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both "
+                             f"be (rows, {', '.join(map(str, shape))})")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or not logprobs.dtype.is_floating_point:
+            raise CacheError(f"ids must be integers and logprobs floats, got {ids.dtype} and {logprobs.dtype}")
+        if ids.numel() and (int(ids.min()) < PAD_ID or int(ids.max()) >= self.vocab):
+            raise CacheError(f"ids must lie in [-1, {self.vocab}), got [{int(ids.min())}, {int(ids.max())}]")
+        if logprobs.numel() and float(logprobs.nan_to_num(0.0).max()) > 1e-3:
+            raise CacheError("logprobs must be log-probabilities (<= 0), got a positive value; "
+                             "pass logits to add_logits instead")
+        store, _ = LOGPROB_DTYPES[self.dtype]
+        lp = logprobs.detach().to(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16)
+        lp = lp.view(torch.int16) if self.dtype == "bfloat16" else lp
+        self.pending.append((ids.detach().cpu().numpy().astype(IDS_DTYPE, copy=False),
+                             lp.cpu().numpy().view(store)))
+        self.pending_rows += len(ids)
+        while self.pending_rows >= self.shard_rows:
+            self._write_shard(self.shard_rows)
+
+    def _write_shard(self, n: int):
+        """Writes the first n pending rows as the next shard."""
+        ids = np.concatenate([p[0] for p in self.pending])
+        lps = np.concatenate([p[1] for p in self.pending])
+        self.pending = [(ids[n:], lps[n:])] if len(ids) > n else []
+        self.pending_rows = len(ids) - n
+        ids_name, lp_name = _shard_names(len(self.shards))
+        _save_synced(self.tmp / ids_name, ids[:n])
+        _save_synced(self.tmp / lp_name, lps[:n])
+        self.shards.append({"ids": ids_name, "logprobs": lp_name, "rows": n})
+        self.rows += n
+
+    def close(self) -> Path:
+        """Writes what is pending and the index, then moves the cache into place; returns its path."""
+        try:
+            if self.pending_rows:
+                self._write_shard(self.pending_rows)
+            if self.expected_rows is not None and self.rows != self.expected_rows:
+                raise CacheError(f"{self.path}: {self.rows} rows were written, {self.expected_rows} "
+                                 "expected; the cache is not kept")
+            self._write_index()
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def _write_index(self):
+        index = {"format": FORMAT, "version": VERSION, "rows": self.rows, "row_shape": list(self.row_shape),
+                 "k": self.k, "vocab": self.vocab, "ids_dtype": "int32", "logprobs_dtype": self.dtype,
+                 **self.meta, "shards": self.shards}
+        with open(self.tmp / INDEX, "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _sync_folder(self.tmp)
+
+    def _move_into_place(self):
+        self._check_target(self.overwrite)
+        old = None
+        if self.path.exists():  # overwrite: the old cache steps aside, the new one steps in
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        _sync_folder(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self):
+        """Removes the partial folder (nothing at ``path`` is touched)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.pending, self.pending_rows = [], 0
+
+
+def _read_npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, offset of the data) of a .npy file, from its header alone."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = readers[version](f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise CacheError(f"{path}: missing (listed in {INDEX})") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise CacheError(f"{path}: not a readable .npy file ({e or type(e).__name__})") from None
+    if fortran:
+        raise CacheError(f"{path}: Fortran-ordered array; a cache shard is C-ordered")
+    return dtype, shape, offset
+
+
+def _open_shard_file(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """Maps a shard after checking its header against the index and its size against its header."""
+    got_dtype, got_shape, offset = _read_npy_header(path)
+    if got_dtype != dtype or tuple(got_shape) != shape:
+        raise CacheError(f"{path}: holds {got_dtype} {tuple(got_shape)}, {INDEX} says {dtype} {shape}")
+    expected, size = offset + math.prod(shape) * dtype.itemsize, path.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise CacheError(f"{path}: {size} bytes, {expected} bytes expected from its header: {what}")
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)  # mmap cannot map zero bytes
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / INDEX
+    if not folder.is_dir():
+        raise CacheError(f"teacher cache {folder}: no such folder")
+    if not path.is_file():
+        raise CacheError(f"{path}: missing; {folder} is not a teacher cache, or its write did not finish")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a fastkd teacher cache index (no \"format\": \"{FORMAT}\")")
+    if index.get("version") != VERSION:
+        raise CacheError(f"{path}: format version {index.get('version')!r}; this fastkd reads {VERSION}")
+    try:
+        _check_index_fields(index)
+    except KeyError as e:
+        raise CacheError(f"{path}: corrupt (no field {e})") from None
+    except (TypeError, ValueError) as e:
+        raise CacheError(f"{path}: corrupt ({e})") from None
+    return index
+
+
+def _check_index_fields(index: dict):
+    for key in ("rows", "k", "vocab"):
+        if not isinstance(index[key], int) or index[key] < 0:
+            raise ValueError(f"{key} must be a non-negative integer, got {index[key]!r}")
+    if index["logprobs_dtype"] not in LOGPROB_DTYPES or index["ids_dtype"] != "int32":
+        raise ValueError(f"unknown dtypes {index['ids_dtype']!r} / {index['logprobs_dtype']!r}")
+    if not all(isinstance(d, int) and d >= 0 for d in index["row_shape"]):
+        raise ValueError(f"row_shape must be non-negative integers, got {index['row_shape']!r}")
+    if not all(isinstance(s["rows"], int) and s["rows"] >= 0 for s in index["shards"]):
+        raise ValueError("every shard's rows must be a non-negative integer")
+    counted = sum(s["rows"] for s in index["shards"])
+    if counted != index["rows"]:
+        raise ValueError(f"the shards hold {counted} rows, rows says {index['rows']}")
+    for s in index["shards"]:
+        for key in ("ids", "logprobs"):
+            if Path(s[key]).name != s[key]:
+                raise ValueError(f"shard file {s[key]!r} is not a plain file name")
+
+
+class TeacherCache(torch.utils.data.Dataset):
+    """A teacher cache opened for reading: ``cache[i]`` is row i's ``(ids, logprobs)``, each
+    ``(*row_shape, K)`` (ids int32, -1 = no entry; logprobs float16 or bfloat16), aligned with
+    item i of the inputs the teacher ran over; ``cache.batch(index)`` gathers rows for a batch.
+
+    Pass what you expect (``rows``, ``vocab``, ``k``, ``dtype``, ``row_shape``, ``inputs_sha256``)
+    and a cache that differs is refused with a :class:`CacheError` naming the file and the
+    mismatch. Every shard's header and size are checked on opening (a truncated shard is refused
+    before training starts); the data stay on disk until read. ``k`` may also be smaller than the
+    cache's K with ``allow_larger_k=True``: the reader then returns the first ``k`` columns."""
+
+    def __init__(self, path, *, rows: int | None = None, vocab: int | None = None, k: int | None = None,
+                 dtype: str | None = None, row_shape: tuple[int, ...] | None = None,
+                 inputs_sha256: str | None = None, allow_larger_k: bool = False):
+        self.path = Path(path)
+        self.index = _read_index(self.path)
+        self._check_expected(rows, vocab, k, dtype, row_shape, inputs_sha256, allow_larger_k)
+        self.k = k if k is not None else self.index["k"]
+        self.vocab, self.rows = self.index["vocab"], self.index["rows"]
+        self.row_shape = tuple(self.index["row_shape"])
+        self.dtype = self.index["logprobs_dtype"]
+        self.starts = np.cumsum([0] + [s["rows"] for s in self.index["shards"]])
+        self._maps = None
+        self._open_shards()  # checks every shard now; maps are reopened lazily after pickling
+
+    def _check_expected(self, rows, vocab, k, dtype, row_shape, inputs_sha256, allow_larger_k):
+        where, idx = self.path / INDEX, self.index
+        checks = [("rows", rows, idx["rows"]), ("vocab", vocab, idx["vocab"]),
+                  ("logprobs dtype", dtype, idx["logprobs_dtype"]),
+                  ("row shape", tuple(row_shape) if row_shape is not None else None, tuple(idx["row_shape"]))]
+        for name, want, have in checks:
+            if want is not None and want != have:
+                raise CacheError(f"{where}: the cache's {name} is {have}, expected {want}")
+        if k is not None and not (k == idx["k"] or (allow_larger_k and 1 <= k <= idx["k"])):
+            need = f"at least {k}" if allow_larger_k else str(k)
+            raise CacheError(f"{where}: the cache holds the top-{idx['k']} entries per row, expected {need}")
+        if inputs_sha256 is not None and idx.get("inputs_sha256") != inputs_sha256:
+            raise CacheError(f"{where}: written for other inputs (sha256 {idx.get('inputs_sha256')}, "
+                             f"these inputs {inputs_sha256}); its rows would not line up")
+
+    def _open_shards(self):
+        store, _ = LOGPROB_DTYPES[self.index["logprobs_dtype"]]
+        maps = []
+        for s in self.index["shards"]:
+            shape = (s["rows"], *self.index["row_shape"], self.index["k"])
+            maps.append((_open_shard_file(self.path / s["ids"], IDS_DTYPE, shape),
+                         _open_shard_file(self.path / s["logprobs"], store, shape)))
+        self._maps = maps
+        return maps
+
+    def __getstate__(self):  # a memmap pickles as a full copy: DataLoader workers reopen instead
+        return {**self.__dict__, "_maps": None}
+
+    @property
+    def source(self) -> dict:
+        return self.index.get("source", {})
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(i)
+        if not -self.rows <= i < self.rows:
+            raise IndexError(f"row {i} out of range for a cache of {self.rows} rows")
+        i %= max(self.rows, 1)
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        ids, lp = (self._maps or self._open_shards())[s]
+        r = i - self.starts[s]
+        return self._tensors(ids[r, ..., :self.k], lp[r, ..., :self.k])
+
+    def batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``index`` (a tensor, array or list of row numbers) as ``(ids, logprobs)`` of shape
+        ``(len(index), *row_shape, k)``, read shard by shard, on the CPU."""
+        idx = np.asarray(index.cpu() if torch.is_tensor(index) else index, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.rows):
+            raise IndexError(f"rows [{idx.min()}, {idx.max()}] out of range for a cache of {self.rows} rows")
+        maps = self._maps or self._open_shards()
+        store, _ = LOGPROB_DTYPES[self.dtype]
+        shape = (len(idx), *self.row_shape, self.k)
+        ids, lp = np.empty(shape, IDS_DTYPE), np.empty(shape, store)
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        for s in np.unique(shard):
+            at = np.nonzero(shard == s)[0]
+            local = idx[at] - self.starts[s]
+            ids[at] = maps[s][0][local, ..., :self.k]
+            lp[at] = maps[s][1][local, ..., :self.k]
+        return self._tensors(ids, lp)
+
+    def _tensors(self, ids: np.ndarray, lp: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.from_numpy(np.array(ids, dtype=IDS_DTYPE))  # a private, writable copy
+        if self.dtype == "bfloat16":
+            return ids, torch.from_numpy(np.array(lp).view(np.int16)).view(torch.bfloat16)
+        return ids, torch.from_numpy(np.array(lp))
+
+    def __repr__(self) -> str:
+        return (f"TeacherCache({str(self.path)!r}, rows={self.rows}, row_shape={self.row_shape}, "
+                f"k={self.k}, vocab={self.vocab}, dtype={self.dtype})")

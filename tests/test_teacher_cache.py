@@ -1,0 +1,267 @@
+"""The offline teacher cache: round trip against a float64 top-K written here, random access,
+every refusal (the broken file written here), interrupted writes, the ``fastkd cache-teacher``
+command (digits and a tiny random Hugging Face model over a token file) and the study's
+``--teacher-cache`` rows."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.teacher_cache import CacheError, TeacherCache, TeacherCacheWriter, fingerprint
+
+# storage dtype, its relative rounding (half an ulp) for the log-probabilities
+DTYPES = [pytest.param("float16", torch.float16, 2.0**-11, id="fp16"),
+          pytest.param("bfloat16", torch.bfloat16, 2.0**-8, id="bf16")]
+
+
+def reference_top_k(logits, k):
+    """float64 (ids, log-probabilities) of the k largest entries of log_softmax, highest first."""
+    logprobs = logits.double() - logits.double().exp().sum(-1, keepdim=True).log()
+    order = logprobs.argsort(-1, descending=True)[..., :k]
+    return order, logprobs.gather(-1, order)
+
+
+def write_cache(path, logits, k, *, batch=8, shard_rows=None, **kw):
+    """Writes ``logits`` (rows, *row_shape, V) through the writer in batches; small shards on request."""
+    row_shape = tuple(logits.shape[1:-1])
+    shard_bytes = shard_rows * max(1, int(np.prod(row_shape))) * k * 6 if shard_rows else 256 << 20
+    with TeacherCacheWriter(path, k=k, vocab=logits.shape[-1], row_shape=row_shape, rows=len(logits),
+                            shard_bytes=shard_bytes, **kw) as w:
+        for part in logits.split(batch):
+            w.add_logits(part)
+    return path
+
+
+def assert_matches_reference(ids, logprobs, logits, k, rel):
+    ref_ids, ref_lp = reference_top_k(logits, k)
+    assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_ids)
+    err = (logprobs.double() - ref_lp).abs()
+    assert (err <= rel * ref_lp.abs() + 1e-6).all(), float(err.max())
+
+
+@pytest.mark.parametrize("dtype,torch_dtype,rel", DTYPES)
+@pytest.mark.parametrize("row_shape", [(), (5,)], ids=["rows", "rows-x-positions"])
+def test_round_trip_equals_the_teachers_top_k(tmp_path, gen, dtype, torch_dtype, rel, row_shape):
+    logits = torch.randn(37, *row_shape, 50, generator=gen) * 3
+    write_cache(tmp_path / "c", logits, 7, dtype=dtype, shard_rows=10)  # 4 shards, the last short
+    cache = TeacherCache(tmp_path / "c", rows=37, vocab=50, k=7, dtype=dtype, row_shape=row_shape)
+    assert len(cache) == 37 and len(list((tmp_path / "c").glob("shard-*-ids.npy"))) == 4
+    ids, logprobs = cache.batch(torch.arange(37))
+    assert ids.shape == logprobs.shape == (37, *row_shape, 7) and logprobs.dtype == torch_dtype
+    assert_matches_reference(ids, logprobs, logits, 7, rel)
+
+
+def test_random_access_across_shards(tmp_path, gen):
+    logits = torch.randn(29, 12, generator=gen)
+    cache = TeacherCache(write_cache(tmp_path / "c", logits, 3, shard_rows=4))
+    ids_all, lp_all = cache.batch(range(29))
+    order = torch.randperm(29, generator=gen)
+    for i in order.tolist():
+        ids, lp = cache[i]
+        assert torch.equal(ids, ids_all[i]) and torch.equal(lp, lp_all[i])
+    picked = torch.tensor([28, 0, 5, 5, 17, 3])  # out of order, repeated, every shard boundary side
+    ids, lp = cache.batch(picked)
+    assert torch.equal(ids, ids_all[picked]) and torch.equal(lp, lp_all[picked])
+    assert torch.equal(cache[-1][0], ids_all[28])
+    assert cache.batch(torch.tensor([], dtype=torch.long))[0].shape == (0, 3)
+    with pytest.raises(IndexError):
+        cache[29]
+    with pytest.raises(IndexError):
+        cache.batch([0, 29])
+    again = pickle.loads(pickle.dumps(cache))  # as a DataLoader worker gets it: the maps reopen
+    assert len(pickle.dumps(cache)) < 4096 and torch.equal(again.batch(picked)[1], lp)
+    loader = torch.utils.data.DataLoader(cache, batch_size=8, shuffle=False)
+    assert torch.equal(torch.cat([b[0] for b in loader]), ids_all)
+
+
+def test_fewer_columns_from_a_larger_cache_are_the_top_k(tmp_path, gen):
+    logits = torch.randn(9, 20, generator=gen)
+    write_cache(tmp_path / "c", logits, 8)
+    small = TeacherCache(tmp_path / "c", k=3, allow_larger_k=True)
+    ids, lp = small.batch(range(9))
+    assert_matches_reference(ids, lp, logits, 3, 2.0**-11)
+    with pytest.raises(CacheError, match="top-8 entries per row, expected at least 9"):
+        TeacherCache(tmp_path / "c", k=9, allow_larger_k=True)
+
+
+def test_top_k_entries_from_a_serving_engine(tmp_path):
+    """add(): ids and log-probabilities as a server returns them, padded with -1."""
+    ids = torch.tensor([[4, 1, -1], [0, 2, 3]])
+    lp = torch.tensor([[-0.1, -2.5, float("-inf")], [-0.5, -1.0, -3.0]])
+    with TeacherCacheWriter(tmp_path / "c", k=3, vocab=5, dtype="bfloat16") as w:
+        w.add(ids, lp)
+    got_ids, got_lp = TeacherCache(tmp_path / "c").batch([0, 1])
+    assert torch.equal(got_ids.long(), ids) and torch.equal(got_lp, lp.to(torch.bfloat16))
+
+
+def test_a_zero_row_cache_is_valid(tmp_path):
+    with TeacherCacheWriter(tmp_path / "c", k=2, vocab=4, rows=0):
+        pass
+    cache = TeacherCache(tmp_path / "c", rows=0)
+    assert len(cache) == 0 and cache.batch([])[0].shape == (0, 2)
+
+
+# ---- refusals: each names the file and what is wrong ----
+
+@pytest.fixture
+def good_cache(tmp_path, gen):
+    logits = torch.randn(12, 4, 10, generator=gen)  # 12 rows of 4 positions, vocab 10
+    return write_cache(tmp_path / "c", logits, 3, shard_rows=5, inputs_sha256=fingerprint(logits))
+
+
+@pytest.mark.parametrize("expect,message", [
+    (dict(rows=13), "index.json: the cache's rows is 12, expected 13"),
+    (dict(vocab=11), "index.json: the cache's vocab is 10, expected 11"),
+    (dict(k=4), "index.json: the cache holds the top-3 entries per row, expected 4"),
+    (dict(dtype="bfloat16"), "index.json: the cache's logprobs dtype is float16, expected bfloat16"),
+    (dict(row_shape=(5,)), "index.json: the cache's row shape is (4,), expected (5,)"),
+    (dict(inputs_sha256="0" * 64), "index.json: written for other inputs"),
+], ids=["rows", "vocab", "k", "dtype", "row-shape", "inputs"])
+def test_refuses_a_cache_other_than_expected(good_cache, expect, message):
+    with pytest.raises(CacheError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TeacherCache(good_cache, **expect)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])
+
+
+def _append(path):
+    with open(path, "ab") as f:
+        f.write(b"\0" * 6)
+
+
+def _wrong_dtype(path):
+    np.save(path, np.load(path).astype(np.int64))
+
+
+def _not_npy(path):
+    path.write_bytes(b"garbage, not an array")
+
+
+@pytest.mark.parametrize("shard,damage,message", [
+    ("shard-00001-logprobs.npy", _truncate, "bytes expected from its header: truncated"),
+    ("shard-00002-ids.npy", _truncate, "truncated"),
+    ("shard-00000-ids.npy", _append, "has trailing bytes"),
+    ("shard-00001-ids.npy", _wrong_dtype, "holds int64 (5, 4, 3), index.json says int32 (5, 4, 3)"),
+    ("shard-00000-logprobs.npy", _not_npy, "not a readable .npy file"),
+    ("shard-00002-logprobs.npy", lambda p: p.unlink(), "missing (listed in index.json)"),
+], ids=["truncated-logprobs", "truncated-ids", "trailing-bytes", "wrong-dtype", "not-npy", "missing"])
+def test_refuses_a_damaged_shard(good_cache, shard, damage, message):
+    damage(good_cache / shard)
+    with pytest.raises(CacheError) as err:
+        TeacherCache(good_cache)
+    assert str(err.value).startswith(str(good_cache / shard)) and message in str(err.value)
+
+
+def _edit_index(edit):
+    def apply(folder):
+        index = json.loads((folder / "index.json").read_text())
+        edit(index)
+        (folder / "index.json").write_text(json.dumps(index))
+    return apply
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "index.json").unlink(), "index.json: missing; "),
+    (lambda f: (f / "index.json").write_text('{"format": "fastkd-teacher-cache", "rows": 1'),
+     "index.json: not valid JSON"),
+    (_edit_index(lambda i: i.update(format="something-else")), "not a fastkd teacher cache index"),
+    (_edit_index(lambda i: i.update(version=99)), "format version 99; this fastkd reads 1"),
+    (_edit_index(lambda i: i.update(rows=11)), "corrupt (the shards hold 12 rows, rows says 11)"),
+    (_edit_index(lambda i: i.pop("k")), "corrupt (no field 'k')"),
+    (_edit_index(lambda i: i["shards"][0].update(ids="../elsewhere.npy")), "is not a plain file name"),
+], ids=["missing", "bad-json", "format", "version", "row-count", "missing-field", "path-escape"])
+def test_refuses_a_missing_or_corrupt_index(good_cache, damage, message):
+    damage(good_cache)
+    with pytest.raises(CacheError) as err:
+        TeacherCache(good_cache)
+    assert str(err.value).startswith(str(good_cache / "index.json")) and message in str(err.value)
+
+
+def test_refuses_what_is_not_a_cache(tmp_path):
+    with pytest.raises(CacheError, match="no such folder"):
+        TeacherCache(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda w: w.add(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 2)), "must both be (rows, 3)"),
+    (lambda w: w.add(torch.zeros(2, 3), torch.zeros(2, 3)), "ids must be integers"),
+    (lambda w: w.add(torch.full((2, 3), 10), -torch.ones(2, 3)), "ids must lie in [-1, 10)"),
+    (lambda w: w.add(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3)), "pass logits to add_logits"),
+    (lambda w: w.add_logits(torch.zeros(2, 11)), "logits have 11 classes, the cache's vocab is 10"),
+], ids=["shape", "float-ids", "id-range", "positive-logprobs", "vocab"])
+def test_writer_refuses_bad_rows(tmp_path, call, message):
+    with pytest.raises(CacheError) as err, TeacherCacheWriter(tmp_path / "c", k=3, vocab=10) as w:
+        call(w)
+    assert message in str(err.value)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.iterdir())
+
+
+def test_writer_refuses_to_replace_without_overwrite(good_cache, gen):
+    with pytest.raises(CacheError, match="exists; pass overwrite=True"):
+        TeacherCacheWriter(good_cache, k=3, vocab=10)
+    (good_cache.parent / "notes").mkdir()
+    with pytest.raises(CacheError, match="exists and is not a teacher cache"):
+        TeacherCacheWriter(good_cache.parent / "notes", k=3, vocab=10, overwrite=True)
+    logits = torch.randn(6, 10, generator=gen)
+    write_cache(good_cache, logits, 2, overwrite=True)
+    assert len(TeacherCache(good_cache, k=2, row_shape=())) == 6
+    assert sorted(p.name for p in good_cache.parent.iterdir()) == ["c", "notes"]
+
+
+# ---- interrupted writes ----
+
+def test_an_exception_midway_leaves_no_cache(tmp_path, gen):
+    logits = torch.randn(40, 10, generator=gen)
+    with pytest.raises(KeyboardInterrupt):
+        with TeacherCacheWriter(tmp_path / "c", k=3, vocab=10, shard_bytes=5 * 3 * 6) as w:
+            for i, part in enumerate(logits.split(8)):
+                if i == 3:
+                    raise KeyboardInterrupt  # shards already written, the rest not
+                w.add_logits(part)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(CacheError, match="c: no such folder"):
+        TeacherCache(tmp_path / "c")
+
+
+def test_a_killed_write_leaves_only_a_hidden_partial_folder(tmp_path, gen, monkeypatch):
+    """A process killed before the index is written (no cleanup runs): nothing at the cache's
+    path, and the partial folder itself is refused for want of an index."""
+    import fastkd.teacher_cache as tc
+
+    w = TeacherCacheWriter(tmp_path / "c", k=3, vocab=10, shard_bytes=5 * 3 * 6)
+    w.add_logits(torch.randn(23, 10, generator=gen))
+
+    def killed(self):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(tc.TeacherCacheWriter, "abort", lambda self: None)  # no cleanup on a kill
+    monkeypatch.setattr(tc.TeacherCacheWriter, "_write_index", killed)
+    with pytest.raises(SystemExit):
+        w.close()
+    assert not (tmp_path / "c").exists()
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(".c.") and list(partial.glob("shard-*"))
+    with pytest.raises(CacheError, match="index.json: missing"):
+        TeacherCache(partial)
+
+
+def test_a_failed_overwrite_keeps_the_old_cache(good_cache, gen):
+    before = TeacherCache(good_cache).batch(range(12))
+    with pytest.raises(RuntimeError):
+        with TeacherCacheWriter(good_cache, k=2, vocab=10, overwrite=True) as w:
+            w.add_logits(torch.randn(3, 10, generator=gen))
+            raise RuntimeError("teacher crashed")
+    after = TeacherCache(good_cache).batch(range(12))
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_short_write_is_not_kept(tmp_path, gen):
+    with pytest.raises(CacheError, match="5 rows were written, 6 expected; the cache is not kept"):
+        with TeacherCacheWriter(tmp_path / "c", k=2, vocab=10, rows=6) as w:
+            w.add_logits(torch.randn(5, 10, generator=gen))
+    assert not list(tmp_path.iterdir())
