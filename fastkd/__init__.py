@@ -6,7 +6,9 @@ from .backends import available_backends
 from .calibration import CalibrationMeter, CalibrationReport, calibration_error
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .loss import KDLoss, KLDivLoss, kd_loss, kl_loss
+from .sparse import SparseKDLoss, sparse_kd_loss
 
 __all__ = ["kl_loss", "kd_loss", "KDLoss", "KLDivLoss", "fused_linear_kd_loss", "FusedLinearKDLoss",
+           "sparse_kd_loss", "SparseKDLoss",
            "CalibrationMeter", "CalibrationReport", "calibration_error", "available_backends"]
 __version__ = "0.1.0"

@@ -116,19 +116,23 @@ class _FusedKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.grads is None:
-            raise RuntimeError("fastkd's triton and cuda backends scale the saved gradient in place, so "
-                               "a graph can be back-propagated once per forward; use backend='torch' "
-                               "to call backward again on the same graph")
-        gs, gt = ctx.grads
-        if ctx.impl.INPLACE_BACKWARD:
-            ctx.grads = None
-        factor = grad_output.detach().to(torch.float32)
-        if ctx.factor is not None:
-            factor = factor * ctx.factor
-        gs = ctx.impl.scale_grad(gs, factor) if gs is not None else None
-        gt = ctx.impl.scale_grad(gt, factor) if gt is not None else None
-        return gs, gt, None, None, None, None, None, None, None
+        return (*_scaled_grads(ctx, grad_output), None, None, None, None, None, None, None)
+
+
+def _scaled_grads(ctx, grad_output):
+    """The backward of the fused losses: the forward's gradients (ctx.grads) times grad_output
+    (and the row scale left to the backward, ctx.factor)."""
+    if ctx.grads is None:
+        raise RuntimeError("fastkd's triton and cuda backends scale the saved gradient in place, so "
+                           "a graph can be back-propagated once per forward; use backend='torch' "
+                           "to call backward again on the same graph")
+    grads = ctx.grads
+    if ctx.impl.INPLACE_BACKWARD:
+        ctx.grads = None
+    factor = grad_output.detach().to(torch.float32)
+    if ctx.factor is not None:
+        factor = factor * ctx.factor
+    return tuple(ctx.impl.scale_grad(g, factor) if g is not None else None for g in grads)
 
 
 def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
