@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "student; report accuracy and calibration",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_arguments(distill)
+    from .cache_teacher import add_parser as add_cache_teacher
+
+    add_cache_teacher(sub)
     return parser
 
 
@@ -68,6 +71,10 @@ def validate(cfg: StudyConfig):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cache-teacher":
+        from .cache_teacher import run
+
+        return run(args)
     cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     try:
         validate(cfg)

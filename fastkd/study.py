@@ -44,6 +44,32 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
+def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.Module:
+    """Model ``name`` for ``data``, initialised from ``seed``, on the device (SyncBatchNorm under
+    torchrun on GPUs, channels_last for images): the same seed gives the same model everywhere."""
+    torch.manual_seed(seed)
+    m = build_model(name, data.input_shape, data.num_classes)
+    if distributed.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
+        m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
+    m = m.to(cfg.device)
+    return m.to(memory_format=torch.channels_last) if len(data.input_shape) == 3 else m
+
+
+def load_or_train_teacher(cfg: StudyConfig, data, ckpt: Path, log=None, writer=None):
+    """(teacher, its training history): loaded from ``cfg.teacher_ckpt``, else trained (and
+    checkpointed to ``ckpt``) from ``cfg.seed``."""
+    teacher = build_study_model(cfg, data, cfg.teacher, cfg.seed)
+    if not cfg.teacher_ckpt:
+        return teacher, fit(teacher, data, cfg, "teacher", ckpt, epochs=cfg.teacher_epochs, log=log,
+                            writer=writer)
+    ck = load_checkpoint(Path(cfg.teacher_ckpt), cfg.device)
+    try:
+        teacher.load_state_dict(ck["model"] if "model" in ck else ck)
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {cfg.teacher_ckpt} does not fit {cfg.teacher}: {e}") from None
+    return teacher, []
+
+
 def _open_writer(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -63,31 +89,14 @@ def run_study(cfg: StudyConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
-    shape, k = data.input_shape, data.num_classes
-    channels_last = len(shape) == 3
 
     def new_model(name, seed):
-        torch.manual_seed(seed)
-        m = build_model(name, shape, k)
-        if distributed.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
-            m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
-        m = m.to(cfg.device)
-        return m.to(memory_format=torch.channels_last) if channels_last else m
+        return build_study_model(cfg, data, name, seed)
 
     writer = _open_writer(out / "tensorboard") if main else None
     history = {}
     with open(out / "metrics.jsonl", "a" if cfg.resume else "w") if main else nullcontext() as log:
-        teacher = new_model(cfg.teacher, cfg.seed)
-        if cfg.teacher_ckpt:
-            ck = load_checkpoint(Path(cfg.teacher_ckpt), cfg.device)
-            try:
-                teacher.load_state_dict(ck["model"] if "model" in ck else ck)
-            except (RuntimeError, KeyError, TypeError) as e:
-                raise ValueError(f"checkpoint {cfg.teacher_ckpt} does not fit {cfg.teacher}: {e}") from None
-            history["teacher"] = []
-        else:
-            history["teacher"] = fit(teacher, data, cfg, "teacher", out / "teacher.pt",
-                                     epochs=cfg.teacher_epochs, log=log, writer=writer)
+        teacher, history["teacher"] = load_or_train_teacher(cfg, data, out / "teacher.pt", log, writer)
         init = new_model(cfg.student, cfg.seed + 1).state_dict()  # one start for both students
         student = new_model(cfg.student, cfg.seed + 1)
         student.load_state_dict(init)

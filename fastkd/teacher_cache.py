@@ -100,7 +100,8 @@ class TeacherCacheWriter:
     ``rows`` (if given) is checked when the writer closes: a teacher loop that skipped a batch is
     an error, not a short cache. ``inputs_sha256`` (see :func:`fingerprint`) and ``source`` (any
     JSON-able description of the teacher and data) go into the index. An exception inside the
-    ``with`` block removes the partial folder; ``path`` is never left half written."""
+    ``with`` block removes the partial folder; ``path`` is never left half written. Other files
+    put into ``writer.partial`` (the folder being written) move into place with the cache."""
 
     def __init__(self, path, *, k: int, vocab: int, row_shape: tuple[int, ...] = (),
                  dtype: str = "float16", rows: int | None = None, inputs_sha256: str | None = None,
@@ -119,7 +120,7 @@ class TeacherCacheWriter:
         row_bytes = math.prod(self.row_shape) * k * (IDS_DTYPE.itemsize + 2)
         self.shard_rows = max(1, shard_bytes // max(row_bytes, 1))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
+        self.partial = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
                                          dir=self.path.parent))
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_rows = 0
@@ -178,8 +179,8 @@ class TeacherCacheWriter:
         self.pending = [(ids[n:], lps[n:])] if len(ids) > n else []
         self.pending_rows = len(ids) - n
         ids_name, lp_name = _shard_names(len(self.shards))
-        _save_synced(self.tmp / ids_name, ids[:n])
-        _save_synced(self.tmp / lp_name, lps[:n])
+        _save_synced(self.partial / ids_name, ids[:n])
+        _save_synced(self.partial / lp_name, lps[:n])
         self.shards.append({"ids": ids_name, "logprobs": lp_name, "rows": n})
         self.rows += n
 
@@ -202,11 +203,11 @@ class TeacherCacheWriter:
         index = {"format": FORMAT, "version": VERSION, "rows": self.rows, "row_shape": list(self.row_shape),
                  "k": self.k, "vocab": self.vocab, "ids_dtype": "int32", "logprobs_dtype": self.dtype,
                  **self.meta, "shards": self.shards}
-        with open(self.tmp / INDEX, "w") as f:
+        with open(self.partial / INDEX, "w") as f:
             json.dump(index, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _sync_folder(self.tmp)
+        _sync_folder(self.partial)
 
     def _move_into_place(self):
         self._check_target(self.overwrite)
@@ -214,14 +215,14 @@ class TeacherCacheWriter:
         if self.path.exists():  # overwrite: the old cache steps aside, the new one steps in
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
+        os.rename(self.partial, self.path)
         _sync_folder(self.path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self):
         """Removes the partial folder (nothing at ``path`` is touched)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.partial, ignore_errors=True)
         self.pending, self.pending_rows = [], 0
 
 

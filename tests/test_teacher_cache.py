@@ -265,3 +265,132 @@ def test_a_short_write_is_not_kept(tmp_path, gen):
         with TeacherCacheWriter(tmp_path / "c", k=2, vocab=10, rows=6) as w:
             w.add_logits(torch.randn(5, 10, generator=gen))
     assert not list(tmp_path.iterdir())
+
+
+# ---- fastkd cache-teacher: the study's data ----
+
+def run_cli(capsys, *args):
+    from fastkd.cli import main
+
+    capsys.readouterr()  # what came before (a model's save_pretrained progress bar) is not ours
+    code = main(["cache-teacher", "--no-progress", *args])
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fastkd.data import load_digits
+
+    return load_digits("cpu")
+
+
+def digits_teacher(seed=3):
+    from fastkd.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("mlp-large", (64,), 10).eval()
+
+
+def test_cli_caches_a_study_teacher_checkpoint(capsys, tmp_path, digits):
+    teacher = digits_teacher()
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pt")
+    code, out, err = run_cli(capsys, "--out", str(tmp_path / "c"), "--k", "4", "--split", "val",
+                             "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+    assert code == 0 and "TeacherCache(" in out and "rows=359" in out, err
+    cache = TeacherCache(tmp_path / "c", rows=359, vocab=10, k=4, inputs_sha256=fingerprint(digits.x_val))
+    assert cache.source["split"] == "val" and cache.source["teacher_ckpt"] == str(tmp_path / "teacher.pt")
+    with torch.no_grad():
+        logits = teacher.double()(digits.x_val.double())
+    assert_matches_reference(*cache.batch(range(359)), logits, 4, 2.0**-11)
+
+
+def test_cli_trains_the_teacher_when_given_none(capsys, tmp_path, digits):
+    """Trained as the study trains it; its checkpoint is kept inside the cache."""
+    code, out, err = run_cli(capsys, "--out", str(tmp_path / "c"), "--k", "2", "--teacher-epochs", "1",
+                             "--dtype", "bfloat16")
+    assert code == 0, err
+    cache = TeacherCache(tmp_path / "c", rows=1078, k=2, dtype="bfloat16", inputs_sha256=fingerprint(digits.x_train))
+    teacher = digits_teacher()
+    teacher.load_state_dict(torch.load(tmp_path / "c" / "teacher.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        logits = teacher.double()(digits.x_train.double())
+    assert_matches_reference(*cache.batch(range(1078)), logits, 2, 2.0**-8)
+    assert cache.source["teacher_epochs"] == 1 and not [p for p in tmp_path.iterdir() if p.name != "c"]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "--out is required"),
+    (["--k", "0"], "--k must be an integer >= 1"),
+    (["--k", "3", "--dtype", "fp8"], "--dtype must be one of float16, bfloat16"),
+    (["--k", "3", "--model", "m"], "--model and --tokens go together"),
+    (["--k", "3", "--model", "m", "--tokens", "t.npy", "--teacher-ckpt", "x.pt"],
+     "--teacher-ckpt is for the study's data, not for --model"),
+    (["--k", "3", "--split", "dev"], "unknown split 'dev'; choose from train, val, test"),
+    (["--k", "3", "--teacher-ckpt", "x.pt", "--teacher-epochs", "2"], "exclude each other"),
+    (["--k", "3", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--k", "11", "--teacher-ckpt", "x.pt"], "k must lie in [1, vocab=10], got 11"),
+    (["--k", "3", "--teacher-ckpt", "missing.pt"], "cannot read checkpoint missing.pt"),
+    (["--k", "3", "--model", "nowhere", "--tokens", "t.npy"], "--tokens t.npy: no such file"),
+], ids=["no-out", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
+        "ckpt", "tokens"])
+def test_cli_bad_arguments_end_in_one_line(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *([] if not args else ["--out", "c"]), *args)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())  # nothing written, not even a partial folder
+
+
+def test_cli_refuses_to_overwrite_unless_asked(capsys, tmp_path, good_cache):
+    torch.save({"model": digits_teacher().state_dict()}, tmp_path / "teacher.pt")
+    args = ("--out", str(good_cache), "--k", "3", "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "exists; pass overwrite=True (--overwrite)" in err
+    assert run_cli(capsys, *args, "--overwrite")[0] == 0
+    assert len(TeacherCache(good_cache, k=3, row_shape=())) == 1078
+
+
+# ---- fastkd cache-teacher: a Hugging Face causal LM over a token file ----
+
+def save_tiny_llama(folder, hidden, layers, vocab=96, seed=0):
+    """A randomly initialised Llama, saved as a local model folder (nothing downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt"])
+def test_cli_caches_a_causal_lm_over_a_token_file(capsys, tmp_path, gen, suffix):
+    teacher = save_tiny_llama(tmp_path / "teacher", 32, 2)
+    tokens = torch.randint(0, 96, (5, 7), generator=gen, dtype=torch.int32)  # 5 sequences of 7 tokens
+    path = tmp_path / f"tokens{suffix}"
+    np.save(path, tokens.numpy()) if suffix == ".npy" else torch.save(tokens, path)
+    code, out, err = run_cli(capsys, "--model", str(tmp_path / "teacher"), "--tokens", str(path), "--k", "5",
+                             "--batch-size", "2", "--out", str(tmp_path / "c"), "--dtype", "bfloat16")
+    assert code == 0, err
+    cache = TeacherCache(tmp_path / "c", rows=5, row_shape=(7,), vocab=96, k=5, dtype="bfloat16",
+                         inputs_sha256=fingerprint(tokens.numpy()))
+    with torch.no_grad():
+        logits = teacher(input_ids=tokens.long()).logits
+    assert_matches_reference(*cache.batch(range(5)), logits, 5, 2.0**-8)
+    ids, logprobs = cache[3]  # one sequence: (positions, K)
+    assert ids.shape == logprobs.shape == (7, 5)
+
+
+@pytest.mark.parametrize("tokens,message", [
+    (np.zeros(7, np.int64), "expected a 2-D integer array (sequences, positions), got int64 of shape (7,)"),
+    (np.zeros((2, 3), np.float32), "expected a 2-D integer array"),
+    (np.full((2, 3), 96), "ids in [96, 96], outside the model's vocabulary [0, 96)"),
+], ids=["1-D", "float", "out-of-vocab"])
+def test_cli_refuses_a_bad_token_file(capsys, tmp_path, tokens, message):
+    save_tiny_llama(tmp_path / "teacher", 32, 1)
+    np.save(tmp_path / "tokens.npy", tokens)
+    code, _, err = run_cli(capsys, "--model", str(tmp_path / "teacher"), "--tokens", str(tmp_path / "tokens.npy"),
+                           "--k", "3", "--out", str(tmp_path / "c"))
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "c").exists()
+

@@ -1,0 +1,208 @@
+"""``fastkd cache-teacher``: run a teacher once over a data set and keep its top-K log-probabilities
+in a teacher cache (``fastkd.teacher_cache``) for ``sparse_kd_loss``.
+
+Two sources:
+
+- the study's data (``--dataset digits`` by default): the study's teacher, loaded from a checkpoint
+  ``fastkd distill`` wrote (``--teacher-ckpt``) or trained here exactly as the study trains it
+  (same seed, same schedule; its checkpoint is kept in the cache folder as ``teacher.pt``); one
+  row per image of ``--split``, in the split's order;
+- a Hugging Face causal LM (``--model``, a local folder for ``AutoModelForCausalLM``) over a
+  token file (``--tokens``, a ``.npy`` or ``.pt`` integer array, one row per sequence): one row
+  per sequence, K entries per position, aligned with the token file's rows.
+
+Bad arguments end in one line on stderr and exit status 2, as ``fastkd distill``'s do.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
+
+SPLITS = ("train", "val", "test")
+STUDY_OPTIONS = ("dataset", "data_dir", "teacher", "teacher_ckpt", "teacher_epochs", "seed", "split")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The ``cache-teacher`` subcommand, added to the ``fastkd`` parser's subparsers."""
+    p = sub.add_parser("cache-teacher", help="run a teacher once and store its top-K log-probabilities "
+                       "for sparse_kd_loss", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", help="the cache folder to write (required)")
+    p.add_argument("--k", type=int, help="entries kept per row: the teacher's top-K (required)")
+    p.add_argument("--dtype", default="float16", help="log-probability storage: float16 | bfloat16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    study = p.add_argument_group("the study's data (the default source)")
+    study.add_argument("--dataset", help="digits | cifar10 | cifar100 (default digits)")
+    study.add_argument("--data-dir", help="where the CIFAR batches live")
+    study.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
+    study.add_argument("--split", help="train | val | test: the rows cached (default train)")
+    study.add_argument("--teacher", help="teacher model (default by dataset)")
+    study.add_argument("--teacher-ckpt", help="a teacher checkpoint fastkd distill wrote")
+    study.add_argument("--teacher-epochs", type=int, help="epochs when training the teacher here")
+    study.add_argument("--seed", type=int, help="seed of the teacher trained here (default 0)")
+    lm = p.add_argument_group("a Hugging Face causal LM over a token file")
+    lm.add_argument("--model", help="local folder of the teacher (AutoModelForCausalLM.from_pretrained)")
+    lm.add_argument("--tokens", help=".npy or .pt of token ids, shape (sequences, positions)")
+    lm.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward")
+    return p
+
+
+def validate(args):
+    """Rejects bad combinations before any model is loaded or data read."""
+    if not args.out:
+        raise ValueError("--out is required: the cache folder to write")
+    if args.k is None or args.k < 1:
+        raise ValueError(f"--k must be an integer >= 1 (the entries kept per row), got {args.k}")
+    if args.dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {args.dtype!r}")
+    if bool(args.model) != bool(args.tokens):
+        raise ValueError("--model and --tokens go together: a causal LM over a token file")
+    if args.model:
+        given = [o for o in STUDY_OPTIONS if getattr(args, o) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is for the study's data, not for --model")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    elif args.split is not None and args.split not in SPLITS:
+        raise ValueError(f"unknown split {args.split!r}; choose from {', '.join(SPLITS)}")
+    if args.teacher_ckpt and args.teacher_epochs is not None:
+        raise ValueError("--teacher-ckpt and --teacher-epochs exclude each other (load or train)")
+
+
+def write_classifier_rows(writer: TeacherCacheWriter, teacher, data, x: torch.Tensor, progress=True,
+                          chunk: int = 4096):
+    """The teacher's logits on ``x`` (as the study's distillation sees them), row by row into the cache."""
+    from .train import predict
+
+    logits = predict(teacher, data, x)
+    with tqdm(total=len(x), desc="teacher cache", unit="row", disable=not progress) as bar:
+        for part in logits.split(chunk):
+            writer.add_logits(part)
+            bar.update(len(part))
+
+
+def cache_study_teacher(args) -> Path:
+    """The study's teacher (loaded or trained as ``fastkd distill`` would) over one split."""
+    from .data import load_data
+    from .study import load_or_train_teacher
+    from .train import StudyConfig
+
+    cfg = StudyConfig(dataset=args.dataset or "digits", data_dir=args.data_dir, download=args.download,
+                      teacher=args.teacher, teacher_ckpt=args.teacher_ckpt, teacher_epochs=args.teacher_epochs,
+                      seed=args.seed or 0, device=args.device, progress=args.progress).resolved()
+    data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
+    split = args.split or "train"
+    x = getattr(data, f"x_{split}")
+    source = {"kind": "study", "dataset": cfg.dataset, "split": split, "teacher": cfg.teacher,
+              "teacher_ckpt": cfg.teacher_ckpt, "seed": cfg.seed,
+              "teacher_epochs": None if cfg.teacher_ckpt else cfg.teacher_epochs}
+    with TeacherCacheWriter(args.out, k=args.k, vocab=data.num_classes, rows=len(x), dtype=args.dtype,
+                            inputs_sha256=fingerprint(x), source=source, overwrite=args.overwrite) as w:
+        teacher, _ = load_or_train_teacher(cfg, data, w.partial / "teacher.pt")  # kept with the cache
+        write_classifier_rows(w, teacher, data, x, args.progress)
+    return w.path
+
+
+def load_token_file(path: Path) -> np.ndarray:
+    """A (sequences, positions) integer array from a .npy (memory-mapped) or .pt file."""
+    if not path.is_file():
+        raise ValueError(f"--tokens {path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"--tokens {path}: not a readable .npy file ({e})") from None
+    elif path.suffix == ".pt":
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"--tokens {path}: cannot read ({type(e).__name__})") from None
+        if not torch.is_tensor(loaded):
+            raise ValueError(f"--tokens {path}: holds a {type(loaded).__name__}, not a tensor of token ids")
+        tokens = loaded.numpy()
+    else:
+        raise ValueError(f"--tokens {path}: expected a .npy or .pt file")
+    if tokens.ndim != 2 or tokens.dtype.kind not in "iu" or tokens.shape[1] == 0:
+        raise ValueError(f"--tokens {path}: expected a 2-D integer array (sequences, positions), "
+                         f"got {tokens.dtype} of shape {tokens.shape}")
+    return tokens
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--model needs transformers (pip install transformers)") from None
+    return transformers
+
+
+def load_causal_lm(folder: Path, device, progress: bool):
+    """The model in a local Hugging Face folder, in evaluation mode on ``device``; with
+    ``progress`` off, transformers' own loading bar is silenced too."""
+    transformers = _transformers()
+    bars = transformers.utils.logging
+    was_on = bars.is_progress_bar_enabled()
+    if not progress:
+        bars.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        if was_on:
+            bars.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def cache_causal_lm(args) -> Path:
+    """A causal LM's top-K at every position of every sequence of a token file."""
+    from .train import _autocast, resolve_device
+
+    device = torch.device(resolve_device(args.device))
+    tokens = load_token_file(Path(args.tokens))
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise ValueError(f"--model {folder}: no such folder (a local Hugging Face model folder)")
+    vocab = _transformers().AutoConfig.from_pretrained(str(folder), local_files_only=True).vocab_size
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):  # checked before loading weights
+        raise ValueError(f"--tokens {args.tokens}: ids in [{tokens.min()}, {tokens.max()}], outside the "
+                         f"model's vocabulary [0, {vocab})")
+    model = load_causal_lm(folder, device, args.progress)
+    rows, positions = tokens.shape
+    source = {"kind": "hf-causal-lm", "model": str(args.model), "tokens": str(args.tokens)}
+    with TeacherCacheWriter(args.out, k=args.k, vocab=vocab, row_shape=(positions,), rows=rows,
+                            dtype=args.dtype, inputs_sha256=fingerprint(tokens), source=source,
+                            overwrite=args.overwrite) as w, \
+            tqdm(total=rows, desc="teacher cache", unit="seq", disable=not args.progress) as bar:
+        for lo in range(0, rows, args.batch_size):
+            ids = torch.from_numpy(np.array(tokens[lo:lo + args.batch_size], dtype=np.int64)).to(device)
+            with torch.inference_mode(), _autocast(device):
+                w.add_logits(model(input_ids=ids).logits)
+            bar.update(len(ids))
+    return w.path
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20
+
+
+def run(args) -> int:
+    """Entry point of ``fastkd cache-teacher`` (``fastkd.cli`` parses, this runs)."""
+    started = time.perf_counter()
+    try:
+        validate(args)
+        path = cache_causal_lm(args) if args.model else cache_study_teacher(args)
+    except (ValueError, OSError) as e:  # CacheError and DataError are ValueErrors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # some libraries write several
+        print(f"fastkd: error: {first}", file=sys.stderr)
+        return 2
+    print(f"{TeacherCache(path)!r}: {_size_mb(path):.1f} MB, {time.perf_counter() - started:.1f} s")
+    return 0
