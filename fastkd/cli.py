@@ -23,6 +23,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser):
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=help_)
             continue
+        if f.type.startswith("list[int]"):
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=f.default, help=help_)
+            continue
         kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_)
 
@@ -67,6 +70,21 @@ def validate(cfg: StudyConfig):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if cfg.batch_size < 1 or cfg.num_bins < 1 or cfg.log_interval < 1:
         raise ValueError("--batch-size, --num-bins and --log-interval must be >= 1")
+    _validate_teacher_cache(cfg)
+
+
+def _validate_teacher_cache(cfg: StudyConfig):
+    from .sparse import TAILS
+
+    if cfg.teacher_cache_tail not in TAILS:
+        raise ValueError(f"unknown --teacher-cache-tail {cfg.teacher_cache_tail!r}; choose from {', '.join(TAILS)}")
+    if not cfg.teacher_cache:
+        return
+    if min(cfg.teacher_cache) < 1:
+        raise ValueError(f"--teacher-cache values must be >= 1 (entries per row), got {min(cfg.teacher_cache)}")
+    if cfg.divergence != "kl":
+        raise ValueError(f"--teacher-cache distils with sparse_kd_loss, which takes --divergence kl only, "
+                         f"got {cfg.divergence!r}")
 
 
 def main(argv=None) -> int:

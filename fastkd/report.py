@@ -8,13 +8,21 @@ COLUMNS = [("parameters", "params", "{:,}"), ("accuracy", "acc", "{:.4f}"), ("ec
            ("agreement", "agree w/ teacher", "{:.4f}"), ("fitted_temperature", "T*", "{:.3f}"),
            ("ece_after_scaling", "ECE after T*", "{:.4f}")]
 LABELS = {"teacher": "teacher", "student": "student alone", "distilled": "distilled student"}
+CACHED = "distilled-top"  # results keys distilled-top<K>: the student distilled from the cached top-K
+
+
+def label(key: str) -> str:
+    """The name of a model (results key) in tables, plots and curves."""
+    if key.startswith(CACHED):
+        return f"distilled, top-{key[len(CACHED):]} cache"
+    return LABELS[key]
 
 
 def results_table(results: dict) -> str:
     """The results as a Markdown table (also what the CLI prints)."""
     head = "| model | arch | " + " | ".join(c[1] for c in COLUMNS) + " |"
     rule = "|" + "---|" * (len(COLUMNS) + 2)
-    rows = [f"| {LABELS[k]} | {r['model']} | " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS)
+    rows = [f"| {label(k)} | {r['model']} | " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS)
             + " |" for k, r in results.items()]
     return "\n".join([head, rule, *rows])
 
@@ -39,8 +47,12 @@ def plot_reliability(meters: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(meters), figsize=(4.2 * len(meters), 4.2), sharey=True)
-    for ax, (key, meter) in zip(axes, meters.items()):
+    cols = min(len(meters), 4)  # the three models in a row; rows of four with cached-teacher students
+    rows = -(-len(meters) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(meters):]:
+        ax.set_visible(False)
+    for ax, (key, meter) in zip(axes.flat, meters.items()):
         rep = meter.compute()
         bins = [b for b in rep.bins if b.upper > b.lower]  # the extra bin of confidence == 1.0
         last = rep.bins[-1]  # is drawn inside the top bin
@@ -58,10 +70,11 @@ def plot_reliability(meters: dict, path: Path):
         ax.bar(centers, [c - a if n else 0 for a, c, n in zip(acc, conf, counts)], bottom=acc,
                width=width, color="#dd8452", alpha=0.5, edgecolor="#dd8452", label="gap")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set(title=f"{LABELS[key]}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", xlabel="confidence",
+        ax.set(title=f"{label(key)}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", xlabel="confidence",
                xlim=(0, 1), ylim=(0, 1))
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy")
+    axes[0, 0].legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -81,7 +94,7 @@ def plot_curves(history: dict, path: Path):
             if not rows or (key == "temperature" and stage != "distilled"):
                 continue
             ep = [r["epoch"] for r in rows]
-            ax.plot(ep, [r[key] for r in rows], label=LABELS[stage] if key != "temperature" else "T")
+            ax.plot(ep, [r[key] for r in rows], label=label(stage) if key != "temperature" else "T")
             if key == "temperature":
                 ax.plot(ep, [r["alpha"] for r in rows], label="alpha")
         ax.set(title=title, xlabel="epoch")
@@ -89,6 +102,16 @@ def plot_curves(history: dict, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _cache_note(cache: dict | None) -> list[str]:
+    """report.md's lines on the cached-teacher rows (none without ``--teacher-cache``)."""
+    if cache is None:
+        return []
+    return [f"Rows \"distilled, top-K cache\": the same student (same initialisation, same batches) "
+            f"distilled with `sparse_kd_loss` (tail `{cache['tail']}`) from the teacher's top-K "
+            f"log-probabilities, stored once in `{cache['path']}` (top-{cache['k']}, {cache['dtype']}, "
+            f"{cache['bytes']:,} bytes of shards) instead of the live teacher's logits.", ""]
 
 
 def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> dict:
@@ -115,6 +138,7 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> d
         "ECE/MCE with " + str(cfg["num_bins"]) + " equal-width bins; T* = temperature fitted on the "
         "validation split (Guo et al. 2017), ECE after T* on the test split.",
         "",
+        *_cache_note(report.get("teacher_cache")),
         f"## Feedback policy: `{report['policy']['name']}`",
         "",
         f"T / alpha per epoch of the distilled student: {moves}",

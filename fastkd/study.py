@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .cache_teacher import write_classifier_rows
 from .calibration import CalibrationMeter
 from .data import load_data
 from .models import build_model, count_parameters
 from .policies import make_policy
 from .report import write_outputs
+from .teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 from .train import StudyConfig, fit, load_checkpoint, predict, summarize
 
 MODEL_KEYS = ("teacher", "student", "distilled")
@@ -70,6 +72,38 @@ def load_or_train_teacher(cfg: StudyConfig, data, ckpt: Path, log=None, writer=N
     return teacher, []
 
 
+def check_teacher_cache(cfg: StudyConfig, data):
+    """``--teacher-cache`` asks for inputs that repeat exactly and K no larger than the classes."""
+    if not cfg.teacher_cache:
+        return
+    if data.augment:
+        raise ValueError(f"--teacher-cache needs inputs that repeat exactly; {data.name} is augmented every "
+                         "step, so a cached teacher would not have seen the student's images")
+    if max(cfg.teacher_cache) > data.num_classes:
+        raise ValueError(f"--teacher-cache {max(cfg.teacher_cache)}: more entries than the "
+                         f"{data.num_classes} classes of {data.name}")
+
+
+def cached_teacher(cfg: StudyConfig, teacher, data, folder: Path):
+    """The teacher's top-K over the training split (K the largest asked), written once to a teacher
+    cache and read back through it: ((ids, logprobs) of every training row on the device, what the
+    report says about the cache)."""
+    k, x = max(cfg.teacher_cache), data.x_train
+    started = time.perf_counter()
+    if distributed.is_main():
+        source = {"kind": "study", "dataset": data.name, "split": "train", "teacher": cfg.teacher}
+        with TeacherCacheWriter(folder, k=k, vocab=data.num_classes, rows=len(x), inputs_sha256=fingerprint(x),
+                                source=source, overwrite=True) as w:  # a resumed run rewrites the same rows
+            write_classifier_rows(w, teacher, data, x, progress=False)
+    distributed.barrier()
+    cache = TeacherCache(folder, rows=len(x), vocab=data.num_classes, k=k, inputs_sha256=fingerprint(x))
+    ids, logprobs = cache.batch(torch.arange(len(cache)))
+    info = {"path": str(folder), "k": k, "dtype": cache.dtype, "tail": cfg.teacher_cache_tail,
+            "bytes": sum(f.stat().st_size for f in folder.glob("shard-*.npy")),
+            "write_seconds": time.perf_counter() - started}
+    return (ids.to(x.device), logprobs.to(x.device)), info
+
+
 def _open_writer(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -89,6 +123,7 @@ def run_study(cfg: StudyConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
+    check_teacher_cache(cfg, data)
 
     def new_model(name, seed):
         return build_study_model(cfg, data, name, seed)
@@ -107,10 +142,20 @@ def run_study(cfg: StudyConfig) -> dict:
         history["distilled"] = fit(distilled, data, cfg, "distilled", out / "distilled.pt",
                                    epochs=cfg.epochs, teacher=teacher, policy=policy, log=log,
                                    writer=writer)
+        from_cache, cache_info = {}, None
+        if cfg.teacher_cache:
+            (ids, logprobs), cache_info = cached_teacher(cfg, teacher, data, out / "teacher-cache")
+            for k in cfg.teacher_cache:  # the same student, the same batches; only the teacher differs
+                key = f"distilled-top{k}"
+                from_cache[key] = new_model(cfg.student, cfg.seed + 1)
+                from_cache[key].load_state_dict(init)
+                history[key] = fit(from_cache[key], data, cfg, key, out / f"{key}.pt", epochs=cfg.epochs,
+                                   sparse_teacher=(ids[:, :k], logprobs[:, :k]), policy=policy, log=log,
+                                   writer=writer)
     if writer is not None:
         writer.close()
 
-    models = dict(zip(MODEL_KEYS, (teacher, student, distilled)))
+    models = {**dict(zip(MODEL_KEYS, (teacher, student, distilled))), **from_cache}
     teacher_test = predict(teacher, data, data.x_test)
     results, meters, preds = {}, {}, {}
     shard = distributed.shard  # every rank holds the logits; the meters split the rows
@@ -136,6 +181,8 @@ def run_study(cfg: StudyConfig) -> dict:
         "history": history,
         "timing": {"seconds": time.perf_counter() - started, "device": str(cfg.device)},
     }
+    if cache_info is not None:
+        report["teacher_cache"] = cache_info
     if main:
         report["per_class"] = write_outputs(out, report, data, preds, meters)
         with open(out / "report.json", "w") as f:

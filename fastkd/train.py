@@ -24,6 +24,7 @@ from .calibration import CalibrationMeter
 from .data import DataBundle
 from .loss import kd_loss
 from .policies import Policy
+from .sparse import sparse_kd_loss
 
 
 @dataclass
@@ -45,6 +46,11 @@ class StudyConfig:
     alpha: float = field(default=0.9, metadata={"help": "weight of the distillation term in [0, 1]"})
     divergence: str = field(default="kl", metadata={"help": "kl | reverse_kl | jsd"})
     policy: str = field(default="constant", metadata={"help": "constant | anneal | calibration"})
+    teacher_cache: list[int] | None = field(default=None, metadata={
+        "help": "also distil the student from the teacher's top-K log-probabilities, cached once, "
+                "for each K given (e.g. 1 2 3 5 10); one more report row per K"})
+    teacher_cache_tail: str = field(default="bucket", metadata={
+        "help": "the cached teacher's missing mass: bucket | renormalize (see sparse_kd_loss)"})
     num_bins: int = field(default=15, metadata={"help": "calibration bins"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
@@ -69,6 +75,7 @@ class StudyConfig:
                               "teacher_epochs": self.teacher_epochs if self.teacher_epochs is not None else epochs,
                               "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
                               "name": self.name or f"{self.dataset}-s{self.seed}",
+                              "teacher_cache": sorted(set(self.teacher_cache)) if self.teacher_cache else None,
                               "device": resolve_device(self.device)})
 
 
@@ -140,9 +147,12 @@ def _optimizer(model, lr, weight_decay, device):
 
 
 def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, epochs: int,
-        teacher=None, policy: Policy | None = None, log=None, writer=None) -> list[dict]:
+        teacher=None, sparse_teacher=None, policy: Policy | None = None, log=None,
+        writer=None) -> list[dict]:
     """Trains ``model`` for ``epochs`` (continuing from ``ckpt`` when ``cfg.resume``); returns the
-    per-epoch history. With a teacher the loss is ``kd_loss``, else cross-entropy. Under torchrun
+    per-epoch history. With a teacher the loss is ``kd_loss``; with ``sparse_teacher`` (the top-K
+    ids and log-probabilities of every training row, on the device) ``sparse_kd_loss``; else
+    cross-entropy. A stage named ``distilled-...`` draws the distilled student's batches. Under torchrun
     the model is wrapped in DistributedDataParallel and each rank takes its slice of every batch;
     only rank 0 writes the log and the checkpoint."""
     device = data.x_train.device
@@ -171,7 +181,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
     if teacher is not None and not data.augment:  # the inputs repeat exactly: teacher once
         cached = predict(teacher, data, data.x_train)
     teacher_val = predict(teacher, data, data.x_val) if teacher is not None else None  # fixed teacher
-    stage_id = ("teacher", "student", "distilled").index(stage)
+    stage_id = ("teacher", "student", "distilled").index(stage.split("-")[0])
     n = len(data.x_train)
     bar = tqdm(total=n * epochs, initial=n * state["epoch"], desc=stage, unit="img",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
@@ -182,7 +192,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         gen = torch.Generator(device=device).manual_seed(seed)  # augmentation, drawn on the device
         model.train()
         total = torch.zeros((), device=device)
-        train_meter = CalibrationMeter(cfg.num_bins) if teacher is not None else None
+        distilling = teacher is not None or sparse_teacher is not None
+        train_meter = CalibrationMeter(cfg.num_bins) if distilling else None
         t0 = time.perf_counter()
         for i, batch in enumerate(perm.split(cfg.batch_size)):
             # every rank draws the same augmentation, then keeps its slice of the global batch;
@@ -193,7 +204,13 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             per_rank = len(batch) / world
             with _autocast(device):
                 out = step_fn(x)
-            if teacher is None:
+            if sparse_teacher is not None:
+                ids, logprobs = sparse_teacher[0][idx], sparse_teacher[1][idx]
+                loss = sparse_kd_loss(out, ids, logprobs, y, temperature=state["temperature"],
+                                      alpha=state["alpha"], tail=cfg.teacher_cache_tail, num_items=per_rank,
+                                      meter=train_meter, backend=cfg.backend,
+                                      validate_labels=False)  # labels and the cache were checked once
+            elif teacher is None:
                 loss = F.cross_entropy(out.float(), y, reduction="sum") / per_rank
             else:
                 if cached is not None:

@@ -394,3 +394,66 @@ def test_cli_refuses_a_bad_token_file(capsys, tmp_path, tokens, message):
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "c").exists()
 
+
+# ---- the study: fastkd distill --teacher-cache K ... ----
+
+def test_study_adds_one_row_per_cached_k(capsys, tmp_path, monkeypatch):
+    import fastkd.train
+    from fastkd.cli import main
+
+    seen = []  # K of every sparse step: the cached students never see the live teacher's logits
+    real = fastkd.train.sparse_kd_loss
+    monkeypatch.setattr(fastkd.train, "sparse_kd_loss", lambda s, ids, *a, **k: seen.append(ids.shape[-1])
+                        or real(s, ids, *a, **k))
+    # the torch backend: under the Triton interpreter (CI) every step would take seconds; the
+    # kernels themselves are tested in test_sparse.py
+    code = main(["distill", "--no-progress", "--out-dir", str(tmp_path), "--epochs", "1", "--teacher-epochs", "2",
+                 "--teacher-cache", "10", "1", "1", "--backend", "torch"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    folder = tmp_path / "digits-s0"
+    report = json.loads((folder / "report.json").read_text())
+    results = report["results"]
+    assert list(results) == ["teacher", "student", "distilled", "distilled-top1", "distilled-top10"]
+    assert sorted(set(seen)) == [1, 10] and len(seen) == 2 * 9  # 2 students x 1 epoch x 9 batches
+    for key in ("distilled-top1", "distilled-top10"):
+        r = results[key]
+        assert r["model"] == "mlp-tiny" and r["parameters"] == results["distilled"]["parameters"]
+        for metric in ("accuracy", "ece", "nll", "brier", "agreement"):
+            assert 0 <= r[metric] <= (2.0 if metric in ("nll", "brier") else 1.0) or metric == "nll", (key, metric)
+    # K = V with the tail bucket is the dense teacher up to fp16 storage: the same student comes out
+    dense, full = results["distilled"], results["distilled-top10"]
+    assert abs(dense["nll"] - full["nll"]) < 1e-2 and abs(dense["accuracy"] - full["accuracy"]) <= 2 / 360
+    cache = report["teacher_cache"]
+    assert cache["k"] == 10 and cache["tail"] == "bucket" and cache["dtype"] == "float16"
+    assert len(TeacherCache(folder / "teacher-cache", rows=1078, vocab=10, k=10)) == 1078
+    for text in (printed, (folder / "report.md").read_text()):
+        assert "| distilled, top-1 cache | mlp-tiny |" in text and "| distilled, top-10 cache | mlp-tiny |" in text
+    assert "sparse_kd_loss" in (folder / "report.md").read_text()
+    stages = [json.loads(line)["stage"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("distilled-top1") == stages.count("distilled-top10") == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--teacher-cache", "0"], "--teacher-cache values must be >= 1"),
+    (["--teacher-cache", "11"], "--teacher-cache 11: more entries than the 10 classes of digits"),
+    (["--teacher-cache", "3", "--divergence", "jsd"], "takes --divergence kl only, got 'jsd'"),
+    (["--teacher-cache-tail", "spread"], "unknown --teacher-cache-tail 'spread'; choose from bucket, renormalize"),
+], ids=["zero", "above-classes", "divergence", "tail"])
+def test_study_bad_teacher_cache_arguments(capsys, tmp_path, args, message):
+    from fastkd.cli import main
+
+    code = main(["distill", "--no-progress", "--out-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_study_refuses_a_cache_for_augmented_data(capsys, tmp_path):
+    from fastkd.cli import main
+    from test_study import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path / "data")
+    code = main(["distill", "--no-progress", "--out-dir", str(tmp_path), "--dataset", "cifar10",
+                 "--data-dir", str(tmp_path / "data"), "--teacher-cache", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "needs inputs that repeat exactly; cifar10 is augmented" in err, err
