@@ -395,6 +395,41 @@ def test_cli_refuses_a_bad_token_file(capsys, tmp_path, tokens, message):
     assert not (tmp_path / "c").exists()
 
 
+# ---- the README's offline-teacher example, run as written ----
+
+def readme_section(title):
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return text.split(f"### {title}", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+
+
+def code_blocks(section, language):
+    return [b.split("\n", 1)[1] for b in section.split("```")[1::2] if b.startswith(language + "\n")]
+
+
+def test_readme_offline_teacher_example(capsys, tmp_path, monkeypatch, gen):
+    """The README's command and training loop, verbatim, on tiny random models in a scratch folder."""
+    import shlex
+
+    from fastkd.cli import main
+
+    section = readme_section("Offline teacher")
+    (command,) = code_blocks(section, "bash")
+    (program,) = code_blocks(section, "python")
+    monkeypatch.chdir(tmp_path)
+    save_tiny_llama(tmp_path / "teacher", 32, 2)
+    student = save_tiny_llama(tmp_path / "student", 16, 1, seed=1)
+    np.save(tmp_path / "tokens.npy", torch.randint(0, 96, (6, 9), generator=gen).numpy())
+    argv = shlex.split(command.strip())
+    assert argv[0] == "fastkd" and main([*argv[1:], "--no-progress"]) == 0, capsys.readouterr().err
+    before = student.get_output_embeddings().weight.detach().clone()
+    scope = {}
+    exec(compile(program, "README.md", "exec"), scope)
+    assert torch.isfinite(scope["loss"]) and scope["teacher_ids"].shape == (2, 9, 64)
+    assert not torch.equal(scope["student"].get_output_embeddings().weight, before)  # it trained
+
+
 # ---- the study: fastkd distill --teacher-cache K ... ----
 
 def test_study_adds_one_row_per_cached_k(capsys, tmp_path, monkeypatch):
