@@ -26,7 +26,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                    meter._state_on(s.device) if meter is not None else None,
                    teacher_meter._state_on(s.device) if teacher_meter is not None else None,
                    spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.divergence,
-                   spec.ignore_index, spec.has_ce, num_bins)
+                   spec.ignore_index, spec.has_ce, num_bins, spec.grad_unit)
     if gs is not None and gs.dtype != out_s:
         gs = gs.to(out_s)
     if gt is not None and gt.dtype != out_t:
@@ -34,7 +34,8 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     return (loss.sum() if reduce else loss), gs, gt
 
 
-def scale_grad(grad, grad_output):
-    """The backward: grad *= grad_output in place; skipped on the device where it is 1."""
-    load().scale_grad(grad, grad_output.detach().to(torch.float32).contiguous())
+def scale_grad(grad, factor):
+    """The backward: grad *= factor (a scalar or one per row) in place, in fp32; skipped on the
+    device where the factor is 1."""
+    load().scale_grad(grad, factor.detach().to(device=grad.device, dtype=torch.float32).contiguous())
     return grad

@@ -33,8 +33,9 @@ class KDSpec:
 
 
 def inv_count_on_host(row_count) -> float:
-    """1 / rows that count when the host knows it (an int); 1.0 when the kernel reads a tensor."""
-    return 1.0 if torch.is_tensor(row_count) else 1.0 / max(row_count, 1)
+    """1 / rows that count when the host knows it (a count, or a caller's positive ``num_items``;
+    no rows: 1); 1.0 when the kernel reads a tensor."""
+    return 1.0 if torch.is_tensor(row_count) else 1.0 / row_count if row_count > 0 else 1.0
 
 
 def meter_args(meter, teacher_meter, device, stand_in):

@@ -70,9 +70,10 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         if labels is not None:
             lab = labels[lo:hi]
             keep = lab != spec.ignore_index
-            lab = torch.where(keep, lab, 0)
+            bad = keep & ((lab < 0) | (lab >= c))  # only with validate_labels=False: NaN rows
+            lab = torch.where(keep & ~bad, lab, 0)
         else:
-            lab, keep = None, torch.ones(hi - lo, dtype=torch.bool, device=s.device)
+            lab, keep, bad = None, torch.ones(hi - lo, dtype=torch.bool, device=s.device), None
         la = (x * spec.inv_temperature).log_softmax(-1)
         lb = (y * spec.inv_temperature).log_softmax(-1)
         div, ga, gb = _divergence(la, lb, spec, grad_t)
@@ -80,8 +81,12 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         if spec.has_ce:
             l1 = la if spec.inv_temperature == 1.0 else x.log_softmax(-1)
             row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
-        loss[lo:hi] = torch.where(keep, row * scale, 0.0)
-        w = torch.where(keep, scale, 0.0)[:, None]
+        w = torch.where(keep, scale, 0.0)  # the row scale of the loss
+        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0)  # of the gradient
+        if bad is not None:
+            w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
+        loss[lo:hi] = torch.where(keep, row * w, 0.0)
+        w = w_grad[:, None]
         kd_g = spec.kd_scale * spec.inv_temperature
         if grad_s:
             g = kd_g * ga
@@ -93,12 +98,14 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
             gt[lo:hi] = torch.where(w != 0, kd_g * gb * w, 0.0)
         for m, logits in ((meter, x), (teacher_meter, y)):
             if m is not None:
-                m._add_rows(logits, lab, keep)
+                m._add_rows(logits, lab, keep, bad)
     return loss.sum() if reduce else loss, gs, gt
 
 
-def scale_grad(grad, grad_output):
-    """The backward: the gradient from the forward times the upstream gradient (out of place)."""
-    if grad_output.dim():
-        grad_output = grad_output.reshape(-1, 1)
-    return grad * grad_output.to(grad.dtype)
+def scale_grad(grad, factor):
+    """The backward: the gradient from the forward times ``factor`` (0-d, or one per row), out of
+    place. The product is taken in fp32 (float64 for float64): a loss scaler's 2^16 is inf in fp16."""
+    if factor.dim():
+        factor = factor.reshape(-1, 1)
+    cd = _compute_dtype(grad)
+    return (grad.to(cd) * factor.to(cd)).to(grad.dtype)

@@ -83,6 +83,16 @@ def available_backends(device=None) -> list[BackendInfo]:
 
 def resolve(backend, device: torch.device, dtypes):
     """The backend module for a call (``kd_forward``/``scale_grad``), or a ValueError saying why not."""
+    return module(resolve_name(backend, device, dtypes))
+
+
+def module(name: str):
+    """The module of a backend that can run (``resolve_name``'s answer)."""
+    return importlib.import_module(f"fastkd._{name}_kd")
+
+
+def resolve_name(backend, device: torch.device, dtypes) -> str:
+    """The name of the backend that runs a call, or a ValueError saying why none can."""
     name = backend if backend is not None else os.environ.get("FASTKD_BACKEND", "auto") or "auto"
     source = "backend" if backend is not None else "FASTKD_BACKEND"
     if not isinstance(name, str) or name.lower() not in BACKENDS:
@@ -97,4 +107,4 @@ def resolve(backend, device: torch.device, dtypes):
         if why and name == "triton":
             raise ValueError(f"{source}='triton' cannot run: {why}")
         name = "torch" if why else "triton"
-    return importlib.import_module(f"fastkd._{name}_kd")
+    return name

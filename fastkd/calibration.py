@@ -75,7 +75,9 @@ def _norm(gap: torch.Tensor, prop: torch.Tensor, norm: str) -> torch.Tensor:
 def _histogram(conf, correct, keep, num_bins):
     """Per-bin (count, confidence sum, correct sum) in float64; rows where ``keep`` is False add nothing."""
     idx = torch.bucketize(conf, bin_edges(num_bins, conf.device, conf.dtype)[:-1], right=True) - 1
-    idx = idx.clamp_(0, num_bins)  # a NaN confidence lands in the last bin, as its NaN sum shows
+    # a NaN confidence (NaN logits, or a row of -inf) lands in the last bin, as its NaN sum shows;
+    # the kernels put it there too, so every labelled row is counted
+    idx = idx.clamp_(0, num_bins)
     out = torch.zeros(3, num_bins + 1, dtype=torch.float64, device=conf.device)
     for i, v in enumerate((keep, conf, correct)):
         out[i].scatter_add_(0, idx, torch.where(keep, v.to(torch.float64), 0.0))
@@ -163,13 +165,18 @@ class CalibrationMeter:
         return self.state
 
     def _edges_on(self, device) -> torch.Tensor:
-        if self._edges is None or self._edges.device != self._state_on(device).device:
-            self._edges = bin_edges(self.num_bins, self.state.device)
+        state = self._state_on(device)
+        if self._edges is None or self._edges.device != state.device:
+            self._edges = bin_edges(self.num_bins, state.device)
         return self._edges
 
-    def _add_rows(self, x, labels, keep):
-        """Adds rows of fp32/fp64 logits ``x``; rows where ``keep`` is False add nothing."""
+    def _add_rows(self, x, labels, keep, bad=None):
+        """Adds rows of fp32/fp64 logits ``x``; rows where ``keep`` is False add nothing. Rows
+        flagged ``bad`` (a label out of range, unchecked) count, as wrong, with NaN NLL and Brier."""
         conf, correct, nll, brier = row_statistics(x, labels.clamp(min=0))
+        if bad is not None:
+            correct = correct & ~bad
+            nll, brier = torch.where(bad, torch.nan, nll), torch.where(bad, torch.nan, brier)
         state = self._state_on(x.device)
         nb = self.num_bins + 1
         state[: 3 * nb] += _histogram(conf, correct, keep, self.num_bins).reshape(-1)

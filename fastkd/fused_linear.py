@@ -25,7 +25,7 @@ from torch import nn
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
 from .calibration import _check_labels
-from .loss import _check_logits, _check_objective, _check_real
+from .loss import _backward_factor, _check_logits, _check_objective, _check_real
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
 
@@ -87,10 +87,13 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_s, grad_t = any(need[0:3]), any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], wt.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hs.device)
-        g_hs = torch.empty_like(hs) if need[0] else None
+        deferred = not spec.row_scaled_grad  # fp16: hidden-state gradients kept in fp32 until the end
+        g_hs = (torch.empty(hs.shape, dtype=torch.float32, device=hs.device) if deferred else torch.empty_like(hs)) \
+            if need[0] else None
         g_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need[1] else None
         g_bs = torch.zeros(v_s, dtype=torch.float32, device=ws.device) if need[2] else None
-        g_ht = torch.empty_like(ht) if need[3] else None
+        g_ht = (torch.empty(ht.shape, dtype=torch.float32, device=ht.device) if deferred else torch.empty_like(ht)) \
+            if need[3] else None
         g_wt = torch.zeros(wt.shape, dtype=torch.float32, device=wt.device) if need[4] else None
         g_bt = torch.zeros(v_t, dtype=torch.float32, device=wt.device) if need[5] else None
         for lo in range(0, n, chunk):
@@ -108,6 +111,11 @@ class _FusedLinearKD(torch.autograd.Function):
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
                 _project_back(d_t, h_t, wt, g_ht, g_wt, g_bt, lo, hi)
         ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
+        if deferred:  # the row scale the kernel left out (KDSpec.grad_unit), now in fp32
+            factor = _backward_factor(row_count, spec)
+            for g in ctx.grads:
+                if g is not None:
+                    g.mul_(factor)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
         return loss  # rows come scaled by 1 / row_count
@@ -127,8 +135,30 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
 
     Hidden states ``(..., H)`` (student and teacher may have different H), weights ``(V, H)``.
     Reductions "batchmean", "sum" and "mean" ("none" would need a weight gradient per row: use
-    :func:`fastkd.kd_loss` on materialised logits for that).
+    :func:`fastkd.kd_loss` on materialised logits for that). Under ``torch.autocast`` the inputs are
+    cast to its dtype as ``F.linear``'s would be (fp32 weights, bf16 hidden states: fine).
     """
+    device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
+    args = _follow_autocast(device_type, student_hidden, student_weight, student_bias, teacher_hidden,
+                            teacher_weight, teacher_bias)
+    with torch.autocast(device_type, enabled=False):
+        return _fused_linear(*args, labels, temperature=temperature, alpha=alpha, divergence=divergence,
+                             beta=beta, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                             backend=backend)
+
+
+def _follow_autocast(device_type, *tensors):
+    """Under autocast, the tensors cast to its dtype as F.linear's would be (fp32 weights with bf16
+    hidden states, as a Hugging Face model under autocast has them); unchanged otherwise."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+                 else x for x in tensors)
+
+
+def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  labels, *, temperature, alpha, divergence, beta, ignore_index, reduction, chunk_size, backend):
     _check_linear(student_hidden, student_weight, student_bias, "student")
     _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
@@ -155,8 +185,11 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
         row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else n
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
     kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
+    # fp16: the kernel's gradient is kept unit-scaled (<= 1) for the GEMMs, the row scale applied in fp32
+    kd_g = kd_scale / temperature
+    grad_unit = 1.0 / (kd_g + 1.0 - alpha) if torch.float16 in dtypes else 0.0
     spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), beta,
-                  ignore_index)
+                  ignore_index, grad_unit)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                 row_count, spec, impl, chunk)
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import backends
-from ._spec import DIVERGENCES, KDSpec
+from . import _ops, backends
+from ._spec import DIVERGENCES, KDSpec, inv_count_on_host
 from .calibration import CalibrationMeter, _check_labels
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -81,6 +81,28 @@ def _check_meter(meter, name, device):
     meter._state_on(device)  # raises if it already holds statistics on another device
 
 
+def _grad_unit(kd_g, ce_scale, divergence, dtypes) -> float:
+    """KDSpec.grad_unit. fp16 gradients are saved without the row scale, so that the forward does
+    not round them before a loss scaler's 2^16 is known, and high in fp16's range: an entry of
+    the saved gradient is then at least the final one (no normal fp16 entry flushed to 0) whenever
+    grad_output / rows <= 2^14 / bound. For KL the bound holds exactly: |kd_g (p_s - p_t) +
+    ce (p - onehot)| <= kd_g + ce. Reverse KL and JSD multiply by a log-ratio, unbounded a priori:
+    2^4 keeps room for log-ratios up to about 2^11 before fp16 overflows. Other dtypes: saved final."""
+    if torch.float16 not in dtypes:
+        return 0.0
+    return (2.0**14 if divergence == "kl" else 2.0**4) / (kd_g + ce_scale)
+
+
+def _backward_factor(row_count, spec: KDSpec):
+    """What the backward multiplies the saved gradient by besides grad_output: None when the
+    forward applied the row scale, else 1 / (rows that count * grad_unit)."""
+    if spec.row_scaled_grad:
+        return None
+    if torch.is_tensor(row_count):
+        return 1.0 / (row_count.clamp(min=1).to(torch.float32).reshape(()) * spec.grad_unit)
+    return inv_count_on_host(row_count) / spec.grad_unit
+
+
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, labels, row_count, spec, reduction, impl, meter, teacher_meter):
@@ -88,6 +110,7 @@ class _FusedKD(torch.autograd.Function):
                                        ctx.needs_input_grad[1], meter, teacher_meter,
                                        reduce=reduction != "none")  # rows come scaled by 1/count
         ctx.impl, ctx.grads = impl, (gs, gt)
+        ctx.factor = _backward_factor(row_count, spec)
         return loss
 
     @staticmethod
@@ -100,13 +123,16 @@ class _FusedKD(torch.autograd.Function):
         gs, gt = ctx.grads
         if ctx.impl.INPLACE_BACKWARD:
             ctx.grads = None
-        gs = ctx.impl.scale_grad(gs, grad_output) if gs is not None else None
-        gt = ctx.impl.scale_grad(gt, grad_output) if gt is not None else None
+        factor = grad_output.detach().to(torch.float32)
+        if ctx.factor is not None:
+            factor = factor * ctx.factor
+        gs = ctx.impl.scale_grad(gs, factor) if gs is not None else None
+        gt = ctx.impl.scale_grad(gt, factor) if gt is not None else None
         return gs, gt, None, None, None, None, None, None, None
 
 
 def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
-           reduction, meter, teacher_meter, backend, validate_labels, t_squared):
+           reduction, meter, teacher_meter, backend, validate_labels, t_squared, num_items=None):
     """Validates everything, then runs one fused evaluation on the chosen backend."""
     _check_logits(s, "student_logits")
     _check_logits(t, "teacher_logits")
@@ -119,8 +145,11 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels,
                                          ce_weight)
     c = s.shape[-1]
+    compiling = torch.compiler.is_compiling()
     if labels is not None:
-        _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels)
+        # under torch.compile the range check would sync the host: a label out of range gives a
+        # NaN loss and NaN gradients for its row instead (as with validate_labels=False)
+        _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels and not compiling)
         if labels.device != s.device:
             raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
     for m, name in ((meter, "meter"), (teacher_meter, "teacher_meter")):
@@ -129,52 +158,78 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
             raise ValueError(f"{name} needs labels (calibration compares predictions with them)")
     if meter is not None and teacher_meter is not None and meter.num_bins != teacher_meter.num_bins:
         raise ValueError("meter and teacher_meter must have the same num_bins")
-    impl = backends.resolve(backend, s.device, (s.dtype, t.dtype))
+    backend_name = backends.resolve_name(backend, s.device, (s.dtype, t.dtype))
 
     s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
     s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
     t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     row_count = 1  # rows divide by this; summed on the device when labels decide it (no host sync)
-    if reduction in ("batchmean", "mean"):
+    if num_items is not None:
+        row_count = _check_num_items(num_items, reduction, s.device)
+    elif reduction in ("batchmean", "mean"):
         row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
     kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
-    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta,
-                  ignore_index)
-    loss = _FusedKD.apply(s2, t2, labels2, row_count, spec, reduction, impl, meter, teacher_meter)
+    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta, ignore_index,
+                  _grad_unit(kd_scale / temperature, ce_weight, divergence, (s.dtype, t.dtype)))
+    with torch.autocast(s.device.type, enabled=False):  # the kernels pick their own precision
+        if compiling:
+            loss = _ops.fused_kd(s2, t2, labels2, row_count, spec, reduction != "none", backend_name, meter,
+                                 teacher_meter)
+        else:
+            loss = _FusedKD.apply(s2, t2, labels2, row_count, spec, reduction, backends.module(backend_name),
+                                  meter, teacher_meter)
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
 
+def _check_num_items(num_items, reduction, device):
+    """What "batchmean" divides by instead of the rows that count: a positive number, or an
+    integer tensor of one element on the logits' device (summed there, e.g. over micro-batches)."""
+    if reduction != "batchmean":
+        raise ValueError(f"num_items replaces the row count of reduction='batchmean', got reduction={reduction!r}")
+    if torch.is_tensor(num_items):
+        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.dtype == torch.bool:
+            raise TypeError(f"num_items must be a number or a one-element integer tensor, got {num_items.dtype} "
+                            f"of shape {tuple(num_items.shape)}")
+        if num_items.device != device:
+            raise ValueError(f"num_items ({num_items.device}) must be on the logits' device ({device})")
+        return num_items.reshape(1).to(torch.int64)
+    return _check_real(num_items, "num_items", 0.0, math.inf, True, True)
+
+
 def kl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", *,
-            ignore_index=-100, labels=None, backend=None, validate_labels=True):
+            ignore_index=-100, labels=None, backend=None, validate_labels=True, num_items=None):
     """KL(p_t || p_s) of tempered softmaxes: a drop-in for the PyTorch KD recipe's ``F.kl_div``.
 
     ``kl_loss(s, t, temperature=T)`` equals
     ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
     ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
     ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
-    range check of labels (its one host synchronisation).
+    range check of labels (its one host synchronisation). ``num_items``: see :func:`kd_loss`.
     """
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=1.0,
                   ce_weight=0.0, divergence="kl", beta=0.5, ignore_index=ignore_index,
                   reduction=reduction, meter=None, teacher_meter=None, backend=backend,
-                  validate_labels=validate_labels, t_squared=False)
+                  validate_labels=validate_labels, t_squared=False, num_items=num_items)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, alpha=0.9,
             divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean", meter=None,
-            teacher_meter=None, backend=None, validate_labels=True):
+            teacher_meter=None, backend=None, validate_labels=True, num_items=None):
     """The distillation objective ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE(s, labels)`` in one pass.
 
     ``meter`` / ``teacher_meter`` (:class:`CalibrationMeter`) collect the calibration statistics
     of the student's / teacher's logits at T = 1 inside the same pass. See the module docstring
-    for the divergences and reductions.
+    for the divergences and reductions. ``num_items`` (with "batchmean"): divide the sum by this
+    instead of the rows that count — the global count under gradient accumulation or DDP (a
+    number, or a one-element integer tensor); the scale is folded into the kernel, so the
+    backward still moves no data.
     """
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,
                   ce_weight=1.0 - alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
                   reduction=reduction, meter=meter, teacher_meter=teacher_meter, backend=backend,
-                  validate_labels=validate_labels, t_squared=True)
+                  validate_labels=validate_labels, t_squared=True, num_items=num_items)
 
 
 class KLDivLoss(nn.Module):

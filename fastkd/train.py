@@ -190,11 +190,11 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             x = distributed.shard(data.prepare(data.x_train[batch], gen))
             idx = distributed.shard(batch)
             y = data.y_train[idx]
-            scale = world / len(batch)
+            per_rank = len(batch) / world
             with _autocast(device):
                 out = step_fn(x)
             if teacher is None:
-                loss = F.cross_entropy(out.float(), y, reduction="sum") * scale
+                loss = F.cross_entropy(out.float(), y, reduction="sum") / per_rank
             else:
                 if cached is not None:
                     t_logits = cached[idx]
@@ -203,14 +203,14 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
                         teacher.eval()
                         t_logits = teacher(x)
                 loss = kd_loss(out, t_logits, y, temperature=state["temperature"], alpha=state["alpha"],
-                               divergence=cfg.divergence, reduction="sum", meter=train_meter,
-                               backend=cfg.backend,
-                               validate_labels=False) * scale  # labels were checked at loading
+                               divergence=cfg.divergence, num_items=per_rank, meter=train_meter,
+                               backend=cfg.backend,  # the scale in the kernel: a backward moving no data
+                               validate_labels=False)  # labels were checked at loading
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.detach() / scale
+            total += loss.detach() * per_rank
             bar.update(len(batch))
             if cfg.progress and i % cfg.log_interval == 0:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")

@@ -6,7 +6,7 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
                 const c10::optional<at::Tensor>& grad_s, const c10::optional<at::Tensor>& grad_t,
                 const c10::optional<at::Tensor>& meter_s, const c10::optional<at::Tensor>& meter_t,
                 double inv_temp, double kd_scale, double ce_scale, double beta, int64_t divergence,
-                int64_t ignore_index, bool has_ce, int64_t num_bins);
+                int64_t ignore_index, bool has_ce, int64_t num_bins, double grad_unit);
 void scale_grad(at::Tensor grad, const at::Tensor& factor);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

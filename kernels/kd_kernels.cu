@@ -16,6 +16,8 @@
 
 #include <cmath>
 
+#include "launch_limits.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -30,6 +32,7 @@ struct Params {
   const int64_t* labels;   // null: no labels
   const int64_t* row_count;  // rows that count, summed on the device; null: use inv_count
   float inv_count;
+  float grad_unit;  // 0: gradients times the row scale; > 0: times grad_unit, no row scale (fp16)
   const float* edges;      // num_bins + 2 (last = +inf)
   float* loss;
   double* meter_s;  // null: no student meter
@@ -127,9 +130,17 @@ __device__ __forceinline__ Terms divergence_terms(float x, float y, float lse_a,
   return e;
 }
 
+// The factor a row's gradient is written with: 0 for ignored rows, NaN for a row whose label is
+// out of range (a loss scaler then skips the step), else grad_unit or the row scale w.
+__device__ __forceinline__ float grad_scale(bool keep, bool bad_label, float w, const Params& p) {
+  if (!keep) return 0.f;
+  if (bad_label) return NAN;
+  return p.grad_unit > 0.f ? p.grad_unit : w;
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ void store_grads(const Terms& e, float x, int64_t col, int64_t label,
-                                            float lse_1, float w, float d_s, float d_t,
+                                            float lse_1, float scale, float d_s, float d_t,
                                             scalar_t* gs, scalar_t* gt, const Params& p) {
   float ga, gb;
   if (p.divergence == 0) {
@@ -146,20 +157,28 @@ __device__ __forceinline__ void store_grads(const Terms& e, float x, int64_t col
   if (p.grad_s) {
     float g = kd_g * ga;
     if (p.has_ce) g += p.ce_scale * (expf(x - lse_1) - (col == label ? 1.f : 0.f));
-    gs[col] = static_cast<scalar_t>(w != 0.f ? g * w : 0.f);
+    gs[col] = static_cast<scalar_t>(scale != 0.f ? g * scale : 0.f);
   }
-  if (p.grad_t) gt[col] = static_cast<scalar_t>(w != 0.f ? kd_g * gb * w : 0.f);
+  if (p.grad_t) gt[col] = static_cast<scalar_t>(scale != 0.f ? kd_g * gb * scale : 0.f);
 }
 
-// Adds one row to a shared-memory histogram laid out as the meter's state.
+// The histogram bin of a confidence: bucketize(right=True) - 1 on the meter's fp32 edges; NaN
+// (an all -inf or NaN row) goes to the last bin, as in CalibrationMeter.update.
+__device__ __forceinline__ int confidence_bin(float conf, const Params& p) {
+  if (isnan(conf)) return p.num_bins;
+  int b = min(max(static_cast<int>(conf * p.num_bins), 0), p.num_bins);
+  if (conf < p.edges[b]) b -= 1;
+  if (conf >= p.edges[b + 1]) b += 1;
+  return min(max(b, 0), p.num_bins);
+}
+
+// Adds one row to a shared-memory histogram laid out as the meter's state. `label` is -1 for an
+// out-of-range label (never correct; x_label is then NaN, so are NLL and Brier).
 __device__ void meter_add(double* hist, const Stats& st, float x_label, int64_t label, const Params& p) {
   float lse_1 = st.m + logf(st.z1);
-  float conf = 1.f / st.z1;
+  float conf = isfinite(st.z1) && st.z1 > 0.f ? 1.f / st.z1 : NAN;  // the top class has mass 1
   int nb = p.num_bins + 1;
-  int b = min(max(static_cast<int>(conf * p.num_bins), 0), p.num_bins);
-  if (conf < p.edges[b]) b -= 1;  // bucketize(right=True) - 1 on the same fp32 edges
-  if (conf >= p.edges[b + 1]) b += 1;
-  b = min(max(b, 0), p.num_bins);
+  int b = confidence_bin(conf, p);
   atomicAdd(hist + b, 1.0);
   atomicAdd(hist + nb + b, static_cast<double>(conf));
   atomicAdd(hist + 2 * nb + b, st.arg == label ? 1.0 : 0.0);
@@ -194,8 +213,10 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* trow = t + row * p.stride_t;
     int64_t label = p.labels ? p.labels[row] : 0;
     bool keep = !p.labels || label != p.ignore_index;
-    label = keep ? label : 0;
+    bool bad_label = keep && p.labels && (label < 0 || label >= p.n_cols);  // validate_labels=False
+    label = keep && !bad_label ? label : 0;  // an index that is safe to read
     float w = keep ? (p.row_count ? 1.f / fmaxf(static_cast<float>(*p.row_count), 1.f) : p.inv_count) : 0.f;
+    float gscale = grad_scale(keep, bad_label, w, p);
 
     Stats st_s = empty_stats(), st_t = empty_stats();
     for (int64_t c = lane; c < p.n_cols; c += group) {  // sweep 1
@@ -215,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
       d_s += e.term_s;
       d_t += e.term_t;
       if (!late_grad)
-        store_grads(e, x, c, label, lse_1, w, 0.f, 0.f, gs + row * p.stride_gs, gt + row * p.stride_gt, p);
+        store_grads(e, x, c, label, lse_1, gscale, 0.f, 0.f, gs + row * p.stride_gs, gt + row * p.stride_gt, p);
     }
     d_s = group_sum<BLOCK_ROW>(d_s, sum_scratch);
     d_t = group_sum<BLOCK_ROW>(d_t, sum_scratch);
@@ -223,19 +244,21 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t c = lane; c < p.n_cols; c += group) {  // sweep 3
         float x = static_cast<float>(srow[c]);
         Terms e = divergence_terms(x, static_cast<float>(trow[c]), lse_a, lse_b, p);
-        store_grads(e, x, c, label, lse_1, w, d_s, d_t, gs + row * p.stride_gs, gt + row * p.stride_gt, p);
+        store_grads(e, x, c, label, lse_1, gscale, d_s, d_t, gs + row * p.stride_gs, gt + row * p.stride_gt, p);
       }
     }
     if (lane == 0) {
       float div = p.divergence == 0 ? d_t : (p.divergence == 1 ? d_s : p.beta * d_t + (1.f - p.beta) * d_s);
-      float x_label = keep && p.labels ? static_cast<float>(srow[label]) : 0.f;
+      float x_label = bad_label ? NAN : (keep && p.labels ? static_cast<float>(srow[label]) : 0.f);
       float loss = p.kd_scale * div;
       if (p.has_ce) loss += p.ce_scale * (lse_1 - x_label);
-      p.loss[row] = keep ? loss * w : 0.f;
-      if (keep && p.meter_s) meter_add(hist_s, st_s, x_label, label, p);
+      p.loss[row] = keep ? (bad_label ? NAN : loss * w) : 0.f;
+      int64_t meter_label = bad_label ? -1 : label;
+      if (keep && p.meter_s) meter_add(hist_s, st_s, x_label, meter_label, p);
       if (keep && p.meter_t) {
         // the teacher's T = 1 statistics were gathered with the same push (z1, z2 at T = 1)
-        meter_add(hist_t, st_t, static_cast<float>(trow[label]), label, p);
+        float y_label = bad_label ? NAN : static_cast<float>(trow[label]);
+        meter_add(hist_t, st_t, y_label, meter_label, p);
       }
     }
   }
@@ -261,12 +284,47 @@ T* ptr_or_null(const c10::optional<at::Tensor>& x) {
   return x.has_value() && x->defined() ? x->data_ptr<T>() : nullptr;
 }
 
-int grid_for(int64_t work_items, int per_block) {
-  int device = 0, sms = 1;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+// Blocks for a grid-stride launch on `device` (the tensors' device, not the current one).
+int grid_for(int device, int64_t work_items, int per_block) {
+  int sms = 1;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   int64_t blocks = (work_items + per_block - 1) / per_block;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 16LL * sms)));
+}
+
+void check_on_device(const c10::optional<at::Tensor>& x, const at::Device& device, const char* name) {
+  if (x.has_value() && x->defined())
+    TORCH_CHECK(x->device() == device, "fastkd cuda backend: ", name, " is on ", x->device(),
+                ", the logits on ", device);
+}
+
+// Lets `kernel` use `dynamic` bytes of dynamic shared memory on `device` (the current device under
+// the caller's guard), or refuses with an error naming num_bins when the device cannot give them.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  switch (fastkd::plan_dynamic_smem(dynamic, attributes.sharedSizeBytes, optin)) {
+    case fastkd::SmemPlan::kTooLarge:
+      TORCH_CHECK(false, fastkd::too_many_bins_message(num_bins, dynamic + attributes.sharedSizeBytes, optin));
+    case fastkd::SmemPlan::kOptIn:
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(dynamic)));
+      break;
+    case fastkd::SmemPlan::kDefault:
+      break;
+  }
+}
+
+template <typename scalar_t, bool BLOCK_ROW>
+void launch_kd_forward(const at::Tensor& s, const at::Tensor& t, scalar_t* gs, scalar_t* gt, const Params& p,
+                       int device, std::size_t smem, int64_t num_bins, cudaStream_t stream) {
+  auto kernel = kd_fwd_kernel<scalar_t, BLOCK_ROW>;
+  allow_dynamic_smem(kernel, device, smem, num_bins);
+  const int grid = grid_for(device, p.n_rows, BLOCK_ROW ? 1 : kWarps);
+  kernel<<<grid, kThreads, smem, stream>>>(s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), gs, gt, p);
 }
 
 }  // namespace
@@ -276,11 +334,21 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
                 const c10::optional<at::Tensor>& grad_s, const c10::optional<at::Tensor>& grad_t,
                 const c10::optional<at::Tensor>& meter_s, const c10::optional<at::Tensor>& meter_t,
                 double inv_temp, double kd_scale, double ce_scale, double beta, int64_t divergence,
-                int64_t ignore_index, bool has_ce, int64_t num_bins) {
+                int64_t ignore_index, bool has_ce, int64_t num_bins, double grad_unit) {
   TORCH_CHECK(s.is_cuda() && t.is_cuda(), "fastkd cuda backend: tensors must be on a CUDA device");
   TORCH_CHECK(s.scalar_type() == t.scalar_type(), "fastkd cuda backend: student and teacher dtypes differ");
   TORCH_CHECK(s.stride(1) == 1 && t.stride(1) == 1, "fastkd cuda backend: rows must be contiguous");
-  const c10::cuda::OptionalCUDAGuard guard(s.device());
+  const at::Device device = s.device();
+  TORCH_CHECK(t.device() == device, "fastkd cuda backend: teacher logits on ", t.device(), ", student on ", device);
+  check_on_device(labels, device, "labels");
+  check_on_device(row_count, device, "row_count");
+  check_on_device(grad_s, device, "grad_s");
+  check_on_device(grad_t, device, "grad_t");
+  check_on_device(meter_s, device, "meter");
+  check_on_device(meter_t, device, "teacher_meter");
+  check_on_device(edges, device, "the bin edges");
+  check_on_device(loss, device, "loss");
+  const c10::cuda::OptionalCUDAGuard guard(device);  // launches and queries below go to `device`
   Params p;
   p.n_rows = s.size(0);
   p.n_cols = s.size(1);
@@ -301,6 +369,7 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
   p.labels = ptr_or_null<int64_t>(labels);
   p.row_count = ptr_or_null<int64_t>(row_count);
   p.inv_count = static_cast<float>(inv_count);
+  p.grad_unit = static_cast<float>(grad_unit);
   p.edges = edges.data_ptr<float>();
   p.loss = loss.data_ptr<float>();
   p.meter_s = ptr_or_null<double>(meter_s);
@@ -308,18 +377,16 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
   if (p.n_rows == 0) return;
   const bool block_row = p.n_cols > 1024;
   const int n_hist = (p.meter_s ? 1 : 0) + (p.meter_t ? 1 : 0);
-  const size_t smem = sizeof(double) * n_hist * (3 * (num_bins + 1) + 2);
-  const int grid = grid_for(p.n_rows, block_row ? 1 : kWarps);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const std::size_t smem = fastkd::meter_smem_bytes(num_bins, n_hist, sizeof(double));
+  const int dev = device.index();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fastkd_kd_forward", [&] {
     scalar_t* gs = p.grad_s ? grad_s->data_ptr<scalar_t>() : nullptr;
     scalar_t* gt = p.grad_t ? grad_t->data_ptr<scalar_t>() : nullptr;
     if (block_row) {
-      kd_fwd_kernel<scalar_t, true><<<grid, kThreads, smem, stream>>>(
-          s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), gs, gt, p);
+      launch_kd_forward<scalar_t, true>(s, t, gs, gt, p, dev, smem, num_bins, stream);
     } else {
-      kd_fwd_kernel<scalar_t, false><<<grid, kThreads, smem, stream>>>(
-          s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), gs, gt, p);
+      launch_kd_forward<scalar_t, false>(s, t, gs, gt, p, dev, smem, num_bins, stream);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -327,11 +394,14 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
 
 void scale_grad(at::Tensor grad, const at::Tensor& factor) {
   TORCH_CHECK(grad.is_contiguous(), "fastkd cuda backend: the gradient must be contiguous");
+  TORCH_CHECK(factor.device() == grad.device(), "fastkd cuda backend: the factor is on ", factor.device(),
+              ", the gradient on ", grad.device());
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
-  const int grid = grid_for(n, kThreads * 4);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = grad.device().index();
+  const int grid = grid_for(dev, n, kThreads * 4);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastkd_scale_grad", [&] {
     scale_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         grad.data_ptr<scalar_t>(), factor.data_ptr<float>(), grad.size(-1), n, factor.dim() > 0);

@@ -124,6 +124,20 @@ def test_meter_counts_are_exact_over_many_rows():
     assert rep.accuracy == pytest.approx(500_001 / 1_000_003, abs=1e-12)
 
 
+def ignore_rows_near_bin_edges(labels, *logits, num_bins=15, margin=1e-5):
+    """Labels with rows whose confidence lies within ``margin`` of an inner bin edge ignored.
+
+    Two fp32 softmax implementations differ by a few ulp, so such a row may land on either side
+    of the edge; every other row must land in the same bin, exactly (and every labelled row counts).
+    """
+    labels = labels.clone()
+    for x in logits:
+        conf = x.double().softmax(-1).amax(-1)
+        dist = (conf * num_bins - (conf * num_bins).round()).abs() / num_bins
+        labels[(dist < margin) & (conf < 1 - margin)] = -100
+    return labels
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [pytest.param((300, 10), id="300x10"), pytest.param((23, 1100), id="23x1100")])
 def test_meters_inside_kd_loss_equal_update(backend, shape, gen):
@@ -133,6 +147,7 @@ def test_meters_inside_kd_loss_equal_update(backend, shape, gen):
     s[:3, 1] = 300.0  # certain rows: confidence exactly 1.0
     labels = torch.randint(0, shape[1], shape[:1], generator=gen)
     labels[5::7] = -100
+    labels = ignore_rows_near_bin_edges(labels, s, t)
     inside, teacher_inside = fastkd.CalibrationMeter(), fastkd.CalibrationMeter()
     fastkd.kd_loss(s.requires_grad_(), t, labels, meter=inside, teacher_meter=teacher_inside,
                    backend=backend).backward()

@@ -5,7 +5,9 @@ import torch
 
 import fastkd
 from reference import kd_objective
+from test_calibration import ignore_rows_near_bin_edges
 from test_loss import DTYPES, check_against_reference, close, randn, random_labels
+from test_training_setups import assert_fp16_gradient_close, reference_grad
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 def _gpu_backend(name):
@@ -64,7 +66,8 @@ def test_mixed_dtypes_noncontiguous_zero_rows_nan(backend, gen):
 @pytest.mark.parametrize("shape", [(5000, 10), (300, 3000)], ids=["5000x10", "300x3000"])
 def test_meters_inside_the_kernel_equal_update(backend, shape, gen):
     s, t = on_gpu(randn(shape, gen), randn(shape, gen))
-    (labels,) = on_gpu(random_labels(shape[:1], shape[1], gen, ignore_every=9))
+    (labels,) = on_gpu(ignore_rows_near_bin_edges(random_labels(shape[:1], shape[1], gen, ignore_every=9),
+                                                  s.cpu(), t.cpu()))
     inside, teacher_inside = fastkd.CalibrationMeter(), fastkd.CalibrationMeter()
     fastkd.kd_loss(s, t, labels, meter=inside, teacher_meter=teacher_inside, backend=backend)
     for meter, logits in ((inside, s), (teacher_inside, t)):
@@ -83,3 +86,186 @@ def test_backward_scales_by_grad_output_without_sync(backend, gen):
     s64 = s.detach().double().requires_grad_()
     (kd_objective(s64, t.double(), None, 4.0, 1.0) * 3).backward()
     close(s.grad, s64.grad, 1e-5)
+
+
+# --- the training set-ups of issue 18, on the device (CPU versions in tests/test_training_setups.py) ---
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("upstream", [65536.0, 1024.0, 2.0**-10], ids=["2^16", "2^10", "2^-10"])
+@pytest.mark.parametrize("shape", [(2048, 4000), (64, 128256)], ids=["2048x4000", "64x128256"])
+def test_fp16_gradient_survives_a_loss_scale(backend, upstream, shape, gen):
+    s, t = on_gpu(randn(shape, gen, torch.float16), randn(shape, gen, torch.float16))
+    (labels,) = on_gpu(random_labels(shape[:1], shape[1], gen, ignore_every=4))
+    s.requires_grad_()
+    kw = dict(temperature=2.0, alpha=0.5)
+    fastkd.kd_loss(s, t, labels, backend=backend, **kw).backward(torch.tensor(upstream, device="cuda"))
+    want = reference_grad(s.cpu(), t.cpu(), labels.cpu(), upstream, **kw)
+    assert_fp16_gradient_close(s.grad.cpu(), want)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_grad_scaler_and_fp16_autocast(backend, gen):
+    x, t = on_gpu(randn((512, 64), gen, scale=1.0), randn((512, 3000), gen, torch.float16))
+    (labels,) = on_gpu(random_labels((512,), 3000, gen, ignore_every=5))
+    weight = torch.nn.Parameter(randn((3000, 64), gen, scale=0.5).cuda())
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    opt = torch.optim.SGD([weight], lr=0.1)
+    with torch.autocast("cuda", dtype=torch.float16):
+        logits = torch.nn.functional.linear(x, weight)
+        loss = fastkd.kd_loss(logits, t, labels, temperature=2.0, alpha=0.7, backend=backend)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    assert torch.isfinite(weight.grad).all()
+    g_logits = reference_grad(logits.detach().cpu(), t.cpu(), labels.cpu(), 1.0, temperature=2.0, alpha=0.7)
+    want = g_logits.t() @ x.cpu().half().double()
+    assert (weight.grad.cpu().double() - want).norm() / want.norm() <= 2e-3
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_linear_follows_autocast(backend, dtype, gen):
+    h_s, h_t = on_gpu(randn((4, 33, 64), gen, dtype, 1.0), randn((4, 33, 96), gen, dtype, 1.0))
+    w_s = randn((5000, 64), gen, scale=0.2).cuda().requires_grad_()
+    (w_t,) = on_gpu(randn((5000, 96), gen, scale=0.2))
+    (labels,) = on_gpu(random_labels((4, 33), 5000, gen, ignore_every=4))
+    with torch.autocast("cuda", dtype=dtype):
+        out = fastkd.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, temperature=2.0, alpha=0.5, backend=backend)
+    out.backward()
+    cast_w = w_s.detach().to(dtype).requires_grad_()
+    want = fastkd.fused_linear_kd_loss(h_s, cast_w, h_t, w_t.to(dtype), labels, temperature=2.0, alpha=0.5,
+                                       backend=backend)
+    want.backward()
+    assert w_s.grad.dtype == torch.float32
+    close(out, want, 1e-6)
+    close(w_s.grad, cast_w.grad.float(), 1e-6)
+
+
+def _compiled_step(model, x, t, labels, meter, backend):
+    s = model(x)
+    return fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.7, meter=meter, backend=backend) \
+        + fastkd.kl_loss(s, t, temperature=3.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_fullgraph_equals_eager(backend, gen):
+    torch._dynamo.reset()
+    x, t = on_gpu(randn((256, 32), gen), randn((256, 1000), gen))
+    (labels,) = on_gpu(random_labels((256,), 1000, gen, ignore_every=5))
+    models = [torch.nn.Linear(32, 1000).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    step = torch.compile(_compiled_step, fullgraph=True)
+    results = []
+    for model, fn in zip(models, (_compiled_step, step)):
+        meter = fastkd.CalibrationMeter()
+        loss = fn(model, x, t, labels, meter, backend)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()], meter.state))
+    (l0, g0, m0), (l1, g1, m1) = results
+    torch.testing.assert_close(l1, l0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(m1, m0)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graphs_replayed_concurrently_on_two_streams(backend, gen):
+    """Two captured steps (reduction="sum", forward and backward) replayed 1000 times on two
+    streams at once: each owns its reduction state, so every replay equals eager."""
+    inputs = [on_gpu(randn((512, 1000), gen), randn((512, 1000), gen)) for _ in range(2)]
+    eager = []
+    for s, t in inputs:
+        s_ = s.clone().requires_grad_()
+        out = fastkd.kl_loss(s_, t, temperature=2.0, reduction="sum", backend=backend)
+        out.backward()
+        eager.append((out.detach(), s_.grad))
+    graphs, outs, statics = [], [], []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) outside capture
+        for s, t in inputs:
+            fastkd.kl_loss(s.clone().requires_grad_(), t, temperature=2.0, reduction="sum", backend=backend).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for s, t in inputs:
+        s_ = s.clone().requires_grad_()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fastkd.kl_loss(s_, t, temperature=2.0, reduction="sum", backend=backend)
+            out.backward()
+        graphs.append(g)
+        outs.append(out)
+        statics.append(s_)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    record = torch.empty(2, 1000, device="cuda")
+    for st in streams:
+        st.wait_stream(torch.cuda.current_stream())
+    for i in range(1000):
+        for k, st in enumerate(streams):
+            with torch.cuda.stream(st):
+                graphs[k].replay()
+                record[k, i].copy_(outs[k])
+    for st in streams:
+        torch.cuda.current_stream().wait_stream(st)
+    torch.cuda.synchronize()
+    for k in range(2):
+        assert (record[k] == eager[k][0]).all(), f"graph {k}: {record[k].unique()} vs {eager[k][0]}"
+        torch.testing.assert_close(statics[k].grad, eager[k][1])
+    # and eager calls after the graphs still sum right (the shared counter was not left dirty)
+    s, t = inputs[0]
+    assert fastkd.kl_loss(s, t, temperature=2.0, reduction="sum", backend=backend) == eager[0][0]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tensors_on_another_device_than_the_current_one(backend, gen):
+    s, t = randn((300, 1000), gen).to("cuda:1").requires_grad_(), randn((300, 1000), gen).to("cuda:1")
+    labels = random_labels((300,), 1000, gen, ignore_every=7).to("cuda:1")
+    meter = fastkd.CalibrationMeter()
+    with torch.cuda.device(0):
+        out = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.5, meter=meter, backend=backend)
+        out.backward(torch.tensor(2.0, device="cuda:1"))
+    torch.cuda.synchronize(1)
+    assert meter.state.device == torch.device("cuda:1")
+    close(out, kd_objective(s.detach().cpu().double(), t.cpu().double(), labels.cpu(), 2.0, 0.5), 1e-5)
+    close(s.grad.cpu(), reference_grad(s.detach().cpu(), t.cpu(), labels.cpu(), 2.0, temperature=2.0, alpha=0.5),
+          1e-5)
+    assert meter.compute().count == int((labels != -100).sum())
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_edge_rows_and_unchecked_bad_labels(backend, gen):
+    s, t = on_gpu(randn((9, 3000), gen), randn((9, 3000), gen))
+    s[1] = float("-inf")
+    t[2] = float("-inf")
+    s[4, 5] = float("nan")
+    labels = torch.tensor([3, 4, 5, 6, 7, -100, 3000, -3, 10**12], device="cuda")
+    inside, teacher_inside = fastkd.CalibrationMeter(), fastkd.CalibrationMeter()
+    s.requires_grad_()
+    rows = fastkd.kd_loss(s, t, labels, alpha=0.5, reduction="none", meter=inside, teacher_meter=teacher_inside,
+                          backend=backend, validate_labels=False)
+    rows.sum().backward()
+    torch.cuda.synchronize()
+    assert rows[6:].isnan().all() and s.grad[6:].isnan().all() and rows[5] == 0
+    in_range = labels.clone()
+    in_range[6:] = 0  # a row's bin depends on its confidence only
+    for meter, logits in ((inside, s), (teacher_inside, t)):
+        got = meter.compute()
+        want = fastkd.CalibrationMeter().update(logits.detach(), in_range).compute()
+        assert got.count == want.count == 8  # every labelled row, the -inf and NaN rows in the last bin
+        assert [b.count for b in got.bins] == [b.count for b in want.bins]
+        assert got.nll != got.nll  # the bad rows' NaN shows
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_many_bins_launch_or_are_refused_clearly(backend, gen):
+    s, t = on_gpu(randn((2000, 100), gen), randn((2000, 100), gen))
+    (labels,) = on_gpu(random_labels((2000,), 100, gen))
+    inside, teacher_inside = fastkd.CalibrationMeter(2000), fastkd.CalibrationMeter(2000)
+    try:
+        fastkd.kd_loss(s, t, labels, meter=inside, teacher_meter=teacher_inside, backend=backend)
+    except ValueError as e:
+        assert "num_bins" in str(e)
+        return
+    for meter, logits in ((inside, s), (teacher_inside, t)):
+        want = fastkd.CalibrationMeter(2000).update(logits, labels).compute()
+        assert meter.compute().count == want.count == 2000
+        assert meter.compute().ece == pytest.approx(want.ece, rel=1e-4, abs=1e-6)

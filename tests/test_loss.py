@@ -372,3 +372,36 @@ def test_scalar_loss_is_summed_in_the_same_launch_across_calls(gen):
         for reduction in ("sum", "batchmean"):
             out = fastkd.kd_loss(s, t, labels, reduction=reduction, backend="triton")
             close(out, kd_objective(s, t, labels, 4.0, 0.9, reduction=reduction), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+def test_num_items_divides_the_sum_inside_the_kernel(backend, as_tensor, gen, monkeypatch):
+    """Gradient accumulation / DDP: the sum over rows divided by a caller's count, folded into the
+    fused call, so that a plain backward() scales nothing (factor 1: no data moved)."""
+    s, t = randn((3, 5, 70), gen).requires_grad_(), randn((3, 5, 70), gen)
+    labels = random_labels((3, 5), 70, gen, ignore_every=4)
+    num_items = torch.tensor([37]) if as_tensor else 18.5
+    factors = []
+    impl = fastkd.backends.resolve(backend, s.device, (s.dtype,))
+    real = impl.scale_grad
+    monkeypatch.setattr(impl, "scale_grad", lambda g, f: factors.append(f.clone()) or real(g, f))
+    out = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.6, num_items=num_items, backend=backend)
+    out.backward()
+    n = float(num_items.item() if as_tensor else num_items)
+    s64 = s.detach().double().requires_grad_()
+    want = kd_objective(s64, t.double(), labels, 2.0, 0.6, reduction="sum") / n
+    want.backward()
+    close(out, want, 1e-5)
+    close(s.grad, s64.grad, 1e-5)
+    assert [float(f) for f in factors] == [1.0]
+
+
+def test_num_items_bad_values_are_named():
+    s = torch.randn(4, 5)
+    for bad, error in ((0, ValueError), (-2.0, ValueError), (float("nan"), TypeError), ("4", TypeError),
+                       (torch.tensor([1.5]), TypeError), (torch.tensor([1, 2]), TypeError)):
+        with pytest.raises(error, match="num_items"):
+            fastkd.kd_loss(s, s, alpha=1.0, num_items=bad, backend="torch")
+    with pytest.raises(ValueError, match="num_items"):
+        fastkd.kl_loss(s, s, reduction="sum", num_items=3, backend="torch")
