@@ -556,19 +556,26 @@ def _kd_fwd_kernel(
 
 
 @triton.jit
-def _scale_grad_kernel(grad_ptr, factor_ptr, n_cols, n_elements, FACTOR_PER_ROW: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """grad *= factor in place. Where the factor is 1 (the usual loss.backward()) the masked loads
-    and stores move no data, so the backward costs one scalar read: no host sync, no traffic."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < n_elements
+def _scale_grad_kernel(grad_ptr, factor_ptr, n_rows, n_cols, FACTOR_PER_ROW: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """grad *= factor in place, in fp32, on a contiguous (N, C) gradient: a tile of BLOCK_R rows x
+    BLOCK_C columns per program (grid: row tiles x column tiles), so a per-row factor is read once
+    per row, not found by a division per element. Where the factor is 1 (the usual
+    loss.backward()) the masked loads and stores move no data: no host sync, no traffic."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
     if FACTOR_PER_ROW:
-        f = tl.load(factor_ptr + offs // n_cols, mask=in_range, other=1.0)
+        f = tl.load(factor_ptr + rows, mask=row_ok, other=1.0)
     else:
-        f = tl.load(factor_ptr) + tl.zeros([BLOCK], dtype=tl.float32)
-    todo = in_range & (f != 1.0)
+        f = tl.load(factor_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
+    todo = (row_ok & (f != 1.0))[:, None] & (cols < n_cols)[None, :]
+    offs = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)[:, None] + cols[None, :]
     g = tl.load(grad_ptr + offs, mask=todo, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
+    tl.store(grad_ptr + offs, (g * f[:, None]).to(grad_ptr.dtype.element_ty), mask=todo)
+
+
+SCALE_BLOCK = 4096  # elements per program of scale_grad
 
 
 TUNED_CONFIGS = Path(__file__).with_name("triton_configs.json")  # written by bench/tune_triton.py
@@ -747,10 +754,14 @@ def scale_grad(grad, factor):
     (grad_output times the row scale over grad_unit, from loss.py). Where it is 1 no data moves
     (a device-side check, no host sync)."""
     factor = factor.detach().to(device=grad.device, dtype=torch.float32).contiguous()
-    n = grad.numel()
-    if n:
-        block = 4096
+    n_cols = grad.shape[-1] if grad.dim() else 1
+    n_rows = grad.numel() // max(n_cols, 1)
+    if grad.numel():
+        block_c = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+        block_r = max(1, SCALE_BLOCK // block_c)
+        vec = _vector_width(n_cols, (), grad.element_size(), (grad.data_ptr(),))
         with _on(grad.device):
-            _scale_grad_kernel[(triton.cdiv(n, block),)](grad, factor, grad.shape[-1], n,
-                                                         FACTOR_PER_ROW=factor.dim() > 0, BLOCK=block)
+            _scale_grad_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))](
+                grad, factor, n_rows, n_cols, FACTOR_PER_ROW=factor.dim() > 0, BLOCK_R=block_r,
+                BLOCK_C=block_c, VEC=vec, num_warps=8)
     return grad

@@ -106,7 +106,7 @@ def main() -> int:
     for dtype, per_row in itertools.product(("fp32", "bf16"), (False, True)):
         try:
             compile_kernel(K._scale_grad_kernel, {"grad_ptr": f"*{dtype}", "factor_ptr": "*fp32"},
-                           dict(FACTOR_PER_ROW=per_row, BLOCK=4096), num_warps=8)
+                           dict(FACTOR_PER_ROW=per_row, BLOCK_R=256, BLOCK_C=16, VEC=2), num_warps=8)
             print("ok   scale_grad", dtype, per_row)
         except Exception as e:
             failures += 1

@@ -92,6 +92,20 @@ def test_scale_grad_with_factor_one_moves_nothing(gen):
     assert torch.equal(g[3], (before[3].float() * 2).half()) and torch.equal(g[:3], before[:3])
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5000), (37, 10)], ids=["BxTxC-two-column-tiles", "37x10"])
+def test_scale_grad_per_row_factor(shape, gen):
+    """A per-row factor (reduction="none") is read per row of a tile; (B, T, C) gradients with a
+    (B, T) factor; rows whose factor is 1 are left as they are."""
+    g = randn(shape, gen, torch.bfloat16)
+    factor = torch.rand(shape[:-1], generator=gen) * 100
+    factor.view(-1)[::3] = 1.0
+    before = g.clone()
+    K.scale_grad(g, factor)
+    torch.testing.assert_close(g.double(), before.double() * factor.double()[..., None], rtol=2**-7, atol=0)
+    ones = factor == 1.0
+    assert torch.equal(g[ones], before[ones])
+
+
 @pytest.mark.parametrize("capturing", [False, True], ids=["eager", "captured"])
 def test_captured_launch_owns_its_reduction_state(monkeypatch, capturing, gen):
     """Under CUDA-graph capture (mocked here) the launch takes a zeroed counter of its own, tied to
