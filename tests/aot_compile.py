@@ -24,7 +24,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 SCALARS = {"n_rows": "i64", "n_cols": "i64", "n_inner": "i64", "stride_so": "i64", "stride_si": "i64",
            "stride_to": "i64", "stride_ti": "i64", "blocks_per_program": "i32", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
            "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "grad_unit": "fp32",
-           "n_elements": "i64"}
+           "n_elements": "i64", "n_k": "i64", "stride_s": "i64", "stride_k": "i64", "stride_gs": "i64",
+           "tail_floor": "fp32"}
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int, aligned: bool = False):
@@ -111,7 +112,31 @@ def main() -> int:
         except Exception as e:
             failures += 1
             print("FAIL scale_grad", dtype, per_row, type(e).__name__, str(e)[-800:])
-    return 1 if failures else 0
+    return 1 if failures + check_sparse() else 0
+
+
+def check_sparse() -> int:
+    """The sparse-teacher kernel: each path x tail x (dtype, labels + meter), without spills."""
+    from fastkd import _triton_sparse as S
+
+    failures = 0
+    for (n_cols, one_pass), bucket, (dtype, labels) in itertools.product(
+            ((4000, True), (32000, False)), (True, False), (("bf16", True), ("fp32", False))):
+        ptrs = dict(POINTERS, s_ptr=f"*{dtype}", ids_ptr="*i64", lp_ptr=f"*{dtype}", gs_ptr=f"*{dtype}",
+                    meter_ptr="*fp64")
+        block_c = 4096 if one_pass else S.LOOP_BLOCK_C
+        consts = dict(BLOCK_C=block_c, BLOCK_K=64, ONE_PASS=one_pass, BUCKET=bucket, HAS_LABELS=labels,
+                      HAS_CE=labels, COUNT_ON_DEVICE=labels, GRAD_S=True, METER=labels, NUM_BINS=15, BINS_P2=16,
+                      STUDENT_T1=labels)
+        name = f"sparse {dtype} C={n_cols} one_pass={one_pass} bucket={bucket} labels+meter={labels}"
+        try:
+            stack = spills(compile_kernel(S._sparse_kd_fwd_kernel, ptrs, consts, num_warps=16).asm["cubin"])
+            print("ok  " if stack <= 16 else "FAIL", name, f"stack={stack}")
+            failures += stack > 16
+        except Exception as e:
+            failures += 1
+            print("FAIL", name, type(e).__name__, str(e)[-800:])
+    return failures
 
 
 if __name__ == "__main__":
