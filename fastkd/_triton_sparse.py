@@ -15,10 +15,29 @@ import triton
 import triton.language as tl
 
 from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
-from ._triton_kd import NEG_INF, _meter_add, _on, _online_max_sumexp
+from ._triton_kd import NEG_INF, _meter_flush, _meter_rows, _meter_zeros, _on
 
 ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}  # longest row kept in registers, by element size
 LOOP_BLOCK_C = 4096
+
+
+@triton.jit
+def _online_stats(m, z_t, z_1, z_2, arg, x, cols, inv_temp, NEED_T1: tl.constexpr):
+    """Merges a tile [1, BLOCK_C] into the running (max, sum exp((x - max)/T), sum exp(x - max),
+    sum exp(2 (x - max)), first argmax). Masked columns hold -inf."""
+    tile_max = tl.max(x, axis=1)
+    m_new = tl.maximum(m, tile_max)
+    safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # all -inf so far: keep exp() finite
+    xs = x - safe[:, None]
+    z_t = z_t * tl.exp((m - safe) * inv_temp) + tl.sum(tl.exp(xs * inv_temp), axis=1)
+    if NEED_T1:
+        r = tl.exp(m - safe)
+        e = tl.exp(xs)
+        z_1 = z_1 * r + tl.sum(e, axis=1)
+        z_2 = z_2 * r * r + tl.sum(e * e, axis=1)
+        tile_arg = tl.min(tl.where(x == tile_max[:, None], cols[None, :], 2147483647), axis=1)
+        arg = tl.where(tile_max > m, tile_arg, arg)  # the first maximum wins, as torch.argmax
+    return m_new, z_t, z_1, z_2, arg
 
 
 @triton.jit
@@ -77,12 +96,12 @@ def _sparse_kd_fwd_kernel(
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_C)
         x, mask = _load_row(s_ptr, row_off, cols, n_cols)
-        m, z_t, z_1, z_2, arg = _online_max_sumexp(m, z_t, z_1, z_2, arg, x, cols, inv_temp, STUDENT_T1)
+        m, z_t, z_1, z_2, arg = _online_stats(m, z_t, z_1, z_2, arg, x, cols, inv_temp, STUDENT_T1)
     else:
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             x, mask = _load_row(s_ptr, row_off, cols, n_cols)
-            m, z_t, z_1, z_2, arg = _online_max_sumexp(m, z_t, z_1, z_2, arg, x, cols, inv_temp, STUDENT_T1)
+            m, z_t, z_1, z_2, arg = _online_stats(m, z_t, z_1, z_2, arg, x, cols, inv_temp, STUDENT_T1)
     lse_a = m * inv_temp + tl.log(z_t)
     lse_1 = m + tl.log(z_1)
 
@@ -135,7 +154,9 @@ def _sparse_kd_fwd_kernel(
         g_k = tl.where(gw[:, None] != 0, g_k * gw[:, None], 0.0)
         tl.store(gs_ptr + rows[:, None] * stride_gs + at, g_k.to(gs_ptr.dtype.element_ty), mask=listed)
     if METER:
-        _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label, NUM_BINS, BINS_P2)
+        acc = _meter_rows(_meter_zeros(1, BINS_P2), edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
+                          NUM_BINS, BINS_P2, False)
+        _meter_flush(meter_ptr, acc, NUM_BINS, BINS_P2)
 
 
 def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool, grad_s: bool, meter,

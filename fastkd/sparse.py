@@ -69,6 +69,15 @@ def _check_teacher(ids, logprobs, rows_shape, device):
             raise ValueError(f"{name} ({x.device}) must be on the student logits' device ({device})")
 
 
+def sparse_checks(ids, logprobs, rows_shape, n_cols, device, validate):
+    """Shapes, dtypes and devices of a sparse teacher; with ``validate`` its values too."""
+    _check_teacher(ids, logprobs, rows_shape, device)
+    if validate and ids.numel():
+        bad = _first_bad_teacher_row(ids, logprobs, n_cols)
+        if bad is not None:
+            raise ValueError(f"teacher_ids / teacher_logprobs row {bad[0]}: {bad[1]}")
+
+
 def _first_bad_teacher_row(ids, logprobs, n_cols):
     """(row, what is wrong) of the first invalid teacher row, or None — one host synchronisation."""
     ids2, lp2 = ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, ids.shape[-1]).float()
@@ -106,7 +115,7 @@ def sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *
     _check_logits(student_logits, "student_logits")
     s = student_logits
     c = s.shape[-1]
-    _check_teacher(teacher_ids, teacher_logprobs, s.shape[:-1], s.device)
+    sparse_checks(teacher_ids, teacher_logprobs, s.shape[:-1], c, s.device, validate_labels)
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     if divergence != "kl":
         raise ValueError(f"divergence must be 'kl' for a sparse teacher (its unlisted classes make reverse KL "
@@ -122,10 +131,6 @@ def sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *
     _check_meter(meter, "meter", s.device)
     if meter is not None and labels is None:
         raise ValueError("meter needs labels (calibration compares predictions with them)")
-    if validate_labels and teacher_ids.numel():
-        bad = _first_bad_teacher_row(teacher_ids, teacher_logprobs, c)
-        if bad is not None:
-            raise ValueError(f"teacher_ids / teacher_logprobs row {bad[0]}: {bad[1]}")
     name = backends.resolve_name(backend, s.device, (s.dtype, teacher_logprobs.dtype))
     impl = backends.module(name)  # its scale_grad runs the backward
     if impl.__name__ not in SPARSE_KERNELS:

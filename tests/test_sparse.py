@@ -148,3 +148,25 @@ def test_module_wraps_the_function(gen):
     module = fastkd.SparseKDLoss(temperature=3.0, alpha=0.5, tail="renormalize", backend="torch")
     assert module(s, ids, lp, labels) == fastkd.sparse_kd_loss(s, ids, lp, labels, temperature=3.0, alpha=0.5,
                                                                tail="renormalize", backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_fused_linear_sparse_equals_the_loss_on_materialised_logits(backend, tail, gen):
+    """Hidden states and the output layer in, top-K teacher in: the same loss and gradients as
+    sparse_kd_loss on h W^T + b, over several chunks."""
+    h = randn((3, 7, 24), gen, scale=1.0)
+    w, b = randn((301, 24), gen, scale=0.5), randn((301,), gen, scale=0.5)
+    ids, lp, _ = top_k_teacher((3, 7, 301), 9, gen, pad_every=4)
+    labels = random_labels((3, 7), 301, gen, ignore_every=5)
+    kw = dict(temperature=2.0, alpha=0.6, tail=tail, backend=backend)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    out = fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], ids, lp, labels, student_bias=leaves[2],
+                                             chunk_size=5, **kw)
+    out.backward()
+    refs = [x.clone().requires_grad_() for x in (h, w, b)]
+    want = fastkd.sparse_kd_loss(refs[0] @ refs[1].t() + refs[2], ids, lp, labels, **kw)
+    want.backward()
+    close(out, want, 1e-5)
+    for got, ref, name in zip(leaves, refs, ("hidden", "weight", "bias")):
+        close(got.grad, ref.grad, 1e-5, msg=name)
