@@ -33,27 +33,30 @@ STUDY_OPTIONS = ("dataset", "data_dir", "teacher", "teacher_ckpt", "teacher_epoc
 def add_parser(sub) -> argparse.ArgumentParser:
     """The ``cache-teacher`` subcommand, added to the ``fastkd`` parser's subparsers."""
     p = sub.add_parser("cache-teacher", help="run a teacher once and store its top-K log-probabilities "
-                       "for sparse_kd_loss", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", help="the cache folder to write (required)")
+                       "for sparse_kd_loss",
+                       description="Run a teacher once over a data set and store, per row, its top-K ids and "
+                       "log-probabilities in a teacher cache folder: the study's teacher over its data "
+                       "(default), or a Hugging Face causal LM over a token file (--model, --tokens).")
+    p.add_argument("--out", metavar="DIR", help="the cache folder to write (required)")
     p.add_argument("--k", type=int, help="entries kept per row: the teacher's top-K (required)")
-    p.add_argument("--dtype", default="float16", help="log-probability storage: float16 | bfloat16")
+    p.add_argument("--dtype", default="float16", help="log-probability storage: float16 (default) | bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda[:i]")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     study = p.add_argument_group("the study's data (the default source)")
-    study.add_argument("--dataset", help="digits | cifar10 | cifar100 (default digits)")
-    study.add_argument("--data-dir", help="where the CIFAR batches live")
+    study.add_argument("--dataset", help="digits (default) | cifar10 | cifar100")
+    study.add_argument("--data-dir", metavar="DIR", help="where the CIFAR batches live")
     study.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
-    study.add_argument("--split", help="train | val | test: the rows cached (default train)")
-    study.add_argument("--teacher", help="teacher model (default by dataset)")
-    study.add_argument("--teacher-ckpt", help="a teacher checkpoint fastkd distill wrote")
-    study.add_argument("--teacher-epochs", type=int, help="epochs when training the teacher here")
+    study.add_argument("--split", help="the rows cached: train (default) | val | test")
+    study.add_argument("--teacher", help="teacher model (default by dataset, as fastkd distill)")
+    study.add_argument("--teacher-ckpt", metavar="PATH", help="a teacher checkpoint fastkd distill wrote")
+    study.add_argument("--teacher-epochs", type=int, help="epochs when training the teacher here "
+                       "(default as fastkd distill)")
     study.add_argument("--seed", type=int, help="seed of the teacher trained here (default 0)")
     lm = p.add_argument_group("a Hugging Face causal LM over a token file")
-    lm.add_argument("--model", help="local folder of the teacher (AutoModelForCausalLM.from_pretrained)")
-    lm.add_argument("--tokens", help=".npy or .pt of token ids, shape (sequences, positions)")
-    lm.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward")
+    lm.add_argument("--model", metavar="DIR", help="local folder of the teacher (AutoModelForCausalLM)")
+    lm.add_argument("--tokens", metavar="FILE", help=".npy or .pt of token ids, (sequences, positions)")
+    lm.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
     return p
 
 
