@@ -209,7 +209,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
                 loss = sparse_kd_loss(out, ids, logprobs, y, temperature=state["temperature"],
                                       alpha=state["alpha"], tail=cfg.teacher_cache_tail, num_items=per_rank,
                                       meter=train_meter, backend=cfg.backend,
-                                      validate_labels=False)  # labels and the cache were checked once
+                                      validate_labels=False)  # labels checked at loading; the cache is log_softmax
             elif teacher is None:
                 loss = F.cross_entropy(out.float(), y, reduction="sum") / per_rank
             else:
