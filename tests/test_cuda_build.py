@@ -78,7 +78,8 @@ def test_many_bins_opt_in_or_refused_up_front(tmp_path):
                    check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
-    # and the launcher takes that path before every launch of the fused kernel
-    source = (kernels / "kd_kernels.cu").read_text()
+    # and the launcher takes that path before every launch of the fused kernels
+    source = (kernels / "kd_launch.cuh").read_text()
     assert "cudaFuncSetAttribute(" in source and "cudaFuncAttributeMaxDynamicSharedMemorySize" in source
     assert "plan_dynamic_smem(" in source and "cudaDevAttrMaxSharedMemoryPerBlockOptin" in source
+    assert source.count("allow_dynamic_smem(kernel") == 2  # the looping kernel and the row kernels
