@@ -47,6 +47,21 @@ SHAPES = [(262144, 10, "float32"), (65536, 100, "float32"), (8192, 1000, "float3
           (4096, 128256, "bfloat16")]
 
 
+# the static model's machine (issue 10): 132 SMs, 4 warp instructions and 16 MUFU operations per SM
+# per clock at 1.755 GHz, 4.27 TB/s copy bandwidth
+SMS, ISSUE, MUFU_RATE, CLOCK, BANDWIDTH = 132, 4, 16, 1.755e9, 4.27e12
+
+
+def issue_budget(bytes_per_element: float) -> float:
+    """Thread instructions per element that take as long to issue as the element's bytes to move."""
+    return bytes_per_element / BANDWIDTH * SMS * ISSUE * 32 * CLOCK
+
+
+def mufu_budget(bytes_per_element: float) -> float:
+    """MUFU operations per element that take as long as the element's bytes to move."""
+    return bytes_per_element / BANDWIDTH * SMS * MUFU_RATE * CLOCK
+
+
 def pow2_at_least(n: int) -> int:
     p = 1
     while p < n:
@@ -103,23 +118,30 @@ def tool(name: str) -> str:
     raise SystemExit(f"{name} not found")
 
 
+def kernel_name(layout: Layout, s_type: str, t_type: str, flags: dict) -> str:
+    """The kernel the launcher runs for a layout and variant (kd_launch.cuh: light or heavy build)."""
+    light = str(flags.get("divergence", 0) == 0 and not flags.get("grad_t") and not flags.get("meter_t")
+                and s_type == t_type).lower()
+    return (f"kd_loop_kernel<{s_type}, {t_type}, {light}>" if layout.loop
+            else f"kd_rows_kernel<{s_type}, {t_type}, {layout.k}, {light}>")
+
+
 def compile_variant(layout: Layout, s_type: str, t_type: str, flags: dict, workdir: Path, name: str,
-                    warp: int | None = None):
+                    warp: int | None = None, fixed: bool = True):
     """(cubin path, ptxas -v text) of the variant's kernel, flags and layout fixed; with `warp`, the
-    code that warp of the CTA executes (the leader warps of a row merge for the others)."""
+    code that warp of the CTA executes (the leader warps of a row merge for the others). With
+    fixed=False, the kernel as launched (flags and layout read at run time)."""
     fields = {**{k: False for k in FLAG_ORDER}, **flags}
     init = "{" + ", ".join(str(fields[k]).lower() if isinstance(fields[k], bool) else str(fields[k])
                            for k in FLAG_ORDER) + "}"
-    light = str(fields["divergence"] == 0 and not fields["grad_t"] and not fields["meter_t"]).lower()
-    kernel = (f"kd_loop_kernel<{s_type}, {t_type}, {light}>" if layout.loop
-              else f"kd_rows_kernel<{s_type}, {t_type}, {layout.k}, {light}>")
+    kernel = kernel_name(layout, s_type, t_type, fields)
+    defines = (f"#define FASTKD_COUNTING 1\n#define FASTKD_FIXED_FLAGS {init}\n"
+               f"#define FASTKD_FIXED_GROUP {layout.group}\n#define FASTKD_FIXED_VEC {layout.vec}\n"
+               f"#define FASTKD_FIXED_CLUSTER {layout.cluster}\n"
+               + (f"#define FASTKD_COUNTING_WARP {warp}\n" if warp is not None else "")) if fixed else ""
     src = workdir / f"{name}.cu"
     src.write_text(
-        f"#define FASTKD_COUNTING 1\n#define FASTKD_FIXED_FLAGS {init}\n"
-        f"#define FASTKD_FIXED_GROUP {layout.group}\n#define FASTKD_FIXED_VEC {layout.vec}\n"
-        f"#define FASTKD_FIXED_CLUSTER {layout.cluster}\n"
-        + (f"#define FASTKD_COUNTING_WARP {warp}\n" if warp is not None else "")
-        + "#include \"kd_device.cuh\"\n"
+        defines + "#include \"kd_device.cuh\"\n"
         f"template __global__ void fastkd::device::{kernel}(const {s_type}*, const {t_type}*, {s_type}*, "
         f"{t_type}*, const __grid_constant__ fastkd::device::Params);\n")
     cubin = workdir / f"{name}.cubin"
@@ -209,6 +231,9 @@ def resources(ptxas: str):
     return regs, int(spills.group(1)) + int(spills.group(2))
 
 
+_LAUNCHED: dict = {}  # kernel as launched -> (registers, spill bytes), compiled once per run
+
+
 def warp_roles(layout: Layout) -> dict:
     """{warp index: how many of the CTA's warps execute what it does}. Warp 0 does the CTA's
     single-thread work; the first warp of each row's group merges for the group's other warps."""
@@ -238,15 +263,20 @@ def measure(rows: int, cols: int, dtype: str, variant: str, workdir: Path, max_c
         per_tile, mufu, outside, inner = count(instrs, labels, [chunks] * sweeps if layout.loop else [])
         per_cta_tile += n_warps * per_tile
         mufu_cta += n_warps * mufu
-    # registers and spills: the launcher's build, warp index not fixed
+    # registers and spills: of this variant's path (flags fixed), and of the kernel as launched
     cubin, ptxas = compile_variant(layout, c_type, c_type, flags, workdir, name)
+    launched = kernel_name(layout, c_type, c_type, flags)
+    if launched not in _LAUNCHED:
+        _, launched_ptxas = compile_variant(layout, c_type, c_type, flags, workdir, f"{name}_launched", fixed=False)
+        _LAUNCHED[launched] = resources(launched_ptxas)
     if layout.loop:
         cta_elements = cols
     else:
         cta_elements = layout.rows_per_tile * min(cols, layout.part_cols) if layout.cluster == 1 else cols / layout.cluster
     regs, spill = resources(ptxas)
     return dict(rows=rows, cols=cols, dtype=dtype, variant=variant, layout=layout, registers=regs,
-                spill_bytes=spill, instr_per_cta_tile=per_cta_tile,
+                spill_bytes=spill, launched_registers=_LAUNCHED[launched][0], launched_spill_bytes=_LAUNCHED[launched][1],
+                kernel=launched, instr_per_cta_tile=per_cta_tile,
                 instr_per_element=per_cta_tile * 32 / cta_elements, mufu_per_element=mufu_cta * 32 / cta_elements,
                 cubin=str(cubin))
 
@@ -264,15 +294,20 @@ def main(argv=None):
     workdir.mkdir(parents=True, exist_ok=True)
     jobs = ([(r, c, d, v) for r, c, d in SHAPES for v in ("kl", "kd_meter")] if args.table
             else [(args.rows, args.cols, args.dtype, args.variant)])
-    print("| shape | variant | path (group x K, vec, cluster) | registers | spills | instr/element | MUFU/element |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | variant | path (group x K, vec, cluster) | registers, spills: this path | as launched "
+          "| instr/element | MUFU/element | issue / memory floor | MUFU / memory floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r, c, d, v in jobs:
         m = measure(r, c, d, v, workdir)
         lay = m["layout"]
         path = ("loop, 256 x 16 per chunk" if lay.loop else f"{lay.group} x {lay.k}") + \
             f", vec {lay.vec}" + (f", cluster {lay.cluster}" if lay.cluster > 1 else "")
-        print(f"| {r} x {c} {d} | {v} | {path} | {m['registers']} | {m['spill_bytes']} B | "
-              f"{m['instr_per_element']:.1f} | {m['mufu_per_element']:.2f} |")
+        bytes_per_element = 3 * ELEM[d][1]
+        print(f"| {r} x {c} {d} | {v} | {path} | {m['registers']}, {m['spill_bytes']} B "
+              f"| {m['launched_registers']}, {m['launched_spill_bytes']} B | "
+              f"{m['instr_per_element']:.1f} | {m['mufu_per_element']:.2f} | "
+              f"{m['instr_per_element'] / issue_budget(bytes_per_element):.2f} | "
+              f"{m['mufu_per_element'] / mufu_budget(bytes_per_element):.2f} |")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
 
