@@ -880,13 +880,14 @@ __device__ __forceinline__ int confidence_bin(float conf, const Params& p) {
   return min(max(b, 0), p.num_bins);
 }
 
-// Adds one labelled row: m its maximum, z1, z2 its T = 1 sums relative to it (so the top class
-// counts 1 and the confidence is 1 / z1), off1 / lz1 its log-sum-exp2 at T = 1, x_label its label's
-// logit (NaN for an out-of-range label, which is then never correct).
+// Adds one labelled row: m its maximum, z1, z2 its T = 1 sums relative to the offset off1 and lz1 =
+// log2 z1, x_label its label's logit (NaN for an out-of-range label, which is then never correct).
+// The confidence is the top class's probability, exp2(m log2(e) - off1 - lz1): not 1 / z1, since the
+// top class's exponential is exp2 of the offset's rounding residual, not exactly 1.
 __device__ __forceinline__ void meter_add(MeterSmem h, MeterTotals& acc, float m, float z1, float z2, float off1,
                                           float lz1, float x_label, int arg, int64_t label, bool bad_label,
                                           const Params& p) {
-  const float conf = isfinite(z1) && z1 > 0.f ? __frcp_rn(z1) : NAN;
+  const float conf = isfinite(z1) && z1 > 0.f ? prob(m, kLog2e, off1, lz1) : NAN;
   const int b = confidence_bin(conf, p);
   atomicAdd(h.count + b, 1u);
   atomicAdd(h.conf + b, conf);

@@ -2,6 +2,7 @@
 it cannot run when it cannot."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,117 @@ def test_light_kernel_issue_below_its_memory_time(tmp_path, rows, cols, dtype, b
     m = sass_count.measure(rows, cols, dtype, "kl", tmp_path)
     assert m["spill_bytes"] == 0
     assert m["instr_per_element"] <= budget, m
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' reformulated math, mirrored in float32 NumPy (nothing here runs CUDA): log2-domain
+# offsets, a row split into slices merged by (max, rescaled sums), KL / reverse KL from the mean
+# difference, JSD in two rounds, the folded gradients, the T = 1 statistics of the meters.
+
+LOG2E, LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
+
+
+def _f(x):
+    return np.float32(x)
+
+
+def _fma(a, b, c):  # one rounding, as FFMA
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def _offset(m, k):  # offset_of: the rounded product, 0 for an empty slice
+    return _f(0) if m == -np.inf else _f(m * k)
+
+
+def _rescale(m_part, m_all, k):
+    return _f(0) if m_part == -np.inf else np.exp2(_offset(m_part, k) - _offset(m_all, k))
+
+
+def _mirror_row(x, y, label, T, kd_scale, ce_scale, kind, beta, n_slices):
+    """(loss, student gradient, teacher gradient, (conf, correct, nll, brier)) of one row, as
+    kernels/kd_device.cuh computes them with the row split into n_slices parts (np.fmax is fmaxf:
+    it drops NaN, which finite_below relies on)."""
+    k = _f(LOG2E / _f(T)) if T != 1 else LOG2E
+    inv_t = _f(1 / T)
+    parts = []
+    for idx in np.array_split(np.arange(x.size), n_slices):
+        xs, ys = x[idx], y[idx]
+        m_s, m_t = _f(np.max(xs)), _f(np.max(ys))
+        es = np.exp2(np.array([_fma(v, k, -_offset(m_s, k)) for v in xs], np.float32))
+        et = np.exp2(np.array([_fma(v, k, -_offset(m_t, k)) for v in ys], np.float32))
+        e1 = np.exp2(np.array([_fma(v, LOG2E, -_offset(m_s, LOG2E)) for v in xs], np.float32))
+        d = (et * np.fmax(ys - xs, -np.finfo(np.float32).max)).sum() if kind == "kl" else \
+            (es * np.fmax(xs - ys, -np.finfo(np.float32).max)).sum()
+        arg = idx[np.argmax(xs == m_s)]
+        parts.append((m_s, m_t, es.sum(), et.sum(), _f(d), e1.sum(), (e1 * e1).sum(), arg))
+    m_s = max(p[0] for p in parts)
+    m_t = max(p[1] for p in parts)
+    z_s = sum(p[2] * _rescale(p[0], m_s, k) for p in parts)
+    z_t = sum(p[3] * _rescale(p[1], m_t, k) for p in parts)
+    d = sum(p[4] * _rescale(p[1] if kind == "kl" else p[0], m_t if kind == "kl" else m_s, k) for p in parts)
+    z1 = sum(p[5] * _rescale(p[0], m_s, LOG2E) for p in parts)
+    z2 = sum(p[6] * _rescale(p[0], m_s, LOG2E) ** 2 for p in parts)
+    arg = min(p[7] for p in parts if p[0] == m_s)
+    off_s, lz_s, off_t, lz_t = _offset(m_s, k), np.log2(z_s), _offset(m_t, k), np.log2(z_t)
+    off1, lz1 = _offset(m_s, LOG2E), np.log2(z1)
+    prob = lambda v, kk, off, lz: np.exp2(np.array([_fma(a, kk, -off) for a in v], np.float32) - lz)  # noqa: E731
+    ps, pt, p1 = prob(x, k, off_s, lz_s), prob(y, k, off_t, lz_t), prob(x, LOG2E, off1, lz1)
+    ls_minus_lt = LN2 * ((off_s - off_t) + (lz_s - lz_t))
+    kd = _f(kd_scale * inv_t)
+    if kind == "jsd":
+        la = np.array([_fma(a, k, -off_s) for a in x], np.float32) - lz_s
+        lb = np.array([_fma(a, k, -off_t) for a in y], np.float32) - lz_t
+        lm = np.log2(np.fmax(beta * pt + (1 - beta) * ps, np.finfo(np.float32).tiny))
+        hs, ht = np.fmax(la - lm, -np.finfo(np.float32).max), np.fmax(lb - lm, -np.finfo(np.float32).max)
+        ds2, dt2 = (ps * hs).sum(), (pt * ht).sum()
+        div = LN2 * (beta * dt2 + (1 - beta) * ds2)
+        g_s = (ps * kd * (1 - beta) * LN2) * np.fmax(hs - ds2, -np.finfo(np.float32).max)
+        g_t = (pt * kd * beta * LN2) * np.fmax(ht - dt2, -np.finfo(np.float32).max)
+    else:
+        mu = d / (z_t if kind == "kl" else z_s)
+        div = inv_t * mu + (ls_minus_lt if kind == "kl" else -ls_minus_lt)
+        if kind == "kl":
+            g_s = ps * kd - pt * kd
+            g_t = (pt * kd * inv_t) * np.fmax((y - x) - mu, -np.finfo(np.float32).max)
+        else:
+            g_s = (ps * kd * inv_t) * np.fmax((x - y) - mu, -np.finfo(np.float32).max)
+            g_t = kd * (pt - ps)
+    nll = (m_s - x[label]) + LN2 * (lz1 - _fma(m_s, LOG2E, -off1))
+    g_s = g_s + ce_scale * p1
+    g_s[label] -= ce_scale
+    brier = z2 / (z1 * z1) - 2 * p1[label] + 1
+    conf = np.exp2(_fma(m_s, LOG2E, -off1) - lz1)  # not 1 / z1: the top class's term is 2^residual
+    return kd_scale * div + ce_scale * nll, g_s, g_t, (conf, arg == label, nll, brier)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("n_slices", [1, 3, 8])
+@pytest.mark.parametrize("shift", [0.0, 700.0], ids=["centred", "large-logits"])
+def test_kernel_math_matches_the_float64_reference(kind, n_slices, shift):
+    from reference import kd_objective
+    from fastkd.calibration import row_statistics
+
+    gen = torch.Generator().manual_seed(7 + n_slices)
+    s = (torch.randn(5, 37, generator=gen, dtype=torch.float64) * 3 + shift).float()
+    t = (torch.randn(5, 37, generator=gen, dtype=torch.float64) * 3 + shift).float()
+    s[1, :5] = t[1, :5] = float("-inf")  # a masked vocabulary
+    t[2, 5:9] = float("-inf")  # classes the teacher rules out (reverse KL is then infinite)
+    labels = torch.randint(5, 37, (5,), generator=gen)
+    T, alpha, beta = 2.5, 0.6, 0.3
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref = kd_objective(s64, t64, labels, T, alpha, kind=kind, beta=beta, reduction="none")
+    ref_gs, ref_gt = torch.autograd.grad(ref.sum(), (s64, t64))
+    conf, correct, nll, brier = row_statistics(s.double(), labels)
+    for r in range(5):
+        if kind == "reverse_kl" and r == 2:
+            continue
+        loss, g_s, g_t, meter = _mirror_row(s[r].numpy(), t[r].numpy(), int(labels[r]), T, alpha * T * T, 1 - alpha,
+                                            kind, beta, n_slices)
+        assert loss == pytest.approx(ref[r].item(), rel=1e-5), (r, "loss")
+        scale = ref_gs[r].abs().max().item()
+        np.testing.assert_allclose(g_s, ref_gs[r].numpy(), rtol=1e-5, atol=1e-5 * scale)
+        np.testing.assert_allclose(g_t, ref_gt[r].numpy(), rtol=1e-5, atol=1e-5 * ref_gt[r].abs().max().item())
+        assert meter[0] == pytest.approx(conf[r].item(), rel=1e-6)
+        assert bool(meter[1]) == bool(correct[r])
+        assert meter[2] == pytest.approx(nll[r].item(), rel=1e-5, abs=1e-5)
+        assert meter[3] == pytest.approx(brier[r].item(), rel=1e-5, abs=1e-6)
