@@ -6,6 +6,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "kd_device.cuh"
@@ -18,10 +21,26 @@ namespace launch_detail {
 namespace dev = device;
 static_assert(dev::kBlock == kBlockThreads, "host and device agree on the CTA size");
 
+// The answer of a launch query (attributes, occupancy) per (kernel, device, dynamic shared memory,
+// cluster): each costs microseconds and would otherwise be asked on every call. A query that
+// throws is not remembered.
+template <typename Query>
+int remembered(const void* kernel, int device, std::size_t smem, int cluster, Query query) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, std::size_t, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, smem, cluster);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  const int answer = query();
+  known.emplace(key, answer);
+  return answer;
+}
+
 // Lets `kernel` use `dynamic` bytes of dynamic shared memory on `device` (the current device under
 // the caller's guard), or refuses with an error naming num_bins when the device cannot give them.
 template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
+void check_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
   cudaFuncAttributes attributes;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -37,12 +56,22 @@ void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t 
   }
 }
 
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
+  remembered(reinterpret_cast<const void*>(kernel), device, dynamic, -1, [&] {
+    check_dynamic_smem(kernel, device, dynamic, num_bins);
+    return 1;
+  });
+}
+
 // CTAs of `kernel` resident per SM on the current device (at least 1).
 template <typename Kernel>
-int ctas_per_sm(Kernel kernel, std::size_t smem) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, dev::kBlock, smem));
-  return std::max(n, 1);
+int ctas_per_sm(Kernel kernel, int device, std::size_t smem) {
+  return remembered(reinterpret_cast<const void*>(kernel), device, smem, 1, [&] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, dev::kBlock, smem));
+    return std::max(n, 1);
+  });
 }
 
 inline cudaLaunchAttribute cluster_attribute(int cluster) {
@@ -57,7 +86,7 @@ inline cudaLaunchAttribute cluster_attribute(int cluster) {
 // Clusters of `cluster` CTAs of `kernel` that can be resident at once on the current device (0: the
 // cluster cannot run there). Sizes above 8 are Hopper's non-portable ones, opted into first.
 template <typename Kernel>
-int resident_clusters(Kernel kernel, int cluster, std::size_t smem, cudaStream_t stream) {
+int query_resident_clusters(Kernel kernel, int cluster, std::size_t smem, cudaStream_t stream) {
   if (cluster > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
     (void)cudaGetLastError();  // not supported here: the caller falls back
     return 0;
@@ -78,6 +107,12 @@ int resident_clusters(Kernel kernel, int cluster, std::size_t smem, cudaStream_t
   return clusters;
 }
 
+template <typename Kernel>
+int resident_clusters(Kernel kernel, int device, int cluster, std::size_t smem, cudaStream_t stream) {
+  return remembered(reinterpret_cast<const void*>(kernel), device, smem, cluster,
+                    [&] { return query_resident_clusters(kernel, cluster, smem, stream); });
+}
+
 // A persistent grid: as many CTAs (or clusters) as are resident at once, at most one per tile.
 template <typename Kernel, typename S, typename T>
 void launch_grid(Kernel kernel, const KdLaunch& l, const Layout& layout, const dev::Params& p, const S* s,
@@ -94,7 +129,8 @@ void launch_grid(Kernel kernel, const KdLaunch& l, const Layout& layout, const d
     config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(tiles, clusters) * layout.cluster));
   } else {
     const int64_t resident =
-        static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount, l.device)) * ctas_per_sm(kernel, l.smem);
+        static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount, l.device)) *
+        ctas_per_sm(kernel, l.device, l.smem);
     config.gridDim = dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, resident))));
   }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, s, t, gs, gt, p));
@@ -122,7 +158,7 @@ void launch_build(const KdLaunch& l, const S* s, const T* t, S* gs, T* gt) {
     auto kernel = layout.k == 16 ? dev::kd_rows_kernel<S, T, 16, LIGHT> : dev::kd_rows_kernel<S, T, 32, LIGHT>;
     allow_dynamic_smem(kernel, l.device, l.smem, l.num_bins);
     if (layout.cluster == 1) return launch_grid(kernel, l, layout, p, s, t, gs, gt, 1);
-    const int clusters = resident_clusters(kernel, layout.cluster, l.smem, l.stream);
+    const int clusters = resident_clusters(kernel, l.device, layout.cluster, l.smem, l.stream);
     if (clusters > 0) return launch_grid(kernel, l, layout, p, s, t, gs, gt, clusters);
   }
   TORCH_CHECK(false, "fastkd cuda backend: no layout could launch");  // unreachable: max_cluster 1 always does
