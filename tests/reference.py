@@ -30,7 +30,13 @@ def kd_objective(s, t, labels, temperature, alpha, kind="kl", beta=0.5, ignore_i
     c = s.shape[-1]
     s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
     d = divergence(s2, t2, temperature, kind, beta) * (temperature**2 if t_squared else 1.0)
-    row = alpha * d
+    return _with_ce_reduced(s, alpha * d, labels, alpha, ignore_index, reduction)
+
+
+def _with_ce_reduced(s, row, labels, alpha, ignore_index, reduction):
+    """Rows of alpha T^2 D plus (1 - alpha) CE, ignored rows dropped, reduced."""
+    c = s.shape[-1]
+    s2 = s.reshape(-1, c)
     if reduction == "mean":
         row = row / c
     keep = torch.ones(s2.shape[0], dtype=torch.bool)
@@ -84,23 +90,6 @@ def sparse_divergence(s, ids, logprobs, temperature, tail="bucket"):
 def sparse_kd_objective(s, ids, logprobs, labels, temperature, alpha, tail="bucket", ignore_index=-100,
                         reduction="batchmean"):
     """alpha T^2 D_sparse + (1 - alpha) CE per row, reduced as kd_objective does."""
-    c = s.shape[-1]
-    s2 = s.reshape(-1, c)
     k = ids.shape[-1]
-    row = alpha * temperature**2 * sparse_divergence(s2, ids.reshape(-1, k), logprobs.reshape(-1, k),
-                                                     temperature, tail)
-    if reduction == "mean":
-        row = row / c
-    keep = torch.ones(s2.shape[0], dtype=torch.bool)
-    if labels is not None:
-        lab = labels.reshape(-1)
-        keep = lab != ignore_index
-        if alpha < 1:
-            ce = -torch.log_softmax(s2.double(), -1).gather(1, torch.where(keep, lab, 0)[:, None])[:, 0]
-            row = row + (1 - alpha) * ce
-    row = torch.where(keep, row, 0.0)
-    if reduction == "none":
-        return row.reshape(s.shape[:-1])
-    if reduction == "sum":
-        return row.sum()
-    return row.sum() / max(int(keep.sum()), 1)
+    d = sparse_divergence(s.reshape(-1, s.shape[-1]), ids.reshape(-1, k), logprobs.reshape(-1, k), temperature, tail)
+    return _with_ce_reduced(s, alpha * temperature**2 * d, labels, alpha, ignore_index, reduction)
