@@ -3,13 +3,23 @@
 Imported lazily (only when the triton backend runs). Under ``TRITON_INTERPRET=1`` the same kernels
 run on CPU tensors, which is how the test suite checks them without a GPU.
 
-Per row, a = s/T and b = t/T: the kernel finds max and sum-exp of a and b (and of s at T = 1 for
-the cross-entropy and the calibration statistics) with online softmax, then the divergence, then
-the gradients. Rows that fit in one tile (``ONE_PASS``) are read once into registers: the traffic
-is the floor, read s + read t + write grad (3 N C bytes). Longer rows loop over tiles: one sweep
-for the statistics, a second that accumulates the divergence and, for KL(p_t || p_s), already
-writes the student's gradient (5 N C bytes); when the gradient needs the divergence value first
-(reverse KL, JSD, teacher gradients) a third sweep writes it.
+Per row, a = s/T and b = t/T: max and sum of exp of a and b (and of s at T = 1 for the
+cross-entropy and the calibration statistics), the divergence, then the gradients, all from one
+exp2 per element and tensor (exp((x - m) / T) = exp2(x k - m k), k = log2(e) / T, kept in
+registers and reused). ``_plan`` picks the path of a call; traffic per path, N rows, C classes, b
+bytes per logit (floor: read s, read t, write grad_s = 3 N C b; + N C b for grad_t; labels 8 and
+the loss 4 bytes per row):
+
+- one-pass (C <= ONE_PASS_MAX = 8192): rows in registers, read once, written once: the floor. A
+  row is read by 1-64 threads (``LANES``), each holding ``VECS`` 16-byte vectors, so per-row work
+  (reductions, logs, labels, meters) is done by few threads; short rows several per program.
+- split-row (longer rows; KL or reverse KL with a gradient): a row split over PARTS programs that
+  keep their chunks in registers and exchange per-chunk statistics through global memory inside
+  one cooperative launch: the floor again (6 bytes per element in bf16).
+- looping (the fallback: JSD, the teacher's meter, graph capture, no cooperative launch): sweep 1
+  keeps running statistics per thread (and KL's or reverse KL's divergence), sweep 2 writes the
+  gradients: 5 N C b; JSD with a gradient needs its divergence first, a third sweep: 7 N C b.
+  Without gradients one sweep (KL, reverse KL) or two (JSD).
 """
 from __future__ import annotations
 
@@ -28,12 +38,12 @@ from ._spec import KDSpec, inv_count_on_host, meter_args
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-NSTAT = tl.constexpr(8)  # statistics of a row's part (split path): max, sum-exp of s and t, KL's sum, T = 1 sums, argmax
+NSTAT = tl.constexpr(8)  # split path, per part: max, sum-exp of s, of t, KL's sum, T = 1 sums, argmax
 PACK = tl.constexpr(4096.0)  # a program's meter counts, count + PACK * correct: < PACK rows each
 # Defaults, chosen from the compiler's register counts and SASS on sm_90 (no spills; the issue
 # time below the memory time by the static model of bench/RESULTS.md), not from timings: measured
 # configurations per card (bench/tune_triton.py) take precedence. Longest row kept in registers
-# (one pass) by element size; beyond it the looping path runs.
+# (one pass) by element size; beyond it the split-row or the looping path runs.
 ONE_PASS_MAX = {"light": {1: 8192, 2: 8192, 4: 8192}, "heavy": {1: 8192, 2: 8192, 4: 8192}}
 LOOP_BLOCK_C = 4096  # columns per tile of the looping path
 # elements of a row per thread (one-pass): short rows are read by one or a few threads each, so that
@@ -53,7 +63,7 @@ SPLIT_ROWS = True
 SPLIT_INTERPRETED = False
 SPLIT_WARPS = 4
 SPLIT_VECS = 4  # vectors of 16 bytes per thread and row: 4096 bf16 columns per program
-SPLIT_PROGRAMS_PER_SM = 4  # resident at once: the compile check keeps the kernel within 128 registers
+SPLIT_PROGRAMS_PER_SM = 4  # at most; the launch takes what the compiled kernel's registers allow
 SPLIT_MAX_PARTS = 64
 
 
@@ -551,7 +561,7 @@ def _kd_fwd_kernel(
         if ONE_PASS:
             if DIVERGENCE == 2:
                 ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
-                                                       FAST_MATH)
+                                                  FAST_MATH)
                 d_s = _row_sum(tl.where(ps > 0, ps * ref_s, 0.0))
                 d_t = _row_sum(tl.where(pt > 0, pt * ref_t, 0.0))
             if GRAD_S or GRAD_T:
