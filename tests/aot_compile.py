@@ -25,7 +25,8 @@ SCALARS = {"n_rows": "i64", "n_cols": "i64", "n_inner": "i64", "stride_so": "i64
            "stride_to": "i64", "stride_ti": "i64", "blocks_per_program": "i32", "n_groups": "i32",
            "rows_per_group": "i32", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
            "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "grad_unit": "fp32",
-           "n_elements": "i64"}
+           "n_elements": "i64", "n_k": "i64", "stride_s": "i64", "stride_k": "i64", "stride_gs": "i64",
+           "tail_floor": "fp32"}
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int, aligned: bool = False):
@@ -56,7 +57,7 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def launcher_constants(n_rows, n_cols, dtype, divergence, grad_s, grad_t, labels, meters, rows_3d=False,
-                       split_ok=True):
+                       split_ok=True, teacher_meter=None):
     """(kernel, constants, warps) exactly as the launcher (K._plan) picks them for such a call."""
     import torch
     from fastkd._spec import KDSpec
@@ -64,7 +65,8 @@ def launcher_constants(n_rows, n_cols, dtype, divergence, grad_s, grad_t, labels
     spec = KDSpec(0.5, 1.0, 0.5 if labels else 0.0, divergence, 0.5, -100)
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     rows = (7, None, n_cols, None, n_cols) if rows_3d else (1, None, 0, None, 0)
-    plan = K._plan(n_rows, n_cols, torch_dtype, torch_dtype, spec, grad_s, grad_t, labels, meters, meters,
+    teacher_meter = meters if teacher_meter is None else teacher_meter
+    plan = K._plan(n_rows, n_cols, torch_dtype, torch_dtype, spec, grad_s, grad_t, labels, meters, teacher_meter,
                    labels, "", rows, split_ok=split_ok)
     return plan["kernel"], dict(plan["consts"], COUNT_ON_DEVICE=labels), plan["num_warps"]
 
@@ -97,8 +99,8 @@ def main() -> int:
     for (n_cols, rows_3d, split_ok), divergence, (dtype, grad_s, grad_t, labels) in itertools.product(
             ((256, False, True), (long_row, True, True), (long_row, False, False)), (0, 1, 2), mixes):
         ptrs = dict(POINTERS, s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", gs_ptr=f"*{dtype}", gt_ptr=f"*{dtype}")
-        fn, consts, warps = launcher_constants(4096, n_cols, dtype, divergence, grad_s, grad_t, labels,
-                                               labels and not (split_ok and n_cols > 256), rows_3d, split_ok)
+        fn, consts, warps = launcher_constants(4096, n_cols, dtype, divergence, grad_s, grad_t, labels, labels,
+                                               rows_3d, split_ok, labels and not (split_ok and n_cols > 256))
         path = "split" if fn is K._kd_split_kernel else "one_pass" if consts["ONE_PASS"] else "sweeps"
         name = (f"kd_fwd {dtype} C={n_cols} {path} rows_3d={rows_3d} div={divergence} "
                 f"grads={grad_s},{grad_t} labels={labels}")
@@ -116,7 +118,31 @@ def main() -> int:
         except Exception as e:
             failures += 1
             print("FAIL scale_grad", dtype, per_row, type(e).__name__, str(e)[-800:])
-    return 1 if failures else 0
+    return 1 if failures + check_sparse() else 0
+
+
+def check_sparse() -> int:
+    """The sparse-teacher kernel: each path x tail x (dtype, labels + meter), without spills."""
+    from fastkd import _triton_sparse as S
+
+    failures = 0
+    for (n_cols, one_pass), bucket, (dtype, labels) in itertools.product(
+            ((4000, True), (32000, False)), (True, False), (("bf16", True), ("fp32", False))):
+        ptrs = dict(POINTERS, s_ptr=f"*{dtype}", ids_ptr="*i64", lp_ptr=f"*{dtype}", gs_ptr=f"*{dtype}",
+                    meter_ptr="*fp64")
+        block_c = 4096 if one_pass else S.LOOP_BLOCK_C
+        consts = dict(BLOCK_C=block_c, BLOCK_K=64, ONE_PASS=one_pass, BUCKET=bucket, HAS_LABELS=labels,
+                      HAS_CE=labels, COUNT_ON_DEVICE=labels, GRAD_S=True, METER=labels, NUM_BINS=15, BINS_P2=16,
+                      STUDENT_T1=labels)
+        name = f"sparse {dtype} C={n_cols} one_pass={one_pass} bucket={bucket} labels+meter={labels}"
+        try:
+            stack = spills(compile_kernel(S._sparse_kd_fwd_kernel, ptrs, consts, num_warps=16).asm["cubin"])
+            print("ok  " if stack <= 16 else "FAIL", name, f"stack={stack}")
+            failures += stack > 16
+        except Exception as e:
+            failures += 1
+            print("FAIL", name, type(e).__name__, str(e)[-800:])
+    return failures
 
 
 if __name__ == "__main__":
