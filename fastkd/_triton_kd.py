@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ MIN_PROGRAMS = 1024
 # interpreter, as two launches (tests).
 SPLIT_ROWS = True
 SPLIT_INTERPRETED = False
+SPLIT_STATIC = False  # static models (CPU tensors, no interpreter) see the looping path unless set
 SPLIT_WARPS = 4
 SPLIT_VECS = 4  # vectors of 16 bytes per thread and row: 4096 bf16 columns per program
 SPLIT_PROGRAMS_PER_SM = 4  # at most; the launch takes what the compiled kernel's registers allow
@@ -774,21 +776,24 @@ def _kd_split_kernel(
 @triton.jit
 def _scale_grad_kernel(grad_ptr, factor_ptr, n_rows, n_cols, FACTOR_PER_ROW: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    """grad *= factor in place, in fp32, on a contiguous (N, C) gradient: a tile of BLOCK_R rows x
-    BLOCK_C columns per program (grid: row tiles x column tiles), so a per-row factor is read once
-    per row, not found by a division per element. Where the factor is 1 (the usual
-    loss.backward()) the masked loads and stores move no data: no host sync, no traffic."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
+    """grad *= factor in place, in fp32, on a contiguous (N, C) gradient. One factor: flat blocks of
+    BLOCK_R * BLOCK_C elements. A factor per row: tiles of BLOCK_R rows x BLOCK_C columns (grid:
+    row tiles x column tiles), so it is read once per row, not found by a division per element.
+    Where the factor is 1 (the usual loss.backward()) the masked loads and stores move no data: no
+    host sync, no traffic."""
     if FACTOR_PER_ROW:
-        f = tl.load(factor_ptr + rows, mask=row_ok, other=1.0)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        f = tl.load(factor_ptr + rows, mask=rows < n_rows, other=1.0)
+        todo = ((rows < n_rows) & (f != 1.0))[:, None] & (cols < n_cols)[None, :]
+        offs = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)[:, None] + cols[None, :]
+        f = f[:, None]
     else:
-        f = tl.load(factor_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
-    todo = (row_ok & (f != 1.0))[:, None] & (cols < n_cols)[None, :]
-    offs = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)[:, None] + cols[None, :]
+        offs = tl.program_id(0).to(tl.int64) * (BLOCK_R * BLOCK_C) + tl.arange(0, BLOCK_R * BLOCK_C)
+        f = tl.load(factor_ptr) + tl.zeros([BLOCK_R * BLOCK_C], dtype=tl.float32)
+        todo = (offs < n_rows.to(tl.int64) * n_cols) & (f != 1.0)
     g = tl.load(grad_ptr + offs, mask=todo, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (g * f[:, None]).to(grad_ptr.dtype.element_ty), mask=todo)
+    tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
 
 
 SCALE_BLOCK = 4096  # elements per program of scale_grad
@@ -976,7 +981,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         inner_s, so, si = s.shape[1], s.stride(0), s.stride(1)
         to, ti = t.stride(0), t.stride(1)
     args = (n, c, s.dtype, t.dtype, spec, grad_s, grad_t, labels is not None, meter is not None,
-            teacher_meter is not None, reduce, device_name, (inner_s, so, si, to, ti), s.is_cuda,
+            teacher_meter is not None, reduce, device_name, (inner_s, so, si, to, ti), not _interpreted(),
             (s.data_ptr(), t.data_ptr()))
     pointers = (s, t, labels if labels is not None else dummy, loss, gs if grad_s else dummy,
                 gt if grad_t else dummy, row_count if torch.is_tensor(row_count) else dummy, edges,
@@ -1013,11 +1018,19 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
 _SPLIT_REFUSED: set = set()  # devices where a split-row launch failed
 
 
+def _interpreted() -> bool:
+    """Triton's interpreter runs the kernels (TRITON_INTERPRET=1): exact math, programs in turn."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _split_runs(device) -> bool:
     """Whether a split-row launch can run: on a GPU, a cooperative launch (Triton >= 3.3), not while
-    a CUDA graph is captured; under the interpreter only when asked (SPLIT_INTERPRETED)."""
-    if device.type != "cuda":
+    a CUDA graph is captured; under the interpreter only when asked (SPLIT_INTERPRETED). CPU tensors
+    without the interpreter are a static model compiling what a GPU would run: SPLIT_STATIC."""
+    if _interpreted():
         return SPLIT_INTERPRETED
+    if device.type != "cuda":
+        return SPLIT_STATIC
     from triton.backends.nvidia.compiler import CUDAOptions
 
     return ("launch_cooperative_grid" in CUDAOptions.__dataclass_fields__ and device not in _SPLIT_REFUSED
@@ -1030,7 +1043,7 @@ def _sm_count_of(index: int) -> int:
 
 
 def _sm_count(device) -> int:
-    return _sm_count_of(device.index) if device.type == "cuda" else 1
+    return _sm_count_of(device.index) if device.type == "cuda" else 132  # an H100 / H200 SXM
 
 
 def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
@@ -1039,7 +1052,7 @@ def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
     runs the programs one after another, its two halves (statistics, then the rest) as two launches."""
     s = pointers[0]
     groups, parts = plan["ints"]["n_groups"], consts["PARTS"]
-    interpreted = not s.is_cuda
+    interpreted = _interpreted()
     slots = shape[0] if interpreted else 2 * groups
     stats = torch.empty((slots, parts, NSTAT.value), dtype=torch.float32, device=s.device)
     arrive = dummy if interpreted else torch.zeros(groups, dtype=torch.int32, device=s.device)
@@ -1048,7 +1061,7 @@ def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
     def args(n_groups):
         return (*pointers, *reduction, stats, arrive, *shape, n_groups, triton.cdiv(shape[0], n_groups), *scalars)
 
-    if not interpreted:  # no more groups than fit: a cooperative launch needs them all resident
+    if s.is_cuda:  # no more groups than fit: a cooperative launch needs them all resident
         resident = _resident_programs(s.device, args(groups), plan["num_warps"], dict(consts, PHASE=0, **options))
         groups = min(groups, resident // parts)
         if groups < 1:
@@ -1087,11 +1100,13 @@ def scale_grad(grad, factor):
     n_cols = grad.shape[-1] if grad.dim() else 1
     n_rows = grad.numel() // max(n_cols, 1)
     if grad.numel():
-        block_c = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+        per_row = factor.dim() > 0
+        block_c = min(triton.next_power_of_2(n_cols), SCALE_BLOCK) if per_row else SCALE_BLOCK
         block_r = max(1, SCALE_BLOCK // block_c)
+        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)) if per_row else \
+            (triton.cdiv(grad.numel(), SCALE_BLOCK),)
         vec = _vector_width(n_cols, (), grad.element_size(), (grad.data_ptr(),))
         with _on(grad.device):
-            _scale_grad_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))](
-                grad, factor, n_rows, n_cols, FACTOR_PER_ROW=factor.dim() > 0, BLOCK_R=block_r,
-                BLOCK_C=block_c, VEC=vec, num_warps=8)
+            _scale_grad_kernel[grid](grad, factor, n_rows, n_cols, FACTOR_PER_ROW=per_row, BLOCK_R=block_r,
+                                     BLOCK_C=block_c, VEC=vec, num_warps=8)
     return grad
