@@ -146,12 +146,33 @@ def _safe(m):
 
 
 @triton.jit
-def _log(x, FAST: tl.constexpr):
-    """Natural log of per-row sums (>= 1 for a row with a finite max); lg2.approx on a GPU."""
+def _off(m, k):
+    """The exponent offset of a max m: exponentials are exp2(x k - _off(m, k)) (one FFMA, whose
+    product is not rounded, so the top term is not exactly 1). Log-sum-exps, confidences and rescales
+    are written against this same rounded offset, never against m k, so they stay consistent with
+    the sums however large the logits."""
+    return _safe(m) * k
+
+
+@triton.jit
+def _rescale(m_from, m_to, k):
+    """exp2(_off(m_from) - _off(m_to)): moves sums from one offset to another; 0 from a max of -inf
+    (an empty sum, which a huge factor would turn into NaN)."""
+    return tl.where(m_from == NEG_INF, 0.0, tl.math.exp2(_off(m_from, k) - _off(m_to, k)))
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 of per-row sums (>= 1 for a row with a finite max); lg2.approx on a GPU."""
     if FAST:
-        return libdevice.fast_log2f(x) * LN2
+        return libdevice.fast_log2f(x)
     else:
-        return tl.log(x)
+        return tl.log2(x)
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    return _log2(x, FAST) * LN2
 
 
 @triton.jit
@@ -170,9 +191,8 @@ def _online(m, z, x, k):
     thread and tile, one exp2 per element. Returns the new (m, z), the tile's exp2 terms e and the
     rescale r of the old terms."""
     m_new = tl.maximum(m, _thread_max(x))
-    safe = _safe(m_new)
-    r = tl.math.exp2((m - safe) * k)
-    e = tl.math.exp2(x * k - _lanes(safe * k))
+    r = _rescale(m, m_new, k)
+    e = tl.math.exp2(x * k - _lanes(_off(m_new, k)))
     return m_new, z * r + _thread_sum(e), e, r
 
 
@@ -181,9 +201,8 @@ def _online_t1(m, z_1, z_2, x):
     """Running per-thread sums of exp(x - m) and exp(2 (x - m)) at T = 1 against the running max m
     of the tempered statistics (updated by _online right after)."""
     m_new = tl.maximum(m, _thread_max(x))
-    safe = _safe(m_new)
-    r = tl.math.exp2((m - safe) * LOG2E)
-    e = tl.math.exp2(x * LOG2E - _lanes(safe * LOG2E))
+    r = _rescale(m, m_new, LOG2E)
+    e = tl.math.exp2(x * LOG2E - _lanes(_off(m_new, LOG2E)))
     return z_1 * r + _thread_sum(e), z_2 * r * r + _thread_sum(e * e)
 
 
@@ -191,7 +210,7 @@ def _online_t1(m, z_1, z_2, x):
 def _merge(m, z, k):
     """Per-thread (max, sum) of a row -> the row's (max, sum); also the per-thread rescale."""
     m_row = tl.max(m, axis=1)
-    f = tl.math.exp2((m - _safe(m_row)[:, None]) * k)
+    f = _rescale(m, m_row[:, None], k)
     return m_row, tl.sum(z * f, axis=1), f
 
 
@@ -265,9 +284,11 @@ def _meter_rows(acc, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
     """Adds a block of rows to a program's calibration partials. A row of all -inf or with NaN has
     a NaN confidence, lands in the last bin (as in CalibrationMeter.update) and counts as wrong;
     an out-of-range label (label -1, x_label NaN) counts as wrong with NaN NLL / Brier."""
-    lse_1 = m + _log(z_1, FAST)
-    # the top class has exp(max - max) = 1; z_1 = 0 (all -inf), inf or NaN: no confidence
-    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), 1.0 / z_1, float("nan"))
+    lse_1 = (_off(m, LOG2E) + _log2(z_1, FAST)) * LN2
+    # the top class's term is exp2(m log2(e) - offset) (1 up to the offset's rounding); z_1 = 0 (all
+    # -inf), inf or NaN: no confidence
+    top = tl.math.exp2(m * LOG2E - _off(m, LOG2E))
+    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), top / z_1, float("nan"))
     correct = (arg == label) & (conf == conf)  # no confidence: no prediction
     nll = lse_1 - x_label
     brier = z_2 / (z_1 * z_1) - 2.0 * tl.exp(x_label - lse_1) + 1.0
@@ -372,15 +393,15 @@ def _row_labels(labels_ptr, s_ptr, t_ptr, rows, row_ok, off_s, off_t, n_cols, ig
 
 
 @triton.jit
-def _row_terms(m_s, z_s, m_t, z_t, acc, z1_s, gw, inv_temp, kd_g, ce_scale, DIVERGENCE: tl.constexpr,
+def _row_terms(m_s, z_s, m_t, z_t, acc, z1_s, gw, k, inv_temp, kd_g, ce_scale, DIVERGENCE: tl.constexpr,
                STUDENT_T1: tl.constexpr, FAST: tl.constexpr):
     """Per row, from its statistics: 1 / sum-exps, log-sum-exps of s/T and t/T (a0, b0), the
     divergence (KL, reverse KL: from acc = sum e (y - x) or sum e (x - y); JSD's comes later), the
     log-ratio's per-row shift, the gradient coefficients (gw folded in) and CE's log-sum-exp."""
     rz_s = _rcp(z_s, FAST)
     rz_t = _rcp(z_t, FAST)
-    a0 = _safe(m_s) * inv_temp + _log(z_s, FAST)
-    b0 = _safe(m_t) * inv_temp + _log(z_t, FAST)
+    a0 = (_off(m_s, k) + _log2(z_s, FAST)) * LN2  # against the offset the sums were taken at
+    b0 = (_off(m_t, k) + _log2(z_t, FAST)) * LN2
     d_s = tl.zeros(m_s.shape, dtype=tl.float32)
     d_t = d_s
     shift = a0  # JSD: unused
@@ -393,7 +414,7 @@ def _row_terms(m_s, z_s, m_t, z_t, acc, z1_s, gw, inv_temp, kd_g, ce_scale, DIVE
     c_1 = rz_s
     lse_1 = a0
     if STUDENT_T1:
-        lse_1 = _safe(m_s) + _log(z1_s, FAST)
+        lse_1 = (_off(m_s, LOG2E) + _log2(z1_s, FAST)) * LN2
         c_1 = gw * ce_scale * _rcp(z1_s, FAST)
     return rz_s, rz_t, a0, b0, d_s, d_t, shift, gw * kd_g * rz_s, gw * kd_g * rz_t, c_1, gw * ce_scale, lse_1
 
@@ -468,8 +489,8 @@ def _kd_fwd_kernel(
             y = _load(t_ptr, off_t, cols, ok)
             m_s = _row_max(x)
             m_t = _row_max(y)
-            e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
-            e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+            e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+            e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
             if N_COLS > 0:  # padding columns known when compiling: their exponentials fold away
                 e_s = tl.where(cols < N_COLS, e_s, 0.0)
                 e_t = tl.where(cols < N_COLS, e_t, 0.0)
@@ -482,7 +503,7 @@ def _kd_fwd_kernel(
             e_1 = e_s
             if STUDENT_T1:
                 if not TEMP_ONE:
-                    e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                    e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                     if N_COLS > 0:
                         e_1 = tl.where(cols < N_COLS, e_1, 0.0)
                 z1_s = _row_sum(e_1)
@@ -490,7 +511,7 @@ def _kd_fwd_kernel(
                     z2_s = _row_sum(e_1 * e_1)
                     arg_s = tl.min(_thread_argmax(x, _rows(m_s), cols), axis=1)
             if METER_T:
-                e1_t = tl.math.exp2(y * LOG2E - _rows(_safe(m_t) * LOG2E))
+                e1_t = tl.math.exp2(y * LOG2E - _rows(_off(m_t, LOG2E)))
                 if N_COLS > 0:
                     e1_t = tl.where(cols < N_COLS, e1_t, 0.0)
                 z1_t = _row_sum(e1_t)
@@ -557,7 +578,7 @@ def _kd_fwd_kernel(
 
         # --- per row: log-sum-exps, the divergence (KL, reverse KL), gradient coefficients ---
         rz_s, rz_t, a0, b0, d_s, d_t, shift, c_s, c_t, c_1, c_label, lse_1 = _row_terms(
-            m_s, z_s, m_t, z_t, acc, z1_s, gw, inv_temp, kd_g, ce_scale, DIVERGENCE, STUDENT_T1, FAST_MATH)
+            m_s, z_s, m_t, z_t, acc, z1_s, gw, k, inv_temp, kd_g, ce_scale, DIVERGENCE, STUDENT_T1, FAST_MATH)
 
         # --- the gradients (and JSD's divergence, which needs the log-sum-exps first) ---
         if ONE_PASS:
@@ -576,11 +597,11 @@ def _kd_fwd_kernel(
                 cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
                 x = _load(s_ptr, off_s, cols, ok)
                 y = _load(t_ptr, off_t, cols, ok)
-                e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
-                e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+                e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+                e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
                 e_1 = e_s
                 if HAS_CE and not TEMP_ONE:
-                    e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                    e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                 if DIVERGENCE == 2:
                     ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
                                                            FAST_MATH)
@@ -595,11 +616,11 @@ def _kd_fwd_kernel(
                     cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
                     x = _load(s_ptr, off_s, cols, ok)
                     y = _load(t_ptr, off_t, cols, ok)
-                    e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
-                    e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+                    e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+                    e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
                     e_1 = e_s
                     if HAS_CE and not TEMP_ONE:
-                        e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                        e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
                                  c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
                                  DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
@@ -689,11 +710,11 @@ def _kd_split_kernel(
         # --- this chunk's exponentials, against the chunk's max: kept for the gradient ---
         mc_s = _row_max(x)
         mc_t = _row_max(y)
-        e_s = tl.math.exp2(x * k - _rows(_safe(mc_s) * k))
-        e_t = tl.math.exp2(y * k - _rows(_safe(mc_t) * k))
+        e_s = tl.math.exp2(x * k - _rows(_off(mc_s, k)))
+        e_t = tl.math.exp2(y * k - _rows(_off(mc_t, k)))
         e_1 = e_s  # at T = 1
         if STUDENT_T1 and not TEMP_ONE:
-            e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(mc_s) * LOG2E))
+            e_1 = tl.math.exp2(x * LOG2E - _rows(_off(mc_s, LOG2E)))
         if PHASE != 2:  # --- this chunk's statistics, published ---
             if DIVERGENCE == 0:
                 acc = _row_sum(_weighted_gap(e_t, y, x))
@@ -736,11 +757,11 @@ def _kd_split_kernel(
             if STUDENT_T1 and not TEMP_ONE:
                 m1, z1_s, f1 = _merge(pm_s, _split_stat(stats_ptr, slot, parts, PARTS, 5, 0.0), LOG2E)
             rz_s, rz_t, a0, b0, d_s, d_t, shift, c_s, c_t, c_1, c_label, lse_1 = _row_terms(
-                m_s, z_s, m_t, z_t, acc, z1_s, gw, inv_temp, kd_g, ce_scale, DIVERGENCE, STUDENT_T1, FAST_MATH)
+                m_s, z_s, m_t, z_t, acc, z1_s, gw, k, inv_temp, kd_g, ce_scale, DIVERGENCE, STUDENT_T1, FAST_MATH)
             if GRAD_S or GRAD_T:  # the chunk's exponentials, rescaled through the coefficients
-                fc_s = tl.math.exp2((mc_s - _safe(m_s)) * k)
-                fc_t = tl.math.exp2((mc_t - _safe(m_t)) * k)
-                c_1 = c_1 * tl.math.exp2((mc_s - _safe(m_s)) * LOG2E)
+                fc_s = _rescale(mc_s, m_s, k)
+                fc_t = _rescale(mc_t, m_t, k)
+                c_1 = c_1 * _rescale(mc_s, m_s, LOG2E)
                 if tl.sum(keep.to(tl.int32), axis=0) > 0:  # the row is one for the whole program
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s * fc_s,
                                  c_t * fc_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,

@@ -411,3 +411,27 @@ def test_split_rows_path_is_chosen_where_it_applies():
                    split_ok=True)["path"] == "1-sweep"  # no gradient: one read anyway
     assert K._plan(4096, 1000, torch.float32, torch.float32, spec, True, False, False, False, False, True,
                    split_ok=True)["path"] == "one-pass"
+
+
+@pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
+def test_large_logits_keep_their_digits(monkeypatch, path, gen):
+    """Logits near 80 (at T = 1 the exponent offset m log2(e) is near 115): log-sum-exps,
+    confidences and rescales are taken against the same rounded offset as the exponentials, so the
+    loss keeps fp32's relative accuracy (an FMA-formed exponent leaves the top term off 1 by the
+    offset's rounding; the interpreter has no FMA, a GPU does)."""
+    from reference import kd_objective
+
+    if path != "one-pass":
+        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(K, "LOOP_BLOCK_C", 32)
+    if path == "split":
+        monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
+        monkeypatch.setattr(K, "SPLIT_WARPS", 1)
+        monkeypatch.setattr(K, "SPLIT_VECS", 1)
+    s, t = randn((5, 100), gen) + 80.0, randn((5, 100), gen) + 80.0
+    labels = torch.randint(0, 100, (5,), generator=gen)
+    meter = fastkd.CalibrationMeter(10)
+    out = fastkd.kd_loss(s, t, labels, temperature=1.0, alpha=0.5, meter=meter, backend="triton")
+    torch.testing.assert_close(out.double(), kd_objective(s.double(), t.double(), labels, 1.0, 0.5), rtol=1e-5,
+                               atol=0)
+    _check_meter(meter, _meter_reference(s, labels, 10))
