@@ -3,19 +3,30 @@
 Imported lazily (only when the triton backend runs). Under ``TRITON_INTERPRET=1`` the same kernels
 run on CPU tensors, which is how the test suite checks them without a GPU.
 
-Per row, a = s/T and b = t/T: the kernel finds max and sum-exp of a and b (and of s at T = 1 for
-the cross-entropy and the calibration statistics) with online softmax, then the divergence, then
-the gradients. Rows that fit in one tile (``ONE_PASS``) are read once into registers: the traffic
-is the floor, read s + read t + write grad (3 N C bytes). Longer rows loop over tiles: one sweep
-for the statistics, a second that accumulates the divergence and, for KL(p_t || p_s), already
-writes the student's gradient (5 N C bytes); when the gradient needs the divergence value first
-(reverse KL, JSD, teacher gradients) a third sweep writes it.
+Per row, a = s/T and b = t/T: max and sum of exp of a and b (and of s at T = 1 for the
+cross-entropy and the calibration statistics), the divergence, then the gradients, all from one
+exp2 per element and tensor (exp((x - m) / T) = exp2(x k - m k), k = log2(e) / T, kept in
+registers and reused). ``_plan`` picks the path of a call; traffic per path, N rows, C classes, b
+bytes per logit (floor: read s, read t, write grad_s = 3 N C b; + N C b for grad_t; labels 8 and
+the loss 4 bytes per row):
+
+- one-pass (C <= ONE_PASS_MAX = 8192): rows in registers, read once, written once: the floor. A
+  row is read by 1-64 threads (``LANES``), each holding ``VECS`` 16-byte vectors, so per-row work
+  (reductions, logs, labels, meters) is done by few threads; short rows several per program.
+- split-row (longer rows; KL or reverse KL with a gradient): a row split over PARTS programs that
+  keep their chunks in registers and exchange per-chunk statistics through global memory inside
+  one cooperative launch: the floor again (6 bytes per element in bf16).
+- looping (the fallback: JSD, the teacher's meter, graph capture, no cooperative launch): sweep 1
+  keeps running statistics per thread (and KL's or reverse KL's divergence), sweep 2 writes the
+  gradients: 5 N C b; JSD with a gradient needs its divergence first, a third sweep: 7 N C b.
+  Without gradients one sweep (KL, reverse KL) or two (JSD).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,11 +39,12 @@ from ._spec import KDSpec, inv_count_on_host, meter_args
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+NSTAT = tl.constexpr(8)  # split path, per part: max, sum-exp of s, of t, KL's sum, T = 1 sums, argmax
 PACK = tl.constexpr(4096.0)  # a program's meter counts, count + PACK * correct: < PACK rows each
 # Defaults, chosen from the compiler's register counts and SASS on sm_90 (no spills; the issue
 # time below the memory time by the static model of bench/RESULTS.md), not from timings: measured
 # configurations per card (bench/tune_triton.py) take precedence. Longest row kept in registers
-# (one pass) by element size; beyond it the looping path runs.
+# (one pass) by element size; beyond it the split-row or the looping path runs.
 ONE_PASS_MAX = {"light": {1: 8192, 2: 8192, 4: 8192}, "heavy": {1: 8192, 2: 8192, 4: 8192}}
 LOOP_BLOCK_C = 4096  # columns per tile of the looping path
 # elements of a row per thread (one-pass): short rows are read by one or a few threads each, so that
@@ -44,6 +56,17 @@ ELEMENTS_PER_THREAD = {"light": 16, "heavy": 8}
 # a row per thread, while at least MIN_PROGRAMS programs remain
 PROGRAM_ELEMENTS_PER_THREAD = 64
 MIN_PROGRAMS = 1024
+# Rows beyond one pass: split over several programs that keep their chunks in registers and
+# exchange per-chunk statistics (3 N C bytes instead of 5), where a cooperative launch keeps the
+# programs of a row resident together; else the looping path. SPLIT_INTERPRETED: also under the
+# interpreter, as two launches (tests).
+SPLIT_ROWS = True
+SPLIT_INTERPRETED = False
+SPLIT_STATIC = False  # static models (CPU tensors, no interpreter) see the looping path unless set
+SPLIT_WARPS = 4
+SPLIT_VECS = 4  # vectors of 16 bytes per thread and row: 4096 bf16 columns per program
+SPLIT_PROGRAMS_PER_SM = 4  # at most; the launch takes what the compiled kernel's registers allow
+SPLIT_MAX_PARTS = 64
 
 
 # --- tiles: [VECS, BLOCK_N, LANES, VEC]: a row is read by LANES threads, each holding VECS vectors
@@ -110,18 +133,46 @@ def _thread_argmax(x, m, cols):
 
 
 @triton.jit
+def _weighted_gap(e, a, b):
+    """e (a - b) with 0 where e = 0 (a = -inf; also b = -inf): a - b clamped at -FLT_MAX ignoring NaN
+    (one FMNMX); a NaN row is NaN through its sum of exponentials anyway."""
+    return e * tl.maximum(a - b, -3.4028234663852886e38, propagate_nan=tl.PropagateNan.NONE)
+
+
+@triton.jit
 def _safe(m):
     """A row's max where it is finite; 0 for a row of -inf so that exp2(x - m) stays 0."""
     return tl.where(m == NEG_INF, 0.0, m)
 
 
 @triton.jit
-def _log(x, FAST: tl.constexpr):
-    """Natural log of per-row sums (>= 1 for a row with a finite max); lg2.approx on a GPU."""
+def _off(m, k):
+    """The exponent offset of a max m: exponentials are exp2(x k - _off(m, k)) (one FFMA, whose
+    product is not rounded, so the top term is not exactly 1). Log-sum-exps, confidences and rescales
+    are written against this same rounded offset, never against m k, so they stay consistent with
+    the sums however large the logits."""
+    return _safe(m) * k
+
+
+@triton.jit
+def _rescale(m_from, m_to, k):
+    """exp2(_off(m_from) - _off(m_to)): moves sums from one offset to another; 0 from a max of -inf
+    (an empty sum, which a huge factor would turn into NaN)."""
+    return tl.where(m_from == NEG_INF, 0.0, tl.math.exp2(_off(m_from, k) - _off(m_to, k)))
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 of per-row sums (>= 1 for a row with a finite max); lg2.approx on a GPU."""
     if FAST:
-        return libdevice.fast_log2f(x) * LN2
+        return libdevice.fast_log2f(x)
     else:
-        return tl.log(x)
+        return tl.log2(x)
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    return _log2(x, FAST) * LN2
 
 
 @triton.jit
@@ -140,9 +191,8 @@ def _online(m, z, x, k):
     thread and tile, one exp2 per element. Returns the new (m, z), the tile's exp2 terms e and the
     rescale r of the old terms."""
     m_new = tl.maximum(m, _thread_max(x))
-    safe = _safe(m_new)
-    r = tl.math.exp2((m - safe) * k)
-    e = tl.math.exp2(x * k - _lanes(safe * k))
+    r = _rescale(m, m_new, k)
+    e = tl.math.exp2(x * k - _lanes(_off(m_new, k)))
     return m_new, z * r + _thread_sum(e), e, r
 
 
@@ -151,9 +201,8 @@ def _online_t1(m, z_1, z_2, x):
     """Running per-thread sums of exp(x - m) and exp(2 (x - m)) at T = 1 against the running max m
     of the tempered statistics (updated by _online right after)."""
     m_new = tl.maximum(m, _thread_max(x))
-    safe = _safe(m_new)
-    r = tl.math.exp2((m - safe) * LOG2E)
-    e = tl.math.exp2(x * LOG2E - _lanes(safe * LOG2E))
+    r = _rescale(m, m_new, LOG2E)
+    e = tl.math.exp2(x * LOG2E - _lanes(_off(m_new, LOG2E)))
     return z_1 * r + _thread_sum(e), z_2 * r * r + _thread_sum(e * e)
 
 
@@ -161,7 +210,7 @@ def _online_t1(m, z_1, z_2, x):
 def _merge(m, z, k):
     """Per-thread (max, sum) of a row -> the row's (max, sum); also the per-thread rescale."""
     m_row = tl.max(m, axis=1)
-    f = tl.math.exp2((m - _safe(m_row)[:, None]) * k)
+    f = _rescale(m, m_row[:, None], k)
     return m_row, tl.sum(z * f, axis=1), f
 
 
@@ -188,7 +237,7 @@ def _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta, FAST: tl.cons
 def _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s, c_t, c_1,
                  c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
                  DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, GRAD_S: tl.constexpr,
-                 GRAD_T: tl.constexpr, FAST: tl.constexpr):
+                 GRAD_T: tl.constexpr, FAST: tl.constexpr, MASK_IGNORED: tl.constexpr = True):
     """d loss / d logits of a tile from the exponentials already computed (e = exp2 of the
     tempered logits minus the row max), with the row scale folded into per-row coefficients
     c_* = gw * kd_scale / T / z_* (gw: row scale, or grad_unit for fp16 gradients; 0 for ignored
@@ -210,11 +259,13 @@ def _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, lab
     if GRAD_S:
         if HAS_CE:  # + ce_scale (softmax(s) - onehot(label)) at T = 1
             ga += e_1 * _rows(c_1) - tl.where(cols == _rows(label), _rows(c_label), 0.0)
-        tl.store(gs_ptr + _rows(off_g) + cols, tl.where(keep, ga, 0.0).to(gs_ptr.dtype.element_ty),
-                 mask=ok)
+        if MASK_IGNORED:  # ignored rows: 0, even where their logits are not finite
+            ga = tl.where(keep, ga, 0.0)
+        tl.store(gs_ptr + _rows(off_g) + cols, ga.to(gs_ptr.dtype.element_ty), mask=ok)
     if GRAD_T:
-        tl.store(gt_ptr + _rows(off_g) + cols, tl.where(keep, gb, 0.0).to(gt_ptr.dtype.element_ty),
-                 mask=ok)
+        if MASK_IGNORED:
+            gb = tl.where(keep, gb, 0.0)
+        tl.store(gt_ptr + _rows(off_g) + cols, gb.to(gt_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -233,9 +284,11 @@ def _meter_rows(acc, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
     """Adds a block of rows to a program's calibration partials. A row of all -inf or with NaN has
     a NaN confidence, lands in the last bin (as in CalibrationMeter.update) and counts as wrong;
     an out-of-range label (label -1, x_label NaN) counts as wrong with NaN NLL / Brier."""
-    lse_1 = m + _log(z_1, FAST)
-    # the top class has exp(max - max) = 1; z_1 = 0 (all -inf), inf or NaN: no confidence
-    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), 1.0 / z_1, float("nan"))
+    lse_1 = (_off(m, LOG2E) + _log2(z_1, FAST)) * LN2
+    # the top class's term is exp2(m log2(e) - offset) (1 up to the offset's rounding); z_1 = 0 (all
+    # -inf), inf or NaN: no confidence
+    top = tl.math.exp2(m * LOG2E - _off(m, LOG2E))
+    conf = tl.where((z_1 > 0) & (z_1 < float("inf")), top / z_1, float("nan"))
     correct = (arg == label) & (conf == conf)  # no confidence: no prediction
     nll = lse_1 - x_label
     brier = z_2 / (z_1 * z_1) - 2.0 * tl.exp(x_label - lse_1) + 1.0
@@ -293,6 +346,96 @@ def _sum_partials(partial_ptr, counter_ptr, total_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_offsets(rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti, VEC: tl.constexpr,
+                 ROWS_3D: tl.constexpr):
+    """Where rows start in s, t ((B, T, C) views: two strides each) and in the contiguous gradients."""
+    if ROWS_3D:  # a (B, T, C) view read in place
+        outer = (rows // n_inner).to(tl.int64)
+        inner = (rows % n_inner).to(tl.int64)
+        off_s = outer * stride_so + inner * stride_si
+        off_t = outer * stride_to + inner * stride_ti
+    else:
+        off_s = rows.to(tl.int64) * stride_so
+        off_t = rows.to(tl.int64) * stride_to
+    # the launcher checked: strides and C are multiples of VEC
+    return (tl.multiple_of(off_s, VEC), tl.multiple_of(off_t, VEC),
+            tl.multiple_of(rows.to(tl.int64) * n_cols, VEC))
+
+
+@triton.jit
+def _row_labels(labels_ptr, s_ptr, t_ptr, rows, row_ok, off_s, off_t, n_cols, ignore_index, inv_count,
+                grad_unit, HAS_LABELS: tl.constexpr, WITH_Y: tl.constexpr):
+    """Per row: label (int32), keep (counts), bad (label outside [0, C): the row counts, reads
+    nothing and is NaN; its label becomes -1, which no column and no argmax matches), the label's
+    student (and with WITH_Y teacher) logit, and the scales of the loss (w) and the gradient (gw:
+    the row scale, or grad_unit for fp16 gradients); 0 for ignored rows, NaN for bad ones."""
+    x_label = tl.zeros(rows.shape, dtype=tl.float32)
+    y_label = x_label
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        keep = row_ok & (label != ignore_index)
+        bad = keep & ((label < 0) | (label >= n_cols))
+        label = tl.where(bad, -1, tl.where(keep, label, 0)).to(tl.int32)
+        at = tl.maximum(label, 0)
+        x_label = tl.load(s_ptr + off_s + at, mask=keep & ~bad, other=0.0).to(tl.float32)
+        x_label = tl.where(bad, float("nan"), x_label)
+        if WITH_Y:
+            y_label = tl.load(t_ptr + off_t + at, mask=keep & ~bad, other=0.0).to(tl.float32)
+            y_label = tl.where(bad, float("nan"), y_label)
+    else:
+        label = tl.zeros(rows.shape, dtype=tl.int32)
+        keep = row_ok
+        bad = rows < 0  # none
+    w = tl.where(keep, inv_count, 0.0)
+    gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)
+    return (label, keep, bad, x_label, y_label, tl.where(bad, float("nan"), w),
+            tl.where(bad, float("nan"), gw))
+
+
+@triton.jit
+def _row_terms(m_s, z_s, m_t, z_t, acc, z1_s, gw, k, inv_temp, kd_g, ce_scale, DIVERGENCE: tl.constexpr,
+               STUDENT_T1: tl.constexpr, FAST: tl.constexpr):
+    """Per row, from its statistics: 1 / sum-exps, log-sum-exps of s/T and t/T (a0, b0), the
+    divergence (KL, reverse KL: from acc = sum e (y - x) or sum e (x - y); JSD's comes later), the
+    log-ratio's per-row shift, the gradient coefficients (gw folded in) and CE's log-sum-exp."""
+    rz_s = _rcp(z_s, FAST)
+    rz_t = _rcp(z_t, FAST)
+    a0 = (_off(m_s, k) + _log2(z_s, FAST)) * LN2  # against the offset the sums were taken at
+    b0 = (_off(m_t, k) + _log2(z_t, FAST)) * LN2
+    d_s = tl.zeros(m_s.shape, dtype=tl.float32)
+    d_t = d_s
+    shift = a0  # JSD: unused
+    if DIVERGENCE == 0:
+        d_t = acc * inv_temp * rz_t - (b0 - a0)
+        shift = (b0 - a0) + d_t
+    elif DIVERGENCE == 1:
+        d_s = acc * inv_temp * rz_s - (a0 - b0)
+        shift = (a0 - b0) + d_s
+    c_1 = rz_s
+    lse_1 = a0
+    if STUDENT_T1:
+        lse_1 = (_off(m_s, LOG2E) + _log2(z1_s, FAST)) * LN2
+        c_1 = gw * ce_scale * _rcp(z1_s, FAST)
+    return rz_s, rz_t, a0, b0, d_s, d_t, shift, gw * kd_g * rz_s, gw * kd_g * rz_t, c_1, gw * ce_scale, lse_1
+
+
+@triton.jit
+def _row_loss(d_s, d_t, lse_1, x_label, keep, w, kd_scale, ce_scale, beta, DIVERGENCE: tl.constexpr,
+              HAS_CE: tl.constexpr):
+    """kd_scale D + ce_scale CE, times the row scale; 0 for ignored rows."""
+    if DIVERGENCE == 0:
+        div = d_t
+    elif DIVERGENCE == 1:
+        div = d_s
+    else:
+        div = beta * d_t + (1.0 - beta) * d_s
+    loss = kd_scale * div
+    if HAS_CE:
+        loss += ce_scale * (lse_1 - x_label)
+    return tl.where(keep, loss * w, 0.0)
+
+
+@triton.jit
 def _kd_fwd_kernel(
     # pointers
     s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_count_ptr, edges_ptr,
@@ -331,63 +474,36 @@ def _kd_fwd_kernel(
         # --- the program's rows: offsets, labels, scales (once per row) ---
         rows = (tl.program_id(0) * blocks_per_program + blk) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
-        if ROWS_3D:  # a (B, T, C) view read in place
-            outer = (rows // n_inner).to(tl.int64)
-            inner = (rows % n_inner).to(tl.int64)
-            off_s = outer * stride_so + inner * stride_si
-            off_t = outer * stride_to + inner * stride_ti
-        else:
-            off_s = rows.to(tl.int64) * stride_so
-            off_t = rows.to(tl.int64) * stride_to
-        off_s = tl.multiple_of(off_s, VEC)  # the launcher checked: strides and C are multiples of VEC
-        off_t = tl.multiple_of(off_t, VEC)
-        off_g = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)
-        if HAS_LABELS:
-            label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-            keep = row_ok & (label != ignore_index)
-            # a label outside [0, C) (validate_labels=False) counts, reads nothing and makes its row
-            # NaN; it becomes -1, which no column and no argmax matches
-            bad = keep & ((label < 0) | (label >= n_cols))
-            label = tl.where(bad, -1, tl.where(keep, label, 0)).to(tl.int32)
-            at = tl.maximum(label, 0)
-            x_label = tl.load(s_ptr + off_s + at, mask=keep & ~bad, other=0.0).to(tl.float32)
-            x_label = tl.where(bad, float("nan"), x_label)
-            if METER_T:
-                y_label = tl.load(t_ptr + off_t + at, mask=keep & ~bad, other=0.0).to(tl.float32)
-                y_label = tl.where(bad, float("nan"), y_label)
-        else:
-            label = tl.zeros([BLOCK_N], dtype=tl.int32)
-            keep = row_ok
-            bad = rows < 0  # none
-        w = tl.where(keep, inv_count, 0.0)  # scales the loss of a row; 0 for ignored rows
-        gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)  # and its gradient
-        w = tl.where(bad, float("nan"), w)
-        gw = tl.where(bad, float("nan"), gw)
+        off_s, off_t, off_g = _row_offsets(rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti,
+                                           VEC, ROWS_3D)
+        label, keep, bad, x_label, y_label, w, gw = _row_labels(
+            labels_ptr, s_ptr, t_ptr, rows, row_ok, off_s, off_t, n_cols, ignore_index, inv_count, grad_unit,
+            HAS_LABELS, METER_T)
 
         # --- row statistics: max, sum of exp, and (KL, reverse KL) the divergence's sum ---
-        d_s = tl.zeros([BLOCK_N], dtype=tl.float32)
-        d_t = d_s
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        z1_s = acc
         if ONE_PASS:  # the rows live in registers: read once, write once; exponentials reused
             cols, ok = _tile(0, row_ok, n_cols, VECS, LANES, VEC, N_COLS)
             x = _load(s_ptr, off_s, cols, ok)
             y = _load(t_ptr, off_t, cols, ok)
             m_s = _row_max(x)
             m_t = _row_max(y)
-            e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
-            e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+            e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+            e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
             if N_COLS > 0:  # padding columns known when compiling: their exponentials fold away
                 e_s = tl.where(cols < N_COLS, e_s, 0.0)
                 e_t = tl.where(cols < N_COLS, e_t, 0.0)
             z_s = _row_sum(e_s)
             z_t = _row_sum(e_t)
             if DIVERGENCE == 0:
-                acc = _row_sum(tl.where(e_t > 0, e_t * (y - x), 0.0))
+                acc = _row_sum(_weighted_gap(e_t, y, x))
             elif DIVERGENCE == 1:
-                acc = _row_sum(tl.where(e_s > 0, e_s * (x - y), 0.0))
+                acc = _row_sum(_weighted_gap(e_s, x, y))
             e_1 = e_s
             if STUDENT_T1:
                 if not TEMP_ONE:
-                    e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                    e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                     if N_COLS > 0:
                         e_1 = tl.where(cols < N_COLS, e_1, 0.0)
                 z1_s = _row_sum(e_1)
@@ -395,7 +511,7 @@ def _kd_fwd_kernel(
                     z2_s = _row_sum(e_1 * e_1)
                     arg_s = tl.min(_thread_argmax(x, _rows(m_s), cols), axis=1)
             if METER_T:
-                e1_t = tl.math.exp2(y * LOG2E - _rows(_safe(m_t) * LOG2E))
+                e1_t = tl.math.exp2(y * LOG2E - _rows(_off(m_t, LOG2E)))
                 if N_COLS > 0:
                     e1_t = tl.where(cols < N_COLS, e1_t, 0.0)
                 z1_t = _row_sum(e1_t)
@@ -437,9 +553,9 @@ def _kd_fwd_kernel(
                         pz2_s = pz2_s * r_s * r_s + _thread_sum(e_s * e_s)
                 pm_s = pm_s_new
                 if DIVERGENCE == 0:
-                    pacc = pacc * r_t + _thread_sum(tl.where(e_t > 0, e_t * (y - x), 0.0))
+                    pacc = pacc * r_t + _thread_sum(_weighted_gap(e_t, y, x))
                 elif DIVERGENCE == 1:
-                    pacc = pacc * r_s + _thread_sum(tl.where(e_s > 0, e_s * (x - y), 0.0))
+                    pacc = pacc * r_s + _thread_sum(_weighted_gap(e_s, x, y))
             m_s, z_s, f_s = _merge(pm_s, pz_s, k)
             m_t, z_t, f_t = _merge(pm_t, pz_t, k)
             if DIVERGENCE == 0:
@@ -461,32 +577,14 @@ def _kd_fwd_kernel(
                 arg_t = tl.min(tl.where(pm_t == m_t[:, None], parg_t, 2147483647), axis=1)
 
         # --- per row: log-sum-exps, the divergence (KL, reverse KL), gradient coefficients ---
-        rz_s = _rcp(z_s, FAST_MATH)
-        rz_t = _rcp(z_t, FAST_MATH)
-        a0 = _safe(m_s) * inv_temp + _log(z_s, FAST_MATH)  # log-sum-exp of s / T
-        b0 = _safe(m_t) * inv_temp + _log(z_t, FAST_MATH)
-        if DIVERGENCE == 0:
-            d_t = acc * inv_temp * rz_t - (b0 - a0)
-            shift = (b0 - a0) + d_t
-        elif DIVERGENCE == 1:
-            d_s = acc * inv_temp * rz_s - (a0 - b0)
-            shift = (a0 - b0) + d_s
-        else:
-            shift = a0  # unused
-        c_s = gw * kd_g * rz_s
-        c_t = gw * kd_g * rz_t
-        c_1 = rz_s
-        c_label = gw * ce_scale
-        lse_1 = a0
-        if STUDENT_T1:
-            lse_1 = _safe(m_s) + _log(z1_s, FAST_MATH)
-            c_1 = gw * ce_scale * _rcp(z1_s, FAST_MATH)
+        rz_s, rz_t, a0, b0, d_s, d_t, shift, c_s, c_t, c_1, c_label, lse_1 = _row_terms(
+            m_s, z_s, m_t, z_t, acc, z1_s, gw, k, inv_temp, kd_g, ce_scale, DIVERGENCE, STUDENT_T1, FAST_MATH)
 
         # --- the gradients (and JSD's divergence, which needs the log-sum-exps first) ---
         if ONE_PASS:
             if DIVERGENCE == 2:
                 ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
-                                                       FAST_MATH)
+                                                  FAST_MATH)
                 d_s = _row_sum(tl.where(ps > 0, ps * ref_s, 0.0))
                 d_t = _row_sum(tl.where(pt > 0, pt * ref_t, 0.0))
             if GRAD_S or GRAD_T:
@@ -499,11 +597,11 @@ def _kd_fwd_kernel(
                 cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
                 x = _load(s_ptr, off_s, cols, ok)
                 y = _load(t_ptr, off_t, cols, ok)
-                e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
-                e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+                e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+                e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
                 e_1 = e_s
                 if HAS_CE and not TEMP_ONE:
-                    e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                    e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                 if DIVERGENCE == 2:
                     ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
                                                            FAST_MATH)
@@ -518,26 +616,17 @@ def _kd_fwd_kernel(
                     cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
                     x = _load(s_ptr, off_s, cols, ok)
                     y = _load(t_ptr, off_t, cols, ok)
-                    e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
-                    e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+                    e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+                    e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
                     e_1 = e_s
                     if HAS_CE and not TEMP_ONE:
-                        e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                        e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
                                  c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
                                  DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
 
         # --- the loss of each row, its sum, the calibration statistics ---
-        if DIVERGENCE == 0:
-            div = d_t
-        elif DIVERGENCE == 1:
-            div = d_s
-        else:
-            div = beta * d_t + (1.0 - beta) * d_s
-        loss = kd_scale * div
-        if HAS_CE:
-            loss += ce_scale * (lse_1 - x_label)
-        loss = tl.where(keep, loss * w, 0.0)
+        loss = _row_loss(d_s, d_t, lse_1, x_label, keep, w, kd_scale, ce_scale, beta, DIVERGENCE, HAS_CE)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         loss_sum += loss
         if METER_S:
@@ -556,23 +645,176 @@ def _kd_fwd_kernel(
 
 
 @triton.jit
+def _split_stat(stats_ptr, slot, parts, PARTS: tl.constexpr, J: tl.constexpr, other):
+    """Statistic J of every part of a row ([1, PARTS_P2]; masked parts read ``other``)."""
+    return tl.load(stats_ptr + (slot[:, None] * PARTS + parts[None, :]) * NSTAT + J, mask=parts[None, :] < PARTS,
+                   other=other, cache_modifier=".cg")
+
+
+@triton.jit
+def _kd_split_kernel(
+    # pointers
+    s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_count_ptr, edges_ptr, meter_s_ptr,
+    partial_ptr, counter_ptr, total_ptr,
+    stats_ptr,  # the parts' statistics: [slots, PARTS, NSTAT] fp32
+    arrive_ptr,  # per group of PARTS programs, arrivals (int32, zero at launch)
+    # shapes and strides (elements), as _kd_fwd_kernel; groups of PARTS programs take rows in turn
+    n_rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti, n_groups, rows_per_group,
+    # scalars
+    inv_temp, kd_scale, ce_scale, beta, ignore_index, inv_count, grad_unit,
+    # constants
+    PARTS: tl.constexpr, PARTS_P2: tl.constexpr, VECS: tl.constexpr, LANES: tl.constexpr,
+    VEC: tl.constexpr, ROWS_3D: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    METER_S: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr, STUDENT_T1: tl.constexpr,
+    TEMP_ONE: tl.constexpr, REDUCE: tl.constexpr, FAST_MATH: tl.constexpr,
+    PHASE: tl.constexpr,  # 0: the whole path in one (cooperative) launch; 1, 2: its halves, in two
+):
+    """Long rows kept on chip: a row is split over PARTS programs, each holding its chunk of s and t
+    in registers. Each writes its chunk's statistics, waits for the row's other parts (arrivals
+    counted in global memory; a cooperative launch keeps them all resident), merges the PARTS
+    statistics in part order (deterministic, the same in every part) and writes its chunk's
+    gradient from registers: s and t read once, the gradient written once (3 N C bytes). KL and
+    reverse KL (their divergence is a sum over the row); PHASE 1 / 2 split the path at the wait
+    into two launches (the interpreter, which runs programs one after another), re-reading the
+    chunk in the second."""
+    group = tl.program_id(0) // PARTS
+    part = tl.program_id(0) % PARTS
+    c0 = part * (VECS * LANES * VEC)
+    if COUNT_ON_DEVICE:
+        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+    k = inv_temp * LOG2E
+    kd_g = kd_scale * inv_temp
+    parts = tl.arange(0, PARTS_P2)
+    loss_sum = tl.zeros([1], dtype=tl.float32)
+    if METER_S:
+        meter_s = _meter_zeros(1, BINS_P2)
+    for it in range(0, rows_per_group):
+        rows = group + it * n_groups + tl.arange(0, 1)
+        row_ok = rows < n_rows
+        off_s, off_t, off_g = _row_offsets(rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti,
+                                           VEC, ROWS_3D)
+        label, keep, bad, x_label, y_label, w, gw = _row_labels(
+            labels_ptr, s_ptr, t_ptr, rows, row_ok, off_s, off_t, n_cols, ignore_index, inv_count, grad_unit,
+            HAS_LABELS, False)
+        cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
+        x = _load(s_ptr, off_s, cols, ok)
+        y = _load(t_ptr, off_t, cols, ok)
+        # the slot of this row's statistics: two per group, alternating (a part may write the next
+        # row's while another still reads this one's); one per row when split in two launches
+        if PHASE > 0:
+            slot = rows
+        else:
+            slot = group * 2 + it % 2 + tl.zeros([1], dtype=tl.int32)
+
+        # --- this chunk's exponentials, against the chunk's max: kept for the gradient ---
+        mc_s = _row_max(x)
+        mc_t = _row_max(y)
+        e_s = tl.math.exp2(x * k - _rows(_off(mc_s, k)))
+        e_t = tl.math.exp2(y * k - _rows(_off(mc_t, k)))
+        e_1 = e_s  # at T = 1
+        if STUDENT_T1 and not TEMP_ONE:
+            e_1 = tl.math.exp2(x * LOG2E - _rows(_off(mc_s, LOG2E)))
+        if PHASE != 2:  # --- this chunk's statistics, published ---
+            if DIVERGENCE == 0:
+                acc = _row_sum(_weighted_gap(e_t, y, x))
+            else:
+                acc = _row_sum(_weighted_gap(e_s, x, y))
+            z1 = tl.zeros([1], dtype=tl.float32)
+            z2 = z1
+            arg = z1
+            if STUDENT_T1:
+                z1 = _row_sum(e_1)
+                if METER_S:
+                    z2 = _row_sum(e_1 * e_1)
+                    arg = tl.min(_thread_argmax(x, _rows(mc_s), cols), axis=1).to(tl.float32)
+            at = stats_ptr + (slot * PARTS + part) * NSTAT
+            tl.store(at, mc_s)
+            tl.store(at + 1, _row_sum(e_s))
+            tl.store(at + 2, mc_t)
+            tl.store(at + 3, _row_sum(e_t))
+            tl.store(at + 4, acc)
+            tl.store(at + 5, z1)
+            tl.store(at + 6, z2)
+            tl.store(at + 7, arg)
+        if PHASE == 0:  # --- wait for the row's other parts ---
+            tl.debug_barrier()  # this program's statistics are written before it arrives (release)
+            tl.atomic_add(arrive_ptr + group, 1, sem="release")
+            seen = tl.atomic_add(arrive_ptr + group, 0, sem="acquire")
+            while seen < PARTS * (it + 1):
+                seen = tl.atomic_add(arrive_ptr + group, 0, sem="acquire")
+            tl.debug_barrier()  # every thread reads the statistics after they arrived (acquire)
+        if PHASE != 1:  # --- the row's statistics, merged in part order; this chunk's gradient ---
+            pm_s = _split_stat(stats_ptr, slot, parts, PARTS, 0, NEG_INF)
+            pm_t = _split_stat(stats_ptr, slot, parts, PARTS, 2, NEG_INF)
+            m_s, z_s, f_s = _merge(pm_s, _split_stat(stats_ptr, slot, parts, PARTS, 1, 0.0), k)
+            m_t, z_t, f_t = _merge(pm_t, _split_stat(stats_ptr, slot, parts, PARTS, 3, 0.0), k)
+            if DIVERGENCE == 0:  # KL's sum is weighted by the teacher's exponentials
+                acc = tl.sum(_split_stat(stats_ptr, slot, parts, PARTS, 4, 0.0) * f_t, axis=1)
+            else:
+                acc = tl.sum(_split_stat(stats_ptr, slot, parts, PARTS, 4, 0.0) * f_s, axis=1)
+            z1_s = z_s
+            if STUDENT_T1 and not TEMP_ONE:
+                m1, z1_s, f1 = _merge(pm_s, _split_stat(stats_ptr, slot, parts, PARTS, 5, 0.0), LOG2E)
+            rz_s, rz_t, a0, b0, d_s, d_t, shift, c_s, c_t, c_1, c_label, lse_1 = _row_terms(
+                m_s, z_s, m_t, z_t, acc, z1_s, gw, k, inv_temp, kd_g, ce_scale, DIVERGENCE, STUDENT_T1, FAST_MATH)
+            if GRAD_S or GRAD_T:  # the chunk's exponentials, rescaled through the coefficients
+                fc_s = _rescale(mc_s, m_s, k)
+                fc_t = _rescale(mc_t, m_t, k)
+                c_1 = c_1 * _rescale(mc_s, m_s, LOG2E)
+                if tl.sum(keep.to(tl.int32), axis=0) > 0:  # the row is one for the whole program
+                    _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s * fc_s,
+                                 c_t * fc_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
+                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH, False)
+                else:  # an ignored row: zeros
+                    zero = tl.zeros(x.shape, dtype=tl.float32)
+                    _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, zero, zero, zero, zero, zero, label,
+                                 c_s * 0.0, c_t * 0.0, c_1 * 0.0, c_label * 0.0, shift * 0.0, d_s, d_t, inv_temp,
+                                 beta, rz_s, rz_t, a0, b0, DIVERGENCE, False, GRAD_S, GRAD_T, FAST_MATH, False)
+            if part == 0:  # one part per row: its loss and calibration statistics
+                loss = _row_loss(d_s, d_t, lse_1, x_label, keep, w, kd_scale, ce_scale, beta, DIVERGENCE,
+                                 HAS_CE)
+                tl.store(loss_ptr + rows, loss, mask=row_ok)
+                loss_sum += loss
+                if METER_S:
+                    f1_s = f_s
+                    if not TEMP_ONE:
+                        f1_s = f1
+                    z2_s = tl.sum(_split_stat(stats_ptr, slot, parts, PARTS, 6, 0.0) * f1_s * f1_s, axis=1)
+                    parg = _split_stat(stats_ptr, slot, parts, PARTS, 7, 0.0)
+                    arg_s = tl.min(tl.where(pm_s == m_s[:, None], parg, 3.0e38), axis=1).to(tl.int32)
+                    meter_s = _meter_rows(meter_s, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
+                                          NUM_BINS, BINS_P2, FAST_MATH)
+
+    if PHASE != 1:
+        if REDUCE:
+            _last_program_sum(partial_ptr, counter_ptr, total_ptr, tl.sum(loss_sum, axis=0), 512)
+        if METER_S:
+            if part == 0:
+                _meter_flush(meter_s_ptr, meter_s, NUM_BINS, BINS_P2)
+
+
+@triton.jit
 def _scale_grad_kernel(grad_ptr, factor_ptr, n_rows, n_cols, FACTOR_PER_ROW: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    """grad *= factor in place, in fp32, on a contiguous (N, C) gradient: a tile of BLOCK_R rows x
-    BLOCK_C columns per program (grid: row tiles x column tiles), so a per-row factor is read once
-    per row, not found by a division per element. Where the factor is 1 (the usual
-    loss.backward()) the masked loads and stores move no data: no host sync, no traffic."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < n_rows
+    """grad *= factor in place, in fp32, on a contiguous (N, C) gradient. One factor: flat blocks of
+    BLOCK_R * BLOCK_C elements. A factor per row: tiles of BLOCK_R rows x BLOCK_C columns (grid:
+    row tiles x column tiles), so it is read once per row, not found by a division per element.
+    Where the factor is 1 (the usual loss.backward()) the masked loads and stores move no data: no
+    host sync, no traffic."""
     if FACTOR_PER_ROW:
-        f = tl.load(factor_ptr + rows, mask=row_ok, other=1.0)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        f = tl.load(factor_ptr + rows, mask=rows < n_rows, other=1.0)
+        todo = ((rows < n_rows) & (f != 1.0))[:, None] & (cols < n_cols)[None, :]
+        offs = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)[:, None] + cols[None, :]
+        f = f[:, None]
     else:
-        f = tl.load(factor_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
-    todo = (row_ok & (f != 1.0))[:, None] & (cols < n_cols)[None, :]
-    offs = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)[:, None] + cols[None, :]
+        offs = tl.program_id(0).to(tl.int64) * (BLOCK_R * BLOCK_C) + tl.arange(0, BLOCK_R * BLOCK_C)
+        f = tl.load(factor_ptr) + tl.zeros([BLOCK_R * BLOCK_C], dtype=tl.float32)
+        todo = (offs < n_rows.to(tl.int64) * n_cols) & (f != 1.0)
     g = tl.load(grad_ptr + offs, mask=todo, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (g * f[:, None]).to(grad_ptr.dtype.element_ty), mask=todo)
+    tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
 
 
 SCALE_BLOCK = 4096  # elements per program of scale_grad
@@ -668,10 +910,32 @@ def _row_strides(x):
     return t_len, x.stride(0), x.stride(1)
 
 
+def _split_plan(n, c, spec: KDSpec, grad_s, grad_t, meter_t, size, strides, addresses, sms):
+    """The split-row launch for rows too long for one pass, or None where it does not apply: KL or
+    reverse KL with a gradient (without one, one sweep reads the row once anyway), no teacher
+    meter, at most SPLIT_MAX_PARTS parts of SPLIT_VECS vectors per thread a row."""
+    if not SPLIT_ROWS or spec.divergence == 2 or not (grad_s or grad_t) or meter_t:
+        return None
+    vec = _vector_width(c, strides, size, addresses)
+    lanes = 32 * SPLIT_WARPS
+    parts = triton.cdiv(c, SPLIT_VECS * lanes * vec)
+    if parts > SPLIT_MAX_PARTS:
+        return None
+    groups = max(1, min(n, sms * SPLIT_PROGRAMS_PER_SM // parts))  # all resident at once
+    chunk = SPLIT_VECS * lanes * vec
+    return dict(path="split-row", kernel=_kd_split_kernel, programs=groups * parts, num_warps=SPLIT_WARPS,
+                consts=dict(PARTS=parts, PARTS_P2=triton.next_power_of_2(parts), VECS=SPLIT_VECS, LANES=lanes,
+                            VEC=vec),
+                read_sweeps=1, trips=[1], tile_bytes=min(chunk, c) * 2 * size,
+                ints=dict(n_groups=groups, rows_per_group=triton.cdiv(n, groups)))
+
+
 def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, meter_s, meter_t, reduce,
-          device_name="", rows=(1, None, 0, None, 0), fast_math=True, addresses=()):
-    """The launch of one call: path, grid, warps and the kernel's constants. ``rows``: (n_inner,
-    stride_so, stride_si, stride_to, stride_ti); None strides stand for C (contiguous rows)."""
+          device_name="", rows=(1, None, 0, None, 0), fast_math=True, addresses=(), split_ok=True, sms=132):
+    """The launch of one call: path ("one-pass", "split-row", "2-sweep", "3-sweep" or "1-sweep"),
+    kernel, grid, warps and the kernel's constants. ``rows``: (n_inner, stride_so, stride_si,
+    stride_to, stride_ti); None strides stand for C (contiguous rows). ``split_ok``: a split-row
+    launch can run here (a cooperative launch on a GPU, or the interpreter's two launches)."""
     n_inner, so, si, to, ti = rows
     so = c if so is None else so
     to = c if to is None else to
@@ -689,6 +953,16 @@ def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, mete
         COUNT_ON_DEVICE=False, GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter_s, METER_T=meter_t,
         NUM_BINS=15, BINS_P2=16, STUDENT_T1=spec.has_ce or meter_s, TEMP_ONE=spec.inv_temperature == 1.0,
         THIRD_SWEEP=third, REDUCE=reduce, N_COLS=c if one_pass and lanes == 1 else 0, FAST_MATH=fast_math)
+    split = _split_plan(n, c, spec, grad_s, grad_t, meter_t, size, (so, si, to, ti), addresses, sms)
+    if not one_pass and split_ok and split is not None:
+        return dict(split, consts=dict(split["consts"], ROWS_3D=n_inner > 1, DIVERGENCE=spec.divergence,
+                                       HAS_LABELS=has_labels, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=False,
+                                       GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter_s, NUM_BINS=15, BINS_P2=16,
+                                       STUDENT_T1=spec.has_ce or meter_s,
+                                       TEMP_ONE=spec.inv_temperature == 1.0, REDUCE=reduce,
+                                       FAST_MATH=fast_math, PHASE=0),
+                    ints=dict(split["ints"], n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si,
+                              stride_to=to, stride_ti=ti))
     n_blocks = triton.cdiv(n, block_n)
     # a meter's flush costs more: spread it over more rows, keeping MIN_PROGRAMS / 2 programs
     meters = meter_s or meter_t
@@ -697,7 +971,8 @@ def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, mete
                              (int(PACK.value) - 1) // block_n))
     per_program = per_program if one_pass else 1
     path = "one-pass" if one_pass else f"{sweeps}-sweep"
-    return dict(path=path, programs=triton.cdiv(n_blocks, per_program), num_warps=num_warps, consts=consts,
+    return dict(path=path, kernel=_kd_fwd_kernel, programs=triton.cdiv(n_blocks, per_program),
+                num_warps=num_warps, consts=consts,
                 read_sweeps=sweeps, trips=[] if one_pass else [triton.cdiv(c, block_c)] * sweeps,
                 tile_bytes=block_n * min(block_c, c) * 2 * size,
                 ints=dict(n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si, stride_to=to,
@@ -726,27 +1001,116 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     if max(inner_s, inner_t) > 1:  # one of them is a (B, T, C) view that no single stride covers
         inner_s, so, si = s.shape[1], s.stride(0), s.stride(1)
         to, ti = t.stride(0), t.stride(1)
-    plan = _plan(n, c, s.dtype, t.dtype, spec, grad_s, grad_t, labels is not None, meter is not None,
-                 teacher_meter is not None, reduce, device_name, (inner_s, so, si, to, ti), s.is_cuda,
-                 (s.data_ptr(), t.data_ptr()))
-    consts = dict(plan["consts"], COUNT_ON_DEVICE=torch.is_tensor(row_count), NUM_BINS=num_bins,
-                  BINS_P2=triton.next_power_of_2(num_bins + 1))
-    partial = torch.empty(plan["programs"] if reduce else 1, dtype=torch.float32, device=s.device)
+    args = (n, c, s.dtype, t.dtype, spec, grad_s, grad_t, labels is not None, meter is not None,
+            teacher_meter is not None, reduce, device_name, (inner_s, so, si, to, ti), not _interpreted(),
+            (s.data_ptr(), t.data_ptr()))
+    pointers = (s, t, labels if labels is not None else dummy, loss, gs if grad_s else dummy,
+                gt if grad_t else dummy, row_count if torch.is_tensor(row_count) else dummy, edges,
+                meter._state_on(s.device) if meter is not None else dummy)
+    scalars = (spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
+               inv_count_on_host(row_count), spec.grad_unit)
     with _on(s.device):  # the capture check and the launch look at the tensors' device
+        split_ok = _split_runs(s.device)
+        plan = _plan(*args, split_ok=split_ok, sms=_sm_count(s.device))
+        consts = dict(plan["consts"], COUNT_ON_DEVICE=torch.is_tensor(row_count), NUM_BINS=num_bins,
+                      BINS_P2=triton.next_power_of_2(num_bins + 1))
+        partial = torch.empty(plan["programs"] if reduce else 1, dtype=torch.float32, device=s.device)
         counter, total = _reduction_state(s.device) if reduce else (dummy, dummy)
+        if plan["path"] == "split-row":
+            try:
+                _launch_split(plan, consts, pointers, (partial, counter, total), scalars, dummy,
+                              (n, c, inner_s, so, si, to, ti))
+                return (total if reduce else loss), gs, gt
+            except RuntimeError:  # a cooperative launch this device cannot hold: the looping path, from now on
+                _SPLIT_REFUSED.add(s.device)
+                plan = _plan(*args, split_ok=False)
+                consts = dict(plan["consts"], COUNT_ON_DEVICE=torch.is_tensor(row_count), NUM_BINS=num_bins,
+                              BINS_P2=triton.next_power_of_2(num_bins + 1))
+                partial = torch.empty(plan["programs"] if reduce else 1, dtype=torch.float32, device=s.device)
         _kd_fwd_kernel[(plan["programs"],)](
-            s, t, labels if labels is not None else dummy, loss,
-            gs if grad_s else dummy, gt if grad_t else dummy,
-            row_count if torch.is_tensor(row_count) else dummy, edges,
-            meter._state_on(s.device) if meter is not None else dummy,
-            teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
+            *pointers, teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
             partial, counter, total,
-            n, c, inner_s, so, si, to, ti, plan["ints"]["blocks_per_program"],
-            spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
-            inv_count_on_host(row_count), spec.grad_unit,
+            n, c, inner_s, so, si, to, ti, plan["ints"]["blocks_per_program"], *scalars,
             num_warps=plan["num_warps"], **consts,
         )
     return (total if reduce else loss), gs, gt
+
+
+_SPLIT_REFUSED: set = set()  # devices where a split-row launch failed
+
+
+def _interpreted() -> bool:
+    """Triton's interpreter runs the kernels (TRITON_INTERPRET=1): exact math, programs in turn."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _split_runs(device) -> bool:
+    """Whether a split-row launch can run: on a GPU, a cooperative launch (Triton >= 3.3), not while
+    a CUDA graph is captured; under the interpreter only when asked (SPLIT_INTERPRETED). CPU tensors
+    without the interpreter are a static model compiling what a GPU would run: SPLIT_STATIC."""
+    if _interpreted():
+        return SPLIT_INTERPRETED
+    if device.type != "cuda":
+        return SPLIT_STATIC
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return ("launch_cooperative_grid" in CUDAOptions.__dataclass_fields__ and device not in _SPLIT_REFUSED
+            and not _capturing(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device) -> int:
+    return _sm_count_of(device.index) if device.type == "cuda" else 132  # an H100 / H200 SXM
+
+
+def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
+    """The split-row path: one cooperative launch on a GPU, with as many groups of PARTS programs as
+    the device holds at once (from the compiled kernel's registers); under the interpreter, which
+    runs the programs one after another, its two halves (statistics, then the rest) as two launches."""
+    s = pointers[0]
+    groups, parts = plan["ints"]["n_groups"], consts["PARTS"]
+    interpreted = _interpreted()
+    slots = shape[0] if interpreted else 2 * groups
+    stats = torch.empty((slots, parts, NSTAT.value), dtype=torch.float32, device=s.device)
+    arrive = dummy if interpreted else torch.zeros(groups, dtype=torch.int32, device=s.device)
+    options = {} if interpreted else {"launch_cooperative_grid": True}
+
+    def args(n_groups):
+        return (*pointers, *reduction, stats, arrive, *shape, n_groups, triton.cdiv(shape[0], n_groups), *scalars)
+
+    if s.is_cuda:  # no more groups than fit: a cooperative launch needs them all resident
+        resident = _resident_programs(s.device, args(groups), plan["num_warps"], dict(consts, PHASE=0, **options))
+        groups = min(groups, resident // parts)
+        if groups < 1:
+            raise RuntimeError(f"a row's {parts} parts do not fit on the device at once")
+    for phase in ((1, 2) if interpreted else (0,)):
+        _kd_split_kernel[(groups * parts,)](*args(groups), num_warps=plan["num_warps"], **dict(consts, PHASE=phase),
+                                            **options)
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_programs(device, args, num_warps, kwargs) -> int:
+    """Programs of the split kernel that a device holds at once, from its compiled registers and
+    shared memory (cached per device and constants)."""
+    key = (device.index, num_warps, tuple(sorted(kwargs.items())))
+    if key not in _RESIDENT:
+        kernel = _kd_split_kernel.warmup(*args, grid=(1,), num_warps=num_warps, **kwargs)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        regs = max(1, kernel.n_regs)
+        per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+        smem = kernel.metadata.shared
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (smem + 1024) if smem else 32
+        _RESIDENT[key] = props.multi_processor_count * max(0, min(32, by_regs, by_threads, by_smem))
+    return _RESIDENT[key]
 
 
 def scale_grad(grad, factor):
@@ -757,11 +1121,13 @@ def scale_grad(grad, factor):
     n_cols = grad.shape[-1] if grad.dim() else 1
     n_rows = grad.numel() // max(n_cols, 1)
     if grad.numel():
-        block_c = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+        per_row = factor.dim() > 0
+        block_c = min(triton.next_power_of_2(n_cols), SCALE_BLOCK) if per_row else SCALE_BLOCK
         block_r = max(1, SCALE_BLOCK // block_c)
+        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c)) if per_row else \
+            (triton.cdiv(grad.numel(), SCALE_BLOCK),)
         vec = _vector_width(n_cols, (), grad.element_size(), (grad.data_ptr(),))
         with _on(grad.device):
-            _scale_grad_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))](
-                grad, factor, n_rows, n_cols, FACTOR_PER_ROW=factor.dim() > 0, BLOCK_R=block_r,
-                BLOCK_C=block_c, VEC=vec, num_warps=8)
+            _scale_grad_kernel[grid](grad, factor, n_rows, n_cols, FACTOR_PER_ROW=per_row, BLOCK_R=block_r,
+                                     BLOCK_C=block_c, VEC=vec, num_warps=8)
     return grad

@@ -22,7 +22,8 @@ from fastkd import _triton_kd as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SCALARS = {"n_rows": "i64", "n_cols": "i64", "n_inner": "i64", "stride_so": "i64", "stride_si": "i64",
-           "stride_to": "i64", "stride_ti": "i64", "blocks_per_program": "i32", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
+           "stride_to": "i64", "stride_ti": "i64", "blocks_per_program": "i32", "n_groups": "i32",
+           "rows_per_group": "i32", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
            "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "grad_unit": "fp32",
            "n_elements": "i64", "n_k": "i64", "stride_s": "i64", "stride_k": "i64", "stride_gs": "i64",
            "tail_floor": "fp32"}
@@ -51,21 +52,23 @@ def spills(cubin: bytes) -> int:
 
 POINTERS = {"labels_ptr": "*i64", "loss_ptr": "*fp32", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
             "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64", "partial_ptr": "*fp32", "counter_ptr": "*i32",
-            "total_ptr": "*fp32"}
+            "total_ptr": "*fp32", "stats_ptr": "*fp32", "arrive_ptr": "*i32"}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def launcher_constants(n_rows, n_cols, dtype, divergence, grad_s, grad_t, labels, meters, rows_3d=False):
-    """The kernel's constants exactly as the launcher (K._plan) picks them for such a call."""
+def launcher_constants(n_rows, n_cols, dtype, divergence, grad_s, grad_t, labels, meters, rows_3d=False,
+                       split_ok=True, teacher_meter=None):
+    """(kernel, constants, warps) exactly as the launcher (K._plan) picks them for such a call."""
     import torch
     from fastkd._spec import KDSpec
 
     spec = KDSpec(0.5, 1.0, 0.5 if labels else 0.0, divergence, 0.5, -100)
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     rows = (7, None, n_cols, None, n_cols) if rows_3d else (1, None, 0, None, 0)
-    plan = K._plan(n_rows, n_cols, torch_dtype, torch_dtype, spec, grad_s, grad_t, labels, meters, meters,
-                   labels, "", rows)
-    return dict(plan["consts"], COUNT_ON_DEVICE=labels), plan["num_warps"]
+    teacher_meter = meters if teacher_meter is None else teacher_meter
+    plan = K._plan(n_rows, n_cols, torch_dtype, torch_dtype, spec, grad_s, grad_t, labels, meters, teacher_meter,
+                   labels, "", rows, split_ok=split_ok)
+    return plan["kernel"], dict(plan["consts"], COUNT_ON_DEVICE=labels), plan["num_warps"]
 
 
 def check_default_configs() -> int:
@@ -76,11 +79,11 @@ def check_default_configs() -> int:
         ptrs = dict(POINTERS, s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", gs_ptr=f"*{dtype}", gt_ptr=f"*{dtype}")
         for divergence, grad_t, meters in ((0, False, False), (1, False, False), (0, False, True),
                                            (0, True, False), (2, False, False), (2, True, True)):
-            consts, warps = launcher_constants(65536, n_cols, dtype, divergence, True, grad_t, True, meters)
-            kernel = compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps, aligned=True)
+            fn, consts, warps = launcher_constants(65536, n_cols, dtype, divergence, True, grad_t, True, meters)
+            kernel = compile_kernel(fn, ptrs, consts, num_warps=warps, aligned=True)
             stack = spills(kernel.asm["cubin"])
             name = f"default config C={n_cols} {dtype} div={divergence} teacher_grad={grad_t} meters={meters}"
-            shape = f"{consts['BLOCK_N']}x({consts['VECS']}x{consts['LANES']}x{consts['VEC']})"
+            shape = f"{consts.get('BLOCK_N', consts.get('PARTS'))}x({consts['VECS']}x{consts['LANES']}x{consts['VEC']})"
             # a few bytes are a call frame or one spilled scalar; a spilled tile is hundreds
             print(("ok  " if stack <= 16 else "FAIL"), name, f"{shape} warps={warps} stack={stack}")
             failures += stack > 16
@@ -89,17 +92,20 @@ def check_default_configs() -> int:
 
 def main() -> int:
     failures = check_default_configs()
-    # each path x divergence, with three mixes of dtype / gradients / labels+meters; (B, T, C) views
+    # each path (one pass; long rows split or swept) x divergence, with three mixes of dtype /
+    # gradients / labels+meters (the split path takes the student's meter only); (B, T, C) views
     mixes = (("bf16", True, True, True), ("fp32", True, False, False), ("fp16", False, False, True))
-    for (n_cols, rows_3d), divergence, (dtype, grad_s, grad_t, labels) in itertools.product(
-            ((256, False), (K.ONE_PASS_MAX["light"][4] * 2, True)), (0, 1, 2), mixes):
+    long_row = K.ONE_PASS_MAX["light"][4] * 2
+    for (n_cols, rows_3d, split_ok), divergence, (dtype, grad_s, grad_t, labels) in itertools.product(
+            ((256, False, True), (long_row, True, True), (long_row, False, False)), (0, 1, 2), mixes):
         ptrs = dict(POINTERS, s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", gs_ptr=f"*{dtype}", gt_ptr=f"*{dtype}")
-        consts, warps = launcher_constants(4096, n_cols, dtype, divergence, grad_s, grad_t, labels, labels,
-                                           rows_3d)
-        name = (f"kd_fwd {dtype} C={n_cols} one_pass={consts['ONE_PASS']} rows_3d={rows_3d} div={divergence} "
+        fn, consts, warps = launcher_constants(4096, n_cols, dtype, divergence, grad_s, grad_t, labels, labels,
+                                               rows_3d, split_ok, labels and not (split_ok and n_cols > 256))
+        path = "split" if fn is K._kd_split_kernel else "one_pass" if consts["ONE_PASS"] else "sweeps"
+        name = (f"kd_fwd {dtype} C={n_cols} {path} rows_3d={rows_3d} div={divergence} "
                 f"grads={grad_s},{grad_t} labels={labels}")
         try:
-            compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps)
+            compile_kernel(fn, ptrs, consts, num_warps=warps)
             print("ok  ", name)
         except Exception as e:  # report every variant, fail at the end
             failures += 1

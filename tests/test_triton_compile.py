@@ -13,4 +13,4 @@ def test_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "FAIL" not in done.stdout
     # default configs x variants, variants, scale, sparse
-    assert done.stdout.count("ok ") == 6 * 6 + 18 + 4 + 8
+    assert done.stdout.count("ok ") == 6 * 6 + 27 + 4 + 8

@@ -326,3 +326,112 @@ def test_several_row_blocks_per_program(monkeypatch, divergence, gen):
     torch.testing.assert_close(gs.double(), s64.grad, rtol=1e-5, atol=1e-7)
     _check_meter(meter, _meter_reference(s, labels, 6))
     _check_meter(teacher_meter, _meter_reference(t, labels, 6))
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Rows beyond one pass take the split-row path, here as the interpreter runs it (its two halves
+    as two launches), in parts of 32 * VEC columns."""
+    monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+    monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
+    monkeypatch.setattr(K, "SPLIT_WARPS", 1)
+    monkeypatch.setattr(K, "SPLIT_VECS", 1)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_split_rows_equal_the_reference(split_rows, divergence, temperature, gen):
+    """A row split over parts: the parts' statistics merged in order; chunks of -inf (a masked
+    vocabulary) and a ragged last part; student and teacher gradients, CE, the meter, ignored rows."""
+    from reference import kd_objective
+
+    n, c = 6, 203
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    s[2, :70] = float("-inf")  # whole parts of zero mass
+    t[2, :70] = float("-inf")
+    labels = torch.randint(70, c, (n,), generator=gen)
+    labels[4] = -100
+    plan = K._plan(n, c, s.dtype, t.dtype, spec_for(temperature, 1.0, 0.5), True, True, True, True, False, True,
+                   split_ok=True, sms=1)
+    assert plan["path"] == "split-row" and plan["consts"]["PARTS"] == 7
+    s.requires_grad_()
+    t.requires_grad_()
+    meter = fastkd.CalibrationMeter(8)
+    out = fastkd.kd_loss(s, t, labels, temperature=temperature, alpha=0.6, divergence=divergence, meter=meter,
+                         backend="triton")
+    s64, t64 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    ref = kd_objective(s64, t64, labels, temperature, 0.6, kind=divergence)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(out, (s, t))
+    want = torch.autograd.grad(ref, (s64, t64))
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g.double(), w_, rtol=1e-5, atol=1e-5 * w_.abs().max().item())
+    _check_meter(meter, _meter_reference(s.detach(), labels, 8))
+
+
+def test_split_rows_three_dim_views_bad_labels_and_fp16_units(split_rows, gen):
+    """(B, T, C) views read in place, an out-of-range label (NaN row), fp16 gradients in grad units,
+    the per-row loss (reduction "none")."""
+    b, t_len, c = 2, 4, 200
+    s_full, t_full = randn((b, t_len + 1, c), gen, torch.float16), randn((b, t_len + 1, c), gen, torch.float16)
+    s, t = s_full[:, 1:], t_full[:, :-1]
+    labels = torch.randint(0, c, (b * t_len,), generator=gen)
+    labels[3] = c + 5
+    labels[5] = -100
+    kept = int((labels != -100).sum())
+    unit = 64.0
+    loss, gs, gt = K.kd_forward(s, t, labels, torch.tensor([kept]), spec_for(2.0, 1.0, 0.5, grad_unit=unit), True,
+                                True, None, None)
+    bad = torch.zeros(b * t_len, dtype=torch.bool)
+    bad[3] = True
+    ok_labels = torch.where(bad, -100, labels)
+    row, ref_gs, ref_gt = rows_reference(s.reshape(-1, c).float(), t.reshape(-1, c).float(), ok_labels, 2.0, 1.0,
+                                         0.5)
+    assert torch.isnan(loss[bad]).all() and torch.isnan(gs.reshape(-1, c)[bad]).all()
+    torch.testing.assert_close(loss[~bad].double(), row[~bad] / kept, rtol=1e-5, atol=1e-6)
+    assert rel_err(gs.reshape(-1, c)[~bad], unit * ref_gs[~bad]) < 2e-3
+    assert rel_err(gt.reshape(-1, c)[~bad], unit * ref_gt[~bad]) < 2e-3
+    assert (gs.reshape(-1, c)[5] == 0).all() and gs.shape == s.shape and gs.is_contiguous()
+
+
+def test_split_rows_path_is_chosen_where_it_applies():
+    """The launcher's choice for long rows: split where it applies (KL or reverse KL with a
+    gradient, no teacher meter), else the looping path; it says which."""
+    spec = spec_for(2.0, 1.0, 0.0)
+    bf16 = torch.bfloat16
+    split = K._plan(4096, 128256, bf16, bf16, spec, True, False, False, False, False, True, split_ok=True)
+    assert split["path"] == "split-row" and split["consts"]["PARTS"] == 32
+    assert split["programs"] % 32 == 0 and split["programs"] <= 132 * K.SPLIT_PROGRAMS_PER_SM
+    jsd = K._plan(4096, 128256, bf16, bf16, spec_for(2.0, 1.0, 0.0, divergence=2), True, False, False, False,
+                  False, True, split_ok=True)
+    assert jsd["path"] == "3-sweep"
+    assert K._plan(4096, 128256, bf16, bf16, spec, True, False, False, False, False, True,
+                   split_ok=False)["path"] == "2-sweep"
+    assert K._plan(4096, 128256, bf16, bf16, spec, False, False, False, False, False, True,
+                   split_ok=True)["path"] == "1-sweep"  # no gradient: one read anyway
+    assert K._plan(4096, 1000, torch.float32, torch.float32, spec, True, False, False, False, False, True,
+                   split_ok=True)["path"] == "one-pass"
+
+
+@pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
+def test_large_logits_keep_their_digits(monkeypatch, path, gen):
+    """Logits near 80 (at T = 1 the exponent offset m log2(e) is near 115): log-sum-exps,
+    confidences and rescales are taken against the same rounded offset as the exponentials, so the
+    loss keeps fp32's relative accuracy (an FMA-formed exponent leaves the top term off 1 by the
+    offset's rounding; the interpreter has no FMA, a GPU does)."""
+    from reference import kd_objective
+
+    if path != "one-pass":
+        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(K, "LOOP_BLOCK_C", 32)
+    if path == "split":
+        monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
+        monkeypatch.setattr(K, "SPLIT_WARPS", 1)
+        monkeypatch.setattr(K, "SPLIT_VECS", 1)
+    s, t = randn((5, 100), gen) + 80.0, randn((5, 100), gen) + 80.0
+    labels = torch.randint(0, 100, (5,), generator=gen)
+    meter = fastkd.CalibrationMeter(10)
+    out = fastkd.kd_loss(s, t, labels, temperature=1.0, alpha=0.5, meter=meter, backend="triton")
+    torch.testing.assert_close(out.double(), kd_objective(s.double(), t.double(), labels, 1.0, 0.5), rtol=1e-5,
+                               atol=0)
+    _check_meter(meter, _meter_reference(s, labels, 10))
