@@ -15,7 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+
+def _kernels_dir() -> Path:
+    """An installed fastkd carries the sources in fastkd/kernels (package data); a source checkout
+    keeps them in kernels/ beside the package, which is also where setup.py builds from."""
+    package = Path(__file__).resolve().parent
+    installed = package / "kernels"
+    return installed if installed.is_dir() else package.parent / "kernels"
+
+
+KERNELS = _kernels_dir()
 SOURCES = [KERNELS / "kd_kernels.cu", KERNELS / "binding.cpp"]
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
 
@@ -75,8 +84,8 @@ def load(verbose: bool = False):
     except ImportError:
         pass
     if not all(p.is_file() for p in SOURCES):
-        raise RuntimeError(f"the CUDA sources are not at {KERNELS} (JIT needs a source checkout; "
-                           "or install with FASTKD_BUILD_CUDA=1)")
+        raise RuntimeError(f"the CUDA sources are not at {KERNELS} (reinstall fastkd; "
+                           "or build ahead of time with FASTKD_BUILD_CUDA=1)")
     prepare_environment()
     from torch.utils.cpp_extension import load as jit_load
 
