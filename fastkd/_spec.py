@@ -6,6 +6,9 @@ from dataclasses import dataclass
 import torch
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")  # index = the kernels' DIVERGENCE code
+# the sparse loss's student mass off the teacher's list, 1 - sum_k p_s,k, is resolved to fp32's
+# epsilon: below it, it counts as this (a finite loss where cancellation would make it inf)
+SPARSE_TAIL_FLOOR = 2.0**-23
 
 
 @dataclass(frozen=True)

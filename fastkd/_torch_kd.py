@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._spec import KDSpec, inv_count_on_host
+from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host
 
 CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
 
@@ -109,3 +109,81 @@ def scale_grad(grad, factor):
         factor = factor.reshape(-1, 1)
     cd = _compute_dtype(grad)
     return (grad.to(cd) * factor.to(cd)).to(grad.dtype)
+
+
+def _sparse_teacher(lp, valid, n_cols, spec: KDSpec, bucket: bool):
+    """Tempered teacher over its K listed classes (+ the tail bucket): (log p_k, log p_tail).
+
+    The teacher's log-probabilities at T = 1 are tempered as the full teacher would be,
+    p ~ q^(1/T); its missing mass m = 1 - sum q_k is taken as spread evenly over the V - K
+    unlisted classes, so the tail bucket holds (V - K) (m / (V - K))^(1/T) before normalisation.
+    "renormalize" drops the tail."""
+    u = torch.where(valid, lp * spec.inv_temperature, -torch.inf)
+    u_tail = torch.full_like(u[:, 0], -torch.inf)
+    if bucket:
+        missing = (1 - torch.where(valid, lp.exp(), 0.0).sum(-1)).clamp(min=0)
+        free = (n_cols - valid.sum(-1)).to(u.dtype)
+        spread = free.log() + (missing.log() - free.log()) * spec.inv_temperature
+        u_tail = torch.where((missing > 0) & (free > 0), spread, u_tail)
+    norm = torch.logsumexp(torch.cat([u, u_tail[:, None]], -1), -1, keepdim=True)
+    return u - norm, u_tail - norm[:, 0]
+
+
+def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool, grad_s: bool, meter,
+                      reduce: bool = False):
+    """Student rows (N, V), teacher top-K ``ids`` (N, K) (-1 = padding) and log-probabilities ``lp``
+    (N, K) -> (loss, grad_s | None). Per row, a = s/T, p_s = softmax(a), teacher p (above):
+
+        D = sum_k p_k (log p_k - log p_s,k) + p_tail (log p_tail - log p_s,tail)
+        dD/da_j = p_s,j - p_j (listed j);   p_s,j (1 - p_tail / p_s,tail) (unlisted j)
+
+    with p_s,tail = max(1 - sum_k p_s,k, SPARSE_TAIL_FLOOR) (the student's mass off the list, to
+    fp32's resolution). A row whose ids leave [-1, V) (unchecked input) is NaN."""
+    n, c = s.shape
+    cd = _compute_dtype(s, lp)
+    loss = torch.empty(n, dtype=cd, device=s.device)
+    gs = torch.empty_like(s) if grad_s else None
+    scale = (1.0 / row_count.clamp(min=1).to(cd).reshape(())) if torch.is_tensor(row_count) else \
+        torch.full((), inv_count_on_host(row_count), dtype=cd, device=s.device)
+    kd_g = spec.kd_scale * spec.inv_temperature
+    step = max(1, CHUNK_ELEMENTS // max(c, 1))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        x, k_ids, k_lp = s[lo:hi].to(cd), ids[lo:hi], lp[lo:hi].to(cd)
+        keep = labels[lo:hi] != spec.ignore_index if labels is not None else \
+            torch.ones(hi - lo, dtype=torch.bool, device=s.device)
+        bad = keep & ((k_ids < -1) | (k_ids >= c)).any(-1)
+        lab = labels[lo:hi] if labels is not None else None
+        if lab is not None:
+            bad |= keep & ((lab < 0) | (lab >= c))
+            lab = torch.where(keep & ~bad, lab, 0)
+        valid = (k_ids >= 0) & (k_ids < c)
+        idx = torch.where(valid, k_ids, 0)
+        la = (x * spec.inv_temperature).log_softmax(-1)
+        lps_k = la.gather(-1, idx)
+        ps_k = torch.where(valid, lps_k.exp(), 0.0)
+        lp_k, lp_tail = _sparse_teacher(k_lp, valid, c, spec, bucket)
+        p_k, p_tail = lp_k.exp(), lp_tail.exp()
+        ps_tail = (1 - ps_k.sum(-1)).clamp(min=SPARSE_TAIL_FLOOR)
+        div = _masked(p_k, lp_k - lps_k).sum(-1) + _masked(p_tail, lp_tail - ps_tail.log())
+        listed = valid.any(-1)  # a row with no listed teacher class has no divergence term
+        row = spec.kd_scale * torch.where(listed, div, 0.0)
+        if spec.has_ce:
+            l1 = la if spec.inv_temperature == 1.0 else x.log_softmax(-1)
+            row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
+        w = torch.where(keep, scale, 0.0)
+        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0)
+        w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
+        loss[lo:hi] = torch.where(keep, row * w, 0.0)
+        if grad_s:
+            kd_row = torch.where(listed, kd_g, 0.0)[:, None]
+            g = kd_row * la.exp() * (1 - p_tail / ps_tail)[:, None]
+            listed_fix = torch.where(valid, kd_row * (ps_k - p_k) - g.gather(-1, idx), 0.0)
+            g = g.scatter_add(-1, idx, listed_fix)  # padding adds 0 (its index 0 is a stand-in)
+            if spec.has_ce:
+                g = (g + spec.ce_scale * l1.exp()).scatter_add_(
+                    -1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=s.device))
+            gs[lo:hi] = torch.where(w_grad[:, None] != 0, g * w_grad[:, None], 0.0)
+        if meter is not None:
+            meter._add_rows(x, lab, keep, bad)
+    return loss.sum() if reduce else loss, gs

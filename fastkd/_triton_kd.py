@@ -21,109 +21,222 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._spec import KDSpec, inv_count_on_host, meter_args
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
-# Defaults, chosen from the compiler's register counts on sm_90 (no spills, <= 128 registers per
-# thread; tests/aot_compile.py checks it), not from timings: measured configurations per card
-# (bench/tune_triton.py) take precedence. Longest row kept in registers, by element size; beyond
-# it the looping path runs; "heavy" variants (teacher gradient, teacher meter or JSD) keep more
-# tensors live per element and spill beyond 8192.
-ONE_PASS_MAX = {"light": {1: 16384, 2: 16384, 4: 8192}, "heavy": {1: 8192, 2: 8192, 4: 8192}}
-LOOP_BLOCK_C = 4096
-# elements per program in the one-pass path (several rows when C is small) and per thread: short
-# rows carry more per-row state per thread, so they get smaller tiles and fewer elements a thread
-TILE_ELEMENTS = {"short": 2048, "long": 4096}
-ELEMENTS_PER_THREAD = {"short": 4, "long": 8}
-SHORT_ROW = 256
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+PACK = tl.constexpr(4096.0)  # a program's meter counts, count + PACK * correct: < PACK rows each
+# Defaults, chosen from the compiler's register counts and SASS on sm_90 (no spills; the issue
+# time below the memory time by the static model of bench/RESULTS.md), not from timings: measured
+# configurations per card (bench/tune_triton.py) take precedence. Longest row kept in registers
+# (one pass) by element size; beyond it the looping path runs.
+ONE_PASS_MAX = {"light": {1: 8192, 2: 8192, 4: 8192}, "heavy": {1: 8192, 2: 8192, 4: 8192}}
+LOOP_BLOCK_C = 4096  # columns per tile of the looping path
+# elements of a row per thread (one-pass): short rows are read by one or a few threads each, so that
+# per-row work (reductions, logs, labels, meters) is done by few threads; heavy variants keep more
+# tensors live per element
+ELEMENTS_PER_THREAD = {"light": 16, "heavy": 8}
+# one program reads several blocks of rows when a block is small (short rows), so that its fixed
+# work (the loss partial and ticket, the meters' atomics) is shared: up to this many elements of
+# a row per thread, while at least MIN_PROGRAMS programs remain
+PROGRAM_ELEMENTS_PER_THREAD = 64
+MIN_PROGRAMS = 1024
+
+
+# --- tiles: [VECS, BLOCK_N, LANES, VEC]: a row is read by LANES threads, each holding VECS vectors
+# of VEC elements (16 bytes where alignment allows). One load instruction reads LANES consecutive
+# vectors of each of its rows (coalesced); all reductions but the last (over LANES) stay inside a
+# thread, so per-row work is done by LANES threads, not by every thread of a wide tile. ---------
+
+@triton.jit
+def _tile(c0, row_ok, n_cols, VECS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+          N_COLS: tl.constexpr):
+    """Column indices [VECS, 1, LANES, VEC] of the tile starting at column c0, and its mask: per
+    vector (C is a multiple of VEC), so that loads and stores stay vectorised. With N_COLS (C
+    known when compiling; one thread per row) the padding columns are known too: no code for them."""
+    vecs = tl.arange(0, VECS)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    cols = c0 + vecs[:, None, :, None] * VEC + tl.arange(0, VEC)[None, None, None, :]
+    if N_COLS > 0:
+        n_cols = N_COLS
+    ok = row_ok[None, :, None, None] & ((c0 // VEC + vecs) < n_cols // VEC)[:, None, :, None]
+    return cols, ok
 
 
 @triton.jit
-def _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols):
-    """Student and teacher logits of a tile as fp32; masked elements read as -inf (zero mass)."""
-    mask = row_ok[:, None] & (cols[None, :] < n_cols)
-    x = tl.load(s_ptr + row_off_s + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-    y = tl.load(t_ptr + row_off_t + cols[None, :], mask=mask, other=NEG_INF).to(tl.float32)
-    return x, y, mask
+def _load(ptr, off, cols, ok):
+    """A tile of logits as fp32; masked elements read as -inf (zero mass)."""
+    return tl.load(ptr + off[None, :, None, None] + cols, mask=ok, other=NEG_INF).to(tl.float32)
 
 
 @triton.jit
-def _online_max_sumexp(m, z_t, z_1, z_2, arg, x, cols, inv_temp, NEED_T1: tl.constexpr):
-    """Merges one tile of rows into running (max, sum exp((x-max)/T), sum exp(x-max),
-    sum exp(2(x-max)), argmax). Masked columns hold -inf."""
-    bm = tl.max(x, axis=1)
-    m_new = tl.maximum(m, bm)
-    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # all -inf so far: keep exp() finite
-    xs = x - m_safe[:, None]
-    z_t = z_t * tl.exp((m - m_safe) * inv_temp) + tl.sum(tl.exp(xs * inv_temp), axis=1)
-    if NEED_T1:
-        r = tl.exp(m - m_safe)
-        e = tl.exp(xs)
-        z_1 = z_1 * r + tl.sum(e, axis=1)
-        z_2 = z_2 * r * r + tl.sum(e * e, axis=1)
-        barg = tl.min(tl.where(x == bm[:, None], cols[None, :], 2147483647), axis=1)
-        arg = tl.where(bm > m, barg, arg)  # first maximum wins, as torch.argmax
-    return m_new, z_t, z_1, z_2, arg
+def _rows(v):
+    """A per-row vector broadcast against a tile."""
+    return v[None, :, None, None]
 
 
 @triton.jit
-def _divergence_terms(x, y, lse_a, lse_b, inv_temp, beta, DIVERGENCE: tl.constexpr):
-    """Tempered probabilities, log-ratios and the per-element divergence terms of a tile."""
-    la = x * inv_temp - lse_a[:, None]
-    lb = y * inv_temp - lse_b[:, None]
-    ps = tl.exp(la)
-    pt = tl.exp(lb)
-    ref_t = lb - la
-    ref_s = la - lb
-    if DIVERGENCE == 2:  # generalised JSD against M = beta p_t + (1 - beta) p_s
-        lm = tl.log(beta * pt + (1.0 - beta) * ps)
-        ref_t = lb - lm
-        ref_s = la - lm
-    term_s = tl.where(ps > 0, ps * ref_s, 0.0)  # 0 log 0 = 0: masked classes add nothing
-    term_t = tl.where(pt > 0, pt * ref_t, 0.0)
-    return ps, pt, ref_s, ref_t, term_s, term_t
+def _lanes(v):
+    """A per-thread [BLOCK_N, LANES] value broadcast against a tile."""
+    return v[None, :, :, None]
 
 
 @triton.jit
-def _store_grads(gs_ptr, gt_ptr, offs_s, offs_t, mask, x, cols, label, lse_1, w,
-                 ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale, beta,
-                 DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr,
-                 GRAD_S: tl.constexpr, GRAD_T: tl.constexpr):
-    """d loss / d logits for one tile, times w: the row scale, or grad_unit (fp16 gradients);
-    0 for ignored rows, NaN for rows with an out-of-range label."""
-    if DIVERGENCE == 0:  # KL(p_t || p_s)
-        ga = ps - pt
-        gb = tl.where(pt > 0, pt * (ref_t - d_t[:, None]), 0.0)
-    elif DIVERGENCE == 1:  # KL(p_s || p_t)
-        ga = tl.where(ps > 0, ps * (ref_s - d_s[:, None]), 0.0)
-        gb = pt - ps
+def _thread_sum(x):
+    return tl.sum(tl.sum(x, axis=3), axis=0)
+
+
+@triton.jit
+def _thread_max(x):
+    return tl.max(tl.max(x, axis=3), axis=0)
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.sum(_thread_sum(x), axis=1)
+
+
+@triton.jit
+def _row_max(x):
+    return tl.max(_thread_max(x), axis=1)
+
+
+@triton.jit
+def _thread_argmax(x, m, cols):
+    """Per thread, the first column where x reaches m (broadcast as a tile): torch.argmax's rule."""
+    return tl.min(tl.min(tl.where(x == m, cols, 2147483647), axis=3), axis=0).to(tl.int32)
+
+
+@triton.jit
+def _safe(m):
+    """A row's max where it is finite; 0 for a row of -inf so that exp2(x - m) stays 0."""
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    """Natural log of per-row sums (>= 1 for a row with a finite max); lg2.approx on a GPU."""
+    if FAST:
+        return libdevice.fast_log2f(x) * LN2
     else:
-        ga = (1.0 - beta) * tl.where(ps > 0, ps * (ref_s - d_s[:, None]), 0.0)
-        gb = beta * tl.where(pt > 0, pt * (ref_t - d_t[:, None]), 0.0)
-    keep = w[:, None] != 0
-    if GRAD_S:
-        g = kd_g * ga
-        if HAS_CE:
-            p1 = tl.exp(x - lse_1[:, None])
-            g += ce_scale * (p1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
-        g = tl.where(keep, g * w[:, None], 0.0)
-        tl.store(gs_ptr + offs_s, g.to(gs_ptr.dtype.element_ty), mask=mask)
-    if GRAD_T:
-        g = tl.where(keep, kd_g * gb * w[:, None], 0.0)
-        tl.store(gt_ptr + offs_t, g.to(gt_ptr.dtype.element_ty), mask=mask)
+        return tl.log(x)
 
 
 @triton.jit
-def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
-               NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr):
-    """Adds a tile of rows to a calibration histogram: one atomic per bin per program. A row of
-    all -inf or with NaN has a NaN confidence, lands in the last bin (as in
-    CalibrationMeter.update) and counts as wrong; an out-of-range label (x_label NaN) counts as wrong, NLL/Brier NaN."""
-    lse_1 = m + tl.log(z_1)
+def _rcp(x, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_dividef(1.0, x)
+    else:
+        return 1.0 / x
+
+
+# --- statistics of a tile; the looping path keeps them per thread (one vector each) -------------
+
+@triton.jit
+def _online(m, z, x, k):
+    """Merges a tile into running per-thread (max m, sum z of exp2((x - m) k)): one rescale per
+    thread and tile, one exp2 per element. Returns the new (m, z), the tile's exp2 terms e and the
+    rescale r of the old terms."""
+    m_new = tl.maximum(m, _thread_max(x))
+    safe = _safe(m_new)
+    r = tl.math.exp2((m - safe) * k)
+    e = tl.math.exp2(x * k - _lanes(safe * k))
+    return m_new, z * r + _thread_sum(e), e, r
+
+
+@triton.jit
+def _online_t1(m, z_1, z_2, x):
+    """Running per-thread sums of exp(x - m) and exp(2 (x - m)) at T = 1 against the running max m
+    of the tempered statistics (updated by _online right after)."""
+    m_new = tl.maximum(m, _thread_max(x))
+    safe = _safe(m_new)
+    r = tl.math.exp2((m - safe) * LOG2E)
+    e = tl.math.exp2(x * LOG2E - _lanes(safe * LOG2E))
+    return z_1 * r + _thread_sum(e), z_2 * r * r + _thread_sum(e * e)
+
+
+@triton.jit
+def _merge(m, z, k):
+    """Per-thread (max, sum) of a row -> the row's (max, sum); also the per-thread rescale."""
+    m_row = tl.max(m, axis=1)
+    f = tl.math.exp2((m - _safe(m_row)[:, None]) * k)
+    return m_row, tl.sum(z * f, axis=1), f
+
+
+# --- per element: divergence terms and gradients -----------------------------------------------
+
+@triton.jit
+def _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta, FAST: tl.constexpr):
+    """JSD against M = beta p_t + (1 - beta) p_s: p_s, p_t, log p - log M (a0, b0: the rows'
+    log-sum-exps of s/T and t/T). On a GPU log M by lg2.approx (absolute error ~1e-7), with M
+    kept >= the smallest normal float, where the approximation flushes to -inf."""
+    ps = e_s * _rows(rz_s)
+    pt = e_t * _rows(rz_t)
+    mix = beta * pt + (1.0 - beta) * ps
+    if FAST:
+        lm = libdevice.fast_log2f(tl.maximum(mix, 1.1754943508222875e-38)) * LN2
+    else:
+        lm = tl.log(mix)
+    ref_s = x * inv_temp - _rows(a0) - lm
+    ref_t = y * inv_temp - _rows(b0) - lm
+    return ps, pt, ref_s, ref_t
+
+
+@triton.jit
+def _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s, c_t, c_1,
+                 c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
+                 DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, GRAD_S: tl.constexpr,
+                 GRAD_T: tl.constexpr, FAST: tl.constexpr):
+    """d loss / d logits of a tile from the exponentials already computed (e = exp2 of the
+    tempered logits minus the row max), with the row scale folded into per-row coefficients
+    c_* = gw * kd_scale / T / z_* (gw: row scale, or grad_unit for fp16 gradients; 0 for ignored
+    rows, NaN for out-of-range labels). shift: the per-row constant of the log-ratio."""
+    if DIVERGENCE == 0:  # KL(p_t || p_s): ga = p_s - p_t, gb = p_t (log p_t - log p_s - D)
+        ga = e_s * _rows(c_s) - e_t * _rows(c_t)
+        if GRAD_T:
+            gb = tl.where(e_t > 0, e_t * _rows(c_t) * ((y - x) * inv_temp - _rows(shift)), 0.0)
+    elif DIVERGENCE == 1:  # KL(p_s || p_t): ga = p_s (log p_s - log p_t - D), gb = p_t - p_s
+        ga = tl.where(e_s > 0, e_s * _rows(c_s) * ((x - y) * inv_temp - _rows(shift)), 0.0)
+        if GRAD_T:
+            gb = e_t * _rows(c_t) - e_s * _rows(c_s)
+    else:
+        ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta, FAST)
+        ga = (1.0 - beta) * tl.where(ps > 0, ps * (ref_s - _rows(d_s)), 0.0) * _rows(c_s / rz_s)
+        if GRAD_T:
+            gb = beta * tl.where(pt > 0, pt * (ref_t - _rows(d_t)), 0.0) * _rows(c_t / rz_t)
+    keep = _rows(keep)
+    if GRAD_S:
+        if HAS_CE:  # + ce_scale (softmax(s) - onehot(label)) at T = 1
+            ga += e_1 * _rows(c_1) - tl.where(cols == _rows(label), _rows(c_label), 0.0)
+        tl.store(gs_ptr + _rows(off_g) + cols, tl.where(keep, ga, 0.0).to(gs_ptr.dtype.element_ty),
+                 mask=ok)
+    if GRAD_T:
+        tl.store(gt_ptr + _rows(off_g) + cols, tl.where(keep, gb, 0.0).to(gt_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+@triton.jit
+def _meter_zeros(BLOCK_N: tl.constexpr, BINS_P2: tl.constexpr):
+    """A program's calibration partials, reduced over row slots once (in _meter_flush): per row
+    slot and bin, count + PACK * correct (both exact integers in fp32: the launcher keeps a
+    program's rows below PACK) and the confidence sum; per row slot the NLL and Brier sums."""
+    z = tl.zeros([BLOCK_N, BINS_P2], dtype=tl.float32)
+    r = tl.zeros([BLOCK_N], dtype=tl.float32)
+    return z, z, r, r
+
+
+@triton.jit
+def _meter_rows(acc, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
+                NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr, FAST: tl.constexpr):
+    """Adds a block of rows to a program's calibration partials. A row of all -inf or with NaN has
+    a NaN confidence, lands in the last bin (as in CalibrationMeter.update) and counts as wrong;
+    an out-of-range label (label -1, x_label NaN) counts as wrong with NaN NLL / Brier."""
+    lse_1 = m + _log(z_1, FAST)
     # the top class has exp(max - max) = 1; z_1 = 0 (all -inf), inf or NaN: no confidence
     conf = tl.where((z_1 > 0) & (z_1 < float("inf")), 1.0 / z_1, float("nan"))
-    correct = tl.where((arg == label) & (conf == conf), 1.0, 0.0)  # no confidence: no prediction
+    correct = (arg == label) & (conf == conf)  # no confidence: no prediction
     nll = lse_1 - x_label
     brier = z_2 / (z_1 * z_1) - 2.0 * tl.exp(x_label - lse_1) + 1.0
     # bin = number of edges <= conf, minus 1 (torch.bucketize(right=True) on the same fp32 edges)
@@ -131,17 +244,29 @@ def _meter_add(meter_ptr, edges_ptr, keep, m, z_1, z_2, arg, x_label, label,
     b = tl.where(conf < tl.load(edges_ptr + b), b - 1, b)
     b = tl.where(conf >= tl.load(edges_ptr + b + 1), b + 1, b)
     b = tl.where(conf == conf, tl.maximum(tl.minimum(b, NUM_BINS), 0), NUM_BINS)
+    b = tl.where(keep, b, BINS_P2)  # rows that do not count hit no bin
+    hit = b[:, None] == tl.arange(0, BINS_P2)[None, :]
+    counts, conf_sum, nll_sum, brier_sum = acc
+    counts += hit.to(tl.float32) * tl.where(correct, 1.0 + PACK, 1.0)[:, None]
+    conf_sum += tl.where(hit, conf[:, None], 0.0)  # a NaN confidence in its own bin only
+    return counts, conf_sum, nll_sum + tl.where(keep, nll, 0.0), brier_sum + tl.where(keep, brier, 0.0)
+
+
+@triton.jit
+def _meter_flush(meter_ptr, acc, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr):
+    """A program's partials into the meter's float64 state: one relaxed atomic per bin and sum."""
+    counts, conf_sum, nll_sum, brier_sum = acc
+    packed = tl.sum(counts, axis=0)
+    correct = tl.floor(packed / PACK)
     bins = tl.arange(0, BINS_P2)
-    hit = (b[:, None] == bins[None, :]) & keep[:, None]
     nb = NUM_BINS + 1
     in_range = bins < nb
-    tl.atomic_add(meter_ptr + bins, tl.sum(hit.to(tl.float32), axis=0).to(tl.float64), mask=in_range)
-    tl.atomic_add(meter_ptr + nb + bins,
-                  tl.sum(tl.where(hit, conf[:, None], 0.0), axis=0).to(tl.float64), mask=in_range)
-    tl.atomic_add(meter_ptr + 2 * nb + bins,
-                  tl.sum(tl.where(hit, correct[:, None], 0.0), axis=0).to(tl.float64), mask=in_range)
-    tl.atomic_add(meter_ptr + 3 * nb, tl.sum(tl.where(keep, nll, 0.0), axis=0).to(tl.float64))
-    tl.atomic_add(meter_ptr + 3 * nb + 1, tl.sum(tl.where(keep, brier, 0.0), axis=0).to(tl.float64))
+    tl.atomic_add(meter_ptr + bins, (packed - PACK * correct).to(tl.float64), mask=in_range, sem="relaxed")
+    tl.atomic_add(meter_ptr + nb + bins, tl.sum(conf_sum, axis=0).to(tl.float64), mask=in_range,
+                  sem="relaxed")
+    tl.atomic_add(meter_ptr + 2 * nb + bins, correct.to(tl.float64), mask=in_range, sem="relaxed")
+    tl.atomic_add(meter_ptr + 3 * nb, tl.sum(nll_sum, axis=0).to(tl.float64), sem="relaxed")
+    tl.atomic_add(meter_ptr + 3 * nb + 1, tl.sum(brier_sum, axis=0).to(tl.float64), sem="relaxed")
 
 
 @triton.jit
@@ -172,144 +297,285 @@ def _kd_fwd_kernel(
     # pointers
     s_ptr, t_ptr, labels_ptr, loss_ptr, gs_ptr, gt_ptr, row_count_ptr, edges_ptr,
     meter_s_ptr, meter_t_ptr, partial_ptr, counter_ptr, total_ptr,
-    # shapes and strides (elements)
-    n_rows, n_cols, stride_s, stride_t, stride_gs, stride_gt,
+    # shapes and strides (elements): row r of a (B, T, C) input is (r // n_inner, r % n_inner);
+    # the gradients are contiguous (N, C)
+    n_rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti, blocks_per_program,
     # scalars
     inv_temp, kd_scale, ce_scale, beta, ignore_index, inv_count,
     grad_unit,  # 0: gradients times the row scale; > 0: times grad_unit instead (fp16 gradients)
     # constants
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+    BLOCK_N: tl.constexpr, VECS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    ROWS_3D: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     METER_S: tl.constexpr, METER_T: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr,
     STUDENT_T1: tl.constexpr,  # statistics of s at T = 1 (cross-entropy or meter)
-    LATE_GRAD: tl.constexpr,  # the gradient needs the divergence's value first (a third sweep)
+    TEMP_ONE: tl.constexpr,  # T == 1: those are the tempered ones
+    THIRD_SWEEP: tl.constexpr,  # looping JSD with gradients: they need the divergence first
     REDUCE: tl.constexpr,  # also the scalar loss (sum of the scaled rows), in this launch
+    N_COLS: tl.constexpr,  # C when compiled for it (short rows, one thread each), else 0
+    FAST_MATH: tl.constexpr,  # per-row logs and reciprocals by lg2/rcp.approx (a GPU, not the interpreter)
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-        keep = row_ok & (label != ignore_index)
-        label = tl.where(keep, label, 0)
-        # a label outside [0, C) (validate_labels=False) counts, reads nothing and makes its row NaN
-        bad = (label < 0) | (label >= n_cols)
-        at = tl.where(bad, 0, label)
-        x_label = tl.load(s_ptr + rows * stride_s + at, mask=keep & ~bad, other=0.0).to(tl.float32)
-        y_label = tl.load(t_ptr + rows * stride_t + at, mask=keep & ~bad, other=0.0).to(tl.float32)
-        x_label = tl.where(bad, float("nan"), x_label)
-        y_label = tl.where(bad, float("nan"), y_label)
-    else:
-        label = tl.zeros([BLOCK_N], dtype=tl.int64)
-        keep = row_ok
-        bad = rows < 0  # none
-        x_label = tl.zeros([BLOCK_N], dtype=tl.float32)
-        y_label = x_label
+    # --- per program: blocks_per_program consecutive blocks of BLOCK_N rows; the per-program work
+    # (scalars, the loss partial and its ticket, the meters' atomics) is shared by them ---
     if COUNT_ON_DEVICE:  # rows that count, summed on the device: 1 / max(count, 1)
         inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
-    w = tl.where(keep, inv_count, 0.0)  # scales the loss of a row; 0 for ignored rows
-    gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)  # and its gradient
-    w = tl.where(bad, float("nan"), w)
-    gw = tl.where(bad, float("nan"), gw)
+    k = inv_temp * LOG2E  # exp((x - m) / T) = exp2(x k - m k)
     kd_g = kd_scale * inv_temp
-
-    zeros = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m_s = zeros + NEG_INF
-    m_t = zeros + NEG_INF
-    z_s, z1_s, z2_s, z_t, z1_t, z2_t = zeros, zeros, zeros, zeros, zeros, zeros
-    arg_s = tl.zeros([BLOCK_N], dtype=tl.int64)
-    arg_t = arg_s
-    d_s = zeros
-    d_t = zeros
-    row_off_s = rows[:, None] * stride_s
-    row_off_t = rows[:, None] * stride_t
-    row_off_gs = rows[:, None] * stride_gs
-    row_off_gt = rows[:, None] * stride_gt
-
-    if ONE_PASS:  # the whole row lives in registers: read once, write once
-        cols = tl.arange(0, BLOCK_C)
-        x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
-        m_s, z_s, z1_s, z2_s, arg_s = _online_max_sumexp(m_s, z_s, z1_s, z2_s, arg_s, x, cols,
-                                                          inv_temp, STUDENT_T1)
-        m_t, z_t, z1_t, z2_t, arg_t = _online_max_sumexp(m_t, z_t, z1_t, z2_t, arg_t, y, cols,
-                                                          inv_temp, METER_T)
-        lse_a = m_s * inv_temp + tl.log(z_s)
-        lse_b = m_t * inv_temp + tl.log(z_t)
-        lse_1 = m_s + tl.log(z1_s)
-        ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
-                                                                 beta, DIVERGENCE)
-        d_s = tl.sum(term_s, axis=1)
-        d_t = tl.sum(term_t, axis=1)
-        _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :], mask,
-                     x, cols, label, lse_1, gw, ps, pt, ref_s, ref_t, d_s, d_t, kd_g, ce_scale,
-                     beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
-    else:
-        for c0 in range(0, n_cols, BLOCK_C):  # sweep 1: softmax statistics
-            cols = c0 + tl.arange(0, BLOCK_C)
-            x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
-            m_s, z_s, z1_s, z2_s, arg_s = _online_max_sumexp(m_s, z_s, z1_s, z2_s, arg_s, x, cols,
-                                                              inv_temp, STUDENT_T1)
-            m_t, z_t, z1_t, z2_t, arg_t = _online_max_sumexp(m_t, z_t, z1_t, z2_t, arg_t, y, cols,
-                                                              inv_temp, METER_T)
-        lse_a = m_s * inv_temp + tl.log(z_s)
-        lse_b = m_t * inv_temp + tl.log(z_t)
-        lse_1 = m_s + tl.log(z1_s)
-        for c0 in range(0, n_cols, BLOCK_C):  # sweep 2: the divergence (and KL's student grad)
-            cols = c0 + tl.arange(0, BLOCK_C)
-            x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
-            ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
-                                                                     beta, DIVERGENCE)
-            d_s += tl.sum(term_s, axis=1)
-            d_t += tl.sum(term_t, axis=1)
-            if not LATE_GRAD:
-                _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
-                             mask, x, cols, label, lse_1, gw, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
-                             ce_scale, beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
-        if LATE_GRAD:
-            for c0 in range(0, n_cols, BLOCK_C):  # sweep 3: gradients that need the divergence
-                cols = c0 + tl.arange(0, BLOCK_C)
-                x, y, mask = _load_tiles(s_ptr, t_ptr, row_off_s, row_off_t, row_ok, cols, n_cols)
-                ps, pt, ref_s, ref_t, term_s, term_t = _divergence_terms(x, y, lse_a, lse_b, inv_temp,
-                                                                         beta, DIVERGENCE)
-                _store_grads(gs_ptr, gt_ptr, row_off_gs + cols[None, :], row_off_gt + cols[None, :],
-                             mask, x, cols, label, lse_1, gw, ps, pt, ref_s, ref_t, d_s, d_t, kd_g,
-                             ce_scale, beta, DIVERGENCE, HAS_CE, GRAD_S, GRAD_T)
-
-    if DIVERGENCE == 0:
-        div = d_t
-    elif DIVERGENCE == 1:
-        div = d_s
-    else:
-        div = beta * d_t + (1.0 - beta) * d_s
-    loss = kd_scale * div
-    if HAS_CE:
-        loss += ce_scale * (lse_1 - x_label)
-    loss = tl.where(keep, loss * w, 0.0)
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
-    if REDUCE:
-        _last_program_sum(partial_ptr, counter_ptr, total_ptr, tl.sum(loss, axis=0), 512)
+    loss_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     if METER_S:
-        _meter_add(meter_s_ptr, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
-                   NUM_BINS, BINS_P2)
+        meter_s = _meter_zeros(BLOCK_N, BINS_P2)
     if METER_T:
-        _meter_add(meter_t_ptr, edges_ptr, keep, m_t, z1_t, z2_t, arg_t, y_label, label,
-                   NUM_BINS, BINS_P2)
+        meter_t = _meter_zeros(BLOCK_N, BINS_P2)
+    for blk in range(0, blocks_per_program):
+        # --- the program's rows: offsets, labels, scales (once per row) ---
+        rows = (tl.program_id(0) * blocks_per_program + blk) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        if ROWS_3D:  # a (B, T, C) view read in place
+            outer = (rows // n_inner).to(tl.int64)
+            inner = (rows % n_inner).to(tl.int64)
+            off_s = outer * stride_so + inner * stride_si
+            off_t = outer * stride_to + inner * stride_ti
+        else:
+            off_s = rows.to(tl.int64) * stride_so
+            off_t = rows.to(tl.int64) * stride_to
+        off_s = tl.multiple_of(off_s, VEC)  # the launcher checked: strides and C are multiples of VEC
+        off_t = tl.multiple_of(off_t, VEC)
+        off_g = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)
+        if HAS_LABELS:
+            label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+            keep = row_ok & (label != ignore_index)
+            # a label outside [0, C) (validate_labels=False) counts, reads nothing and makes its row
+            # NaN; it becomes -1, which no column and no argmax matches
+            bad = keep & ((label < 0) | (label >= n_cols))
+            label = tl.where(bad, -1, tl.where(keep, label, 0)).to(tl.int32)
+            at = tl.maximum(label, 0)
+            x_label = tl.load(s_ptr + off_s + at, mask=keep & ~bad, other=0.0).to(tl.float32)
+            x_label = tl.where(bad, float("nan"), x_label)
+            if METER_T:
+                y_label = tl.load(t_ptr + off_t + at, mask=keep & ~bad, other=0.0).to(tl.float32)
+                y_label = tl.where(bad, float("nan"), y_label)
+        else:
+            label = tl.zeros([BLOCK_N], dtype=tl.int32)
+            keep = row_ok
+            bad = rows < 0  # none
+        w = tl.where(keep, inv_count, 0.0)  # scales the loss of a row; 0 for ignored rows
+        gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)  # and its gradient
+        w = tl.where(bad, float("nan"), w)
+        gw = tl.where(bad, float("nan"), gw)
+
+        # --- row statistics: max, sum of exp, and (KL, reverse KL) the divergence's sum ---
+        d_s = tl.zeros([BLOCK_N], dtype=tl.float32)
+        d_t = d_s
+        if ONE_PASS:  # the rows live in registers: read once, write once; exponentials reused
+            cols, ok = _tile(0, row_ok, n_cols, VECS, LANES, VEC, N_COLS)
+            x = _load(s_ptr, off_s, cols, ok)
+            y = _load(t_ptr, off_t, cols, ok)
+            m_s = _row_max(x)
+            m_t = _row_max(y)
+            e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
+            e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+            if N_COLS > 0:  # padding columns known when compiling: their exponentials fold away
+                e_s = tl.where(cols < N_COLS, e_s, 0.0)
+                e_t = tl.where(cols < N_COLS, e_t, 0.0)
+            z_s = _row_sum(e_s)
+            z_t = _row_sum(e_t)
+            if DIVERGENCE == 0:
+                acc = _row_sum(tl.where(e_t > 0, e_t * (y - x), 0.0))
+            elif DIVERGENCE == 1:
+                acc = _row_sum(tl.where(e_s > 0, e_s * (x - y), 0.0))
+            e_1 = e_s
+            if STUDENT_T1:
+                if not TEMP_ONE:
+                    e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                    if N_COLS > 0:
+                        e_1 = tl.where(cols < N_COLS, e_1, 0.0)
+                z1_s = _row_sum(e_1)
+                if METER_S:
+                    z2_s = _row_sum(e_1 * e_1)
+                    arg_s = tl.min(_thread_argmax(x, _rows(m_s), cols), axis=1)
+            if METER_T:
+                e1_t = tl.math.exp2(y * LOG2E - _rows(_safe(m_t) * LOG2E))
+                if N_COLS > 0:
+                    e1_t = tl.where(cols < N_COLS, e1_t, 0.0)
+                z1_t = _row_sum(e1_t)
+                z2_t = _row_sum(e1_t * e1_t)
+                arg_t = tl.min(_thread_argmax(y, _rows(m_t), cols), axis=1)
+        else:  # sweep 1 over tiles: running statistics per thread, merged per row at the end
+            pm_s = tl.full([BLOCK_N, LANES], NEG_INF, tl.float32)
+            pm_t = pm_s
+            pz_s = tl.zeros([BLOCK_N, LANES], dtype=tl.float32)
+            pz_t = pz_s
+            pacc = pz_s
+            pz1_s = pz_s
+            pz2_s = pz_s
+            pz1_t = pz_s
+            pz2_t = pz_s
+            parg_s = tl.zeros([BLOCK_N, LANES], dtype=tl.int32)
+            parg_t = parg_s
+            for c0 in range(0, n_cols, VECS * LANES * VEC):
+                cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
+                x = _load(s_ptr, off_s, cols, ok)
+                y = _load(t_ptr, off_t, cols, ok)
+                tm_s = _thread_max(x)
+                tm_t = _thread_max(y)
+                if METER_S:
+                    targ = _thread_argmax(x, _lanes(tm_s), cols)
+                    parg_s = tl.where(tm_s > pm_s, targ, parg_s)  # the first maximum wins
+                if METER_T:
+                    targ = _thread_argmax(y, _lanes(tm_t), cols)
+                    parg_t = tl.where(tm_t > pm_t, targ, parg_t)
+                if STUDENT_T1 and not TEMP_ONE:
+                    pz1_s, pz2_s = _online_t1(pm_s, pz1_s, pz2_s, x)
+                if METER_T:
+                    pz1_t, pz2_t = _online_t1(pm_t, pz1_t, pz2_t, y)
+                pm_s_new, pz_s, e_s, r_s = _online(pm_s, pz_s, x, k)
+                pm_t, pz_t, e_t, r_t = _online(pm_t, pz_t, y, k)
+                if STUDENT_T1 and TEMP_ONE:
+                    pz1_s = pz_s
+                    if METER_S:
+                        pz2_s = pz2_s * r_s * r_s + _thread_sum(e_s * e_s)
+                pm_s = pm_s_new
+                if DIVERGENCE == 0:
+                    pacc = pacc * r_t + _thread_sum(tl.where(e_t > 0, e_t * (y - x), 0.0))
+                elif DIVERGENCE == 1:
+                    pacc = pacc * r_s + _thread_sum(tl.where(e_s > 0, e_s * (x - y), 0.0))
+            m_s, z_s, f_s = _merge(pm_s, pz_s, k)
+            m_t, z_t, f_t = _merge(pm_t, pz_t, k)
+            if DIVERGENCE == 0:
+                acc = tl.sum(pacc * f_t, axis=1)
+            elif DIVERGENCE == 1:
+                acc = tl.sum(pacc * f_s, axis=1)
+            if STUDENT_T1:
+                if TEMP_ONE:
+                    z1_s = z_s
+                    f1_s = f_s
+                else:
+                    m1_s, z1_s, f1_s = _merge(pm_s, pz1_s, LOG2E)
+                if METER_S:
+                    z2_s = tl.sum(pz2_s * f1_s * f1_s, axis=1)
+                    arg_s = tl.min(tl.where(pm_s == m_s[:, None], parg_s, 2147483647), axis=1)
+            if METER_T:
+                m1_t, z1_t, f1_t = _merge(pm_t, pz1_t, LOG2E)
+                z2_t = tl.sum(pz2_t * f1_t * f1_t, axis=1)
+                arg_t = tl.min(tl.where(pm_t == m_t[:, None], parg_t, 2147483647), axis=1)
+
+        # --- per row: log-sum-exps, the divergence (KL, reverse KL), gradient coefficients ---
+        rz_s = _rcp(z_s, FAST_MATH)
+        rz_t = _rcp(z_t, FAST_MATH)
+        a0 = _safe(m_s) * inv_temp + _log(z_s, FAST_MATH)  # log-sum-exp of s / T
+        b0 = _safe(m_t) * inv_temp + _log(z_t, FAST_MATH)
+        if DIVERGENCE == 0:
+            d_t = acc * inv_temp * rz_t - (b0 - a0)
+            shift = (b0 - a0) + d_t
+        elif DIVERGENCE == 1:
+            d_s = acc * inv_temp * rz_s - (a0 - b0)
+            shift = (a0 - b0) + d_s
+        else:
+            shift = a0  # unused
+        c_s = gw * kd_g * rz_s
+        c_t = gw * kd_g * rz_t
+        c_1 = rz_s
+        c_label = gw * ce_scale
+        lse_1 = a0
+        if STUDENT_T1:
+            lse_1 = _safe(m_s) + _log(z1_s, FAST_MATH)
+            c_1 = gw * ce_scale * _rcp(z1_s, FAST_MATH)
+
+        # --- the gradients (and JSD's divergence, which needs the log-sum-exps first) ---
+        if ONE_PASS:
+            if DIVERGENCE == 2:
+                ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
+                                                       FAST_MATH)
+                d_s = _row_sum(tl.where(ps > 0, ps * ref_s, 0.0))
+                d_t = _row_sum(tl.where(pt > 0, pt * ref_t, 0.0))
+            if GRAD_S or GRAD_T:
+                _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s, c_t,
+                             c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
+                             DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
+        elif DIVERGENCE == 2 or GRAD_S or GRAD_T:
+            # sweep 2: JSD's divergence, and the gradients unless they wait for it (THIRD_SWEEP)
+            for c0 in range(0, n_cols, VECS * LANES * VEC):
+                cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
+                x = _load(s_ptr, off_s, cols, ok)
+                y = _load(t_ptr, off_t, cols, ok)
+                e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
+                e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+                e_1 = e_s
+                if HAS_CE and not TEMP_ONE:
+                    e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                if DIVERGENCE == 2:
+                    ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
+                                                           FAST_MATH)
+                    d_s += _row_sum(tl.where(ps > 0, ps * ref_s, 0.0))
+                    d_t += _row_sum(tl.where(pt > 0, pt * ref_t, 0.0))
+                if not THIRD_SWEEP and (GRAD_S or GRAD_T):
+                    _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
+                                 c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
+                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
+            if THIRD_SWEEP:  # sweep 3: JSD's gradients
+                for c0 in range(0, n_cols, VECS * LANES * VEC):
+                    cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
+                    x = _load(s_ptr, off_s, cols, ok)
+                    y = _load(t_ptr, off_t, cols, ok)
+                    e_s = tl.math.exp2(x * k - _rows(_safe(m_s) * k))
+                    e_t = tl.math.exp2(y * k - _rows(_safe(m_t) * k))
+                    e_1 = e_s
+                    if HAS_CE and not TEMP_ONE:
+                        e_1 = tl.math.exp2(x * LOG2E - _rows(_safe(m_s) * LOG2E))
+                    _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
+                                 c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
+                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
+
+        # --- the loss of each row, its sum, the calibration statistics ---
+        if DIVERGENCE == 0:
+            div = d_t
+        elif DIVERGENCE == 1:
+            div = d_s
+        else:
+            div = beta * d_t + (1.0 - beta) * d_s
+        loss = kd_scale * div
+        if HAS_CE:
+            loss += ce_scale * (lse_1 - x_label)
+        loss = tl.where(keep, loss * w, 0.0)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        loss_sum += loss
+        if METER_S:
+            meter_s = _meter_rows(meter_s, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
+                                  NUM_BINS, BINS_P2, FAST_MATH)
+        if METER_T:
+            meter_t = _meter_rows(meter_t, edges_ptr, keep, m_t, z1_t, z2_t, arg_t, y_label, label,
+                                  NUM_BINS, BINS_P2, FAST_MATH)
+
+    if REDUCE:
+        _last_program_sum(partial_ptr, counter_ptr, total_ptr, tl.sum(loss_sum, axis=0), 512)
+    if METER_S:
+        _meter_flush(meter_s_ptr, meter_s, NUM_BINS, BINS_P2)
+    if METER_T:
+        _meter_flush(meter_t_ptr, meter_t, NUM_BINS, BINS_P2)
 
 
 @triton.jit
-def _scale_grad_kernel(grad_ptr, factor_ptr, n_cols, n_elements, FACTOR_PER_ROW: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """grad *= factor in place. Where the factor is 1 (the usual loss.backward()) the masked loads
-    and stores move no data, so the backward costs one scalar read: no host sync, no traffic."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < n_elements
+def _scale_grad_kernel(grad_ptr, factor_ptr, n_rows, n_cols, FACTOR_PER_ROW: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """grad *= factor in place, in fp32, on a contiguous (N, C) gradient: a tile of BLOCK_R rows x
+    BLOCK_C columns per program (grid: row tiles x column tiles), so a per-row factor is read once
+    per row, not found by a division per element. Where the factor is 1 (the usual
+    loss.backward()) the masked loads and stores move no data: no host sync, no traffic."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
     if FACTOR_PER_ROW:
-        f = tl.load(factor_ptr + offs // n_cols, mask=in_range, other=1.0)
+        f = tl.load(factor_ptr + rows, mask=row_ok, other=1.0)
     else:
-        f = tl.load(factor_ptr) + tl.zeros([BLOCK], dtype=tl.float32)
-    todo = in_range & (f != 1.0)
+        f = tl.load(factor_ptr) + tl.zeros([BLOCK_R], dtype=tl.float32)
+    todo = (row_ok & (f != 1.0))[:, None] & (cols < n_cols)[None, :]
+    offs = tl.multiple_of(rows.to(tl.int64) * n_cols, VEC)[:, None] + cols[None, :]
     g = tl.load(grad_ptr + offs, mask=todo, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
+    tl.store(grad_ptr + offs, (g * f[:, None]).to(grad_ptr.dtype.element_ty), mask=todo)
+
+
+SCALE_BLOCK = 4096  # elements per program of scale_grad
 
 
 TUNED_CONFIGS = Path(__file__).with_name("triton_configs.json")  # written by bench/tune_triton.py
@@ -327,20 +593,25 @@ def _tuned_configs(device_name: str) -> dict:
 
 def _launch_config(n_cols: int, elem_size: int, device_name: str = "", heavy: bool = False):
     """(BLOCK_N, BLOCK_C, ONE_PASS, num_warps) for a row length and element size: the measured
-    configuration for this card when bench/tune_triton.py has stored one, else the defaults."""
+    configuration for this card when bench/tune_triton.py has stored one, else the defaults. The
+    threads of a program read BLOCK_N rows, 32 * num_warps / BLOCK_N threads per row."""
     variant = "heavy" if heavy else "light"
     tuned = _tuned_configs(device_name).get(f"{elem_size}:{triton.next_power_of_2(n_cols)}:{variant}")
     if tuned:
         return tuned["block_n"], tuned["block_c"], tuned["one_pass"], tuned["num_warps"]
     if n_cols <= ONE_PASS_MAX[variant].get(elem_size, 8192):
         block_c = triton.next_power_of_2(n_cols)
-        kind = "short" if block_c <= SHORT_ROW else "long"
-        block_n = max(1, TILE_ELEMENTS[kind] // block_c)
-        one_pass = True
-    else:
-        kind, block_c, block_n, one_pass = "long", LOOP_BLOCK_C, 1, False
-    num_warps = min(16, max(4, block_n * block_c // (32 * ELEMENTS_PER_THREAD[kind])))
-    return block_n, block_c, one_pass, num_warps
+        lanes = max(1, block_c // ELEMENTS_PER_THREAD[variant])
+        num_warps = 4 if lanes <= 32 else min(16, lanes // 8)
+        return max(1, 32 * num_warps // lanes), block_c, True, num_warps
+    return 1, LOOP_BLOCK_C, False, 8
+
+
+def _tile_shape(block_n: int, block_c: int, num_warps: int, vec: int):
+    """(VECS, LANES): threads per row and vectors per thread of a BLOCK_N x BLOCK_C tile."""
+    vectors = max(1, block_c // vec)
+    lanes = min(vectors, max(1, 32 * num_warps // block_n))
+    return vectors // lanes, lanes
 
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
@@ -374,43 +645,106 @@ def _reduction_state(device):
     return _TICKETS[key], torch.empty((), dtype=torch.float32, device=device)
 
 
+def _vector_width(n_cols: int, strides, elem_size: int, addresses=()) -> int:
+    """Elements per vector load: 16 bytes where C, every row stride and the base addresses allow it
+    (the kernel tells the compiler about the strides; the addresses it learns from the launch)."""
+    vec = 16 // elem_size
+    while vec > 1 and (n_cols % vec or any(st % vec for st in strides)
+                       or any(a % (vec * elem_size) for a in addresses)):
+        vec //= 2
+    return vec
+
+
+def _row_strides(x):
+    """(n_inner, outer stride, inner stride) of the rows of a (N, C) or (B, T, C) tensor: row r
+    starts at (r // n_inner) * outer + (r % n_inner) * inner; n_inner = 1 when one stride serves."""
+    if x.dim() == 2:
+        return 1, x.stride(0), 0
+    b, t_len = x.shape[0], x.shape[1]
+    if t_len == 1:
+        return 1, x.stride(0), 0
+    if b == 1 or x.stride(0) == t_len * x.stride(1):
+        return 1, x.stride(1), 0
+    return t_len, x.stride(0), x.stride(1)
+
+
+def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, meter_s, meter_t, reduce,
+          device_name="", rows=(1, None, 0, None, 0), fast_math=True, addresses=()):
+    """The launch of one call: path, grid, warps and the kernel's constants. ``rows``: (n_inner,
+    stride_so, stride_si, stride_to, stride_ti); None strides stand for C (contiguous rows)."""
+    n_inner, so, si, to, ti = rows
+    so = c if so is None else so
+    to = c if to is None else to
+    size = max(torch.empty((), dtype=s_dtype).element_size(), torch.empty((), dtype=t_dtype).element_size())
+    heavy = grad_t or meter_t or spec.divergence == 2
+    block_n, block_c, one_pass, num_warps = _launch_config(c, size, device_name, heavy)
+    vec = min(_vector_width(c, (so, si, to, ti), size, addresses), block_c)
+    vecs, lanes = _tile_shape(block_n, block_c, num_warps, vec)
+    block_c = vecs * lanes * vec
+    third = not one_pass and spec.divergence == 2 and (grad_s or grad_t)
+    sweeps = 1 if one_pass else (3 if third else 2 if (grad_s or grad_t or spec.divergence == 2) else 1)
+    consts = dict(
+        BLOCK_N=block_n, VECS=vecs, LANES=lanes, VEC=vec, ONE_PASS=one_pass, ROWS_3D=n_inner > 1,
+        DIVERGENCE=spec.divergence, HAS_LABELS=has_labels, HAS_CE=spec.has_ce,
+        COUNT_ON_DEVICE=False, GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter_s, METER_T=meter_t,
+        NUM_BINS=15, BINS_P2=16, STUDENT_T1=spec.has_ce or meter_s, TEMP_ONE=spec.inv_temperature == 1.0,
+        THIRD_SWEEP=third, REDUCE=reduce, N_COLS=c if one_pass and lanes == 1 else 0, FAST_MATH=fast_math)
+    n_blocks = triton.cdiv(n, block_n)
+    # a meter's flush costs more: spread it over more rows, keeping MIN_PROGRAMS / 2 programs
+    meters = meter_s or meter_t
+    per_program = max(1, min(PROGRAM_ELEMENTS_PER_THREAD * (4 if meters else 1) // (vecs * vec),
+                             n_blocks // (MIN_PROGRAMS // 2 if meters else MIN_PROGRAMS),
+                             (int(PACK.value) - 1) // block_n))
+    per_program = per_program if one_pass else 1
+    path = "one-pass" if one_pass else f"{sweeps}-sweep"
+    return dict(path=path, programs=triton.cdiv(n_blocks, per_program), num_warps=num_warps, consts=consts,
+                read_sweeps=sweeps, trips=[] if one_pass else [triton.cdiv(c, block_c)] * sweeps,
+                tile_bytes=block_n * min(block_c, c) * 2 * size,
+                ints=dict(n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si, stride_to=to,
+                          stride_ti=ti, blocks_per_program=per_program))
+
+
 def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
                reduce: bool = False):
-    """Rows (N, C) -> (loss, grad_s | None, grad_t | None) in one launch; loss is fp32, per row (N,),
-    or with ``reduce`` the sum of the rows."""
-    n, c = s.shape
+    """Rows of logits, (N, C) or (B, T, C) with unit stride in C (read in place, e.g. ``x[:, :-1]``)
+    -> (loss, grad_s | None, grad_t | None) in one launch. The loss is fp32, per row (N = B T,) or
+    with ``reduce`` the sum of the rows; the gradients are fresh contiguous tensors of the logits'
+    shapes. ``labels``: (N,) int64, contiguous."""
+    if s.stride(-1) != 1 or t.stride(-1) != 1 or s.dim() not in (2, 3) or s.shape != t.shape:
+        raise ValueError("kd_forward takes (N, C) or (B, T, C) logits of one shape with unit stride in C")
+    c = s.shape[-1]
+    n = s.numel() // c if c else 0
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    gs = torch.empty_like(s) if grad_s else None
-    gt = torch.empty_like(t) if grad_t else None
+    gs = torch.empty(s.shape, dtype=s.dtype, device=s.device) if grad_s else None
+    gt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if grad_t else None
     if n == 0:
         return (loss.sum() if reduce else loss), gs, gt
     dummy = loss  # stands in for absent optional pointers (never dereferenced)
     num_bins, edges = meter_args(meter, teacher_meter, s.device, dummy)
     device_name = torch.cuda.get_device_name(s.device) if s.is_cuda else ""
-    heavy = grad_t or teacher_meter is not None or spec.divergence == 2
-    block_n, block_c, one_pass, num_warps = _launch_config(c, max(s.element_size(), t.element_size()),
-                                                           device_name, heavy)
-    programs = triton.cdiv(n, block_n)
-    partial = torch.empty(programs if reduce else 1, dtype=torch.float32, device=s.device)
+    (inner_s, so, si), (inner_t, to, ti) = _row_strides(s), _row_strides(t)
+    if max(inner_s, inner_t) > 1:  # one of them is a (B, T, C) view that no single stride covers
+        inner_s, so, si = s.shape[1], s.stride(0), s.stride(1)
+        to, ti = t.stride(0), t.stride(1)
+    plan = _plan(n, c, s.dtype, t.dtype, spec, grad_s, grad_t, labels is not None, meter is not None,
+                 teacher_meter is not None, reduce, device_name, (inner_s, so, si, to, ti), s.is_cuda,
+                 (s.data_ptr(), t.data_ptr()))
+    consts = dict(plan["consts"], COUNT_ON_DEVICE=torch.is_tensor(row_count), NUM_BINS=num_bins,
+                  BINS_P2=triton.next_power_of_2(num_bins + 1))
+    partial = torch.empty(plan["programs"] if reduce else 1, dtype=torch.float32, device=s.device)
     with _on(s.device):  # the capture check and the launch look at the tensors' device
         counter, total = _reduction_state(s.device) if reduce else (dummy, dummy)
-        _kd_fwd_kernel[(programs,)](
+        _kd_fwd_kernel[(plan["programs"],)](
             s, t, labels if labels is not None else dummy, loss,
             gs if grad_s else dummy, gt if grad_t else dummy,
             row_count if torch.is_tensor(row_count) else dummy, edges,
             meter._state_on(s.device) if meter is not None else dummy,
             teacher_meter._state_on(s.device) if teacher_meter is not None else dummy,
             partial, counter, total,
-            n, c, s.stride(0), t.stride(0), gs.stride(0) if grad_s else 0, gt.stride(0) if grad_t else 0,
+            n, c, inner_s, so, si, to, ti, plan["ints"]["blocks_per_program"],
             spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
             inv_count_on_host(row_count), spec.grad_unit,
-            BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=spec.divergence,
-            HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
-            GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter is not None, METER_T=teacher_meter is not None,
-            NUM_BINS=num_bins, BINS_P2=triton.next_power_of_2(num_bins + 1),
-            STUDENT_T1=spec.has_ce or meter is not None,
-            LATE_GRAD=(grad_s and spec.divergence != 0) or (grad_t and spec.divergence != 1),
-            REDUCE=reduce, num_warps=num_warps,
+            num_warps=plan["num_warps"], **consts,
         )
     return (total if reduce else loss), gs, gt
 
@@ -420,10 +754,14 @@ def scale_grad(grad, factor):
     (grad_output times the row scale over grad_unit, from loss.py). Where it is 1 no data moves
     (a device-side check, no host sync)."""
     factor = factor.detach().to(device=grad.device, dtype=torch.float32).contiguous()
-    n = grad.numel()
-    if n:
-        block = 4096
+    n_cols = grad.shape[-1] if grad.dim() else 1
+    n_rows = grad.numel() // max(n_cols, 1)
+    if grad.numel():
+        block_c = min(triton.next_power_of_2(n_cols), SCALE_BLOCK)
+        block_r = max(1, SCALE_BLOCK // block_c)
+        vec = _vector_width(n_cols, (), grad.element_size(), (grad.data_ptr(),))
         with _on(grad.device):
-            _scale_grad_kernel[(triton.cdiv(n, block),)](grad, factor, grad.shape[-1], n,
-                                                         FACTOR_PER_ROW=factor.dim() > 0, BLOCK=block)
+            _scale_grad_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))](
+                grad, factor, n_rows, n_cols, FACTOR_PER_ROW=factor.dim() > 0, BLOCK_R=block_r,
+                BLOCK_C=block_c, VEC=vec, num_warps=8)
     return grad

@@ -17,6 +17,7 @@ never 0), so the student is taught to put no mass there.
 """
 from __future__ import annotations
 
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from . import backends
 from ._spec import DIVERGENCES, KDSpec
 from .calibration import _check_labels
 from .loss import _backward_factor, _check_logits, _check_objective, _check_real
+from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
 
@@ -82,10 +84,12 @@ def _match_vocab(t, v_s):
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_count, spec, impl, chunk):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_count, spec, impl, chunk, sparse=None):
+        """``sparse``: None (a dense teacher h_t W_t^T + b_t), or (kernel, bucket) with the teacher's
+        top-K ids in ``ht`` and log-probabilities in ``wt`` (no teacher gradient)."""
         need = ctx.needs_input_grad
-        grad_s, grad_t = any(need[0:3]), any(need[3:6])
-        n, v_s, v_t = hs.shape[0], ws.shape[0], wt.shape[0]
+        grad_s, grad_t = any(need[0:3]), sparse is None and any(need[3:6])
+        n, v_s, v_t = hs.shape[0], ws.shape[0], (wt.shape[0] if sparse is None else 0)
         loss = torch.zeros((), dtype=torch.float32, device=hs.device)
         deferred = not spec.row_scaled_grad  # fp16: hidden-state gradients kept in fp32 until the end
         g_hs = (torch.empty(hs.shape, dtype=torch.float32, device=hs.device) if deferred else torch.empty_like(hs)) \
@@ -93,17 +97,22 @@ class _FusedLinearKD(torch.autograd.Function):
         g_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need[1] else None
         g_bs = torch.zeros(v_s, dtype=torch.float32, device=ws.device) if need[2] else None
         g_ht = (torch.empty(ht.shape, dtype=torch.float32, device=ht.device) if deferred else torch.empty_like(ht)) \
-            if need[3] else None
-        g_wt = torch.zeros(wt.shape, dtype=torch.float32, device=wt.device) if need[4] else None
-        g_bt = torch.zeros(v_t, dtype=torch.float32, device=wt.device) if need[5] else None
+            if need[3] and grad_t else None
+        g_wt = torch.zeros(wt.shape, dtype=torch.float32, device=wt.device) if need[4] and grad_t else None
+        g_bt = torch.zeros(v_t, dtype=torch.float32, device=wt.device) if need[5] and grad_t else None
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             h_s, h_t = hs[lo:hi], ht[lo:hi]
             s = _logits(h_s, ws, bs)
-            t = _match_vocab(_logits(h_t, wt, bt), v_s)
             lab = labels[lo:hi] if labels is not None else None
-            chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, grad_s, grad_t, None, None,
-                                                   reduce=True)
+            if sparse is None:
+                t = _match_vocab(_logits(h_t, wt, bt), v_s)
+                chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, grad_s, grad_t, None, None,
+                                                       reduce=True)
+            else:
+                kernel, bucket = sparse
+                chunk_loss, d_s = kernel.sparse_kd_forward(s, h_t, wt[lo:hi], lab, row_count, spec, bucket, grad_s,
+                                                           None, reduce=True)
             loss += chunk_loss
             if grad_s:
                 _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
@@ -124,7 +133,7 @@ class _FusedLinearKD(torch.autograd.Function):
     def backward(ctx, grad_output):
         go = grad_output.float()
         out = [None if g is None else (g.float() * go).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -159,6 +168,21 @@ def _follow_autocast(device_type, *tensors):
                  else x for x in tensors)
 
 
+def _check_chunk(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes) -> KDSpec:
+    kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
+    # fp16: the kernel's gradient is kept unit-scaled (<= 1) for the GEMMs, the row scale applied in fp32
+    grad_unit = 1.0 / (kd_scale / temperature + 1.0 - alpha) if torch.float16 in dtypes else 0.0
+    return KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), beta, ignore_index,
+                  grad_unit)
+
+
 def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   labels, *, temperature, alpha, divergence, beta, ignore_index, reduction, chunk_size, backend):
     _check_linear(student_hidden, student_weight, student_bias, "student")
@@ -172,9 +196,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     v_s = student_weight.shape[0]
     if labels is not None:
         _check_labels(labels, student_hidden.shape[:-1], v_s, ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk(chunk_size)
     dtypes = (student_hidden.dtype, teacher_hidden.dtype)
     impl = backends.resolve(backend, student_hidden.device, dtypes)
 
@@ -186,14 +208,47 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     if reduction != "sum":
         row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else n
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
-    kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
-    # fp16: the kernel's gradient is kept unit-scaled (<= 1) for the GEMMs, the row scale applied in fp32
-    kd_g = kd_scale / temperature
-    grad_unit = 1.0 / (kd_g + 1.0 - alpha) if torch.float16 in dtypes else 0.0
-    spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), beta,
-                  ignore_index, grad_unit)
+    spec = _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                 row_count, spec, impl, chunk)
+
+
+def fused_linear_sparse_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
+                                student_bias=None, temperature=4.0, alpha=0.9, tail="bucket", ignore_index=-100,
+                                reduction="batchmean", chunk_size=None, backend=None, validate_labels=True):
+    """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
+    materialising the student's logits (and with no teacher forward at all: its top-K come from a
+    cache or a serving engine). Peak memory: one chunk of student logits and its gradient
+    (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights)."""
+    device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
+    hidden, weight, bias = _follow_autocast(device_type, student_hidden, student_weight, student_bias)
+    with torch.autocast(device_type, enabled=False):
+        _check_linear(hidden, weight, bias, "student")
+        v = weight.shape[0]
+        sparse_checks(teacher_ids, teacher_logprobs, hidden.shape[:-1], v, hidden.device, validate_labels)
+        alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
+        if tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+        temperature, _ = _check_objective(temperature, "kl", 0.5, ignore_index, reduction, labels, 1.0 - alpha,
+                                          reductions=("batchmean", "sum", "mean"))
+        if labels is not None:
+            _check_labels(labels, hidden.shape[:-1], v, ignore_index, check_range=validate_labels)
+        chunk = _check_chunk(chunk_size) or max(1, CHUNK_LOGITS // v)
+        name = backends.resolve_name(backend, hidden.device, (hidden.dtype,))
+        impl = backends.module(name)
+        if impl.__name__ not in SPARSE_KERNELS:
+            raise ValueError(f"backend {name!r} has no sparse-teacher kernel; use backend='triton' or 'torch'")
+        k = teacher_ids.shape[-1]
+        hs = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        ids = teacher_ids.reshape(-1, k).to(torch.int64).contiguous()
+        lp = teacher_logprobs.reshape(-1, k).contiguous()
+        lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+        row_count = 1
+        if reduction != "sum":
+            row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else hs.shape[0]
+        spec = _linear_spec(temperature, alpha, "kl", 0.5, ignore_index, reduction, v, (hidden.dtype,))
+        sparse = (importlib.import_module(SPARSE_KERNELS[impl.__name__]), tail == "bucket")
+        return _FusedLinearKD.apply(hs, weight, bias, ids, lp, None, lab, row_count, spec, impl, chunk, sparse)
 
 
 class FusedLinearKDLoss(nn.Module):

@@ -116,19 +116,23 @@ class _FusedKD(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.grads is None:
-            raise RuntimeError("fastkd's triton and cuda backends scale the saved gradient in place, so "
-                               "a graph can be back-propagated once per forward; use backend='torch' "
-                               "to call backward again on the same graph")
-        gs, gt = ctx.grads
-        if ctx.impl.INPLACE_BACKWARD:
-            ctx.grads = None
-        factor = grad_output.detach().to(torch.float32)
-        if ctx.factor is not None:
-            factor = factor * ctx.factor
-        gs = ctx.impl.scale_grad(gs, factor) if gs is not None else None
-        gt = ctx.impl.scale_grad(gt, factor) if gt is not None else None
-        return gs, gt, None, None, None, None, None, None, None
+        return (*_scaled_grads(ctx, grad_output), None, None, None, None, None, None, None)
+
+
+def _scaled_grads(ctx, grad_output):
+    """The backward of the fused losses: the forward's gradients (ctx.grads) times grad_output
+    (and the row scale left to the backward, ctx.factor)."""
+    if ctx.grads is None:
+        raise RuntimeError("fastkd's triton and cuda backends scale the saved gradient in place, so "
+                           "a graph can be back-propagated once per forward; use backend='torch' "
+                           "to call backward again on the same graph")
+    grads = ctx.grads
+    if ctx.impl.INPLACE_BACKWARD:
+        ctx.grads = None
+    factor = grad_output.detach().to(torch.float32)
+    if ctx.factor is not None:
+        factor = factor * ctx.factor
+    return tuple(ctx.impl.scale_grad(g, factor) if g is not None else None for g in grads)
 
 
 def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
@@ -160,9 +164,8 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
         raise ValueError("meter and teacher_meter must have the same num_bins")
     backend_name = backends.resolve_name(backend, s.device, (s.dtype, t.dtype))
 
-    s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
-    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
-    t2 = t2 if t2.stride(-1) == 1 else t2.contiguous()
+    # the Triton kernel reads (B, T, C) views such as logits[:, :-1] in place (two row strides)
+    s2, t2 = _rows(s, t, in_place_3d=backend_name == "triton" and not compiling)
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     row_count = 1  # rows divide by this; summed on the device when labels decide it (no host sync)
     if num_items is not None:
@@ -180,6 +183,23 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
             loss = _FusedKD.apply(s2, t2, labels2, row_count, spec, reduction, backends.module(backend_name),
                                   meter, teacher_meter)
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+
+
+def _rows(s, t, in_place_3d: bool):
+    """Student and teacher logits as (N, C) rows with unit stride in C, without a copy where a view
+    can express them; two (B, T, C) views that no view can flatten stay 3-D when the backend reads
+    them in place."""
+    c = s.shape[-1]
+    rows = []
+    for x in (s, t):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        try:
+            rows.append(x.view(-1, c))
+        except RuntimeError:  # not expressible with one row stride
+            rows.append(x if in_place_3d and x.dim() == 3 else x.reshape(-1, c))
+    if rows[0].dim() != rows[1].dim():  # one of them is 3-D: hand both over as (B, T, C)
+        rows = [x if x.dim() == 3 else x.view(s.shape) for x in rows]
+    return rows
 
 
 def _check_num_items(num_items, reduction, device):

@@ -12,8 +12,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
-# this checkout's kernels: run as a script, sys.path[0] is tests/ and an editable install elsewhere wins
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastkd, not an installed one
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -22,17 +21,22 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastkd import _triton_kd as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-SCALARS = {"n_rows": "i64", "n_cols": "i64", "stride_s": "i64", "stride_t": "i64", "stride_gs": "i64",
-           "stride_gt": "i64", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
+SCALARS = {"n_rows": "i64", "n_cols": "i64", "n_inner": "i64", "stride_so": "i64", "stride_si": "i64",
+           "stride_to": "i64", "stride_ti": "i64", "blocks_per_program": "i32", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
            "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "grad_unit": "fp32",
-           "n_elements": "i64"}
+           "n_elements": "i64", "n_k": "i64", "stride_s": "i64", "stride_k": "i64", "stride_gs": "i64",
+           "tail_floor": "fp32"}
 
 
-def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int):
+def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int, aligned: bool = False):
+    """``aligned``: as a launch specialises 16-byte aligned pointers and integers divisible by 16
+    (tt.divisibility 16); else nothing is known (the worst case: unaligned views)."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: pointers.get(n) or SCALARS.get(n) or "constexpr" for n in names}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
-    return triton.compile(ASTSource(kernel, signature, consts), target=TARGET, options={"num_warps": num_warps})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if aligned and n in pointers}
+    return triton.compile(ASTSource(kernel, signature, consts, attrs), target=TARGET,
+                          options={"num_warps": num_warps})
 
 
 def spills(cubin: bytes) -> int:
@@ -45,51 +49,57 @@ def spills(cubin: bytes) -> int:
     return int(re.search(r"STACK:(\d+)", out).group(1))
 
 
+POINTERS = {"labels_ptr": "*i64", "loss_ptr": "*fp32", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
+            "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64", "partial_ptr": "*fp32", "counter_ptr": "*i32",
+            "total_ptr": "*fp32"}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def launcher_constants(n_rows, n_cols, dtype, divergence, grad_s, grad_t, labels, meters, rows_3d=False):
+    """The kernel's constants exactly as the launcher (K._plan) picks them for such a call."""
+    import torch
+    from fastkd._spec import KDSpec
+
+    spec = KDSpec(0.5, 1.0, 0.5 if labels else 0.0, divergence, 0.5, -100)
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    rows = (7, None, n_cols, None, n_cols) if rows_3d else (1, None, 0, None, 0)
+    plan = K._plan(n_rows, n_cols, torch_dtype, torch_dtype, spec, grad_s, grad_t, labels, meters, meters,
+                   labels, "", rows)
+    return dict(plan["consts"], COUNT_ON_DEVICE=labels), plan["num_warps"]
+
+
 def check_default_configs() -> int:
     """The launcher's default configurations compile without register spills (heaviest variant)."""
     failures = 0
     for n_cols, dtype in ((10, "fp32"), (100, "fp32"), (1000, "fp32"), (8192, "fp32"), (16384, "bf16"),
                           (32000, "bf16")):
-        size = 4 if dtype == "fp32" else 2
-        ptrs = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
-                "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
-                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64", "partial_ptr": "*fp32", "counter_ptr": "*i32",
-                "total_ptr": "*fp32"}
+        ptrs = dict(POINTERS, s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", gs_ptr=f"*{dtype}", gt_ptr=f"*{dtype}")
         for divergence, grad_t, meters in ((0, False, False), (1, False, False), (0, False, True),
                                            (0, True, False), (2, False, False), (2, True, True)):
-            heavy = grad_t or meters or divergence == 2  # meters: the teacher's too, below
-            block_n, block_c, one_pass, warps = K._launch_config(n_cols, size, "", heavy)
-            consts = dict(REDUCE=True, BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
-                          HAS_LABELS=True, HAS_CE=True, COUNT_ON_DEVICE=True, GRAD_S=True, GRAD_T=grad_t,
-                          METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16, STUDENT_T1=True,
-                          LATE_GRAD=divergence != 0 or grad_t)
-            kernel = compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps)
+            consts, warps = launcher_constants(65536, n_cols, dtype, divergence, True, grad_t, True, meters)
+            kernel = compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps, aligned=True)
             stack = spills(kernel.asm["cubin"])
             name = f"default config C={n_cols} {dtype} div={divergence} teacher_grad={grad_t} meters={meters}"
+            shape = f"{consts['BLOCK_N']}x({consts['VECS']}x{consts['LANES']}x{consts['VEC']})"
             # a few bytes are a call frame or one spilled scalar; a spilled tile is hundreds
-            print(("ok  " if stack <= 16 else "FAIL"), name, f"{block_n}x{block_c} warps={warps} stack={stack}")
+            print(("ok  " if stack <= 16 else "FAIL"), name, f"{shape} warps={warps} stack={stack}")
             failures += stack > 16
     return failures
 
 
 def main() -> int:
     failures = check_default_configs()
-    # each path x divergence, with three mixes of dtype / gradients / labels+meters
+    # each path x divergence, with three mixes of dtype / gradients / labels+meters; (B, T, C) views
     mixes = (("bf16", True, True, True), ("fp32", True, False, False), ("fp16", False, False, True))
-    for (one_pass, block_n, block_c), divergence, (dtype, grad_s, grad_t, labels) in itertools.product(
-            ((True, 16, 256), (False, 1, K.LOOP_BLOCK_C)), (0, 1, 2), mixes):
-        meters = labels
-        ptrs = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
-                "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "row_count_ptr": "*i64", "edges_ptr": "*fp32",
-                "meter_s_ptr": "*fp64", "meter_t_ptr": "*fp64", "partial_ptr": "*fp32", "counter_ptr": "*i32",
-                "total_ptr": "*fp32"}
-        consts = dict(REDUCE=labels, BLOCK_N=block_n, BLOCK_C=block_c, ONE_PASS=one_pass, DIVERGENCE=divergence,
-                      HAS_LABELS=labels, HAS_CE=labels, COUNT_ON_DEVICE=labels, GRAD_S=grad_s, GRAD_T=grad_t,
-                      METER_S=meters, METER_T=meters, NUM_BINS=15, BINS_P2=16, STUDENT_T1=labels,
-                      LATE_GRAD=(grad_s and divergence != 0) or (grad_t and divergence != 1))
-        name = f"kd_fwd {dtype} one_pass={one_pass} div={divergence} grads={grad_s},{grad_t} labels={labels}"
+    for (n_cols, rows_3d), divergence, (dtype, grad_s, grad_t, labels) in itertools.product(
+            ((256, False), (K.ONE_PASS_MAX["light"][4] * 2, True)), (0, 1, 2), mixes):
+        ptrs = dict(POINTERS, s_ptr=f"*{dtype}", t_ptr=f"*{dtype}", gs_ptr=f"*{dtype}", gt_ptr=f"*{dtype}")
+        consts, warps = launcher_constants(4096, n_cols, dtype, divergence, grad_s, grad_t, labels, labels,
+                                           rows_3d)
+        name = (f"kd_fwd {dtype} C={n_cols} one_pass={consts['ONE_PASS']} rows_3d={rows_3d} div={divergence} "
+                f"grads={grad_s},{grad_t} labels={labels}")
         try:
-            compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=8)
+            compile_kernel(K._kd_fwd_kernel, ptrs, consts, num_warps=warps)
             print("ok  ", name)
         except Exception as e:  # report every variant, fail at the end
             failures += 1
@@ -97,12 +107,36 @@ def main() -> int:
     for dtype, per_row in itertools.product(("fp32", "bf16"), (False, True)):
         try:
             compile_kernel(K._scale_grad_kernel, {"grad_ptr": f"*{dtype}", "factor_ptr": "*fp32"},
-                           dict(FACTOR_PER_ROW=per_row, BLOCK=4096), num_warps=8)
+                           dict(FACTOR_PER_ROW=per_row, BLOCK_R=256, BLOCK_C=16, VEC=2), num_warps=8)
             print("ok   scale_grad", dtype, per_row)
         except Exception as e:
             failures += 1
             print("FAIL scale_grad", dtype, per_row, type(e).__name__, str(e)[-800:])
-    return 1 if failures else 0
+    return 1 if failures + check_sparse() else 0
+
+
+def check_sparse() -> int:
+    """The sparse-teacher kernel: each path x tail x (dtype, labels + meter), without spills."""
+    from fastkd import _triton_sparse as S
+
+    failures = 0
+    for (n_cols, one_pass), bucket, (dtype, labels) in itertools.product(
+            ((4000, True), (32000, False)), (True, False), (("bf16", True), ("fp32", False))):
+        ptrs = dict(POINTERS, s_ptr=f"*{dtype}", ids_ptr="*i64", lp_ptr=f"*{dtype}", gs_ptr=f"*{dtype}",
+                    meter_ptr="*fp64")
+        block_c = 4096 if one_pass else S.LOOP_BLOCK_C
+        consts = dict(BLOCK_C=block_c, BLOCK_K=64, ONE_PASS=one_pass, BUCKET=bucket, HAS_LABELS=labels,
+                      HAS_CE=labels, COUNT_ON_DEVICE=labels, GRAD_S=True, METER=labels, NUM_BINS=15, BINS_P2=16,
+                      STUDENT_T1=labels)
+        name = f"sparse {dtype} C={n_cols} one_pass={one_pass} bucket={bucket} labels+meter={labels}"
+        try:
+            stack = spills(compile_kernel(S._sparse_kd_fwd_kernel, ptrs, consts, num_warps=16).asm["cubin"])
+            print("ok  " if stack <= 16 else "FAIL", name, f"stack={stack}")
+            failures += stack > 16
+        except Exception as e:
+            failures += 1
+            print("FAIL", name, type(e).__name__, str(e)[-800:])
+    return failures
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """Float64 references, written from the formulas, independent of fastkd's code."""
+import math
+
 import torch
 
 
@@ -28,7 +30,13 @@ def kd_objective(s, t, labels, temperature, alpha, kind="kl", beta=0.5, ignore_i
     c = s.shape[-1]
     s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
     d = divergence(s2, t2, temperature, kind, beta) * (temperature**2 if t_squared else 1.0)
-    row = alpha * d
+    return _with_ce_reduced(s, alpha * d, labels, alpha, ignore_index, reduction)
+
+
+def _with_ce_reduced(s, row, labels, alpha, ignore_index, reduction):
+    """Rows of alpha T^2 D plus (1 - alpha) CE, ignored rows dropped, reduced."""
+    c = s.shape[-1]
+    s2 = s.reshape(-1, c)
     if reduction == "mean":
         row = row / c
     keep = torch.ones(s2.shape[0], dtype=torch.bool)
@@ -44,3 +52,44 @@ def kd_objective(s, t, labels, temperature, alpha, kind="kl", beta=0.5, ignore_i
     if reduction == "sum":
         return row.sum()
     return row.sum() / max(int(keep.sum()), 1)
+
+
+def sparse_divergence(s, ids, logprobs, temperature, tail="bucket"):
+    """Per-row KL of a top-K teacher, float64, built densely from its definition: the listed classes
+    tempered as q^(1/T); the missing mass spread evenly over the unlisted classes, each tempered the
+    same way, then lumped into one bucket (tail="bucket") or dropped ("renormalize"); the student's
+    full softmax, its unlisted mass lumped the same way."""
+    n, v = s.shape
+    ps = torch.softmax(s.double() / temperature, -1)
+    listed = torch.zeros(n, v, dtype=torch.bool)
+    q = torch.zeros(n, v, dtype=torch.float64)
+    for r in range(n):
+        for i, lp in zip(ids[r].tolist(), logprobs[r].double().tolist()):
+            if i >= 0:
+                listed[r, i] = True
+                q[r, i] = math.exp(lp)
+    out = []
+    for r in range(n):
+        if not listed[r].any():
+            out.append(s.new_zeros((), dtype=torch.float64))
+            continue
+        weights = torch.where(listed[r], q[r] ** (1 / temperature), 0.0)
+        free = int((~listed[r]).sum())
+        missing = max(1.0 - float(q[r].sum()), 0.0)
+        if tail == "bucket" and free and missing > 0:
+            weights = torch.where(listed[r], weights, (missing / free) ** (1 / temperature))
+        p = weights / weights.sum()
+        d = (p[listed[r]] * (p[listed[r]].log() - ps[r][listed[r]].log())).sum()
+        p_tail, ps_tail = p[~listed[r]].sum(), ps[r][~listed[r]].sum()
+        if p_tail > 0:
+            d = d + p_tail * (p_tail.log() - ps_tail.log())
+        out.append(d)
+    return torch.stack(out)
+
+
+def sparse_kd_objective(s, ids, logprobs, labels, temperature, alpha, tail="bucket", ignore_index=-100,
+                        reduction="batchmean"):
+    """alpha T^2 D_sparse + (1 - alpha) CE per row, reduced as kd_objective does."""
+    k = ids.shape[-1]
+    d = sparse_divergence(s.reshape(-1, s.shape[-1]), ids.reshape(-1, k), logprobs.reshape(-1, k), temperature, tail)
+    return _with_ce_reduced(s, alpha * temperature**2 * d, labels, alpha, ignore_index, reduction)

@@ -12,4 +12,5 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "FAIL" not in done.stdout
-    assert done.stdout.count("ok ") == 6 * 6 + 18 + 4  # default configs x variants, variants, scale
+    # default configs x variants, variants, scale, sparse
+    assert done.stdout.count("ok ") == 6 * 6 + 18 + 4 + 8

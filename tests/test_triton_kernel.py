@@ -92,6 +92,20 @@ def test_scale_grad_with_factor_one_moves_nothing(gen):
     assert torch.equal(g[3], (before[3].float() * 2).half()) and torch.equal(g[:3], before[:3])
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5000), (37, 10)], ids=["BxTxC-two-column-tiles", "37x10"])
+def test_scale_grad_per_row_factor(shape, gen):
+    """A per-row factor (reduction="none") is read per row of a tile; (B, T, C) gradients with a
+    (B, T) factor; rows whose factor is 1 are left as they are."""
+    g = randn(shape, gen, torch.bfloat16)
+    factor = torch.rand(shape[:-1], generator=gen) * 100
+    factor.view(-1)[::3] = 1.0
+    before = g.clone()
+    K.scale_grad(g, factor)
+    torch.testing.assert_close(g.double(), before.double() * factor.double()[..., None], rtol=2**-7, atol=0)
+    ones = factor == 1.0
+    assert torch.equal(g[ones], before[ones])
+
+
 @pytest.mark.parametrize("capturing", [False, True], ids=["eager", "captured"])
 def test_captured_launch_owns_its_reduction_state(monkeypatch, capturing, gen):
     """Under CUDA-graph capture (mocked here) the launch takes a zeroed counter of its own, tied to
@@ -236,3 +250,79 @@ def test_out_of_range_labels_give_nan_rows_and_read_nothing(monkeypatch, path, o
                                None, None)
     torch.testing.assert_close(rows[~bad].double(), row[~bad] / kept, rtol=1e-5, atol=1e-6)
     assert torch.isnan(rows[bad]).all() and torch.isnan(g1[bad]).all() and not torch.isnan(g1[~bad]).any()
+
+
+def _reference_rows(s, t, labels, T, kd_scale, ce_scale):
+    """rows_reference on flattened (..., C) inputs."""
+    c = s.shape[-1]
+    return rows_reference(s.reshape(-1, c), t.reshape(-1, c), labels, T, kd_scale, ce_scale)
+
+
+@pytest.mark.parametrize("path", ["one-pass", "looping"])
+def test_three_dim_views_are_read_in_place(monkeypatch, path, gen):
+    """(B, T, C) views such as logits[:, :-1] (no single row stride) go to the kernel as they are:
+    rows r -> (r // T, r % T) with two strides; the gradients come back contiguous, of the same shape."""
+    if path == "looping":
+        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(K, "LOOP_BLOCK_C", 16)
+    b, t_len, c = 3, 6, 40
+    s_full, t_full = randn((b, t_len + 1, c), gen), randn((b, t_len + 1, c + 4), gen)
+    s, t = s_full[:, :-1], t_full[:, 1:, 2:2 + c]  # two views, neither a (N, C) matrix
+    labels = torch.randint(0, c, (b * t_len,), generator=gen)
+    labels[::5] = -100
+    kept = int((labels != -100).sum())
+    T, kd_scale, ce_scale = 2.0, 0.6 * 4.0, 0.4
+
+    def no_copies(*a, **k):
+        raise AssertionError("the launcher copied its input")
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", no_copies)
+    loss, gs, gt = K.kd_forward(s, t, labels, torch.tensor([kept]), spec_for(T, kd_scale, ce_scale), True, True,
+                                None, None)
+    monkeypatch.undo()
+    row, ref_gs, ref_gt = _reference_rows(s.contiguous(), t.contiguous(), labels, T, kd_scale, ce_scale)
+    assert gs.shape == s.shape and gt.shape == t.shape and gs.is_contiguous() and gt.is_contiguous()
+    torch.testing.assert_close(loss.double(), row / kept, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs.reshape(-1, c).double(), ref_gs / kept, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gt.reshape(-1, c).double(), ref_gt / kept, rtol=1e-5, atol=1e-7)
+
+
+def test_misaligned_views_and_mixed_dtypes(gen):
+    """A view starting one element in (no 16-byte alignment) with an odd C, bf16 against fp32."""
+    s_full, t_full = randn((9, 38), gen, torch.bfloat16), randn((9, 38), gen)
+    s, t = s_full[:, 1:], t_full[:, :-1]
+    row, ref_gs, _ = rows_reference(s.float(), t, None, 1.0, 1.0, 0.0)
+    loss, gs, _ = K.kd_forward(s, t, None, 9, spec_for(1.0, 1.0, 0.0), True, False, None, None)
+    torch.testing.assert_close(loss.double(), row / 9, rtol=1e-5, atol=1e-6)
+    assert rel_err(gs, ref_gs / 9) < 1e-2
+
+
+@pytest.mark.parametrize("divergence", [0, 1, 2])
+def test_several_row_blocks_per_program(monkeypatch, divergence, gen):
+    """A program reads several blocks of rows when blocks are small (its loss partial and meter
+    atomics shared): forced here on a small input, with a ragged last block, ignored rows, meters."""
+    monkeypatch.setattr(K, "MIN_PROGRAMS", 4)
+    monkeypatch.setattr(K, "PROGRAM_ELEMENTS_PER_THREAD", 1 << 12)
+    n, c = 1001, 7
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[::7] = -100
+    kept = int((labels != -100).sum())
+    spec = spec_for(2.0, 0.5, 0.5, divergence=divergence)  # = kd_objective(alpha=0.5, no T^2)
+    plan = K._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
+    assert plan["ints"]["blocks_per_program"] > 1 and plan["programs"] > 1
+    meter, teacher_meter = fastkd.CalibrationMeter(6), fastkd.CalibrationMeter(6)
+    for m in (meter, teacher_meter):  # loss.py does this before a kernel sees a fresh meter
+        m._state_on(s.device)
+    total, gs, _ = K.kd_forward(s, t, labels, torch.tensor([kept]), spec, True, False, meter, teacher_meter,
+                                reduce=True)
+    kind = ("kl", "reverse_kl", "jsd")[divergence]
+    from reference import kd_objective
+
+    s64 = s.double().requires_grad_()
+    ref = kd_objective(s64, t.double(), labels, 2.0, 0.5, kind=kind, t_squared=False)
+    ref.backward()
+    assert math.isclose(total.item(), ref.item(), rel_tol=1e-5)
+    torch.testing.assert_close(gs.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    _check_meter(meter, _meter_reference(s, labels, 6))
+    _check_meter(teacher_meter, _meter_reference(t, labels, 6))

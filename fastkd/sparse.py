@@ -1,0 +1,168 @@
+"""Distillation from a sparse teacher: its top-K classes and their log-probabilities per row.
+
+A teacher's output often arrives truncated: the K most likely classes with their
+log-probabilities at T = 1, computed once offline (``fastkd.teacher_cache``) or by a serving
+engine. The loss then reads the student's row once, gathers its K entries and writes the
+student's gradient; no ``rows x vocab`` teacher tensor exists anywhere.
+
+Per row, with student logits s over V classes, listed ids k (padding id -1) and teacher
+log-probabilities l_k at T = 1 (q_k = exp l_k, missing mass m = 1 - sum_k q_k, K' listed ids):
+
+    student      p_s = softmax(s / T) over all V classes (never renormalised)
+    teacher      p_k ~ q_k^(1/T) over the listed classes, and with tail="bucket" one more class
+                 holding the missing mass, taken as spread evenly over the V - K' unlisted
+                 classes: (V - K') (m / (V - K'))^(1/T) before normalisation; "renormalize"
+                 drops it (the teacher restricted to its K classes)
+    divergence   D = sum_k p_k log(p_k / p_s,k) + p_tail log(p_tail / p_s,tail),
+                 p_s,tail = 1 - sum_k p_s,k (the student's mass off the list)
+
+At T = 1 the bucket is exact (the teacher's own tail mass); at K = V both modes equal
+``kd_loss`` on the dense teacher. The objective is ``kd_loss``'s: alpha T^2 D + (1 - alpha) CE.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import backends
+from ._spec import KDSpec
+from .calibration import _check_labels
+from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _check_num_items,
+                   _check_objective, _check_real, _grad_unit, _scaled_grads)
+
+TAILS = ("bucket", "renormalize")
+SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd._triton_kd": "fastkd._triton_sparse"}
+SUM_TOLERANCE = 1e-2  # teacher probabilities may sum above 1 by this much (fp16/bf16 rounding)
+
+
+class _SparseKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, ids, logprobs, labels, row_count, spec, bucket, reduction, impl, meter):
+        kernel = importlib.import_module(SPARSE_KERNELS[impl.__name__])
+        loss, gs = kernel.sparse_kd_forward(s, ids, logprobs, labels, row_count, spec, bucket,
+                                            ctx.needs_input_grad[0], meter, reduce=reduction != "none")
+        ctx.impl, ctx.grads = impl, (gs, None)
+        ctx.factor = _backward_factor(row_count, spec)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        gs, _ = _scaled_grads(ctx, grad_output)
+        return (gs,) + (None,) * 9
+
+
+def _check_teacher(ids, logprobs, rows_shape, device):
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if not isinstance(logprobs, torch.Tensor) or not logprobs.is_floating_point():
+        raise TypeError("teacher_logprobs must be a floating-point tensor (fp32, fp16, bf16) of log-probabilities")
+    if ids.dim() == 0 or tuple(ids.shape[:-1]) != tuple(rows_shape) or ids.shape[-1] == 0:
+        raise ValueError(f"teacher_ids must have shape {tuple(rows_shape)} + (K,) with K >= 1, got {tuple(ids.shape)}")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs {tuple(logprobs.shape)} must have teacher_ids' shape {tuple(ids.shape)}")
+    for x, name in ((ids, "teacher_ids"), (logprobs, "teacher_logprobs")):
+        if x.device != device:
+            raise ValueError(f"{name} ({x.device}) must be on the student logits' device ({device})")
+
+
+def sparse_checks(ids, logprobs, rows_shape, n_cols, device, validate):
+    """Shapes, dtypes and devices of a sparse teacher; with ``validate`` its values too."""
+    _check_teacher(ids, logprobs, rows_shape, device)
+    if validate and ids.numel():
+        bad = _first_bad_teacher_row(ids, logprobs, n_cols)
+        if bad is not None:
+            raise ValueError(f"teacher_ids / teacher_logprobs row {bad[0]}: {bad[1]}")
+
+
+def _first_bad_teacher_row(ids, logprobs, n_cols):
+    """(row, what is wrong) of the first invalid teacher row, or None — one host synchronisation."""
+    ids2, lp2 = ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, ids.shape[-1]).float()
+    listed = ids2 >= 0
+    out_of_range = (ids2 < -1) | (ids2 >= n_cols)
+    ordered = torch.where(listed, ids2, -1 - torch.arange(ids2.shape[-1], device=ids2.device)).sort(-1).values
+    duplicate = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    mass = torch.where(listed, lp2.exp(), 0.0).sum(-1)
+    problems = [(out_of_range.any(-1), f"ids outside [-1, {n_cols}) (-1 pads)"),
+                (duplicate.any(-1), "a class listed twice"),
+                (torch.where(listed, lp2.isnan() | (lp2 > SUM_TOLERANCE), False).any(-1) | (mass > 1 + SUM_TOLERANCE),
+                 "log-probabilities above 0 or summing above 1 (pass log_softmax of the teacher's logits)")]
+    flags = torch.stack([p for p, _ in problems])
+    if not bool(flags.any()):
+        return None
+    row = int(flags.any(0).nonzero()[0])
+    return row, problems[int(flags[:, row].nonzero()[0])][1]
+
+
+def sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, temperature=4.0, alpha=0.9,
+                   divergence="kl", tail="bucket", ignore_index=-100, reduction="batchmean", meter=None,
+                   backend=None, validate_labels=True, num_items=None):
+    """``alpha T^2 D(teacher || student) + (1 - alpha) CE(student, labels)`` from a top-K teacher.
+
+    ``teacher_ids`` ``(..., K)`` integer (-1 pads a row with fewer classes) and ``teacher_logprobs``
+    ``(..., K)``: the teacher's log-probabilities at T = 1 over the whole vocabulary (what
+    ``log_softmax(logits).topk(K)`` or a serving engine returns). ``tail``: "bucket" (the missing
+    mass is one more class, matched by the student's mass off the list) or "renormalize" (the
+    teacher restricted to its K classes). See the module docstring for the exact objective; the
+    reductions, ``ignore_index``, ``meter`` (the student's calibration) and ``num_items`` are
+    :func:`fastkd.kd_loss`'s. ``validate_labels=True`` also checks the teacher: ids in range, no
+    class listed twice, probabilities summing to at most 1 (one host synchronisation for all);
+    unchecked, a row with an id out of range is NaN and a duplicated id is undefined.
+    """
+    _check_logits(student_logits, "student_logits")
+    s = student_logits
+    c = s.shape[-1]
+    sparse_checks(teacher_ids, teacher_logprobs, s.shape[:-1], c, s.device, validate_labels)
+    alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
+    if divergence != "kl":
+        raise ValueError(f"divergence must be 'kl' for a sparse teacher (its unlisted classes make reverse KL "
+                         f"and JSD undefined), got {divergence!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    temperature, _ = _check_objective(temperature, divergence, 0.5, ignore_index, reduction, labels, 1.0 - alpha,
+                                      REDUCTIONS)
+    if labels is not None:
+        _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels)
+        if labels.device != s.device:
+            raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
+    _check_meter(meter, "meter", s.device)
+    if meter is not None and labels is None:
+        raise ValueError("meter needs labels (calibration compares predictions with them)")
+    name = backends.resolve_name(backend, s.device, (s.dtype, teacher_logprobs.dtype))
+    impl = backends.module(name)  # its scale_grad runs the backward
+    if impl.__name__ not in SPARSE_KERNELS:
+        raise ValueError(f"backend {name!r} has no sparse-teacher kernel; use backend='triton' or 'torch'")
+
+    k = teacher_ids.shape[-1]
+    s2 = s.reshape(-1, c)
+    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
+    ids2 = teacher_ids.reshape(-1, k).to(torch.int64).contiguous()
+    lp2 = teacher_logprobs.reshape(-1, k).contiguous()
+    labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+    row_count = 1
+    if num_items is not None:
+        row_count = _check_num_items(num_items, reduction, s.device)
+    elif reduction in ("batchmean", "mean"):
+        row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
+    kd_scale = alpha * temperature**2 / (c if reduction == "mean" else 1)
+    spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, 0, 0.5, ignore_index,
+                  _grad_unit(kd_scale / temperature, 1.0 - alpha, divergence, (s.dtype,)))
+    with torch.autocast(s.device.type, enabled=False):
+        loss = _SparseKD.apply(s2, ids2, lp2, labels2, row_count, spec, tail == "bucket", reduction, impl, meter)
+    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+
+
+class SparseKDLoss(nn.Module):
+    """Module form of :func:`sparse_kd_loss`."""
+
+    def __init__(self, temperature=4.0, alpha=0.9, tail="bucket", ignore_index=-100, reduction="batchmean",
+                 backend=None):
+        super().__init__()
+        self.kw = dict(temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
+                       reduction=reduction, backend=backend)
+
+    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, meter=None):
+        return sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, meter=meter, **self.kw)
