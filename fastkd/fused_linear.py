@@ -213,9 +213,12 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
                                 row_count, spec, impl, chunk)
 
 
-def fused_linear_sparse_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
-                                student_bias=None, temperature=4.0, alpha=0.9, tail="bucket", ignore_index=-100,
-                                reduction="batchmean", chunk_size=None, backend=None, validate_labels=True):
+def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor,
+                                teacher_logprobs: Tensor, labels: Tensor | None = None, *,
+                                student_bias: Tensor | None = None, temperature: float = 4.0, alpha: float = 0.9,
+                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "batchmean",
+                                chunk_size: int | None = None, backend: str | None = None,
+                                validate_labels: bool = True) -> Tensor:
     """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
     cache or a serving engine). Peak memory: one chunk of student logits and its gradient

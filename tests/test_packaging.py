@@ -166,6 +166,7 @@ s = torch.randn(6, 11, generator=g, requires_grad=True)
 t = torch.randn(6, 11, generator=g)
 y = torch.randint(0, 11, (6,), generator=g)
 h, w_s, w_t = torch.randn(6, 5, generator=g), torch.randn(11, 5, generator=g), torch.randn(11, 5, generator=g)
+top_lp, top_ids = torch.log_softmax(t, -1).topk(4)  # a sparse teacher
 losses, counts = {}, {}
 for backend in ("torch", "triton"):
     meter = fastkd.CalibrationMeter(num_bins=10)
@@ -176,6 +177,10 @@ for backend in ("torch", "triton"):
         "KDLoss": lambda: fastkd.KDLoss(backend=backend)(s, t, y),
         "fused_linear_kd_loss": lambda: fastkd.fused_linear_kd_loss(h, w_s, h, w_t, y, backend=backend),
         "FusedLinearKDLoss": lambda: fastkd.FusedLinearKDLoss(backend=backend)(h, w_s, h, w_t, y),
+        "sparse_kd_loss": lambda: fastkd.sparse_kd_loss(s, top_ids, top_lp, y, backend=backend),
+        "SparseKDLoss": lambda: fastkd.SparseKDLoss(backend=backend)(s, top_ids, top_lp, y),
+        "fused_linear_sparse_kd_loss": lambda: fastkd.fused_linear_sparse_kd_loss(h, w_s, top_ids, top_lp, y,
+                                                                                  backend=backend),
     }
     for name, call in calls.items():
         loss = call()
@@ -205,7 +210,7 @@ def core_check(core_venv) -> dict:
 def test_core_install_runs_every_loss_the_meter_and_ece_without_the_study(core_venv, core_check):
     assert Path(core_check["fastkd"]).is_relative_to(core_venv)
     assert core_check["study_importable"] == []
-    assert len(core_check["losses"]) == 12 and all(
+    assert len(core_check["losses"]) == 18 and all(
         v == v and abs(v) < float("inf") for v in core_check["losses"].values())
     assert core_check["meter_counts"] == {"torch": 6, "triton": 6}
     assert 0 <= core_check["ece"] <= 1
@@ -260,8 +265,8 @@ def test_cli_names_the_extra_when_torchvision_is_missing(monkeypatch, capsys):
 @pytest.mark.skipif(not HAS_NVCC, reason="no CUDA toolkit on this machine")
 def test_installed_extension_compiles_for_sm90(core_venv, tmp_path):
     """The JIT build of the installed copy, as a first backend="cuda" call does it, for sm_90."""
-    ninja = shutil.which("ninja")
-    assert ninja, "the test extra installs ninja"
+    ninja = shutil.which("ninja") or shutil.which("ninja", path=os.path.dirname(sys.executable))
+    assert ninja, "the test extra installs ninja"  # beside this interpreter when its venv is not activated
     script = ("import os; from fastkd import _cuda_build; ext = _cuda_build.load(); "
               "assert callable(ext.kd_forward) and callable(ext.scale_grad); "
               "print(ext.__file__); print(os.environ['CUDA_HOME'])")
