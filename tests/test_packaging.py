@@ -14,6 +14,7 @@ import email.parser
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -94,8 +95,8 @@ def test_wheel_metadata_lean_core_and_release_fields(dists):
     meta = wheel_metadata(dists[1])
     assert meta["Version"] == fastkd.__version__
     core = {canonicalize_name(r.name): r for r in core_requirements(meta)}
-    assert set(core) <= {"torch", "numpy", "triton"} and {"torch", "numpy"} <= set(core)
-    assert all(s.operator in (">=", "==") for r in core.values() for s in r.specifier), "no upper caps"
+    assert set(core) == {"torch", "numpy"} | ({"triton"} if platform.system() == "Linux" else set())
+    assert all(s.operator == ">=" for r in core.values() for s in r.specifier), "floors only, no caps"
     study = {canonicalize_name(Requirement(r).name) for r in meta.get_all("Requires-Dist")
              if 'extra == "study"' in r}
     assert study == STUDY_DISTRIBUTIONS
