@@ -8,6 +8,7 @@ wrapper script (e.g. /usr/local/bin/nvcc): the link step then finds no libcudart
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -25,8 +26,21 @@ def _kernels_dir() -> Path:
 
 
 KERNELS = _kernels_dir()
-SOURCES = [KERNELS / "kd_kernels.cu", KERNELS / "binding.cpp"]
+# kd_pair_*.cu: the fused kernels, one unit per student dtype so that ninja compiles them in parallel
+SOURCES = [KERNELS / "kd_kernels.cu", KERNELS / "kd_pair_f32.cu", KERNELS / "kd_pair_f16.cu",
+           KERNELS / "kd_pair_bf16.cu", KERNELS / "binding.cpp"]
+HEADERS = [KERNELS / "kd_device.cuh", KERNELS / "kd_launch.cuh", KERNELS / "kd_launch.h",
+           KERNELS / "launch_limits.h"]
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]  # the C++ standard is torch's choice
+
+
+def headers_digest() -> str:
+    """A digest of the headers: torch's JIT cache only hashes the sources it compiles, so it is
+    passed as a define to rebuild when a header changes."""
+    digest = hashlib.sha256()
+    for path in HEADERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def toolkit_root() -> str | None:
@@ -83,12 +97,13 @@ def load(verbose: bool = False):
         return _C
     except ImportError:
         pass
-    if not all(p.is_file() for p in SOURCES):
+    if not all(p.is_file() for p in SOURCES + HEADERS):
         raise RuntimeError(f"the CUDA sources are not at {KERNELS} (reinstall fastkd; "
                            "or build ahead of time with FASTKD_BUILD_CUDA=1)")
     prepare_environment()
     from torch.utils.cpp_extension import load as jit_load
 
     print("fastkd: compiling the CUDA extension (first use; cached afterwards)...", file=sys.stderr)
-    return jit_load(name="fastkd_cuda", sources=[str(p) for p in SOURCES], extra_cuda_cflags=CUDA_FLAGS,
+    return jit_load(name="fastkd_cuda", sources=[str(p) for p in SOURCES],
+                    extra_cuda_cflags=CUDA_FLAGS + [f"-DFASTKD_HEADERS={headers_digest()}"],
                     extra_cflags=["-O3"], verbose=verbose)

@@ -2,6 +2,7 @@
 // tests/test_cuda_build.py can compile and run it on a machine without a GPU.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -36,6 +37,73 @@ inline std::string too_many_bins_message(int64_t num_bins, std::size_t needed, s
   return "fastkd cuda backend: num_bins=" + std::to_string(num_bins) + " needs " + std::to_string(needed) +
          " bytes of shared memory per block for the calibration histograms, more than this device's " +
          std::to_string(limit) + "; use fewer bins (or backend='triton'/'torch')";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which kernel and thread layout a row length takes (see kernels/kd_device.cuh). Rows are held in
+// registers, K = 16 or 32 elements per thread (more spills with 16-bit logits), by `group` threads (lanes of a warp up to 32, whole warps up
+// to a CTA of kBlockThreads), by the `cluster` CTAs of a thread-block cluster beyond that (Hopper),
+// and loop over chunks only when none of these holds them.
+constexpr int kBlockThreads = 256;
+constexpr int kMaxCluster = 16;  // Hopper's non-portable cluster size (opted into at launch; 8 is portable)
+constexpr int kRowsPerFlush = 1024;  // rows between two flushes of a CTA's fp32 meter partials
+
+struct Layout {
+  bool loop;         // the looping kernel (two or three sweeps), else rows in registers
+  int k;             // elements per thread: 16 or 32
+  int group;         // threads per CTA part of a row: a power of 2, at most kBlockThreads
+  int vec;           // elements per vector access
+  int cluster;       // CTAs per row
+  int part_cols;     // columns per CTA part
+  int rows_per_tile; // rows a CTA handles at once
+  int flush_tiles;   // tiles between two meter flushes
+};
+
+inline int pow2_at_least(int64_t n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// Elements per vector access: the widest of 8, 4, 2, 1 that keeps a vector within 16 bytes of the
+// widest dtype and divides the row length, every row stride and every base address (in elements
+// of that tensor: `misalignment` is the OR of each base address divided by its element size).
+inline int vector_width(int64_t n_cols, int widest_bytes, const int64_t* strides, int n_strides,
+                        uint64_t misalignment) {
+  for (int vec = 16 / widest_bytes; vec > 1; vec /= 2) {
+    bool fits = n_cols % vec == 0 && misalignment % vec == 0;
+    for (int i = 0; i < n_strides; ++i) fits = fits && strides[i] % vec == 0;
+    if (fits) return vec;
+  }
+  return 1;
+}
+
+// The layout for rows of n_cols logits; max_cluster: the largest cluster the device runs (1: none).
+inline Layout choose_layout(int64_t n_cols, int vec, int max_cluster) {
+  Layout l{};
+  l.vec = vec;
+  l.cluster = 1;
+  l.part_cols = static_cast<int>(n_cols);
+  const int64_t cta_cols = 32 * kBlockThreads;  // a CTA's columns at K = 32
+  if (n_cols <= 16 * 32) {  // K = 16: a few lanes per row, several rows per warp
+    l.k = 16;
+    l.group = pow2_at_least((n_cols + 15) / 16);
+  } else if (n_cols <= cta_cols) {  // K = 32: a warp, or several, per row
+    l.k = 32;
+    l.group = pow2_at_least((n_cols + 31) / 32);
+  } else if (n_cols <= cta_cols * max_cluster) {  // a CTA per part of the row, a cluster per row
+    l.k = 32;
+    l.group = kBlockThreads;
+    l.part_cols = static_cast<int>(cta_cols);
+    l.cluster = static_cast<int>((n_cols + cta_cols - 1) / cta_cols);
+  } else {  // two sweeps over chunks of kBlockThreads * 16 columns
+    l.loop = true;
+    l.k = 16;
+    l.group = kBlockThreads;
+  }
+  l.rows_per_tile = kBlockThreads / l.group;
+  l.flush_tiles = std::max(1, kRowsPerFlush / l.rows_per_tile);
+  return l;
 }
 
 }  // namespace fastkd

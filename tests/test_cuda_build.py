@@ -3,6 +3,7 @@ wherever a toolkit is (CI has CUDA 13.0 but no GPU) is checked on the installed 
 the sources, in tests/test_packaging.py (one compile for the suite)."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,7 +70,209 @@ def test_many_bins_opt_in_or_refused_up_front(tmp_path):
                    check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
-    # and the launcher takes that path before every launch of the fused kernel
-    source = (kernels / "kd_kernels.cu").read_text()
+    # and the launcher takes that path before every launch of the fused kernels
+    source = (kernels / "kd_launch.cuh").read_text()
     assert "cudaFuncSetAttribute(" in source and "cudaFuncAttributeMaxDynamicSharedMemorySize" in source
     assert "plan_dynamic_smem(" in source and "cudaDevAttrMaxSharedMemoryPerBlockOptin" in source
+    assert source.count("allow_dynamic_smem(kernel") == 2  # the looping kernel and the row kernels
+
+
+LAYOUT_PRINTER = r"""
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include "launch_limits.h"
+
+// prints "cols max_cluster loop k group vec cluster part_cols rows_per_tile flush_tiles" per line
+int main(int argc, char** argv) {
+  for (int i = 1; i + 2 < argc; i += 3) {
+    const long long cols = std::atoll(argv[i]);
+    const int vec = std::atoi(argv[i + 1]), max_cluster = std::atoi(argv[i + 2]);
+    const fastkd::Layout l = fastkd::choose_layout(cols, vec, max_cluster);
+    std::printf("%lld %d %d %d %d %d %d %d %d %d\n", cols, max_cluster, l.loop, l.k, l.group, l.vec, l.cluster,
+                l.part_cols, l.rows_per_tile, l.flush_tiles);
+  }
+  const int64_t strides[] = {10, 10};
+  std::printf("vec %d %d %d %d\n", fastkd::vector_width(10, 4, strides, 2, 0),  // C = 10 fp32: 8-byte vectors
+              fastkd::vector_width(128256, 2, nullptr, 0, 0),                    // bf16: 16 bytes
+              fastkd::vector_width(128256, 2, nullptr, 0, 3),                    // a misaligned base: scalar
+              fastkd::vector_width(1000, 4, strides, 2, 0));                     // a stride of 10: pairs
+  return 0;
+}
+"""
+
+
+def _compile_host(tmp_path, source, name):
+    import subprocess
+
+    (tmp_path / f"{name}.cpp").write_text(source)
+    exe = tmp_path / name
+    subprocess.run(["c++", "-std=c++17", "-I", str(_cuda_build.KERNELS), str(tmp_path / f"{name}.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
+def test_layouts_hold_each_row_once_and_the_counting_tool_agrees(tmp_path):
+    """Every row length gets a layout whose threads hold the whole row (K per thread), several rows
+    per warp for short rows, a cluster of at most 16 CTAs for long ones on Hopper (the loop
+    elsewhere); kernels/sass_count.py, which counts exactly these layouts, mirrors the C++ rules."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(_cuda_build.KERNELS))
+    import sass_count
+
+    cases = [(c, v, m) for c in (1, 2, 10, 16, 17, 100, 512, 513, 1000, 1024, 1025, 2000, 8192, 8193, 32000,
+                                 65536, 128256, 131072, 131073, 262144) for v, m in ((1, 16), (4, 8), (8, 1))]
+    exe = _compile_host(tmp_path, LAYOUT_PRINTER, "layouts")
+    out = subprocess.run([str(exe)] + [str(x) for case in cases for x in case], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    for line, (cols, vec, max_cluster) in zip(out, cases):
+        _, _, loop, k, group, lvec, cluster, part_cols, rows_per_tile, flush = map(int, line.split())
+        assert lvec == vec and rows_per_tile * group == 256 and flush == max(1, 1024 // rows_per_tile)
+        if loop:
+            assert cols > 32 * 256 * max_cluster and k == 16 and group == 256
+        else:
+            assert k * group * cluster >= cols, line  # the row fits in registers
+            assert cluster <= max_cluster and (cluster == 1 or (group == 256 and part_cols == k * 256))
+            assert cluster == 1 or part_cols * (cluster - 1) < cols  # no CTA without columns
+            if cols <= 16:
+                assert group == 1, line  # a thread per row
+        mirror = sass_count.choose_layout(cols, 4, max_cluster)  # same rules (vec aside)
+        assert (mirror.loop, mirror.k, mirror.group, mirror.cluster) == (bool(loop), k, group, cluster), line
+    assert out[-1] == "vec 2 8 1 2"
+
+
+NVCC = shutil.which("nvcc") or _cuda_build.os.environ.get("CUDA_HOME")
+
+
+@pytest.mark.skipif(not NVCC, reason="no CUDA toolkit")
+@pytest.mark.parametrize("rows,cols,dtype,budget", [(262144, 10, "float32", 66), (4096, 128256, "bfloat16", 33)])
+def test_light_kernel_issue_below_its_memory_time(tmp_path, rows, cols, dtype, budget):
+    """The static model on the CUDA backend's light variant (kl_loss, student gradient), compiled for
+    sm_90 as launched: no spills, and warp instructions per element within 0.8 of what the memory
+    floor allows (12 bytes an element in fp32, 6 in bf16: 83 and 42 instructions at 4.27 TB/s against
+    132 SMs x 4 issue x 1.755 GHz). The counting method is in kernels/sass_count.py."""
+    import sys
+
+    sys.path.insert(0, str(_cuda_build.KERNELS))
+    import sass_count
+
+    m = sass_count.measure(rows, cols, dtype, "kl", tmp_path)
+    assert m["spill_bytes"] == 0
+    assert m["instr_per_element"] <= budget, m
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' reformulated math, mirrored in float32 NumPy (nothing here runs CUDA): log2-domain
+# offsets, a row split into slices merged by (max, rescaled sums), KL / reverse KL from the mean
+# difference, JSD in two rounds, the folded gradients, the T = 1 statistics of the meters.
+
+LOG2E, LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
+
+
+def _f(x):
+    return np.float32(x)
+
+
+def _fma(a, b, c):  # one rounding, as FFMA
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+def _offset(m, k):  # offset_of: the rounded product, 0 for an empty slice
+    return _f(0) if m == -np.inf else _f(m * k)
+
+
+def _rescale(m_part, m_all, k):
+    return _f(0) if m_part == -np.inf else np.exp2(_offset(m_part, k) - _offset(m_all, k))
+
+
+def _mirror_row(x, y, label, T, kd_scale, ce_scale, kind, beta, n_slices):
+    """(loss, student gradient, teacher gradient, (conf, correct, nll, brier)) of one row, as
+    kernels/kd_device.cuh computes them with the row split into n_slices parts (np.fmax is fmaxf:
+    it drops NaN, which finite_below relies on)."""
+    k = _f(LOG2E / _f(T)) if T != 1 else LOG2E
+    inv_t = _f(1 / T)
+    parts = []
+    for idx in np.array_split(np.arange(x.size), n_slices):
+        xs, ys = x[idx], y[idx]
+        m_s, m_t = _f(np.max(xs)), _f(np.max(ys))
+        es = np.exp2(np.array([_fma(v, k, -_offset(m_s, k)) for v in xs], np.float32))
+        et = np.exp2(np.array([_fma(v, k, -_offset(m_t, k)) for v in ys], np.float32))
+        e1 = np.exp2(np.array([_fma(v, LOG2E, -_offset(m_s, LOG2E)) for v in xs], np.float32))
+        d = (et * np.fmax(ys - xs, -np.finfo(np.float32).max)).sum() if kind == "kl" else \
+            (es * np.fmax(xs - ys, -np.finfo(np.float32).max)).sum()
+        arg = idx[np.argmax(xs == m_s)]
+        parts.append((m_s, m_t, es.sum(), et.sum(), _f(d), e1.sum(), (e1 * e1).sum(), arg))
+    m_s = max(p[0] for p in parts)
+    m_t = max(p[1] for p in parts)
+    z_s = sum(p[2] * _rescale(p[0], m_s, k) for p in parts)
+    z_t = sum(p[3] * _rescale(p[1], m_t, k) for p in parts)
+    d = sum(p[4] * _rescale(p[1] if kind == "kl" else p[0], m_t if kind == "kl" else m_s, k) for p in parts)
+    z1 = sum(p[5] * _rescale(p[0], m_s, LOG2E) for p in parts)
+    z2 = sum(p[6] * _rescale(p[0], m_s, LOG2E) ** 2 for p in parts)
+    arg = min(p[7] for p in parts if p[0] == m_s)
+    off_s, lz_s, off_t, lz_t = _offset(m_s, k), np.log2(z_s), _offset(m_t, k), np.log2(z_t)
+    off1, lz1 = _offset(m_s, LOG2E), np.log2(z1)
+    prob = lambda v, kk, off, lz: np.exp2(np.array([_fma(a, kk, -off) for a in v], np.float32) - lz)  # noqa: E731
+    ps, pt, p1 = prob(x, k, off_s, lz_s), prob(y, k, off_t, lz_t), prob(x, LOG2E, off1, lz1)
+    ls_minus_lt = LN2 * ((off_s - off_t) + (lz_s - lz_t))
+    kd = _f(kd_scale * inv_t)
+    if kind == "jsd":
+        la = np.array([_fma(a, k, -off_s) for a in x], np.float32) - lz_s
+        lb = np.array([_fma(a, k, -off_t) for a in y], np.float32) - lz_t
+        lm = np.log2(np.fmax(beta * pt + (1 - beta) * ps, np.finfo(np.float32).tiny))
+        hs, ht = np.fmax(la - lm, -np.finfo(np.float32).max), np.fmax(lb - lm, -np.finfo(np.float32).max)
+        ds2, dt2 = (ps * hs).sum(), (pt * ht).sum()
+        div = LN2 * (beta * dt2 + (1 - beta) * ds2)
+        g_s = (ps * kd * (1 - beta) * LN2) * np.fmax(hs - ds2, -np.finfo(np.float32).max)
+        g_t = (pt * kd * beta * LN2) * np.fmax(ht - dt2, -np.finfo(np.float32).max)
+    else:
+        mu = d / (z_t if kind == "kl" else z_s)
+        div = inv_t * mu + (ls_minus_lt if kind == "kl" else -ls_minus_lt)
+        if kind == "kl":
+            g_s = ps * kd - pt * kd
+            g_t = (pt * kd * inv_t) * np.fmax((y - x) - mu, -np.finfo(np.float32).max)
+        else:
+            g_s = (ps * kd * inv_t) * np.fmax((x - y) - mu, -np.finfo(np.float32).max)
+            g_t = kd * (pt - ps)
+    nll = (m_s - x[label]) + LN2 * (lz1 - _fma(m_s, LOG2E, -off1))
+    g_s = g_s + ce_scale * p1
+    g_s[label] -= ce_scale
+    brier = z2 / (z1 * z1) - 2 * p1[label] + 1
+    conf = np.exp2(_fma(m_s, LOG2E, -off1) - lz1)  # not 1 / z1: the top class's term is 2^residual
+    return kd_scale * div + ce_scale * nll, g_s, g_t, (conf, arg == label, nll, brier)
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("n_slices", [1, 3, 8])
+@pytest.mark.parametrize("shift", [0.0, 700.0], ids=["centred", "large-logits"])
+def test_kernel_math_matches_the_float64_reference(kind, n_slices, shift):
+    from reference import kd_objective
+    from fastkd.calibration import row_statistics
+
+    gen = torch.Generator().manual_seed(7 + n_slices)
+    s = (torch.randn(5, 37, generator=gen, dtype=torch.float64) * 3 + shift).float()
+    t = (torch.randn(5, 37, generator=gen, dtype=torch.float64) * 3 + shift).float()
+    s[1, :5] = t[1, :5] = float("-inf")  # a masked vocabulary
+    t[2, 5:9] = float("-inf")  # classes the teacher rules out (reverse KL is then infinite)
+    labels = torch.randint(5, 37, (5,), generator=gen)
+    T, alpha, beta = 2.5, 0.6, 0.3
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref = kd_objective(s64, t64, labels, T, alpha, kind=kind, beta=beta, reduction="none")
+    ref_gs, ref_gt = torch.autograd.grad(ref.sum(), (s64, t64))
+    conf, correct, nll, brier = row_statistics(s.double(), labels)
+    for r in range(5):
+        if kind == "reverse_kl" and r == 2:
+            continue
+        loss, g_s, g_t, meter = _mirror_row(s[r].numpy(), t[r].numpy(), int(labels[r]), T, alpha * T * T, 1 - alpha,
+                                            kind, beta, n_slices)
+        assert loss == pytest.approx(ref[r].item(), rel=1e-5), (r, "loss")
+        scale = ref_gs[r].abs().max().item()
+        np.testing.assert_allclose(g_s, ref_gs[r].numpy(), rtol=1e-5, atol=1e-5 * scale)
+        np.testing.assert_allclose(g_t, ref_gt[r].numpy(), rtol=1e-5, atol=1e-5 * ref_gt[r].abs().max().item())
+        assert meter[0] == pytest.approx(conf[r].item(), rel=1e-6)
+        assert bool(meter[1]) == bool(correct[r])
+        assert meter[2] == pytest.approx(nll[r].item(), rel=1e-5, abs=1e-5)
+        assert meter[3] == pytest.approx(brier[r].item(), rel=1e-5, abs=1e-6)

@@ -33,6 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDY_MODULES = ("sklearn", "tqdm", "matplotlib", "tensorboard", "torchvision")
 STUDY_DISTRIBUTIONS = {"scikit-learn", "tqdm", "matplotlib", "tensorboard", "torchvision"}
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+CXX_SUFFIXES = (".cu", ".cuh", ".cpp", ".h", ".hpp")  # what pyproject ships from kernels/
+
+
+def cxx_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.suffix in CXX_SUFFIXES}
 
 
 def run(cmd, **kwargs) -> subprocess.CompletedProcess:
@@ -80,7 +85,7 @@ def test_wheel_and_sdist_carry_the_kernels_and_every_module(dists):
     with tarfile.open(sdist) as tf:
         top = tf.getnames()[0].split("/")[0]
         in_sdist = {n.partition("/")[2] for n in tf.getnames()}
-    kernels = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.is_file())
+    kernels = cxx_files(ROOT / "kernels")
     assert kernels and {f"fastkd/kernels/{k}" for k in kernels} <= in_wheel
     assert {f"kernels/{k}" for k in kernels} <= in_sdist, f"{top} lacks kernels/"
     # pyproject lists the packages by hand (kernels/ is mapped in): a new subpackage must be added
@@ -194,7 +199,7 @@ print(json.dumps({
     "study_importable": [m for m in sys.argv[1:] if importlib.util.find_spec(m) is not None],
     "losses": losses, "meter_counts": counts,
     "ece": fastkd.calibration_error(s.detach(), y, num_bins=10).item(),
-    "sources": [str(p) for p in _cuda_build.SOURCES],
+    "sources": [str(p) for p in _cuda_build.SOURCES + _cuda_build.HEADERS],
 }))
 """
 
@@ -222,8 +227,7 @@ def test_installed_cuda_sources_are_found_by_the_jit_build(core_venv, core_check
     for path in installed:
         assert path.parent.name == "kernels" and path.parent.parent.name == "fastkd"
         assert path.is_relative_to(core_venv) and path.read_bytes() == (ROOT / "kernels" / path.name).read_bytes()
-    shipped = {p.name for p in installed[0].parent.iterdir()}
-    assert shipped == {p.name for p in (ROOT / "kernels").iterdir() if p.is_file()}
+    assert cxx_files(installed[0].parent) == cxx_files(ROOT / "kernels")
 
 
 def test_sdist_sources_are_found_by_the_setup_py_build(dists, tmp_path):
@@ -235,7 +239,8 @@ def test_sdist_sources_are_found_by_the_setup_py_build(dists, tmp_path):
     spec = importlib.util.spec_from_file_location("sdist_cuda_build", tree / "fastkd" / "_cuda_build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    assert build.SOURCES and all(p.is_file() and p.is_relative_to(tree.resolve()) for p in build.SOURCES)
+    needed = build.SOURCES + build.HEADERS
+    assert build.SOURCES and all(p.is_file() and p.is_relative_to(tree.resolve()) for p in needed)
 
 
 def test_cli_version_and_one_line_without_the_study_extra(core_venv):
