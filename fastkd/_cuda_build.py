@@ -16,7 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+
+def _kernels_dir() -> Path:
+    """An installed fastkd carries the sources in fastkd/kernels (package data); a source checkout
+    keeps them in kernels/ beside the package, which is also where setup.py builds from."""
+    package = Path(__file__).resolve().parent
+    installed = package / "kernels"
+    return installed if installed.is_dir() else package.parent / "kernels"
+
+
+KERNELS = _kernels_dir()
 # kd_pair_*.cu: the fused kernels, one unit per student dtype so that ninja compiles them in parallel
 SOURCES = [KERNELS / "kd_kernels.cu", KERNELS / "kd_pair_f32.cu", KERNELS / "kd_pair_f16.cu",
            KERNELS / "kd_pair_bf16.cu", KERNELS / "binding.cpp"]
@@ -89,8 +98,8 @@ def load(verbose: bool = False):
     except ImportError:
         pass
     if not all(p.is_file() for p in SOURCES + HEADERS):
-        raise RuntimeError(f"the CUDA sources are not at {KERNELS} (JIT needs a source checkout; "
-                           "or install with FASTKD_BUILD_CUDA=1)")
+        raise RuntimeError(f"the CUDA sources are not at {KERNELS} (reinstall fastkd; "
+                           "or build ahead of time with FASTKD_BUILD_CUDA=1)")
     prepare_environment()
     from torch.utils.cpp_extension import load as jit_load
 

@@ -71,7 +71,7 @@ def _cuda_unbuildable() -> str:
     return ""
 
 
-def available_backends(device=None) -> list[BackendInfo]:
+def available_backends(device: torch.device | str | None = None) -> list[BackendInfo]:
     """Each backend with whether it can run on ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

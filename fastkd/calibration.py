@@ -184,7 +184,7 @@ class CalibrationMeter:
         state[3 * nb + 1] += torch.where(keep, brier.double(), 0.0).sum()
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> None:
         """Adds ``(..., C)`` logits with their labels; rows labelled ``ignore_index`` are skipped."""
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
             raise TypeError("logits must be a floating-point tensor")
@@ -198,18 +198,18 @@ class CalibrationMeter:
         self._add_rows(x, torch.where(keep, lab, 0), keep)
         return self
 
-    def reset(self):
+    def reset(self) -> None:
         if self.state is not None:
             self.state.zero_()
 
     def state_dict(self) -> dict:
         return {"num_bins": self.num_bins, "state": None if self.state is None else self.state.clone()}
 
-    def load_state_dict(self, sd: dict):
+    def load_state_dict(self, sd: dict) -> None:
         self.num_bins = _check_num_bins(sd["num_bins"])
         self.state = None if sd["state"] is None else sd["state"].to(torch.float64).clone()
 
-    def all_reduce(self, group=None, device=None):
+    def all_reduce(self, group=None, device: torch.device | str | None = None) -> CalibrationMeter:
         """Sums the statistics of every rank. ``device``: where a meter that saw no rows on this rank
         keeps its zeros (the collective's device, CUDA under NCCL); default: its own, else CPU."""
         import torch.distributed as dist

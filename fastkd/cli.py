@@ -1,14 +1,24 @@
 """``fastkd distill``: the distillation study from the command line.
 
-Bad arguments end with one line on stderr and exit status 2, no traceback.
+Bad arguments end with one line on stderr and exit status 2, no traceback; a study run without
+the ``study`` extra installed ends with one line naming it, exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 
+from . import __version__
 from .train import StudyConfig
+
+# fastkd[study] by import name. Every run needs the first three (the report's among them, so they
+# are checked before training); torchvision is imported when CIFAR data or models load; the
+# study runs without tensorboard.
+STUDY_PACKAGES = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib",
+                  "torchvision": "torchvision"}
+EVERY_RUN = ("sklearn", "tqdm", "matplotlib")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser):
@@ -32,6 +42,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description="fast knowledge distillation")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     distill = sub.add_parser("distill", help="train a teacher, a student alone and a distilled "
                              "student; report accuracy and calibration",
@@ -87,6 +98,17 @@ def _validate_teacher_cache(cfg: StudyConfig):
                          f"got {cfg.divergence!r}")
 
 
+def missing_study_packages() -> list[str]:
+    """The packages of fastkd[study] that every run needs and this environment lacks."""
+    return [STUDY_PACKAGES[m] for m in EVERY_RUN if importlib.util.find_spec(m) is None]
+
+
+def _no_study_extra(packages) -> int:
+    print(f'fastkd: error: the study needs {", ".join(packages)}, not installed: '
+          'pip install "fastkd[study]"', file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "cache-teacher":
@@ -96,12 +118,20 @@ def main(argv=None) -> int:
     cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     try:
         validate(cfg)
+        missing = missing_study_packages()
+        if missing:
+            return _no_study_extra(missing)
         from .report import results_table
         from .study import run_study
 
         from . import distributed
 
         report = run_study(cfg)
+    except ModuleNotFoundError as e:  # torchvision, imported when CIFAR data or models load
+        top = (e.name or "").partition(".")[0]
+        if top not in STUDY_PACKAGES:
+            raise
+        return _no_study_extra([STUDY_PACKAGES[top]])
     except (ValueError, OSError) as e:  # DataError is a ValueError; a bad path an OSError
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2

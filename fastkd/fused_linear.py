@@ -21,7 +21,7 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
@@ -136,10 +136,12 @@ class _FusedLinearKD(torch.autograd.Function):
         return (*out, None, None, None, None, None, None)
 
 
-def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None, *,
-                         student_bias=None, teacher_bias=None, temperature=4.0, alpha=0.9,
-                         divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean",
-                         chunk_size=None, backend=None):
+def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                         teacher_weight: Tensor, labels: Tensor | None = None, *,
+                         student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
+                         temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl",
+                         beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean",
+                         chunk_size: int | None = None, backend: str | None = None) -> Tensor:
     """``kd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, labels, ...)`` without materialising the logits.
 
     Hidden states ``(..., H)`` (student and teacher may have different H), weights ``(V, H)``.
@@ -211,9 +213,12 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
                                 row_count, spec, impl, chunk)
 
 
-def fused_linear_sparse_kd_loss(student_hidden, student_weight, teacher_ids, teacher_logprobs, labels=None, *,
-                                student_bias=None, temperature=4.0, alpha=0.9, tail="bucket", ignore_index=-100,
-                                reduction="batchmean", chunk_size=None, backend=None, validate_labels=True):
+def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor,
+                                teacher_logprobs: Tensor, labels: Tensor | None = None, *,
+                                student_bias: Tensor | None = None, temperature: float = 4.0, alpha: float = 0.9,
+                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "batchmean",
+                                chunk_size: int | None = None, backend: str | None = None,
+                                validate_labels: bool = True) -> Tensor:
     """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
     cache or a serving engine). Peak memory: one chunk of student logits and its gradient
@@ -252,14 +257,16 @@ def fused_linear_sparse_kd_loss(student_hidden, student_weight, teacher_ids, tea
 class FusedLinearKDLoss(nn.Module):
     """Module form of :func:`fused_linear_kd_loss`."""
 
-    def __init__(self, temperature=4.0, alpha=0.9, divergence="kl", beta=0.5, ignore_index=-100,
-                 reduction="batchmean", chunk_size=None, backend=None):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
+                 ignore_index: int = -100, reduction: str = "batchmean", chunk_size: int | None = None,
+                 backend: str | None = None):
         super().__init__()
         self.kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                        backend=backend)
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-                student_bias=None, teacher_bias=None):
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, labels: Tensor | None = None, student_bias: Tensor | None = None,
+                teacher_bias: Tensor | None = None) -> Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                     student_bias=student_bias, teacher_bias=teacher_bias, **self.kw)

@@ -23,7 +23,7 @@ import math
 import numbers
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends
@@ -217,8 +217,10 @@ def _check_num_items(num_items, reduction, device):
     return _check_real(num_items, "num_items", 0.0, math.inf, True, True)
 
 
-def kl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", *,
-            ignore_index=-100, labels=None, backend=None, validate_labels=True, num_items=None):
+def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+            reduction: str = "batchmean", *, ignore_index: int = -100, labels: Tensor | None = None,
+            backend: str | None = None, validate_labels: bool = True,
+            num_items: float | Tensor | None = None) -> Tensor:
     """KL(p_t || p_s) of tempered softmaxes: a drop-in for the PyTorch KD recipe's ``F.kl_div``.
 
     ``kl_loss(s, t, temperature=T)`` equals
@@ -233,9 +235,11 @@ def kl_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
                   validate_labels=validate_labels, t_squared=False, num_items=num_items)
 
 
-def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, alpha=0.9,
-            divergence="kl", beta=0.5, ignore_index=-100, reduction="batchmean", meter=None,
-            teacher_meter=None, backend=None, validate_labels=True, num_items=None):
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
+            temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
+            ignore_index: int = -100, reduction: str = "batchmean", meter: CalibrationMeter | None = None,
+            teacher_meter: CalibrationMeter | None = None, backend: str | None = None,
+            validate_labels: bool = True, num_items: float | Tensor | None = None) -> Tensor:
     """The distillation objective ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE(s, labels)`` in one pass.
 
     ``meter`` / ``teacher_meter`` (:class:`CalibrationMeter`) collect the calibration statistics
@@ -255,12 +259,13 @@ def kd_loss(student_logits, teacher_logits, labels=None, *, temperature=4.0, alp
 class KLDivLoss(nn.Module):
     """Module form of :func:`kl_loss`."""
 
-    def __init__(self, temperature=1.0, reduction="batchmean", ignore_index=-100, backend=None):
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 backend: str | None = None):
         super().__init__()
         self.temperature, self.reduction = temperature, reduction
         self.ignore_index, self.backend = ignore_index, backend
 
-    def forward(self, student_logits, teacher_logits, labels=None):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         return kl_loss(student_logits, teacher_logits, self.temperature, self.reduction,
                        ignore_index=self.ignore_index, labels=labels, backend=self.backend)
 
@@ -268,13 +273,14 @@ class KLDivLoss(nn.Module):
 class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`; ``forward(s, t, labels, meter=None, teacher_meter=None)``."""
 
-    def __init__(self, temperature=4.0, alpha=0.9, divergence="kl", beta=0.5, ignore_index=-100,
-                 reduction="batchmean", backend=None):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
+                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None):
         super().__init__()
         self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
-    def forward(self, student_logits, teacher_logits, labels=None, meter=None, teacher_meter=None):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
+                meter: CalibrationMeter | None = None, teacher_meter: CalibrationMeter | None = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                        alpha=self.alpha, divergence=self.divergence, beta=self.beta,
                        ignore_index=self.ignore_index, reduction=self.reduction, meter=meter,

@@ -24,12 +24,12 @@ from __future__ import annotations
 import importlib
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._spec import KDSpec
-from .calibration import _check_labels
+from .calibration import CalibrationMeter, _check_labels
 from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _check_num_items,
                    _check_objective, _check_real, _grad_unit, _scaled_grads)
 
@@ -97,9 +97,12 @@ def _first_bad_teacher_row(ids, logprobs, n_cols):
     return row, problems[int(flags[:, row].nonzero()[0])][1]
 
 
-def sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *, temperature=4.0, alpha=0.9,
-                   divergence="kl", tail="bucket", ignore_index=-100, reduction="batchmean", meter=None,
-                   backend=None, validate_labels=True, num_items=None):
+def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                   labels: Tensor | None = None, *, temperature: float = 4.0, alpha: float = 0.9,
+                   divergence: str = "kl", tail: str = "bucket", ignore_index: int = -100,
+                   reduction: str = "batchmean", meter: CalibrationMeter | None = None,
+                   backend: str | None = None, validate_labels: bool = True,
+                   num_items: float | Tensor | None = None) -> Tensor:
     """``alpha T^2 D(teacher || student) + (1 - alpha) CE(student, labels)`` from a top-K teacher.
 
     ``teacher_ids`` ``(..., K)`` integer (-1 pads a row with fewer classes) and ``teacher_logprobs``
@@ -158,11 +161,12 @@ def sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *
 class SparseKDLoss(nn.Module):
     """Module form of :func:`sparse_kd_loss`."""
 
-    def __init__(self, temperature=4.0, alpha=0.9, tail="bucket", ignore_index=-100, reduction="batchmean",
-                 backend=None):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket", ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str | None = None):
         super().__init__()
         self.kw = dict(temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
                        reduction=reduction, backend=backend)
 
-    def forward(self, student_logits, teacher_ids, teacher_logprobs, labels=None, meter=None):
+    def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                labels: Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:
         return sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, meter=meter, **self.kw)

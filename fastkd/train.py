@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import distributed
 from .calibration import CalibrationMeter
@@ -183,6 +182,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
     teacher_val = predict(teacher, data, data.x_val) if teacher is not None else None  # fixed teacher
     stage_id = ("teacher", "student", "distilled").index(stage.split("-")[0])
     n = len(data.x_train)
+    from tqdm.auto import tqdm  # the study extra: `fastkd distill` checks it before any stage runs
+
     bar = tqdm(total=n * epochs, initial=n * state["epoch"], desc=stage, unit="img",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     for epoch in range(state["epoch"], epochs):

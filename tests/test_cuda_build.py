@@ -1,5 +1,6 @@
-"""The CUDA C++ backend compiles wherever a toolkit is (CI has CUDA 13.0 but no GPU), and says why
-it cannot run when it cannot."""
+"""The CUDA C++ backend finds its toolkit and says why it cannot run when it cannot. That it compiles
+wherever a toolkit is (CI has CUDA 13.0 but no GPU) is checked on the installed wheel's copy of
+the sources, in tests/test_packaging.py (one compile for the suite)."""
 import shutil
 
 import numpy as np
@@ -8,16 +9,6 @@ import torch
 
 import fastkd
 from fastkd import _cuda_build
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None and not _cuda_build.os.environ.get("CUDA_HOME"),
-                    reason="no CUDA toolkit on this machine")
-def test_extension_compiles_and_exposes_the_kernels(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a fresh build, not a cached one
-    _cuda_build.load.cache_clear()
-    ext = _cuda_build.load()
-    assert callable(ext.kd_forward) and callable(ext.scale_grad)
-    assert (_cuda_build.Path(_cuda_build.os.environ["CUDA_HOME"]) / "bin").is_dir()
 
 
 def test_toolkit_root_comes_from_nvcc_not_its_folder(monkeypatch):
