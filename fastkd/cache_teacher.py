@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
 
@@ -85,6 +84,8 @@ def validate(args):
 def write_classifier_rows(writer: TeacherCacheWriter, teacher, data, x: torch.Tensor, progress=True,
                           chunk: int = 4096):
     """The teacher's logits on ``x`` (as the study's distillation sees them), row by row into the cache."""
+    from tqdm.auto import tqdm  # the study extra, imported where used: `fastkd --version` needs the core only
+
     from .train import predict
 
     logits = predict(teacher, data, x)
@@ -167,6 +168,8 @@ def load_causal_lm(folder: Path, device, progress: bool):
 
 def cache_causal_lm(args) -> Path:
     """A causal LM's top-K at every position of every sequence of a token file."""
+    from tqdm.auto import tqdm
+
     from .train import _autocast, resolve_device
 
     device = torch.device(resolve_device(args.device))

@@ -1,6 +1,6 @@
-"""``fastkd distill``: the distillation study from the command line.
+"""``fastkd distill``: the distillation study from the command line (and ``fastkd cache-teacher``).
 
-Bad arguments end with one line on stderr and exit status 2, no traceback; a study run without
+Bad arguments end with one line on stderr and exit status 2, no traceback; a command run without
 the ``study`` extra installed ends with one line naming it, exit status 1.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ import sys
 from . import __version__
 from .train import StudyConfig
 
-# fastkd[study] by import name. Every run needs the first three (the report's among them, so they
-# are checked before training); torchvision is imported when CIFAR data or models load; the
-# study runs without tensorboard.
+# fastkd[study] by import name (the study runs without tensorboard). What every run of a command
+# needs is checked before it starts (the report's packages among them, not to fail after training);
+# the rest is named when its import fails (torchvision, when CIFAR data or models load).
 STUDY_PACKAGES = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib",
                   "torchvision": "torchvision"}
-EVERY_RUN = ("sklearn", "tqdm", "matplotlib")
+EVERY_RUN = {"distill": ("sklearn", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser):
@@ -98,40 +98,45 @@ def _validate_teacher_cache(cfg: StudyConfig):
                          f"got {cfg.divergence!r}")
 
 
-def missing_study_packages() -> list[str]:
-    """The packages of fastkd[study] that every run needs and this environment lacks."""
-    return [STUDY_PACKAGES[m] for m in EVERY_RUN if importlib.util.find_spec(m) is None]
+def missing_study_packages(command: str) -> list[str]:
+    """The packages of fastkd[study] that every run of ``command`` needs and this environment lacks."""
+    return [STUDY_PACKAGES[m] for m in EVERY_RUN[command] if importlib.util.find_spec(m) is None]
 
 
-def _no_study_extra(packages) -> int:
-    print(f'fastkd: error: the study needs {", ".join(packages)}, not installed: '
+def _no_study_extra(command: str, packages) -> int:
+    print(f'fastkd: error: {command} needs {", ".join(packages)}, not installed: '
           'pip install "fastkd[study]"', file=sys.stderr)
     return 1
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "cache-teacher":
-        from .cache_teacher import run
+    missing = missing_study_packages(args.command)
+    if missing:
+        return _no_study_extra(args.command, missing)
+    try:
+        if args.command == "cache-teacher":
+            from .cache_teacher import run
 
-        return run(args)
+            return run(args)
+        return distill(args)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").partition(".")[0]
+        if top not in STUDY_PACKAGES:
+            raise
+        return _no_study_extra(args.command, [STUDY_PACKAGES[top]])
+
+
+def distill(args) -> int:
     cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     try:
         validate(cfg)
-        missing = missing_study_packages()
-        if missing:
-            return _no_study_extra(missing)
         from .report import results_table
         from .study import run_study
 
         from . import distributed
 
         report = run_study(cfg)
-    except ModuleNotFoundError as e:  # torchvision, imported when CIFAR data or models load
-        top = (e.name or "").partition(".")[0]
-        if top not in STUDY_PACKAGES:
-            raise
-        return _no_study_extra([STUDY_PACKAGES[top]])
     except (ValueError, OSError) as e:  # DataError is a ValueError; a bad path an OSError
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2

@@ -264,7 +264,20 @@ def test_cli_names_the_extra_when_torchvision_is_missing(monkeypatch, capsys):
     monkeypatch.setattr(fastkd.study, "run_study", no_torchvision)
     assert main(["distill", "--dataset", "cifar10"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == 'fastkd: error: the study needs torchvision, not installed: pip install "fastkd[study]"'
+    assert line == 'fastkd: error: distill needs torchvision, not installed: pip install "fastkd[study]"'
+
+
+def test_cache_teacher_without_tqdm_names_the_extra_before_any_work(monkeypatch, capsys, tmp_path):
+    import fastkd.cache_teacher
+    from fastkd import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "tqdm"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(fastkd.cache_teacher, "run", lambda args: pytest.fail("ran without tqdm"))
+    assert cli.main(["cache-teacher", "--out", str(tmp_path / "cache"), "--k", "4"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == 'fastkd: error: cache-teacher needs tqdm, not installed: pip install "fastkd[study]"'
 
 
 @pytest.mark.slow
