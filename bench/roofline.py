@@ -491,7 +491,12 @@ def model_cuda(cases: list[Case]) -> list[dict]:
         return []
     rows = []
     for case in cases:
-        kernels = [model_cuda_launch(binary, launch) for launch in cuda_launches(case)]
+        try:
+            kernels = [model_cuda_launch(binary, launch) for launch in cuda_launches(case)]
+        except RuntimeError as e:  # the kernel changed under the mirrored launch rules
+            print(f"the CUDA C++ backend is not modelled: {e}; kernels/cuda_sass_count.py counts the "
+                  "rewritten kernel", file=sys.stderr)
+            return []
         per_row = "block" if kernels[0].name.endswith("true>") else "warp"
         rows.append(summarise(case, "cuda", kernels, f"{per_row} per row, {kernels[0].sweeps} sweeps"))
     return rows

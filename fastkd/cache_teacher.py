@@ -25,6 +25,13 @@ import torch
 
 from .teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
 
+
+def _progress(**kwargs):
+    """A tqdm bar; tqdm is a study extra, imported here so that the CLI parser imports with the core."""
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
 SPLITS = ("train", "val", "test")
 STUDY_OPTIONS = ("dataset", "data_dir", "teacher", "teacher_ckpt", "teacher_epochs", "seed", "split")
 
@@ -89,7 +96,7 @@ def write_classifier_rows(writer: TeacherCacheWriter, teacher, data, x: torch.Te
     from .train import predict
 
     logits = predict(teacher, data, x)
-    with tqdm(total=len(x), desc="teacher cache", unit="row", disable=not progress) as bar:
+    with _progress(total=len(x), desc="teacher cache", unit="row", disable=not progress) as bar:
         for part in logits.split(chunk):
             writer.add_logits(part)
             bar.update(len(part))
@@ -187,7 +194,7 @@ def cache_causal_lm(args) -> Path:
     with TeacherCacheWriter(args.out, k=args.k, vocab=vocab, row_shape=(positions,), rows=rows,
                             dtype=args.dtype, inputs_sha256=fingerprint(tokens), source=source,
                             overwrite=args.overwrite) as w, \
-            tqdm(total=rows, desc="teacher cache", unit="seq", disable=not args.progress) as bar:
+            _progress(total=rows, desc="teacher cache", unit="seq", disable=not args.progress) as bar:
         for lo in range(0, rows, args.batch_size):
             ids = torch.from_numpy(np.array(tokens[lo:lo + args.batch_size], dtype=np.int64)).to(device)
             with torch.inference_mode(), _autocast(device):

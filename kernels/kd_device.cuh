@@ -1,6 +1,6 @@
 // fastkd's fused KD loss on the device: the same contract as fastkd/_triton_kd.py, written for
 // instruction economy. Device code only (CUDA headers, no torch), so that a counting build can
-// compile one variant with its flags fixed (FASTKD_FIXED_*; see kernels/sass_count.py).
+// compile one variant with its flags fixed (FASTKD_FIXED_*; see kernels/cuda_sass_count.py).
 //
 // The story of a row. Each row is split into parts held in registers by a group of threads: a
 // few lanes of a warp for short rows, several warps, or (Hopper) the CTAs of a thread-block
@@ -103,7 +103,7 @@ __device__ __forceinline__ int vec_of(const Params& p) { return p.vec; }
 __device__ __forceinline__ int cluster_of(const Params& p) { return p.cluster; }
 #endif
 
-// The counting build (kernels/sass_count.py) counts the common path: it tells the compiler that the
+// The counting build (kernels/cuda_sass_count.py) counts the common path: it tells the compiler that the
 // rare cases named with this do not happen. The launcher never defines FASTKD_COUNTING.
 #ifdef FASTKD_COUNTING
 #define FASTKD_COMMON_CASE(cond) \

@@ -9,9 +9,9 @@ instructions of the per-tile loop once, inner loops times their trip counts (the
 sweeps), summed over the CTA's warps; per element = that * 32 / the elements a CTA handles per
 tile. Code once per CTA (prologue, final flush) is left out: the grid is persistent.
 
-    python kernels/sass_count.py --rows 262144 --cols 10 --dtype float32
-    python kernels/sass_count.py --rows 4096 --cols 128256 --dtype bfloat16 --variant kd_meter
-    python kernels/sass_count.py --table      # the five DESIGN shapes, markdown
+    python kernels/cuda_sass_count.py --rows 262144 --cols 10 --dtype float32
+    python kernels/cuda_sass_count.py --rows 4096 --cols 128256 --dtype bfloat16 --variant kd_meter
+    python kernels/cuda_sass_count.py --table      # the five DESIGN shapes, markdown
 """
 from __future__ import annotations
 
