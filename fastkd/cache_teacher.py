@@ -91,8 +91,6 @@ def validate(args):
 def write_classifier_rows(writer: TeacherCacheWriter, teacher, data, x: torch.Tensor, progress=True,
                           chunk: int = 4096):
     """The teacher's logits on ``x`` (as the study's distillation sees them), row by row into the cache."""
-    from tqdm.auto import tqdm  # the study extra, imported where used: `fastkd --version` needs the core only
-
     from .train import predict
 
     logits = predict(teacher, data, x)
@@ -175,8 +173,6 @@ def load_causal_lm(folder: Path, device, progress: bool):
 
 def cache_causal_lm(args) -> Path:
     """A causal LM's top-K at every position of every sequence of a token file."""
-    from tqdm.auto import tqdm
-
     from .train import _autocast, resolve_device
 
     device = torch.device(resolve_device(args.device))
