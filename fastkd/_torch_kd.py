@@ -43,6 +43,13 @@ def _divergence(la, lb, spec: KDSpec, grad_t: bool):
     return b * d_t + (1 - b) * d_s, (1 - b) * _masked(ps, ref_s - d_s), gb
 
 
+def _row_scale(row_count, dtype, device):
+    """1 / rows that count as a 0-d tensor: from the device's count, or the host's."""
+    if torch.is_tensor(row_count):
+        return 1.0 / row_count.clamp(min=1).to(dtype).reshape(())
+    return torch.full((), inv_count_on_host(row_count), dtype=dtype, device=device)
+
+
 INPLACE_BACKWARD = False  # scale_grad allocates; backward may run again
 
 
@@ -59,10 +66,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     loss = torch.empty(n, dtype=cd, device=s.device)
     gs = torch.empty_like(s) if grad_s else None
     gt = torch.empty_like(t) if grad_t else None
-    if torch.is_tensor(row_count):
-        scale = 1.0 / row_count.clamp(min=1).to(cd).reshape(())
-    else:
-        scale = torch.full((), inv_count_on_host(row_count), dtype=cd, device=s.device)
+    scale = _row_scale(row_count, cd, s.device)
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -143,8 +147,7 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
     cd = _compute_dtype(s, lp)
     loss = torch.empty(n, dtype=cd, device=s.device)
     gs = torch.empty_like(s) if grad_s else None
-    scale = (1.0 / row_count.clamp(min=1).to(cd).reshape(())) if torch.is_tensor(row_count) else \
-        torch.full((), inv_count_on_host(row_count), dtype=cd, device=s.device)
+    scale = _row_scale(row_count, cd, s.device)
     kd_g = spec.kd_scale * spec.inv_temperature
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
 from .calibration import _check_labels
-from .loss import _backward_factor, _check_logits, _check_objective, _check_real
+from .loss import _backward_factor, _check_logits, _check_objective, _check_real, _row_count
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
@@ -204,9 +204,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
     n = hs.shape[0]
     lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    row_count = 1
-    if reduction != "sum":
-        row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else n
+    row_count = _row_count(lab, ignore_index, reduction, n, hs.device)
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
     spec = _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
@@ -246,9 +244,7 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
         ids = teacher_ids.reshape(-1, k).to(torch.int64).contiguous()
         lp = teacher_logprobs.reshape(-1, k).contiguous()
         lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-        row_count = 1
-        if reduction != "sum":
-            row_count = (lab != ignore_index).sum().reshape(1) if lab is not None else hs.shape[0]
+        row_count = _row_count(lab, ignore_index, reduction, hs.shape[0], hs.device)
         spec = _linear_spec(temperature, alpha, "kl", 0.5, ignore_index, reduction, v, (hidden.dtype,))
         sparse = (importlib.import_module(SPARSE_KERNELS[impl.__name__]), tail == "bucket")
         return _FusedLinearKD.apply(hs, weight, bias, ids, lp, None, lab, row_count, spec, impl, chunk, sparse)

@@ -167,11 +167,7 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     # the Triton kernel reads (B, T, C) views such as logits[:, :-1] in place (two row strides)
     s2, t2 = _rows(s, t, in_place_3d=backend_name == "triton" and not compiling)
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    row_count = 1  # rows divide by this; summed on the device when labels decide it (no host sync)
-    if num_items is not None:
-        row_count = _check_num_items(num_items, reduction, s.device)
-    elif reduction in ("batchmean", "mean"):
-        row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
+    row_count = _row_count(labels2, ignore_index, reduction, s2.numel() // c, s.device, num_items)
     kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta, ignore_index,
                   _grad_unit(kd_scale / temperature, ce_weight, divergence, (s.dtype, t.dtype)))
@@ -200,6 +196,16 @@ def _rows(s, t, in_place_3d: bool):
     if rows[0].dim() != rows[1].dim():  # one of them is 3-D: hand both over as (B, T, C)
         rows = [x if x.dim() == 3 else x.view(s.shape) for x in rows]
     return rows
+
+
+def _row_count(labels, ignore_index, reduction, n_rows, device, num_items=None):
+    """What the rows are divided by: 1 for "sum" / "none", the caller's ``num_items``, else the rows
+    that count — summed on the device when labels decide it (no host sync)."""
+    if num_items is not None:
+        return _check_num_items(num_items, reduction, device)
+    if reduction not in ("batchmean", "mean"):
+        return 1
+    return (labels != ignore_index).sum().reshape(1) if labels is not None else n_rows
 
 
 def _check_num_items(num_items, reduction, device):

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from . import backends
 from ._spec import KDSpec
 from .calibration import CalibrationMeter, _check_labels
-from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _check_num_items,
+from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _row_count,
                    _check_objective, _check_real, _grad_unit, _scaled_grads)
 
 TAILS = ("bucket", "renormalize")
@@ -145,11 +145,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     ids2 = teacher_ids.reshape(-1, k).to(torch.int64).contiguous()
     lp2 = teacher_logprobs.reshape(-1, k).contiguous()
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    row_count = 1
-    if num_items is not None:
-        row_count = _check_num_items(num_items, reduction, s.device)
-    elif reduction in ("batchmean", "mean"):
-        row_count = (labels2 != ignore_index).sum().reshape(1) if labels2 is not None else s2.shape[0]
+    row_count = _row_count(labels2, ignore_index, reduction, s2.shape[0], s.device, num_items)
     kd_scale = alpha * temperature**2 / (c if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, 0, 0.5, ignore_index,
                   _grad_unit(kd_scale / temperature, 1.0 - alpha, divergence, (s.dtype,)))

@@ -428,3 +428,10 @@ def test_sliced_token_views_are_read_in_place(backend, gen, monkeypatch):
     kd_objective(s64[:, :-1], t.double(), labels, 2.0, 0.6).backward()
     close(out, kd_objective(s.detach().double(), t.double(), labels, 2.0, 0.6), 1e-5)
     close(s_full.grad, s64.grad, 1e-5)
+
+
+def test_sliced_token_views_without_labels_divide_by_every_token(gen):
+    """batchmean over a (B, T, V) view read in place divides by B·T rows, not B."""
+    s, t = randn((3, 9, 40), gen)[:, :-1], randn((3, 9, 40), gen)[:, 1:]
+    out = fastkd.kl_loss(s, t, temperature=2.0, backend="triton")
+    close(out, kd_objective(s.double(), t.double(), None, 2.0, 1.0, t_squared=False), 1e-5)
