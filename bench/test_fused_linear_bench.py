@@ -1,4 +1,5 @@
-"""Fused linear distillation against the materialised recipe (eager, compiled) and Liger's fused
+"""Fused linear distillation (with and without the calibration meter) against the materialised recipe
+(eager, compiled) and Liger's fused
 linear JSD when it imports: time and peak memory of forward+backward."""
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def materialised(hs, ws, ht, wt, labels):
 
 
 def providers():
-    out = {"fastkd-torch": "torch", "materialised-eager": materialised}
+    out = {"fastkd-torch": "torch", "fastkd-torch+meter": "torch", "materialised-eager": materialised}
     if ON_GPU:
-        out["fastkd-triton"] = "triton"
+        out["fastkd-triton"] = out["fastkd-triton+meter"] = "triton"
         out["materialised-compiled"] = torch.compile(materialised)
         try:  # Liger's chunked loss for the JSD objective (the closest it has)
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -50,11 +51,14 @@ def test_fused_linear(benchmark, provider):
     labels = torch.randint(0, VOCAB, (ROWS,), device=DEVICE, generator=g)
     fn = PROVIDERS[provider]
 
+    meter = fastkd.CalibrationMeter() if provider.endswith("+meter") else None  # the student's, per token
+
     def step():
         hs.grad = ws.grad = None
         if isinstance(fn, str):
             loss = fastkd.fused_linear_kd_loss(hs, ws, ht, wt, labels, temperature=T, alpha=ALPHA,
-                                               divergence="jsd" if "jsd" in provider else "kl", backend=fn)
+                                               divergence="jsd" if "jsd" in provider else "kl", backend=fn,
+                                               meter=meter)
         else:
             loss = fn(hs, ws, ht, wt, labels)
         loss.backward()

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
-from .calibration import _check_labels
-from .loss import _backward_factor, _check_logits, _check_objective, _check_real, _row_count
+from .calibration import CalibrationMeter, _check_labels
+from .loss import _backward_factor, _check_logits, _check_meters, _check_objective, _check_real, _row_count
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
@@ -84,13 +84,16 @@ def _match_vocab(t, v_s):
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_count, spec, impl, chunk, sparse=None):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, row_count, spec, impl, chunk, sparse, meters, entropy):
         """``sparse``: None (a dense teacher h_t W_t^T + b_t), or (kernel, bucket) with the teacher's
-        top-K ids in ``ht`` and log-probabilities in ``wt`` (no teacher gradient)."""
+        top-K ids in ``ht`` and log-probabilities in ``wt`` (no teacher gradient). ``meters``:
+        (student meter, teacher meter), each None or a CalibrationMeter fed by every chunk.
+        ``entropy``: also return the sum of the student's entropies (else an empty tensor)."""
         need = ctx.needs_input_grad
         grad_s, grad_t = any(need[0:3]), sparse is None and any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], (wt.shape[0] if sparse is None else 0)
         loss = torch.zeros((), dtype=torch.float32, device=hs.device)
+        entropy_sum = torch.zeros((), dtype=torch.float32, device=hs.device) if entropy else hs.new_empty(0)
         deferred = not spec.row_scaled_grad  # fp16: hidden-state gradients kept in fp32 until the end
         g_hs = (torch.empty(hs.shape, dtype=torch.float32, device=hs.device) if deferred else torch.empty_like(hs)) \
             if need[0] else None
@@ -107,13 +110,15 @@ class _FusedLinearKD(torch.autograd.Function):
             lab = labels[lo:hi] if labels is not None else None
             if sparse is None:
                 t = _match_vocab(_logits(h_t, wt, bt), v_s)
-                chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, grad_s, grad_t, None, None,
+                chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, grad_s, grad_t, *meters,
                                                        reduce=True)
             else:
                 kernel, bucket = sparse
                 chunk_loss, d_s = kernel.sparse_kd_forward(s, h_t, wt[lo:hi], lab, row_count, spec, bucket, grad_s,
-                                                           None, reduce=True)
+                                                           meters[0], reduce=True)
             loss += chunk_loss
+            if entropy:
+                entropy_sum += _entropy(s, spec).sum()
             if grad_s:
                 _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
@@ -127,13 +132,46 @@ class _FusedLinearKD(torch.autograd.Function):
                     g.mul_(factor)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
-        return loss  # rows come scaled by 1 / row_count
+        ctx.mark_non_differentiable(entropy_sum)
+        return loss, entropy_sum  # rows come scaled by 1 / row_count
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _):
         go = grad_output.float()
         out = [None if g is None else (g.float() * go).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
+
+
+def _entropy(s, spec: KDSpec):
+    """Per row, the entropy (nats) of the student's distribution that the divergence compares,
+    softmax(s / T); one extra read of the chunk's logits, only when asked for."""
+    return torch.special.entr((s.float() * spec.inv_temperature).softmax(-1)).sum(-1)
+
+
+def _full(x):
+    """A DTensor (an FSDP2-sharded or tensor-parallel head) as one plain tensor, gathered once per
+    call, not per chunk; differentiable (the gradient returns to the shards). Others unchanged."""
+    if isinstance(x, torch.Tensor) and torch.distributed.is_available():
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch < 2.5
+            from torch.distributed._tensor import DTensor
+        if isinstance(x, DTensor):
+            return x.full_tensor()
+    return x
+
+
+def _labelled_rows(labels, ignore_index, *rows):
+    """Only the rows that count are projected: ``labels`` and the row tensors restricted to the rows
+    not labelled ``ignore_index`` (differentiable gathers; their backward puts zeros in the others).
+    One host synchronisation; nothing copied when every row counts."""
+    if labels is None:
+        return labels, rows
+    keep = (labels != ignore_index).nonzero().squeeze(1)
+    if keep.numel() == labels.numel():
+        return labels, rows
+    return labels[keep], tuple(x.index_select(0, keep) for x in rows)
+
 
 
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -141,21 +179,34 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                          student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
                          temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl",
                          beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean",
-                         chunk_size: int | None = None, backend: str | None = None) -> Tensor:
+                         chunk_size: int | None = None, backend: str | None = None,
+                         num_items: float | Tensor | None = None, meter: CalibrationMeter | None = None,
+                         teacher_meter: CalibrationMeter | None = None,
+                         return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``kd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, labels, ...)`` without materialising the logits.
 
     Hidden states ``(..., H)`` (student and teacher may have different H), weights ``(V, H)``.
     Reductions "batchmean", "sum" and "mean" ("none" would need a weight gradient per row: use
     :func:`fastkd.kd_loss` on materialised logits for that). Under ``torch.autocast`` the inputs are
     cast to its dtype as ``F.linear``'s would be (fp32 weights, bf16 hidden states: fine).
+
+    Only the rows whose label is not ``ignore_index`` are projected. Weights that are DTensors
+    (FSDP2, tensor parallel) are gathered once per call. ``num_items``: as in :func:`kd_loss`
+    (gradient accumulation). ``meter`` / ``teacher_meter``: the calibration statistics of the
+    student's / teacher's logits at T = 1, per labelled row, from the chunks the loss computes
+    anyway (the teacher's over the student's classes, as the loss compares them).
+    ``return_entropy``: return ``(loss, entropy_sum)``, the second the sum over the rows that
+    count of the entropy (nats) of the student's softmax(s / T), detached: a training metric.
     """
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    args = _follow_autocast(device_type, student_hidden, student_weight, student_bias, teacher_hidden,
-                            teacher_weight, teacher_bias)
+    args = _follow_autocast(device_type, student_hidden, _full(student_weight), _full(student_bias), teacher_hidden,
+                            _full(teacher_weight), _full(teacher_bias))
     with torch.autocast(device_type, enabled=False):
-        return _fused_linear(*args, labels, temperature=temperature, alpha=alpha, divergence=divergence,
-                             beta=beta, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                             backend=backend)
+        loss, entropy_sum = _fused_linear(
+            *args, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+            ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
+            num_items=num_items, meters=(meter, teacher_meter), entropy=return_entropy)
+    return (loss, entropy_sum) if return_entropy else loss
 
 
 def _follow_autocast(device_type, *tensors):
@@ -175,6 +226,12 @@ def _check_chunk(chunk_size):
     return chunk_size
 
 
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes) -> KDSpec:
     kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
     # fp16: the kernel's gradient is kept unit-scaled (<= 1) for the GEMMs, the row scale applied in fp32
@@ -183,8 +240,19 @@ def _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, 
                   grad_unit)
 
 
+def _counted_rows(labels, ignore_index, reduction, num_items, *tensors):
+    """(labels, row tensors, row_count): the tensors flattened to rows (N, ·) and restricted to the
+    rows that count (only those are projected), and what the loss divides by."""
+    lab = labels.reshape(-1).to(torch.int64) if labels is not None else None
+    lab, rows = _labelled_rows(lab, ignore_index, *(x.reshape(-1, x.shape[-1]) for x in tensors))
+    rows = tuple(x.contiguous() for x in rows)
+    row_count = _row_count(None, ignore_index, reduction, rows[0].shape[0], rows[0].device, num_items)
+    return (lab.contiguous() if lab is not None else None), rows, row_count
+
+
 def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                  labels, *, temperature, alpha, divergence, beta, ignore_index, reduction, chunk_size, backend):
+                  labels, *, temperature, alpha, divergence, beta, ignore_index, reduction, chunk_size, backend,
+                  num_items, meters, entropy):
     _check_linear(student_hidden, student_weight, student_bias, "student")
     _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
@@ -197,18 +265,17 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     if labels is not None:
         _check_labels(labels, student_hidden.shape[:-1], v_s, ignore_index)
     _check_chunk(chunk_size)
+    _check_meters(*meters, labels, student_hidden.device)
+    _check_flag(entropy, "return_entropy")
     dtypes = (student_hidden.dtype, teacher_hidden.dtype)
     impl = backends.resolve(backend, student_hidden.device, dtypes)
 
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).contiguous()
-    n = hs.shape[0]
-    lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-    row_count = _row_count(lab, ignore_index, reduction, n, hs.device)
+    lab, (hs, ht), row_count = _counted_rows(labels, ignore_index, reduction, num_items, student_hidden,
+                                              teacher_hidden)
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
     spec = _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
-                                row_count, spec, impl, chunk)
+                                row_count, spec, impl, chunk, None, meters, entropy)
 
 
 def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor,
@@ -216,13 +283,17 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
                                 student_bias: Tensor | None = None, temperature: float = 4.0, alpha: float = 0.9,
                                 tail: str = "bucket", ignore_index: int = -100, reduction: str = "batchmean",
                                 chunk_size: int | None = None, backend: str | None = None,
-                                validate_labels: bool = True) -> Tensor:
+                                validate_labels: bool = True, num_items: float | Tensor | None = None,
+                                meter: CalibrationMeter | None = None,
+                                return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
     cache or a serving engine). Peak memory: one chunk of student logits and its gradient
-    (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights)."""
+    (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights).
+    ``num_items``, ``meter``, ``return_entropy`` and the projected rows: as in
+    :func:`fused_linear_kd_loss`."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    hidden, weight, bias = _follow_autocast(device_type, student_hidden, student_weight, student_bias)
+    hidden, weight, bias = _follow_autocast(device_type, student_hidden, _full(student_weight), _full(student_bias))
     with torch.autocast(device_type, enabled=False):
         _check_linear(hidden, weight, bias, "student")
         v = weight.shape[0]
@@ -235,19 +306,19 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
         if labels is not None:
             _check_labels(labels, hidden.shape[:-1], v, ignore_index, check_range=validate_labels)
         chunk = _check_chunk(chunk_size) or max(1, CHUNK_LOGITS // v)
+        _check_meters(meter, None, labels, hidden.device)
+        _check_flag(return_entropy, "return_entropy")
         name = backends.resolve_name(backend, hidden.device, (hidden.dtype,))
         impl = backends.module(name)
         if impl.__name__ not in SPARSE_KERNELS:
             raise ValueError(f"backend {name!r} has no sparse-teacher kernel; use backend='triton' or 'torch'")
-        k = teacher_ids.shape[-1]
-        hs = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-        ids = teacher_ids.reshape(-1, k).to(torch.int64).contiguous()
-        lp = teacher_logprobs.reshape(-1, k).contiguous()
-        lab = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
-        row_count = _row_count(lab, ignore_index, reduction, hs.shape[0], hs.device)
+        lab, (hs, ids, lp), row_count = _counted_rows(labels, ignore_index, reduction, num_items, hidden,
+                                                       teacher_ids.to(torch.int64), teacher_logprobs)
         spec = _linear_spec(temperature, alpha, "kl", 0.5, ignore_index, reduction, v, (hidden.dtype,))
         sparse = (importlib.import_module(SPARSE_KERNELS[impl.__name__]), tail == "bucket")
-        return _FusedLinearKD.apply(hs, weight, bias, ids, lp, None, lab, row_count, spec, impl, chunk, sparse)
+        loss, entropy_sum = _FusedLinearKD.apply(hs, weight, bias, ids, lp, None, lab, row_count, spec, impl, chunk,
+                                                 sparse, (meter, None), return_entropy)
+    return (loss, entropy_sum) if return_entropy else loss
 
 
 class FusedLinearKDLoss(nn.Module):
@@ -263,6 +334,8 @@ class FusedLinearKDLoss(nn.Module):
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Tensor | None = None, student_bias: Tensor | None = None,
-                teacher_bias: Tensor | None = None) -> Tensor:
+                teacher_bias: Tensor | None = None, *, num_items: float | Tensor | None = None,
+                meter: CalibrationMeter | None = None, teacher_meter: CalibrationMeter | None = None) -> Tensor:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                    student_bias=student_bias, teacher_bias=teacher_bias, **self.kw)
+                                    student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
+                                    meter=meter, teacher_meter=teacher_meter, **self.kw)

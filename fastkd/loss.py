@@ -81,6 +81,15 @@ def _check_meter(meter, name, device):
     meter._state_on(device)  # raises if it already holds statistics on another device
 
 
+def _check_meters(meter, teacher_meter, labels, device):
+    for m, name in ((meter, "meter"), (teacher_meter, "teacher_meter")):
+        _check_meter(m, name, device)
+        if m is not None and labels is None:
+            raise ValueError(f"{name} needs labels (calibration compares predictions with them)")
+    if meter is not None and teacher_meter is not None and meter.num_bins != teacher_meter.num_bins:
+        raise ValueError("meter and teacher_meter must have the same num_bins")
+
+
 def _grad_unit(kd_g, ce_scale, divergence, dtypes) -> float:
     """KDSpec.grad_unit. fp16 gradients are saved without the row scale, so that the forward does
     not round them before a loss scaler's 2^16 is known, and high in fp16's range: an entry of
@@ -156,12 +165,7 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
         _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels and not compiling)
         if labels.device != s.device:
             raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
-    for m, name in ((meter, "meter"), (teacher_meter, "teacher_meter")):
-        _check_meter(m, name, s.device)
-        if m is not None and labels is None:
-            raise ValueError(f"{name} needs labels (calibration compares predictions with them)")
-    if meter is not None and teacher_meter is not None and meter.num_bins != teacher_meter.num_bins:
-        raise ValueError("meter and teacher_meter must have the same num_bins")
+    _check_meters(meter, teacher_meter, labels, s.device)
     backend_name = backends.resolve_name(backend, s.device, (s.dtype, t.dtype))
 
     # the Triton kernel reads (B, T, C) views such as logits[:, :-1] in place (two row strides)
