@@ -1,6 +1,11 @@
 """Fused linear distillation (with and without the calibration meter) against the materialised recipe
-(eager, compiled) and Liger's fused
-linear JSD when it imports: time and peak memory of forward+backward."""
+(eager, compiled), Liger's fused linear JSD when it imports, and TRL's chunked divergence when TRL
+imports: time and peak memory of forward+backward.
+
+TRL's loss is the divergence alone (no cross-entropy, no T^2): "trl-chunked-kl" (TRL's
+``_chunked_divergence_loss``, forward KL) is timed beside "fastkd-<backend>-trl-kl", the same objective
+through fastkd (``fastkd.integrations.trl.chunked_divergence_loss``, what ``FastKDDistillationTrainer``
+runs); the other rows compute KD + CE, so compare those two with each other."""
 from __future__ import annotations
 
 import pytest
@@ -35,6 +40,20 @@ def providers():
             out["liger-fused-jsd"] = lambda hs, ws, ht, wt, labels: jsd(hs, ws, ht, wt, labels)
         except Exception:
             pass
+    try:  # TRL's DistillationTrainer loss, and fastkd's in its place
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        from fastkd.integrations.trl import chunked_divergence_loss
+    except ImportError:
+        return out
+
+    def as_trl(fn, **kwargs):  # every row counts (mask of ones); TRL's KL at T, no CE
+        return lambda hs, ws, ht, wt, labels: fn(hs, ht, ws, wt, torch.ones_like(labels), 0.0, temperature=T,
+                                                 **kwargs)[0]
+
+    out["trl-chunked-kl"] = as_trl(_chunked_divergence_loss)
+    for backend in ("torch", "triton") if ON_GPU else ("torch",):
+        out[f"fastkd-{backend}-trl-kl"] = as_trl(chunked_divergence_loss, backend=backend)
     return out
 
 

@@ -1,0 +1,142 @@
+"""TRL's ``DistillationTrainer`` with its loss computed by :func:`fastkd.fused_linear_kd_loss`.
+
+One line: ``from fastkd.integrations.trl import FastKDDistillationTrainer as DistillationTrainer``
+(or use the name as it is); every argument, config field and logged metric is TRL's.
+
+A subclass, not a patch of TRL. TRL's ``DistillationTrainer._compute_loss`` runs the two backbones,
+reads the heads, resolves each model's logit scale and softcap from its config (``logit_scale``,
+``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``, ``final_logit_softcapping``: a
+table that grows with each model family) and then calls its module-level function
+``_chunked_divergence_loss``. Copying that method would freeze that table at one TRL version; so the
+subclass keeps TRL's method and puts :func:`chunked_divergence_loss` (same signature, same return)
+in the place of that one call, for the duration of its own ``_compute_loss`` only. Other
+``DistillationTrainer`` objects in the process keep TRL's loss (two trainers stepping at the same
+time in two threads of one process would see each other's choice: train them in processes).
+
+TRL's objective, mapped exactly: with the same hidden states, heads, mask and temperature,
+TRL's per-token divergence D (``beta`` = 0: KL(p_t || p_s); 1: KL(p_s || p_t); else the generalized
+JSD ``beta KL(p_t || M) + (1 - beta) KL(p_s || M)``, ``M = beta p_t + (1 - beta) p_s``, which is
+fastkd's ``divergence="jsd"`` with the same ``beta``) summed over the completion tokens and divided by
+their count or by ``num_items_in_batch``, equals ``fused_linear_kd_loss(..., alpha=1) / T^2`` (fastkd
+weighs the divergence by T^2 as Hinton's recipe does; TRL does not). The mask becomes labels
+(``ignore_index`` where it is 0), which with ``alpha=1`` only select the rows.
+
+Calibration meters are not wired in: TRL's completions are sampled from the student itself, so the
+student's "accuracy" on them measures agreement with its own samples, calibrated by construction.
+Call :func:`fastkd.fused_linear_kd_loss` with ``meter=`` where the labels are data.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+try:
+    from trl.trainer import distillation_trainer as _trl
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError("fastkd.integrations.trl needs TRL: pip install 'fastkd[trl]'") from exc
+
+from ..fused_linear import fused_linear_kd_loss
+
+IGNORE_INDEX = -100
+_TRL_NAME = "_chunked_divergence_loss"  # the module-level function DistillationTrainer._compute_loss calls
+
+
+def trl_divergence(beta: float) -> tuple[str, float]:
+    """TRL's ``beta`` as fastkd's ``(divergence, beta)``."""
+    if beta == 0.0:
+        return "kl", 0.5
+    if beta == 1.0:
+        return "reverse_kl", 0.5
+    return "jsd", float(beta)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+def chunked_divergence_loss(
+    student_hidden_states: torch.Tensor,
+    teacher_hidden_states: torch.Tensor,
+    student_lm_head_weight: torch.Tensor,
+    teacher_lm_head_weight: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_lm_head_bias: torch.Tensor | None = None,
+    teacher_lm_head_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    temperature: float = 1.0,
+    *,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL 1.16's ``_chunked_divergence_loss`` (same arguments, same ``(loss, entropy_sum, n_valid)``)
+    computed by :func:`fastkd.fused_linear_kd_loss`.
+
+    Hidden states ``(B, K, H)`` (the teacher's H may differ), heads ``(V, H)``, ``completion_mask``
+    ``(B, K)`` (nonzero = counted). ``loss`` = the summed divergence / ``num_items_in_batch`` (a number
+    or a one-element tensor) or / the counted tokens; ``entropy_sum`` = the student's entropy in nats
+    of softmax(z / T) summed over the counted tokens (detached); ``n_valid`` = the counted tokens.
+    Logits are transformed as TRL does: ``z = softcap tanh(scale x / softcap)`` (or ``scale x``), then
+    divided by T. Weights are cast to the hidden states' compute dtype as TRL casts them.
+    ``backend`` / ``chunk_size``: fastkd's.
+    """
+    divergence, jsd_beta = trl_divergence(beta)
+    valid = completion_mask.to(student_hidden_states.device) != 0
+    labels = torch.where(valid, 0, IGNORE_INDEX).reshape(student_hidden_states.shape[:-1])
+    s_dtype, t_dtype = _compute_dtype(student_hidden_states), _compute_dtype(teacher_hidden_states)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(student_hidden_states.device)
+    loss, entropy_sum = fused_linear_kd_loss(
+        student_hidden_states.to(s_dtype), student_lm_head_weight.to(s_dtype),
+        teacher_hidden_states.to(t_dtype), teacher_lm_head_weight.to(t_dtype), labels,
+        student_bias=student_lm_head_bias, teacher_bias=teacher_lm_head_bias,
+        temperature=temperature, alpha=1.0, divergence=divergence, beta=jsd_beta, ignore_index=IGNORE_INDEX,
+        reduction="batchmean", num_items=num_items_in_batch, return_entropy=True, backend=backend,
+        chunk_size=chunk_size, **{k: v for k, v in dict(
+            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_final_logit_softcapping,
+            teacher_softcap=teacher_final_logit_softcapping).items() if v is not None and v != 1.0})
+    return loss / temperature**2, entropy_sum, completion_mask.reshape(-1).ne(0).sum()
+
+
+def _check_trl_seam():
+    """The TRL function replaced must take the arguments this module's takes, in the same order."""
+    theirs = getattr(_trl, _TRL_NAME, None)
+    ours = [p.name for p in inspect.signature(chunked_divergence_loss).parameters.values()
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    found = None if theirs is None else list(inspect.signature(theirs).parameters)
+    if found != ours:
+        import trl
+
+        raise RuntimeError(f"fastkd.integrations.trl mirrors TRL 1.16's {_TRL_NAME}{tuple(ours)}, but TRL "
+                           f"{trl.__version__} has " + (f"{_TRL_NAME}{tuple(found)}" if found else "no such function")
+                           + ": use TRL's DistillationTrainer, or a TRL version this fastkd was tested with")
+
+
+class FastKDDistillationTrainer(_trl.DistillationTrainer):
+    """TRL's ``DistillationTrainer`` whose loss is :func:`fastkd.fused_linear_kd_loss`.
+
+    Takes TRL's arguments, plus ``fastkd_backend`` (None = ``FASTKD_BACKEND`` or auto: Triton on CUDA)
+    and ``fastkd_chunk_size`` (rows per chunk; None = about 32M logits per chunk and side).
+    """
+
+    def __init__(self, *args, fastkd_backend: str | None = None, fastkd_chunk_size: int | None = None, **kwargs):
+        _check_trl_seam()
+        super().__init__(*args, **kwargs)
+        self.fastkd_loss = functools.partial(chunked_divergence_loss, backend=fastkd_backend,
+                                             chunk_size=fastkd_chunk_size)
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        trl_loss = getattr(_trl, _TRL_NAME)
+        setattr(_trl, _TRL_NAME, self.fastkd_loss)
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            setattr(_trl, _TRL_NAME, trl_loss)
