@@ -520,10 +520,24 @@ def max_pending_load_bytes(fn: Function, spans: Optional[list[tuple[int, int]]] 
 # Triton loops: the trip count of the Python ``for`` a SASS loop came from
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def this_checkout(path: str) -> Path:
+    """A kernel source named by a cubin's line info, in this checkout: Triton's cache is keyed by the
+    source's content, so a cached cubin may name the same file in another (even deleted) checkout."""
+    parts = Path(path).parts
+    if "fastkd" in parts:
+        local = CHECKOUT.joinpath(*parts[len(parts) - 1 - parts[::-1].index("fastkd"):])
+        if local.is_file():
+            return local
+    return Path(path)
+
+
 @functools.lru_cache(maxsize=None)
 def python_for_loops(path: str) -> list[ast.For]:
     try:
-        tree = ast.parse(Path(path).read_text())
+        tree = ast.parse(this_checkout(path).read_text())
     except (OSError, SyntaxError):
         return []
     return [n for n in ast.walk(tree) if isinstance(n, ast.For)]

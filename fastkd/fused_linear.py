@@ -182,7 +182,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                          chunk_size: int | None = None, backend: str | None = None,
                          num_items: float | Tensor | None = None, meter: CalibrationMeter | None = None,
                          teacher_meter: CalibrationMeter | None = None,
-                         return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                         return_entropy: bool = False, group=None) -> Tensor | tuple[Tensor, Tensor]:
     """``kd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, labels, ...)`` without materialising the logits.
 
     Hidden states ``(..., H)`` (student and teacher may have different H), weights ``(V, H)``.
@@ -197,7 +197,17 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     anyway (the teacher's over the student's classes, as the loss compares them).
     ``return_entropy``: return ``(loss, entropy_sum)``, the second the sum over the rows that
     count of the entropy (nats) of the student's softmax(s / T), detached: a training metric.
+    ``group``: column-parallel heads, each rank holding its vocabulary rows of both weights (and
+    biases) and the same hidden states (see :mod:`fastkd.vocab_parallel`).
     """
+    if group is not None:
+        from .vocab_parallel import fused_linear
+
+        return fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, group=group,
+                            student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
+                            alpha=alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                            reduction=reduction, chunk_size=chunk_size, backend=backend, num_items=num_items,
+                            meter=meter, teacher_meter=teacher_meter, return_entropy=return_entropy)
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     args = _follow_autocast(device_type, student_hidden, _full(student_weight), _full(student_bias), teacher_hidden,
                             _full(teacher_weight), _full(teacher_bias))
@@ -326,11 +336,11 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "batchmean", chunk_size: int | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, group=None):
         super().__init__()
         self.kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                       backend=backend)
+                       backend=backend, group=group)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Tensor | None = None, student_bias: Tensor | None = None,

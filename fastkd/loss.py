@@ -145,8 +145,17 @@ def _scaled_grads(ctx, grad_output):
 
 
 def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
-           reduction, meter, teacher_meter, backend, validate_labels, t_squared, num_items=None):
+           reduction, meter, teacher_meter, backend, validate_labels, t_squared, num_items=None, group=None):
     """Validates everything, then runs one fused evaluation on the chosen backend."""
+    if group is not None or (not torch.compiler.is_compiling() and type(s).__name__ == "DTensor"):
+        from . import vocab_parallel  # the vocabulary sharded over ranks (DTensors: if Shard(-1))
+
+        if group is not None or vocab_parallel.vocab_sharded_dtensor(s):
+            return vocab_parallel.fused(s, t, labels, group=group, temperature=temperature, kd_weight=kd_weight,
+                                        ce_weight=ce_weight, divergence=divergence, beta=beta,
+                                        ignore_index=ignore_index, reduction=reduction, meter=meter,
+                                        teacher_meter=teacher_meter, backend=backend,
+                                        validate_labels=validate_labels, t_squared=t_squared, num_items=num_items)
     _check_logits(s, "student_logits")
     _check_logits(t, "teacher_logits")
     if s.shape != t.shape:
@@ -230,26 +239,26 @@ def _check_num_items(num_items, reduction, device):
 def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
             reduction: str = "batchmean", *, ignore_index: int = -100, labels: Tensor | None = None,
             backend: str | None = None, validate_labels: bool = True,
-            num_items: float | Tensor | None = None) -> Tensor:
+            num_items: float | Tensor | None = None, group=None) -> Tensor:
     """KL(p_t || p_s) of tempered softmaxes: a drop-in for the PyTorch KD recipe's ``F.kl_div``.
 
     ``kl_loss(s, t, temperature=T)`` equals
     ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
     ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
     ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
-    range check of labels (its one host synchronisation). ``num_items``: see :func:`kd_loss`.
+    range check of labels (its one host synchronisation). ``num_items``, ``group``: see :func:`kd_loss`.
     """
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=1.0,
                   ce_weight=0.0, divergence="kl", beta=0.5, ignore_index=ignore_index,
                   reduction=reduction, meter=None, teacher_meter=None, backend=backend,
-                  validate_labels=validate_labels, t_squared=False, num_items=num_items)
+                  validate_labels=validate_labels, t_squared=False, num_items=num_items, group=group)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
             temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
             ignore_index: int = -100, reduction: str = "batchmean", meter: CalibrationMeter | None = None,
             teacher_meter: CalibrationMeter | None = None, backend: str | None = None,
-            validate_labels: bool = True, num_items: float | Tensor | None = None) -> Tensor:
+            validate_labels: bool = True, num_items: float | Tensor | None = None, group=None) -> Tensor:
     """The distillation objective ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE(s, labels)`` in one pass.
 
     ``meter`` / ``teacher_meter`` (:class:`CalibrationMeter`) collect the calibration statistics
@@ -258,40 +267,46 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     instead of the rows that count — the global count under gradient accumulation or DDP (a
     number, or a one-element integer tensor); the scale is folded into the kernel, so the
     backward still moves no data.
+
+    ``group`` (a ``torch.distributed`` process group): the vocabulary is split over its ranks, each
+    holding the same rows and its slice ``(..., V_r)`` of both logits (in rank order; labels are
+    global class ids); DTensors sharded on the last dimension are recognised without it. The loss,
+    each slice's gradient and the meters equal the one-process result, for O(N) floats of
+    communication: see :mod:`fastkd.vocab_parallel`.
     """
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,
                   ce_weight=1.0 - alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
                   reduction=reduction, meter=meter, teacher_meter=teacher_meter, backend=backend,
-                  validate_labels=validate_labels, t_squared=True, num_items=num_items)
+                  validate_labels=validate_labels, t_squared=True, num_items=num_items, group=group)
 
 
 class KLDivLoss(nn.Module):
     """Module form of :func:`kl_loss`."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 backend: str | None = None):
+                 backend: str | None = None, group=None):
         super().__init__()
         self.temperature, self.reduction = temperature, reduction
-        self.ignore_index, self.backend = ignore_index, backend
+        self.ignore_index, self.backend, self.group = ignore_index, backend, group
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         return kl_loss(student_logits, teacher_logits, self.temperature, self.reduction,
-                       ignore_index=self.ignore_index, labels=labels, backend=self.backend)
+                       ignore_index=self.ignore_index, labels=labels, backend=self.backend, group=self.group)
 
 
 class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`; ``forward(s, t, labels, meter=None, teacher_meter=None)``."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
-                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None):
+                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None, group=None):
         super().__init__()
         self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
-        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.ignore_index, self.reduction, self.backend, self.group = ignore_index, reduction, backend, group
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
                 meter: CalibrationMeter | None = None, teacher_meter: CalibrationMeter | None = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                        alpha=self.alpha, divergence=self.divergence, beta=self.beta,
                        ignore_index=self.ignore_index, reduction=self.reduction, meter=meter,
-                       teacher_meter=teacher_meter, backend=self.backend)
+                       teacher_meter=teacher_meter, backend=self.backend, group=self.group)
