@@ -119,11 +119,11 @@ def run_study(cfg: StudyConfig) -> dict:
     cfg.device = distributed.init_from_env(cfg.device)
     main = distributed.is_main()
     out = Path(cfg.out_dir) / cfg.name
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
     check_teacher_cache(cfg, data)
+    if main:  # only once the data are known good: bad data leave no run folder behind
+        out.mkdir(parents=True, exist_ok=True)
 
     def new_model(name, seed):
         return build_study_model(cfg, data, name, seed)
