@@ -1,15 +1,22 @@
 """The study on bad or degenerate data: every CIFAR file torchvision (or the digits loader) cannot read
-ends in one line naming the file, exit status 2 and no run folder. CIFAR folders are written here in
-the real python-pickle format (str keys, (N, 3072) uint8 rows, a list of labels, batches.meta); the
-loader's torchvision subclass checks that each file exists instead of its MD5."""
+ends in one line naming the file, exit status 2 and no run folder; the temperature fit stays in
+[0.05, 100] and a bound is flagged in the report. CIFAR folders are written here in the real
+python-pickle format (str keys, (N, 3072) uint8 rows, a list of labels, batches.meta); the loader's
+torchvision subclass checks that each file exists instead of its MD5."""
 import gzip
+import json
+import math
 import pickle
 
 import numpy as np
 import pytest
+import torch
 
+import fastkd.study
 from fastkd.cli import main
 from fastkd.data import load_cifar
+from fastkd.study import fit_temperature, run_study, temperature_bound
+from fastkd.train import StudyConfig
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -227,3 +234,117 @@ def test_cli_broken_digits_end_in_one_line(capsys, tmp_path, digits_file, damage
     code, err, _ = run_cli(capsys, "--out-dir", str(runs))
     assert_one_line_and_nothing_written(code, err, runs, "digits.csv.gz", message)
     assert "reinstalling scikit-learn restores the file" in err
+
+
+# The temperature fit: bounded to [0.05, 100], the bound flagged; unchanged where the minimum is inside.
+
+def nll(logits, labels, temps):
+    """float64 mean NLL of softmax(logits / T) for each T, written plainly."""
+    z = logits.double()
+    z_y = z.gather(1, labels[:, None])[:, 0]
+    out = []
+    for t in temps.split(32):  # (32, rows, classes) at a time
+        t = t[:, None]
+        out.append((torch.logsumexp(z[None] / t[..., None], 2) - z_y[None] / t).mean(1))
+    return torch.cat(out)
+
+
+def grid_fit(logits, labels, lo=0.05, hi=100.0):
+    """The NLL's minimum over T by grid search: 201 points log-spaced over [lo, hi], then rounds of
+    21 points over the two cells around the best (each a tenth as wide as the last)."""
+    grid = torch.logspace(math.log10(lo), math.log10(hi), 201, dtype=torch.float64)
+    for _ in range(8):
+        i = int(nll(logits, labels, grid).argmin())
+        a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        grid = torch.linspace(float(a), float(b), 21, dtype=torch.float64)
+    return float(grid[int(nll(logits, labels, grid).argmin())])
+
+
+def noisy_predictions(gen, n, classes, scale, right):
+    """Logits of standard-normal scale ``scale``; the label is the argmax with probability ``right``,
+    else a random class."""
+    logits = torch.randn(n, classes, generator=gen) * scale
+    other = torch.randint(0, classes, (n,), generator=gen)
+    return logits, torch.where(torch.rand(n, generator=gen) < right, logits.argmax(1), other)
+
+
+@pytest.mark.parametrize("n,classes,scale,right", [
+    pytest.param(500, 10, 4.0, 0.6, id="over-confident"),
+    pytest.param(500, 10, 0.5, 0.9, id="under-confident"),
+    pytest.param(300, 2, 2.0, 0.7, id="two-classes"),
+    pytest.param(200, 100, 3.0, 0.5, id="100-classes"),
+])
+def test_fit_temperature_equals_a_grid_search(gen, n, classes, scale, right):
+    logits, labels = noisy_predictions(gen, n, classes, scale, right)
+    t_star = fit_temperature(logits, labels)
+    reference = grid_fit(logits, labels)
+    assert 0.05 < reference < 100
+    assert t_star == pytest.approx(reference, rel=1e-6) and temperature_bound(t_star) is None
+
+
+def test_fit_temperature_ignores_masked_classes(gen):
+    logits, labels = noisy_predictions(gen, 300, 10, 2.0, 0.7)
+    masked = torch.cat([logits, torch.full((300, 3), -math.inf)], 1)  # three classes never predicted
+    assert fit_temperature(masked, labels) == pytest.approx(fit_temperature(logits, labels), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["near-uniform, below chance", "exactly uniform"])
+def test_fit_temperature_near_uniform_stops_at_the_upper_bound(gen, case):
+    logits = torch.randn(2000, 10, generator=gen) * 0.01  # a student after one epoch on hard data
+    if case == "exactly uniform":
+        logits = logits[:, :1].expand(-1, 10)  # the same logit for every class of a row
+        labels = torch.randint(0, 10, (2000,), generator=gen)
+    else:
+        labels = logits.argmin(1)  # the true class a little below the others: worse than uniform
+        # unbounded, the fit runs away: the NLL keeps falling as T grows
+        curve = nll(logits, labels, torch.tensor([1.0, 100.0, 1e4, 1e8], dtype=torch.float64))
+        assert (curve.diff() < 0).all()
+    t_star = fit_temperature(logits, labels)
+    assert t_star == 100.0 and temperature_bound(t_star) == "upper"
+
+
+def test_fit_temperature_separable_stops_at_the_lower_bound(gen):
+    logits = torch.randn(500, 10, generator=gen) * 3
+    labels = logits.argmax(1)  # every prediction right: sharper is always better
+    curve = nll(logits, labels, torch.tensor([1.0, 0.05, 1e-3], dtype=torch.float64))
+    assert (curve.diff() < 0).all()
+    t_star = fit_temperature(logits, labels)
+    assert t_star == 0.05 and temperature_bound(t_star) == "lower"
+
+
+def test_fit_temperature_nan_logits_and_no_rows():
+    assert math.isnan(fit_temperature(torch.full((4, 3), math.nan), torch.zeros(4, dtype=torch.long)))
+    assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
+def test_report_flags_a_temperature_at_the_bound(tmp_path, monkeypatch):
+    """Students that predict exactly uniformly (last layer zero, no training): T* = 100. A teacher
+    after two epochs: accurate (0.76) but its logits still close together, its NLL's minimum at
+    T = 0.041 (float64, unbounded): T* = 0.05. Both flagged in report.json and report.md."""
+    real = fastkd.study.build_model
+
+    def uniform_student(name, *args):
+        model = real(name, *args)
+        if name == "mlp-tiny":
+            torch.nn.init.zeros_(model[-1].weight)
+            torch.nn.init.zeros_(model[-1].bias)
+        return model
+
+    monkeypatch.setattr(fastkd.study, "build_model", uniform_student)
+    report = run_study(StudyConfig(out_dir=str(tmp_path), name="flat", epochs=0, teacher_epochs=2,
+                                   progress=False))
+    saved = json.loads((tmp_path / "flat" / "report.json").read_text())
+    assert saved["temperature_fit"] == {"split": "validation", "range": [0.05, 100.0]}
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    for key in ("student", "distilled"):
+        assert saved["results"][key]["fitted_temperature"] == 100.0
+        assert saved["results"][key]["fitted_temperature_bound"] == "upper"
+    assert saved["results"]["teacher"]["fitted_temperature"] == 0.05
+    assert saved["results"]["teacher"]["fitted_temperature_bound"] == "lower"
+    md = (tmp_path / "flat" / "report.md").read_text()
+    rows = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 100 (bound) |" in rows["| student alone"] and "| 100 (bound) |" in rows["| distilled student"]
+    assert "| 0.05 (bound) |" in rows["| teacher"]
+    assert "within [0.05, 100]" in md
+    assert "T* = 100 (bound), student alone, distilled student: the validation NLL still falls" in md
+    assert "T* = 0.05 (bound), teacher: the validation NLL still falls" in md
