@@ -348,3 +348,40 @@ def test_report_flags_a_temperature_at_the_bound(tmp_path, monkeypatch):
     assert "within [0.05, 100]" in md
     assert "T* = 100 (bound), student alone, distilled student: the validation NLL still falls" in md
     assert "T* = 0.05 (bound), teacher: the validation NLL still falls" in md
+
+
+def test_cli_runs_the_cifar10_study_end_to_end(capsys, tmp_path):
+    """The whole CIFAR path through the command line with its default models (resnet18 teacher,
+    mobilenet_v2 student), one epoch each, on 50 training images (40 train, 10 validation) and 10
+    test images written in the real format."""
+    write_cifar10(tmp_path / "data")
+    runs = tmp_path / "runs"
+    code, err, out = run_cli(capsys, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                             "--out-dir", str(runs), "--epochs", "1")
+    assert code == 0, err
+    assert "| teacher | resnet18 |" in out and "| distilled student | mobilenet_v2 |" in out
+    folder = runs / "cifar10-s0"
+    report = json.loads((folder / "report.json").read_text())
+    assert set(report) == {"config", "dataset", "results", "temperature_fit", "policy", "history", "timing",
+                           "per_class"}
+    assert report["config"]["teacher"] == "resnet18" and report["config"]["student"] == "mobilenet_v2"
+    assert report["dataset"] == {"name": "cifar10", "classes": CIFAR10_NAMES, "train": 40, "val": 10, "test": 10}
+    assert set(report["results"]) == {"teacher", "student", "distilled"}
+    for key, r in report["results"].items():
+        assert set(r) == {"model", "parameters", "accuracy", "confidence", "ece", "mce", "nll", "brier",
+                          "agreement", "fitted_temperature", "fitted_temperature_bound", "ece_after_scaling"}, key
+        assert 0.05 <= r["fitted_temperature"] <= 100 and r["fitted_temperature_bound"] in (None, "upper", "lower")
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1 and r["nll"] > 0
+    assert report["results"]["teacher"]["parameters"] > report["results"]["student"]["parameters"]
+    assert {len(rows) for rows in report["history"].values()} == {1}
+    assert set(report["per_class"]) == {"student", "distilled"}
+    assert set(CIFAR10_NAMES) <= set(report["per_class"]["student"])
+    md = (folder / "report.md").read_text()
+    headings = [line for line in md.splitlines() if line.startswith("#")]
+    assert headings == ["# fastkd distillation study: cifar10", "## Test results", "## Feedback policy: `constant`",
+                        "## Per-class report (test split)", "### student alone", "### distilled student"]
+    assert "airplane" in md and "![reliability](reliability.png)" in md and "![curves](curves.png)" in md
+    for name in ("reliability.png", "curves.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 3
+    assert {p.name for p in folder.glob("*.pt")} == {"teacher.pt", "student.pt", "distilled.pt"}
