@@ -54,7 +54,7 @@ def write_cifar100(root, n_train=500, n_test=100, seed=0, edit=None):
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
-    files = {"train": cifar_batch(rng, n_train, 100, "fine_labels"), "test": cifar_batch(rng, n_test, 100, "fine_labels")}
+    files = {split: cifar_batch(rng, n, 100, "fine_labels") for split, n in (("train", n_train), ("test", n_test))}
     files["meta"] = {"fine_label_names": [f"class{c}" for c in range(100)],
                      "coarse_label_names": [f"super{c}" for c in range(20)]}
     for name, obj in files.items():
@@ -378,10 +378,18 @@ def test_cli_runs_the_cifar10_study_end_to_end(capsys, tmp_path):
     assert set(CIFAR10_NAMES) <= set(report["per_class"]["student"])
     md = (folder / "report.md").read_text()
     headings = [line for line in md.splitlines() if line.startswith("#")]
-    assert headings == ["# fastkd distillation study: cifar10", "## Test results", "## Feedback policy: `constant`",
-                        "## Per-class report (test split)", "### student alone", "### distilled student"]
+    assert headings == ["# fastkd distillation study: cifar10", "## Test results",
+                        "## Feedback policy: `constant`", "## Per-class report (test split)",
+                        "### student alone", "### distilled student"]
     assert "airplane" in md and "![reliability](reliability.png)" in md and "![curves](curves.png)" in md
     for name in ("reliability.png", "curves.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 3
     assert {p.name for p in folder.glob("*.pt")} == {"teacher.pt", "student.pt", "distilled.pt"}
+
+
+def test_download_with_every_file_present_reads_them(tmp_path):
+    """--download fetches nothing when the files are there (torchvision's own check), then reads them."""
+    write_cifar10(tmp_path / "data")
+    data = load_cifar("cifar10", tmp_path / "data", "cpu", download=True)
+    assert len(data.x_train) == 40 and data.class_names == CIFAR10_NAMES
