@@ -41,6 +41,17 @@ def inv_count_on_host(row_count) -> float:
     return 1.0 if torch.is_tensor(row_count) else 1.0 / row_count if row_count > 0 else 1.0
 
 
+COUNT_FLOOR = torch.finfo(torch.float32).tiny  # a device count is clamped here, not at 1
+
+
+def count_on_device(row_count, dtype=torch.float32):
+    """A device count (1-element tensor: rows that count, or a caller's ``num_items``, integer or
+    floating, possibly below 1) as a 0-d tensor of ``dtype`` to divide by: clamped at fp32's smallest
+    normal number, so that any positive count is used as is; 0 rows that count (all ignored) scale
+    only zeros; NaN stays NaN. The kernels do the same (_triton_kd._inv_count)."""
+    return row_count.to(dtype).reshape(()).clamp(min=COUNT_FLOOR)
+
+
 def meter_args(meter, teacher_meter, device, stand_in):
     """(num_bins, bin edges) for the kernels; ``stand_in`` for the edges when there is no meter
     (never read). Both meters share num_bins (checked by the caller)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host
+from ._spec import SPARSE_TAIL_FLOOR, KDSpec, count_on_device, inv_count_on_host
 
 CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
 
@@ -46,7 +46,7 @@ def _divergence(la, lb, spec: KDSpec, grad_t: bool):
 def _row_scale(row_count, dtype, device):
     """1 / rows that count as a 0-d tensor: from the device's count, or the host's."""
     if torch.is_tensor(row_count):
-        return 1.0 / row_count.clamp(min=1).to(dtype).reshape(())
+        return 1.0 / count_on_device(row_count, dtype)
     return torch.full((), inv_count_on_host(row_count), dtype=dtype, device=device)
 
 

@@ -346,6 +346,16 @@ def _sum_partials(partial_ptr, counter_ptr, total_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _inv_count(row_count_ptr):
+    """1 / the count on the device (integer or floating), clamped at fp32's smallest normal number
+    (one FMNMX, as the clamp at 1 was): a caller's num_items below 1 (TRL's num_items_in_batch /
+    num_processes) is used as is; a count of 0 rows that count multiplies only zeros; NaN stays NaN
+    (_spec.count_on_device does the same)."""
+    c = tl.load(row_count_ptr).to(tl.float32)
+    return 1.0 / tl.maximum(c, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _row_offsets(rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti, VEC: tl.constexpr,
                  ROWS_3D: tl.constexpr):
     """Where rows start in s, t ((B, T, C) views: two strides each) and in the contiguous gradients."""
@@ -461,8 +471,8 @@ def _kd_fwd_kernel(
 ):
     # --- per program: blocks_per_program consecutive blocks of BLOCK_N rows; the per-program work
     # (scalars, the loss partial and its ticket, the meters' atomics) is shared by them ---
-    if COUNT_ON_DEVICE:  # rows that count, summed on the device: 1 / max(count, 1)
-        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+    if COUNT_ON_DEVICE:  # rows that count, summed on the device, or a caller's num_items
+        inv_count = _inv_count(row_count_ptr)
     k = inv_temp * LOG2E  # exp((x - m) / T) = exp2(x k - m k)
     kd_g = kd_scale * inv_temp
     loss_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -682,7 +692,7 @@ def _kd_split_kernel(
     part = tl.program_id(0) % PARTS
     c0 = part * (VECS * LANES * VEC)
     if COUNT_ON_DEVICE:
-        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+        inv_count = _inv_count(row_count_ptr)
     k = inv_temp * LOG2E
     kd_g = kd_scale * inv_temp
     parts = tl.arange(0, PARTS_P2)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
-from ._triton_kd import NEG_INF, _meter_flush, _meter_rows, _meter_zeros, _on
+from ._triton_kd import NEG_INF, _inv_count, _meter_flush, _meter_rows, _meter_zeros, _on
 
 ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}  # longest row kept in registers, by element size
 LOOP_BLOCK_C = 4096
@@ -84,7 +84,7 @@ def _sparse_kd_fwd_kernel(
         keep = rows >= 0
         x_label = tl.zeros([1], dtype=tl.float32)
     if COUNT_ON_DEVICE:
-        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+        inv_count = _inv_count(row_count_ptr)
     w = tl.where(keep, inv_count, 0.0)
     gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)
     w = tl.where(bad & keep, float("nan"), w)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends
-from ._spec import DIVERGENCES, KDSpec, inv_count_on_host
+from ._spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
 from .calibration import CalibrationMeter, _check_labels
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -99,7 +99,7 @@ def _backward_factor(row_count, spec: KDSpec):
     if spec.row_scaled_grad:
         return None
     if torch.is_tensor(row_count):
-        return 1.0 / (row_count.clamp(min=1).to(torch.float32).reshape(()) * spec.grad_unit)
+        return 1.0 / (count_on_device(row_count) * spec.grad_unit)
     return inv_count_on_host(row_count) / spec.grad_unit
 
 
@@ -209,16 +209,20 @@ def _row_count(labels, ignore_index, reduction, n_rows, device, num_items=None):
 
 
 def _check_num_items(num_items, reduction, device):
-    """What "batchmean" divides by instead of the rows that count: a positive number, or an
-    integer tensor of one element on the logits' device (summed there, e.g. over micro-batches)."""
+    """What "batchmean" divides by instead of the rows that count: a positive number, or a tensor of
+    one element on the logits' device, integer (summed there, e.g. over micro-batches) or floating
+    (TRL's ``num_items_in_batch / num_processes``, possibly below 1). A tensor is not read on the
+    host: a value > 0 is used as is (<= 0 is clamped at fp32's smallest normal number), NaN gives NaN."""
     if reduction != "batchmean":
         raise ValueError(f"num_items replaces the row count of reduction='batchmean', got reduction={reduction!r}")
     if torch.is_tensor(num_items):
-        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.dtype == torch.bool:
-            raise TypeError(f"num_items must be a number or a one-element integer tensor, got {num_items.dtype} "
-                            f"of shape {tuple(num_items.shape)}")
+        if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items must be a number or a one-element integer or floating tensor, got "
+                            f"{num_items.dtype} of shape {tuple(num_items.shape)}")
         if num_items.device != device:
             raise ValueError(f"num_items ({num_items.device}) must be on the logits' device ({device})")
+        if num_items.is_floating_point():
+            return num_items.reshape(1).to(torch.float64 if num_items.dtype == torch.float64 else torch.float32)
         return num_items.reshape(1).to(torch.int64)
     return _check_real(num_items, "num_items", 0.0, math.inf, True, True)
 
@@ -252,8 +256,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     of the student's / teacher's logits at T = 1 inside the same pass. See the module docstring
     for the divergences and reductions. ``num_items`` (with "batchmean"): divide the sum by this
     instead of the rows that count — the global count under gradient accumulation or DDP (a
-    number, or a one-element integer tensor); the scale is folded into the kernel, so the
-    backward still moves no data.
+    positive number, or a one-element integer or floating tensor, used as is when > 0, e.g. TRL's
+    ``num_items_in_batch / num_processes``); the scale is folded into the kernel, so the backward
+    still moves no data.
     """
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,
