@@ -14,9 +14,14 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     """Rows (N, C) -> (loss per row fp32 (N,) or with ``reduce`` their sum, grad_s, grad_t).
 
     Student and teacher may differ in dtype: the kernels are compiled for every pair and read
-    each in its own (no fp32 copies); each gradient comes back in its logits' dtype. A floating count
-    (a caller's num_items tensor) is applied after the kernel, on the device: the extension reads an
-    integer count."""
+    each in its own (no fp32 copies); each gradient comes back in its logits' dtype. The logit
+    transforms (KDSpec.s_scale, ...) are not implemented here: a spec that sets one is refused
+    before anything runs. A floating count (a caller's num_items tensor) is applied after the kernel,
+    on the device: the extension reads an integer count."""
+    names = spec.transforms_set()
+    if names:
+        raise ValueError(f"{names[0]} needs backend='triton' or 'torch' (the cuda backend does not implement "
+                         "the logit transforms)")
     float_count = torch.is_tensor(row_count) and row_count.is_floating_point()
     if float_count:
         inv = 1.0 / count_on_device(row_count)

@@ -25,10 +25,22 @@ class KDSpec:
     # scale, so the largest coefficient is 1; the backward multiplies by
     # grad_output * (1/count) / grad_unit (see deferred_grad_factor).
     grad_unit: float = 0.0
+    # per-model logit transforms, before the temperature: z' = cap tanh(scale z / cap) with a
+    # softcap (cap > 0), else scale z; -inf stays -inf. s_: the student's, t_: the teacher's.
+    s_scale: float = 1.0
+    t_scale: float = 1.0
+    s_cap: float = 0.0  # 0: no softcap
+    t_cap: float = 0.0
 
     @property
     def has_ce(self) -> bool:
         return self.ce_scale != 0.0
+
+    def transforms_set(self) -> list[str]:
+        """The public arguments of the logit transforms this spec sets (not at their defaults)."""
+        values = (("student_logit_scale", self.s_scale != 1.0), ("teacher_logit_scale", self.t_scale != 1.0),
+                  ("student_softcap", self.s_cap > 0.0), ("teacher_softcap", self.t_cap > 0.0))
+        return [name for name, on in values if on]
 
     @property
     def row_scaled_grad(self) -> bool:
