@@ -105,6 +105,12 @@ VARIANTS = [
     Variant("kd+ce+meters", "heavy", True, False,
             lambda s, t, y: fastkd.kd_loss(s, t, y, temperature=TEMPERATURE, alpha=0.5, meter=_meter(),
                                            teacher_meter=_meter())),
+    # the logit transforms of both models (compare with "kl": their cost per element)
+    Variant("kl+scale", "light", False, False,
+            lambda s, t, y: fastkd.kl_loss(s, t, temperature=TEMPERATURE, student_logit_scale=0.5,
+                                           teacher_logit_scale=2.0)),
+    Variant("kl+softcap", "heavy", False, False,
+            lambda s, t, y: fastkd.kl_loss(s, t, temperature=TEMPERATURE, student_softcap=30.0, teacher_softcap=30.0)),
 ]
 
 

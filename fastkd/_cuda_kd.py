@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._cuda_build import load
-from ._spec import KDSpec, inv_count_on_host, meter_args
+from ._spec import KDSpec, count_on_device, inv_count_on_host, meter_args
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
@@ -14,7 +14,18 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     """Rows (N, C) -> (loss per row fp32 (N,) or with ``reduce`` their sum, grad_s, grad_t).
 
     Student and teacher may differ in dtype: the kernels are compiled for every pair and read
-    each in its own (no fp32 copies); each gradient comes back in its logits' dtype."""
+    each in its own (no fp32 copies); each gradient comes back in its logits' dtype. The logit
+    transforms (KDSpec.s_scale, ...) are not implemented here: a spec that sets one is refused
+    before anything runs. A floating count (a caller's num_items tensor) is applied after the kernel,
+    on the device: the extension reads an integer count."""
+    names = spec.transforms_set()
+    if names:
+        raise ValueError(f"{names[0]} needs backend='triton' or 'torch' (the cuda backend does not implement "
+                         "the logit transforms)")
+    float_count = torch.is_tensor(row_count) and row_count.is_floating_point()
+    if float_count:
+        inv = 1.0 / count_on_device(row_count)
+        row_count = 1  # the rows unscaled, then times inv below
     ext = load()
     n, c = s.shape
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
@@ -27,6 +38,12 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                    teacher_meter._state_on(s.device) if teacher_meter is not None else None,
                    spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.divergence,
                    spec.ignore_index, spec.has_ce, num_bins, spec.grad_unit)
+    if float_count:
+        loss.mul_(inv)
+        if spec.row_scaled_grad:  # fp16 gradients (grad units) get the row scale in the backward
+            for g in (gs, gt):
+                if g is not None:
+                    g.mul_(inv)
     return (loss.sum() if reduce else loss), gs, gt
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._spec import KDSpec
+from ._spec import KDSpec, count_on_device
 
 EMPTY = (0,)  # the stand-in for an output that is not asked for (custom ops cannot return None)
 
@@ -24,14 +24,17 @@ def _meter_size(num_bins: int) -> int:
 
 
 @torch.library.custom_op("fastkd::kd_forward", mutates_args=())
-def kd_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], row_count: Optional[Tensor], rows_on_host: int,
+def kd_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], row_count: Optional[Tensor], rows_on_host: float,
                inv_temperature: float, kd_scale: float, ce_scale: float, divergence: int, beta: float,
                ignore_index: int, grad_unit: float, grad_s: bool, grad_t: bool, reduce: bool, num_bins: int,
-               meter_s: bool, meter_t: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_s, grad_t, student meter delta, teacher meter delta); absent ones are empty."""
+               meter_s: bool, meter_t: bool, backend: str, s_scale: float, t_scale: float, s_cap: float,
+               t_cap: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_s, grad_t, student meter delta, teacher meter delta); absent ones are empty.
+    ``rows_on_host``: the row count when the host knows it (a count, or a caller's num_items)."""
     from .calibration import CalibrationMeter
 
-    spec = KDSpec(inv_temperature, kd_scale, ce_scale, divergence, beta, ignore_index, grad_unit)
+    spec = KDSpec(inv_temperature, kd_scale, ce_scale, divergence, beta, ignore_index, grad_unit, s_scale, t_scale,
+                  s_cap, t_cap)
     meters = [CalibrationMeter(num_bins) if on else None for on in (meter_s, meter_t)]
     loss, gs, gt = backends.module(backend).kd_forward(
         s, t, labels, row_count if row_count is not None else rows_on_host, spec, grad_s, grad_t, *meters,
@@ -45,7 +48,8 @@ def kd_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], row_count: Option
 
 @kd_forward.register_fake
 def _(s, t, labels, row_count, rows_on_host, inv_temperature, kd_scale, ce_scale, divergence, beta,
-      ignore_index, grad_unit, grad_s, grad_t, reduce, num_bins, meter_s, meter_t, backend):
+      ignore_index, grad_unit, grad_s, grad_t, reduce, num_bins, meter_s, meter_t, backend, s_scale, t_scale,
+      s_cap, t_cap):
     loss = s.new_empty(() if reduce else (s.shape[0],), dtype=torch.float32)
     gs = torch.empty_like(s) if grad_s else s.new_empty(EMPTY)
     gt = torch.empty_like(t) if grad_t else t.new_empty(EMPTY)
@@ -70,11 +74,12 @@ def _backward(ctx, grad_loss, *_):
     if factor.dim():
         factor = factor.reshape(-1, 1)
     if ctx.grad_unit:  # fp16: the row scale was left to the backward (KDSpec.grad_unit)
-        count = row_count.clamp(min=1).reshape(()) if row_count is not None else max(ctx.rows_on_host, 1)
+        count = count_on_device(row_count) if row_count is not None else \
+            (ctx.rows_on_host if ctx.rows_on_host > 0 else 1.0)
         factor = factor / (count * ctx.grad_unit)
     grads = [(g.float() * factor).to(dtype) if computed else None
              for g, dtype, computed in zip((gs, gt), ctx.dtypes, ctx.computed)]
-    return (*grads,) + (None,) * 17
+    return (*grads,) + (None,) * 21
 
 
 kd_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -86,10 +91,11 @@ def fused_kd(s, t, labels, row_count, spec: KDSpec, reduce: bool, backend: str, 
     num_bins = (meter or teacher_meter).num_bins if (meter or teacher_meter) is not None else 1
     loss, _, _, delta_s, delta_t = kd_forward(
         s, t, labels, row_count if torch.is_tensor(row_count) else None,
-        row_count if not torch.is_tensor(row_count) else 0, spec.inv_temperature, spec.kd_scale, spec.ce_scale,
+        float(row_count) if not torch.is_tensor(row_count) else 0.0, spec.inv_temperature, spec.kd_scale, spec.ce_scale,
         spec.divergence, spec.beta, spec.ignore_index, spec.grad_unit, grad_on and s.requires_grad,
         grad_on and t.requires_grad, reduce,
-        num_bins, meter is not None, teacher_meter is not None, backend)
+        num_bins, meter is not None, teacher_meter is not None, backend, spec.s_scale, spec.t_scale, spec.s_cap,
+        spec.t_cap)
     for m, delta in ((meter, delta_s), (teacher_meter, delta_t)):
         if m is not None:
             m.state.add_(delta.detach())  # statistics, not part of the loss's graph

@@ -8,13 +8,33 @@ from __future__ import annotations
 
 import torch
 
-from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host
+from ._spec import SPARSE_TAIL_FLOOR, KDSpec, count_on_device, inv_count_on_host
 
 CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
 
 
 def _compute_dtype(*tensors):
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _transform(x, scale, cap):
+    """A model's logits as it outputs them: cap tanh(scale x / cap) with a softcap (cap > 0), else
+    scale x; -inf stays -inf (a masked class keeps no mass)."""
+    if cap > 0:
+        return torch.where(x == -torch.inf, x, cap * torch.tanh(x * (scale / cap)))
+    return x * scale if scale != 1.0 else x
+
+
+def _slope(z, scale, cap):
+    """d z' / d x from the transformed logits z': scale (1 - tanh^2) = scale (1 - (z' / cap)^2) with a
+    softcap (0 where z' = -inf: a masked class), else the scale (None when 1: nothing to multiply)."""
+    if cap > 0:
+        return scale * (1 - (z / cap) ** 2).clamp(min=0)
+    return scale if scale != 1.0 else None
+
+
+def _chain(g, slope):
+    return g if slope is None else g * slope
 
 
 def _masked(p, v):
@@ -46,7 +66,7 @@ def _divergence(la, lb, spec: KDSpec, grad_t: bool):
 def _row_scale(row_count, dtype, device):
     """1 / rows that count as a 0-d tensor: from the device's count, or the host's."""
     if torch.is_tensor(row_count):
-        return 1.0 / row_count.clamp(min=1).to(dtype).reshape(())
+        return 1.0 / count_on_device(row_count, dtype)
     return torch.full((), inv_count_on_host(row_count), dtype=dtype, device=device)
 
 
@@ -59,7 +79,8 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     fp32 per row (N,), or with ``reduce`` the sum of the rows.
 
     Each row's loss and gradient are divided by ``row_count`` (the rows that count: an int, or a
-    1-element tensor summed on the device); ignored rows get loss 0 and gradient 0.
+    1-element tensor summed on the device); ignored rows get loss 0 and gradient 0. The logits are
+    transformed first (spec.s_scale, s_cap, t_scale, t_cap); the gradients are w.r.t. the raw logits.
     """
     n, c = s.shape
     cd = _compute_dtype(s, t)
@@ -70,7 +91,8 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        x, y = s[lo:hi].to(cd), t[lo:hi].to(cd)
+        x = _transform(s[lo:hi].to(cd), spec.s_scale, spec.s_cap)
+        y = _transform(t[lo:hi].to(cd), spec.t_scale, spec.t_cap)
         if labels is not None:
             lab = labels[lo:hi]
             keep = lab != spec.ignore_index
@@ -97,9 +119,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
             if spec.has_ce:  # + ce_scale (softmax(s) - onehot(label))
                 g = (g + spec.ce_scale * l1.exp()).scatter_add_(
                     -1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=s.device))
-            gs[lo:hi] = torch.where(w != 0, g * w, 0.0)
+            gs[lo:hi] = torch.where(w != 0, _chain(g, _slope(x, spec.s_scale, spec.s_cap)) * w, 0.0)
         if grad_t:
-            gt[lo:hi] = torch.where(w != 0, kd_g * gb * w, 0.0)
+            gt[lo:hi] = torch.where(w != 0, _chain(kd_g * gb, _slope(y, spec.t_scale, spec.t_cap)) * w, 0.0)
         for m, logits in ((meter, x), (teacher_meter, y)):
             if m is not None:
                 m._add_rows(logits, lab, keep, bad)
@@ -142,7 +164,8 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
         dD/da_j = p_s,j - p_j (listed j);   p_s,j (1 - p_tail / p_s,tail) (unlisted j)
 
     with p_s,tail = max(1 - sum_k p_s,k, SPARSE_TAIL_FLOOR) (the student's mass off the list, to
-    fp32's resolution). A row whose ids leave [-1, V) (unchecked input) is NaN."""
+    fp32's resolution). A row whose ids leave [-1, V) (unchecked input) is NaN. The student's logits
+    are transformed first (spec.s_scale, s_cap); the gradient is w.r.t. the raw logits."""
     n, c = s.shape
     cd = _compute_dtype(s, lp)
     loss = torch.empty(n, dtype=cd, device=s.device)
@@ -152,7 +175,7 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        x, k_ids, k_lp = s[lo:hi].to(cd), ids[lo:hi], lp[lo:hi].to(cd)
+        x, k_ids, k_lp = _transform(s[lo:hi].to(cd), spec.s_scale, spec.s_cap), ids[lo:hi], lp[lo:hi].to(cd)
         keep = labels[lo:hi] != spec.ignore_index if labels is not None else \
             torch.ones(hi - lo, dtype=torch.bool, device=s.device)
         bad = keep & ((k_ids < -1) | (k_ids >= c)).any(-1)
@@ -186,6 +209,7 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
             if spec.has_ce:
                 g = (g + spec.ce_scale * l1.exp()).scatter_add_(
                     -1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=s.device))
+            g = _chain(g, _slope(x, spec.s_scale, spec.s_cap))
             gs[lo:hi] = torch.where(w_grad[:, None] != 0, g * w_grad[:, None], 0.0)
         if meter is not None:
             meter._add_rows(x, lab, keep, bad)

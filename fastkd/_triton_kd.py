@@ -20,6 +20,11 @@ the loss 4 bytes per row):
   keeps running statistics per thread (and KL's or reverse KL's divergence), sweep 2 writes the
   gradients: 5 N C b; JSD with a gradient needs its divergence first, a third sweep: 7 N C b.
   Without gradients one sweep (KL, reverse KL) or two (JSD).
+
+Logit transforms (KDSpec.s_scale / s_cap, t_scale / t_cap; ``_transform``): every tile is transformed
+as it is loaded, on every path, and so is the label's logit; the gradients take the chain rule (a
+scale folded into per-row coefficients, a softcap's slope per element). Compiled in only where set
+(S_SCALE, T_SCALE, S_CAP, T_CAP): the default compiles to the code it had without them.
 """
 from __future__ import annotations
 
@@ -183,6 +188,58 @@ def _rcp(x, FAST: tl.constexpr):
         return 1.0 / x
 
 
+# --- per-model logit transforms (KDSpec.s_scale, s_cap, t_scale, t_cap), before the temperature;
+# constexpr-gated: without them the kernels compile to the code they had before --------------------
+
+@triton.jit
+def _transform(x, scale, cap, kc, SCALE: tl.constexpr, CAP: tl.constexpr, FAST: tl.constexpr):
+    """A model's logits as it outputs them: cap tanh(scale x / cap) with a softcap (CAP), else
+    scale x (SCALE); -inf stays -inf (padding columns and masked classes keep no mass). tanh(v) =
+    1 - 2 / (exp(2 v) + 1) with kc = 2 log2(e) scale / cap: one exp2 (ex2.approx) and one reciprocal
+    (rcp.approx on a GPU) per element, |error| a few ulp of cap; +inf -> cap, NaN -> NaN. Written so
+    rather than with libdevice's tanh (the same two MUFU operations plus a polynomial branch for small
+    arguments: 16 more SASS instructions per element on sm_90) or tanh.approx (one MUFU, but relative
+    error 2^-11: 0.015 on a logit near cap = 30); exp2 and the reciprocal run the same under the
+    interpreter and on triton 3.x."""
+    if CAP:
+        r = _rcp(tl.math.exp2(x * kc) + 1.0, FAST)
+        x = tl.where(x == NEG_INF, x, cap - (cap + cap) * r)
+    elif SCALE:
+        x = x * scale
+    return x
+
+
+@triton.jit
+def _cap_constants(s_scale, s_cap, t_scale, t_cap, S_CAP: tl.constexpr, T_CAP: tl.constexpr):
+    """Per program: (kc, -1 / cap^2) of each model's softcap (stand-ins where there is none)."""
+    s_kc = s_scale
+    s_nic2 = s_scale
+    t_kc = t_scale
+    t_nic2 = t_scale
+    if S_CAP:
+        s_kc = s_scale * (2.0 * LOG2E) / s_cap
+        s_nic2 = -1.0 / (s_cap * s_cap)
+    if T_CAP:
+        t_kc = t_scale * (2.0 * LOG2E) / t_cap
+        t_nic2 = -1.0 / (t_cap * t_cap)
+    return s_kc, s_nic2, t_kc, t_nic2
+
+
+@triton.jit
+def _cap_slope(z, nic2):
+    """d z' / d (scale x) of a softcap from its output z': 1 - tanh^2 = 1 - z'^2 / cap^2 (nic2 =
+    -1 / cap^2), clamped at 0: 0 at z' = -inf (a masked class) and at z' = cap (+inf)."""
+    return tl.maximum(1.0 + (z * nic2) * z, 0.0)
+
+
+@triton.jit
+def _times(c, v, ON: tl.constexpr):
+    """c * v where ON (a per-row coefficient times a logit scale), else c."""
+    if ON:
+        c = c * v
+    return c
+
+
 # --- statistics of a tile; the looping path keeps them per thread (one vector each) -------------
 
 @triton.jit
@@ -235,34 +292,47 @@ def _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta, FAST: tl.cons
 
 @triton.jit
 def _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s, c_t, c_1,
-                 c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
+                 c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0, s_scale, t_scale, s_nic2, t_nic2,
                  DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, GRAD_S: tl.constexpr,
-                 GRAD_T: tl.constexpr, FAST: tl.constexpr, MASK_IGNORED: tl.constexpr = True):
+                 GRAD_T: tl.constexpr, FAST: tl.constexpr, S_SCALE: tl.constexpr, T_SCALE: tl.constexpr,
+                 S_CAP: tl.constexpr, T_CAP: tl.constexpr, MASK_IGNORED: tl.constexpr = True):
     """d loss / d logits of a tile from the exponentials already computed (e = exp2 of the
     tempered logits minus the row max), with the row scale folded into per-row coefficients
     c_* = gw * kd_scale / T / z_* (gw: row scale, or grad_unit for fp16 gradients; 0 for ignored
-    rows, NaN for out-of-range labels). shift: the per-row constant of the log-ratio."""
+    rows, NaN for out-of-range labels). shift: the per-row constant of the log-ratio. x, y: the
+    transformed logits; the chain rule back to the raw ones: a logit scale folds into the per-row
+    coefficients of its model's gradient (S_SCALE, T_SCALE), a softcap's slope (1 - (z'/cap)^2)
+    multiplies per element (S_CAP, T_CAP)."""
+    a_s = _times(c_s, s_scale, S_SCALE)  # coefficients of the student's gradient
+    a_t = _times(c_t, s_scale, S_SCALE)
+    b_s = _times(c_s, t_scale, T_SCALE)  # of the teacher's
+    b_t = _times(c_t, t_scale, T_SCALE)
     if DIVERGENCE == 0:  # KL(p_t || p_s): ga = p_s - p_t, gb = p_t (log p_t - log p_s - D)
-        ga = e_s * _rows(c_s) - e_t * _rows(c_t)
+        ga = e_s * _rows(a_s) - e_t * _rows(a_t)
         if GRAD_T:
-            gb = tl.where(e_t > 0, e_t * _rows(c_t) * ((y - x) * inv_temp - _rows(shift)), 0.0)
+            gb = tl.where(e_t > 0, e_t * _rows(b_t) * ((y - x) * inv_temp - _rows(shift)), 0.0)
     elif DIVERGENCE == 1:  # KL(p_s || p_t): ga = p_s (log p_s - log p_t - D), gb = p_t - p_s
-        ga = tl.where(e_s > 0, e_s * _rows(c_s) * ((x - y) * inv_temp - _rows(shift)), 0.0)
+        ga = tl.where(e_s > 0, e_s * _rows(a_s) * ((x - y) * inv_temp - _rows(shift)), 0.0)
         if GRAD_T:
-            gb = e_t * _rows(c_t) - e_s * _rows(c_s)
+            gb = e_t * _rows(b_t) - e_s * _rows(b_s)
     else:
         ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta, FAST)
-        ga = (1.0 - beta) * tl.where(ps > 0, ps * (ref_s - _rows(d_s)), 0.0) * _rows(c_s / rz_s)
+        ga = (1.0 - beta) * tl.where(ps > 0, ps * (ref_s - _rows(d_s)), 0.0) * _rows(a_s / rz_s)
         if GRAD_T:
-            gb = beta * tl.where(pt > 0, pt * (ref_t - _rows(d_t)), 0.0) * _rows(c_t / rz_t)
+            gb = beta * tl.where(pt > 0, pt * (ref_t - _rows(d_t)), 0.0) * _rows(b_t / rz_t)
     keep = _rows(keep)
     if GRAD_S:
         if HAS_CE:  # + ce_scale (softmax(s) - onehot(label)) at T = 1
-            ga += e_1 * _rows(c_1) - tl.where(cols == _rows(label), _rows(c_label), 0.0)
+            ga += e_1 * _rows(_times(c_1, s_scale, S_SCALE)) - tl.where(
+                cols == _rows(label), _rows(_times(c_label, s_scale, S_SCALE)), 0.0)
+        if S_CAP:
+            ga = ga * _cap_slope(x, s_nic2)
         if MASK_IGNORED:  # ignored rows: 0, even where their logits are not finite
             ga = tl.where(keep, ga, 0.0)
         tl.store(gs_ptr + _rows(off_g) + cols, ga.to(gs_ptr.dtype.element_ty), mask=ok)
     if GRAD_T:
+        if T_CAP:
+            gb = gb * _cap_slope(y, t_nic2)
         if MASK_IGNORED:
             gb = tl.where(keep, gb, 0.0)
         tl.store(gt_ptr + _rows(off_g) + cols, gb.to(gt_ptr.dtype.element_ty), mask=ok)
@@ -343,6 +413,16 @@ def _sum_partials(partial_ptr, counter_ptr, total_ptr, n, BLOCK: tl.constexpr):
         acc += tl.load(partial_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg")
     tl.store(total_ptr, tl.sum(acc, axis=0))
     tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _inv_count(row_count_ptr):
+    """1 / the count on the device (integer or floating), clamped at fp32's smallest normal number
+    (one FMNMX, as the clamp at 1 was): a caller's num_items below 1 (TRL's num_items_in_batch /
+    num_processes) is used as is; a count of 0 rows that count multiplies only zeros; NaN stays NaN
+    (_spec.count_on_device does the same)."""
+    c = tl.load(row_count_ptr).to(tl.float32)
+    return 1.0 / tl.maximum(c, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -446,6 +526,7 @@ def _kd_fwd_kernel(
     # scalars
     inv_temp, kd_scale, ce_scale, beta, ignore_index, inv_count,
     grad_unit,  # 0: gradients times the row scale; > 0: times grad_unit instead (fp16 gradients)
+    s_scale, t_scale, s_cap, t_cap,  # logit transforms (read where S_SCALE, T_SCALE, S_CAP, T_CAP)
     # constants
     BLOCK_N: tl.constexpr, VECS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
     ONE_PASS: tl.constexpr,
@@ -458,13 +539,16 @@ def _kd_fwd_kernel(
     REDUCE: tl.constexpr,  # also the scalar loss (sum of the scaled rows), in this launch
     N_COLS: tl.constexpr,  # C when compiled for it (short rows, one thread each), else 0
     FAST_MATH: tl.constexpr,  # per-row logs and reciprocals by lg2/rcp.approx (a GPU, not the interpreter)
+    S_SCALE: tl.constexpr, T_SCALE: tl.constexpr,  # a logit scale != 1 (student, teacher)
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr,  # a softcap (student, teacher)
 ):
     # --- per program: blocks_per_program consecutive blocks of BLOCK_N rows; the per-program work
     # (scalars, the loss partial and its ticket, the meters' atomics) is shared by them ---
-    if COUNT_ON_DEVICE:  # rows that count, summed on the device: 1 / max(count, 1)
-        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+    if COUNT_ON_DEVICE:  # rows that count, summed on the device, or a caller's num_items
+        inv_count = _inv_count(row_count_ptr)
     k = inv_temp * LOG2E  # exp((x - m) / T) = exp2(x k - m k)
     kd_g = kd_scale * inv_temp
+    s_kc, s_nic2, t_kc, t_nic2 = _cap_constants(s_scale, s_cap, t_scale, t_cap, S_CAP, T_CAP)
     loss_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     if METER_S:
         meter_s = _meter_zeros(BLOCK_N, BINS_P2)
@@ -479,14 +563,17 @@ def _kd_fwd_kernel(
         label, keep, bad, x_label, y_label, w, gw = _row_labels(
             labels_ptr, s_ptr, t_ptr, rows, row_ok, off_s, off_t, n_cols, ignore_index, inv_count, grad_unit,
             HAS_LABELS, METER_T)
+        x_label = _transform(x_label, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+        if METER_T:
+            y_label = _transform(y_label, t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
 
         # --- row statistics: max, sum of exp, and (KL, reverse KL) the divergence's sum ---
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         z1_s = acc
         if ONE_PASS:  # the rows live in registers: read once, write once; exponentials reused
             cols, ok = _tile(0, row_ok, n_cols, VECS, LANES, VEC, N_COLS)
-            x = _load(s_ptr, off_s, cols, ok)
-            y = _load(t_ptr, off_t, cols, ok)
+            x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+            y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
             m_s = _row_max(x)
             m_t = _row_max(y)
             e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
@@ -531,8 +618,8 @@ def _kd_fwd_kernel(
             parg_t = parg_s
             for c0 in range(0, n_cols, VECS * LANES * VEC):
                 cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
-                x = _load(s_ptr, off_s, cols, ok)
-                y = _load(t_ptr, off_t, cols, ok)
+                x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+                y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
                 tm_s = _thread_max(x)
                 tm_t = _thread_max(y)
                 if METER_S:
@@ -590,13 +677,15 @@ def _kd_fwd_kernel(
             if GRAD_S or GRAD_T:
                 _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s, c_t,
                              c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
-                             DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
+                             s_scale, t_scale, s_nic2, t_nic2,
+                             DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH,
+                             S_SCALE, T_SCALE, S_CAP, T_CAP)
         elif DIVERGENCE == 2 or GRAD_S or GRAD_T:
             # sweep 2: JSD's divergence, and the gradients unless they wait for it (THIRD_SWEEP)
             for c0 in range(0, n_cols, VECS * LANES * VEC):
                 cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
-                x = _load(s_ptr, off_s, cols, ok)
-                y = _load(t_ptr, off_t, cols, ok)
+                x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+                y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
                 e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
                 e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
                 e_1 = e_s
@@ -610,12 +699,14 @@ def _kd_fwd_kernel(
                 if not THIRD_SWEEP and (GRAD_S or GRAD_T):
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
                                  c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
-                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
+                                 s_scale, t_scale, s_nic2, t_nic2,
+                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH,
+                                 S_SCALE, T_SCALE, S_CAP, T_CAP)
             if THIRD_SWEEP:  # sweep 3: JSD's gradients
                 for c0 in range(0, n_cols, VECS * LANES * VEC):
                     cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
-                    x = _load(s_ptr, off_s, cols, ok)
-                    y = _load(t_ptr, off_t, cols, ok)
+                    x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+                    y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
                     e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
                     e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
                     e_1 = e_s
@@ -623,7 +714,9 @@ def _kd_fwd_kernel(
                         e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
                                  c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
-                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH)
+                                 s_scale, t_scale, s_nic2, t_nic2,
+                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH,
+                                 S_SCALE, T_SCALE, S_CAP, T_CAP)
 
         # --- the loss of each row, its sum, the calibration statistics ---
         loss = _row_loss(d_s, d_t, lse_1, x_label, keep, w, kd_scale, ce_scale, beta, DIVERGENCE, HAS_CE)
@@ -662,12 +755,14 @@ def _kd_split_kernel(
     n_rows, n_cols, n_inner, stride_so, stride_si, stride_to, stride_ti, n_groups, rows_per_group,
     # scalars
     inv_temp, kd_scale, ce_scale, beta, ignore_index, inv_count, grad_unit,
+    s_scale, t_scale, s_cap, t_cap,  # logit transforms (read where S_SCALE, T_SCALE, S_CAP, T_CAP)
     # constants
     PARTS: tl.constexpr, PARTS_P2: tl.constexpr, VECS: tl.constexpr, LANES: tl.constexpr,
     VEC: tl.constexpr, ROWS_3D: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     METER_S: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr, STUDENT_T1: tl.constexpr,
     TEMP_ONE: tl.constexpr, REDUCE: tl.constexpr, FAST_MATH: tl.constexpr,
+    S_SCALE: tl.constexpr, T_SCALE: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     PHASE: tl.constexpr,  # 0: the whole path in one (cooperative) launch; 1, 2: its halves, in two
 ):
     """Long rows kept on chip: a row is split over PARTS programs, each holding its chunk of s and t
@@ -682,9 +777,10 @@ def _kd_split_kernel(
     part = tl.program_id(0) % PARTS
     c0 = part * (VECS * LANES * VEC)
     if COUNT_ON_DEVICE:
-        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+        inv_count = _inv_count(row_count_ptr)
     k = inv_temp * LOG2E
     kd_g = kd_scale * inv_temp
+    s_kc, s_nic2, t_kc, t_nic2 = _cap_constants(s_scale, s_cap, t_scale, t_cap, S_CAP, T_CAP)
     parts = tl.arange(0, PARTS_P2)
     loss_sum = tl.zeros([1], dtype=tl.float32)
     if METER_S:
@@ -697,9 +793,10 @@ def _kd_split_kernel(
         label, keep, bad, x_label, y_label, w, gw = _row_labels(
             labels_ptr, s_ptr, t_ptr, rows, row_ok, off_s, off_t, n_cols, ignore_index, inv_count, grad_unit,
             HAS_LABELS, False)
+        x_label = _transform(x_label, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
         cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
-        x = _load(s_ptr, off_s, cols, ok)
-        y = _load(t_ptr, off_t, cols, ok)
+        x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+        y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
         # the slot of this row's statistics: two per group, alternating (a part may write the next
         # row's while another still reads this one's); one per row when split in two launches
         if PHASE > 0:
@@ -765,12 +862,15 @@ def _kd_split_kernel(
                 if tl.sum(keep.to(tl.int32), axis=0) > 0:  # the row is one for the whole program
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s * fc_s,
                                  c_t * fc_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
-                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH, False)
+                                 s_scale, t_scale, s_nic2, t_nic2,
+                                 DIVERGENCE, HAS_CE, GRAD_S, GRAD_T, FAST_MATH,
+                                 S_SCALE, T_SCALE, S_CAP, T_CAP, False)
                 else:  # an ignored row: zeros
                     zero = tl.zeros(x.shape, dtype=tl.float32)
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, zero, zero, zero, zero, zero, label,
                                  c_s * 0.0, c_t * 0.0, c_1 * 0.0, c_label * 0.0, shift * 0.0, d_s, d_t, inv_temp,
-                                 beta, rz_s, rz_t, a0, b0, DIVERGENCE, False, GRAD_S, GRAD_T, FAST_MATH, False)
+                                 beta, rz_s, rz_t, a0, b0, s_scale, t_scale, s_nic2, t_nic2,
+                                 DIVERGENCE, False, GRAD_S, GRAD_T, FAST_MATH, False, False, False, False, False)
             if part == 0:  # one part per row: its loss and calibration statistics
                 loss = _row_loss(d_s, d_t, lse_1, x_label, keep, w, kd_scale, ce_scale, beta, DIVERGENCE,
                                  HAS_CE)
@@ -930,6 +1030,12 @@ def _split_plan(n, c, spec: KDSpec, grad_s, grad_t, meter_t, size, strides, addr
                 ints=dict(n_groups=groups, rows_per_group=triton.cdiv(n, groups)))
 
 
+def _transform_consts(spec: KDSpec) -> dict:
+    """The constexprs of the logit transforms: each compiled in only where set."""
+    return dict(S_SCALE=spec.s_scale != 1.0, T_SCALE=spec.t_scale != 1.0, S_CAP=spec.s_cap > 0.0,
+                T_CAP=spec.t_cap > 0.0)
+
+
 def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, meter_s, meter_t, reduce,
           device_name="", rows=(1, None, 0, None, 0), fast_math=True, addresses=(), split_ok=True, sms=132):
     """The launch of one call: path ("one-pass", "split-row", "2-sweep", "3-sweep" or "1-sweep"),
@@ -952,7 +1058,8 @@ def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, mete
         DIVERGENCE=spec.divergence, HAS_LABELS=has_labels, HAS_CE=spec.has_ce,
         COUNT_ON_DEVICE=False, GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter_s, METER_T=meter_t,
         NUM_BINS=15, BINS_P2=16, STUDENT_T1=spec.has_ce or meter_s, TEMP_ONE=spec.inv_temperature == 1.0,
-        THIRD_SWEEP=third, REDUCE=reduce, N_COLS=c if one_pass and lanes == 1 else 0, FAST_MATH=fast_math)
+        THIRD_SWEEP=third, REDUCE=reduce, N_COLS=c if one_pass and lanes == 1 else 0, FAST_MATH=fast_math,
+        **_transform_consts(spec))
     split = _split_plan(n, c, spec, grad_s, grad_t, meter_t, size, (so, si, to, ti), addresses, sms)
     if not one_pass and split_ok and split is not None:
         return dict(split, consts=dict(split["consts"], ROWS_3D=n_inner > 1, DIVERGENCE=spec.divergence,
@@ -960,7 +1067,7 @@ def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, mete
                                        GRAD_S=grad_s, GRAD_T=grad_t, METER_S=meter_s, NUM_BINS=15, BINS_P2=16,
                                        STUDENT_T1=spec.has_ce or meter_s,
                                        TEMP_ONE=spec.inv_temperature == 1.0, REDUCE=reduce,
-                                       FAST_MATH=fast_math, PHASE=0),
+                                       FAST_MATH=fast_math, PHASE=0, **_transform_consts(spec)),
                     ints=dict(split["ints"], n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si,
                               stride_to=to, stride_ti=ti))
     n_blocks = triton.cdiv(n, block_n)
@@ -1008,7 +1115,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                 gt if grad_t else dummy, row_count if torch.is_tensor(row_count) else dummy, edges,
                 meter._state_on(s.device) if meter is not None else dummy)
     scalars = (spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.ignore_index,
-               inv_count_on_host(row_count), spec.grad_unit)
+               inv_count_on_host(row_count), spec.grad_unit, spec.s_scale, spec.t_scale, spec.s_cap, spec.t_cap)
     with _on(s.device):  # the capture check and the launch look at the tensors' device
         split_ok = _split_runs(s.device)
         plan = _plan(*args, split_ok=split_ok, sms=_sm_count(s.device))

@@ -7,6 +7,7 @@ The gradient is written densely as p_s,j (1 - p_tail / p_s,tail) — the value o
 the teacher's list — then, after a barrier, the K listed classes are overwritten with
 p_s,k - p_k: no membership test per element, K scattered stores per row. Traffic per row:
 read s + write grad (+ one more read of s on the looping path) + 12 K bytes of teacher.
+The student's logit transforms (KDSpec.s_scale, s_cap) are _triton_kd's, gated the same way.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
-from ._triton_kd import NEG_INF, _meter_flush, _meter_rows, _meter_zeros, _on
+from ._triton_kd import (NEG_INF, _cap_constants, _cap_slope, _interpreted, _inv_count, _meter_flush,
+                         _meter_rows, _meter_zeros, _on, _transform)
 
 ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}  # longest row kept in registers, by element size
 LOOP_BLOCK_C = 4096
@@ -47,11 +49,15 @@ def _load_row(s_ptr, row_off, cols, n_cols):
 
 
 @triton.jit
-def _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, HAS_CE: tl.constexpr):
-    """Every class as if off the teacher's list: kd_g p_s c_off + ce (p - onehot), times gw."""
+def _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, s_nic2, HAS_CE: tl.constexpr,
+                S_CAP: tl.constexpr):
+    """Every class as if off the teacher's list: kd_g p_s c_off + ce (p - onehot), times gw (which
+    carries the logit scale) and, with a softcap, its slope."""
     g = kd_g * tl.exp(x * inv_temp - lse_a[:, None]) * c_off[:, None]
     if HAS_CE:
         g += ce_scale * (tl.exp(x - lse_1[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+    if S_CAP:
+        g = g * _cap_slope(x, s_nic2)
     return tl.where(gw[:, None] != 0, g * gw[:, None], 0.0)
 
 
@@ -60,11 +66,15 @@ def _sparse_kd_fwd_kernel(
     s_ptr, ids_ptr, lp_ptr, labels_ptr, loss_ptr, gs_ptr, row_count_ptr, edges_ptr, meter_ptr,
     n_cols, n_k, stride_s, stride_k, stride_gs,
     inv_temp, kd_scale, ce_scale, ignore_index, inv_count, grad_unit, tail_floor,
+    s_scale, s_cap,  # the student's logit transform (read where S_SCALE, S_CAP)
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, BUCKET: tl.constexpr,
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr,
     METER: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr, STUDENT_T1: tl.constexpr,
+    S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
+    FAST_MATH: tl.constexpr,  # the softcap's reciprocal by rcp.approx (a GPU, not the interpreter)
 ):
     rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)  # one row, kept as a [1] vector
+    s_kc, s_nic2, _, _ = _cap_constants(s_scale, s_cap, s_scale, s_cap, S_CAP, False)
     row_off = rows[:, None] * stride_s
     ks = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_ptr + rows[:, None] * stride_k + ks[None, :], mask=ks[None, :] < n_k, other=-1)
@@ -78,17 +88,19 @@ def _sparse_kd_fwd_kernel(
         bad = bad | (label < 0) | (label >= n_cols)
         x_label = tl.load(s_ptr + rows * stride_s + tl.where(bad, 0, label), mask=keep & ~bad,
                           other=0.0).to(tl.float32)
-        x_label = tl.where(bad, float("nan"), x_label)
+        x_label = _transform(tl.where(bad, float("nan"), x_label), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
     else:
         label = tl.zeros([1], dtype=tl.int64)
         keep = rows >= 0
         x_label = tl.zeros([1], dtype=tl.float32)
     if COUNT_ON_DEVICE:
-        inv_count = 1.0 / tl.maximum(tl.load(row_count_ptr).to(tl.float32), 1.0)
+        inv_count = _inv_count(row_count_ptr)
     w = tl.where(keep, inv_count, 0.0)
     gw = tl.where(grad_unit > 0, tl.where(keep, grad_unit, 0.0), w)
     w = tl.where(bad & keep, float("nan"), w)
     gw = tl.where(bad & keep, float("nan"), gw)
+    if S_SCALE:  # d z' / d x = scale (times the softcap's slope, per element)
+        gw = gw * s_scale
 
     # the student's softmax statistics over the whole row
     zero = tl.zeros([1], dtype=tl.float32)
@@ -96,17 +108,20 @@ def _sparse_kd_fwd_kernel(
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_C)
         x, mask = _load_row(s_ptr, row_off, cols, n_cols)
+        x = _transform(x, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
         m, z_t, z_1, z_2, arg = _online_stats(m, z_t, z_1, z_2, arg, x, cols, inv_temp, STUDENT_T1)
     else:
         for c0 in range(0, n_cols, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             x, mask = _load_row(s_ptr, row_off, cols, n_cols)
+            x = _transform(x, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
             m, z_t, z_1, z_2, arg = _online_stats(m, z_t, z_1, z_2, arg, x, cols, inv_temp, STUDENT_T1)
     lse_a = m * inv_temp + tl.log(z_t)
     lse_1 = m + tl.log(z_1)
 
     # the K listed classes: student (gathered) and teacher (tempered, + the tail bucket)
     x_k = tl.load(s_ptr + row_off + at, mask=listed, other=0.0).to(tl.float32)
+    x_k = _transform(x_k, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
     lps_k = x_k * inv_temp - lse_a[:, None]
     ps_k = tl.where(listed, tl.exp(lps_k), 0.0)
     lq = tl.load(lp_ptr + rows[:, None] * stride_k + ks[None, :], mask=listed, other=0.0).to(tl.float32)
@@ -138,19 +153,23 @@ def _sparse_kd_fwd_kernel(
     if GRAD_S:
         c_off = 1.0 - p_tail / ps_tail
         if ONE_PASS:
-            g = _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, HAS_CE)
+            g = _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, s_nic2, HAS_CE, S_CAP)
             tl.store(gs_ptr + rows[:, None] * stride_gs + cols[None, :], g.to(gs_ptr.dtype.element_ty), mask=mask)
         else:
             for c0 in range(0, n_cols, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 x, mask = _load_row(s_ptr, row_off, cols, n_cols)
-                g = _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, HAS_CE)
+                x = _transform(x, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
+                g = _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, s_nic2, HAS_CE,
+                                S_CAP)
                 tl.store(gs_ptr + rows[:, None] * stride_gs + cols[None, :], g.to(gs_ptr.dtype.element_ty),
                          mask=mask)
         tl.debug_barrier()  # the dense stores land before the listed classes are overwritten
         g_k = kd_g[:, None] * (ps_k - p_k)
         if HAS_CE:
             g_k += ce_scale * (tl.exp(x_k - lse_1[:, None]) - tl.where(at == label[:, None], 1.0, 0.0))
+        if S_CAP:
+            g_k = g_k * _cap_slope(x_k, s_nic2)
         g_k = tl.where(gw[:, None] != 0, g_k * gw[:, None], 0.0)
         tl.store(gs_ptr + rows[:, None] * stride_gs + at, g_k.to(gs_ptr.dtype.element_ty), mask=listed)
     if METER:
@@ -179,11 +198,12 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
             meter._state_on(s.device) if meter is not None else dummy,
             c, k, s.stride(0), ids.stride(0), gs.stride(0) if grad_s else 0,
             spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.ignore_index, inv_count_on_host(row_count),
-            spec.grad_unit, SPARSE_TAIL_FLOOR,
+            spec.grad_unit, SPARSE_TAIL_FLOOR, spec.s_scale, spec.s_cap,
             BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(k), ONE_PASS=one_pass, BUCKET=bucket,
             HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
             GRAD_S=grad_s, METER=meter is not None, NUM_BINS=num_bins,
             BINS_P2=triton.next_power_of_2(num_bins + 1), STUDENT_T1=spec.has_ce or meter is not None,
+            S_SCALE=spec.s_scale != 1.0, S_CAP=spec.s_cap > 0.0, FAST_MATH=not _interpreted(),
             num_warps=min(16, max(4, block_c // 256)),
         )
     return (loss.sum() if reduce else loss), gs

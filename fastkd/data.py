@@ -4,21 +4,38 @@
 stratified train / validation / test split. ``cifar10`` / ``cifar100``: torchvision's dataset
 classes read the standard python-pickle batches from ``data_dir`` (downloaded only with
 ``download=True``); images stay uint8 on the device and are normalised and augmented there.
+
+A data file that cannot be loaded as asked raises :class:`DataError` naming the file and what is
+wrong with it (the CLI prints it as one line, exit status 2), before any model is built or anything
+written. torchvision reads the CIFAR files; its result is checked (uint8 images, one label per image,
+labels in range, the class names). When torchvision fails (bytes keys, a truncated pickle: errors
+that name no file) or its result is wrong (rows of the wrong length read as other images, labels that
+would only fail during training), each file is unpickled again and checked on its own to name the
+one at fault. A good data set is read once. What no check can see: pixels in another order within
+rows of the right length (height, width, channels instead of channels first).
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DATASETS = ("digits", "cifar10", "cifar100")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+PIXELS = 3 * 32 * 32  # one CIFAR image: a row of uint8, the red plane, then green, then blue
 
 
 class DataError(ValueError):
     """A data set that cannot be loaded as asked (the CLI prints it as one line)."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 @dataclass
@@ -89,12 +106,47 @@ def _stratified_split(y: torch.Tensor, fractions, seed: int):
     return [torch.sort(torch.cat(p)).values for p in parts]
 
 
-def load_digits(device, seed: int = 0) -> DataBundle:
+def _digits_file() -> str:
+    """Where scikit-learn keeps the digits (for error messages)."""
+    try:
+        from importlib import resources
+
+        return str(resources.files("sklearn.datasets.data") / "digits.csv.gz")
+    except Exception:  # an unusual install: name the data set instead
+        return "scikit-learn's digits.csv.gz"
+
+
+def _sklearn_digits():
+    """(pixels, labels) of scikit-learn's digits as numpy arrays; DataError naming the file if they
+    cannot be read or are not 8x8 images labelled 0-9."""
     from sklearn.datasets import load_digits as sk_digits
 
-    ds = sk_digits()
-    x = torch.tensor(ds.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(ds.target, dtype=torch.long)
+    try:
+        ds = sk_digits()
+    except Exception as e:  # a truncated or edited digits.csv.gz: gzip, numpy or sklearn errors
+        raise DataError(f"cannot read scikit-learn's digits ({_digits_file()}): {type(e).__name__}: "
+                        f"{_first_line(e)}; reinstalling scikit-learn restores the file") from None
+    x, y = np.asarray(ds.data), np.asarray(ds.target)
+    problem = None
+    if x.ndim != 2 or x.shape[1] != 64 or len(x) == 0:
+        problem = f"pixels of shape {x.shape}, not (N, 64)"
+    elif not np.isfinite(x).all():
+        problem = "non-finite pixels"
+    elif y.shape != (len(x),) or y.dtype.kind not in "iu":
+        problem = f"labels of shape {y.shape} and dtype {y.dtype} for {len(x)} images"
+    elif y.min() < 0 or y.max() > 9:
+        i = int(np.argmax((y < 0) | (y > 9)))
+        problem = f"label {y[i]} (image {i}) outside 0-9"
+    if problem:
+        raise DataError(f"scikit-learn's digits ({_digits_file()}) hold {problem}; reinstalling "
+                        "scikit-learn restores the file")
+    return x, y
+
+
+def load_digits(device, seed: int = 0) -> DataBundle:
+    pixels, labels = _sklearn_digits()
+    x = torch.tensor(pixels, dtype=torch.float32) / 16.0
+    y = torch.tensor(labels, dtype=torch.long)
     train, val, test = _stratified_split(y, (0.6, 0.2, 0.2), seed)
     dev = torch.device(device)
     return DataBundle("digits", 10, [str(c) for c in range(10)], x[train].to(dev), y[train].to(dev),
@@ -103,6 +155,7 @@ def load_digits(device, seed: int = 0) -> DataBundle:
 
 def _cifar_class(name):
     from torchvision import datasets
+    from torchvision.datasets.vision import VisionDataset
 
     base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
@@ -113,22 +166,147 @@ def _cifar_class(name):
         test_list = [[name, None] for name, _ in base.test_list]
         meta = {**base.meta, "md5": None}
 
+        @classmethod
+        def fetch(cls, root: str):
+            """torchvision's download (nothing to do when every file is there), without reading the files."""
+            ds = cls.__new__(cls)
+            VisionDataset.__init__(ds, root)
+            ds.download()
+
     return Cifar
+
+
+def _unpickle(path: Path):
+    """The object in one CIFAR file, unpickled as torchvision unpickles it (latin1: the originals are
+    Python 2 pickles)."""
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # EOFError, UnpicklingError, ValueError...: whatever the bytes make pickle raise
+        raise DataError(f"{path} cannot be unpickled ({type(e).__name__}: {_first_line(e)}): "
+                        "truncated, or not a CIFAR python-pickle file") from None
+
+
+def _entries(path: Path, obj, keys: tuple[str, ...]) -> list:
+    """``obj[k]`` for each key; DataError when ``obj`` is not a dict with those str keys."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} holds a {type(obj).__name__}, not the dict of a CIFAR file")
+    missing = [k for k in keys if k not in obj]
+    if missing and all(k.encode() in obj for k in missing):  # pickled from Python 3 with bytes keys
+        raise DataError(f"{path} has bytes keys ({', '.join(repr(k.encode()) for k in keys)}); torchvision "
+                        f"reads str keys ({', '.join(map(repr, keys))}): pickle the dict with str keys")
+    if missing:
+        found = ", ".join(map(repr, list(obj)[:6])) + (", ..." if len(obj) > 6 else "")
+        raise DataError(f"{path} has no {missing[0]!r} key (its keys: {found or 'none'})")
+    return [obj[k] for k in keys]
+
+
+def _check_batch(path: Path, obj, name: str):
+    """One batch file holds (N, 3072) uint8 rows (or (N, 3, 32, 32), which torchvision reads alike)
+    and N integer labels in range."""
+    label_key = "labels" if name == "cifar10" or (isinstance(obj, dict) and "labels" in obj) else "fine_labels"
+    data, labels = _entries(path, obj, ("data", label_key))  # torchvision's choice of label key
+    layout = "CIFAR stores one image per row: 3072 uint8 values (3x32x32, channels first), shape (N, 3072)"
+    if not isinstance(data, np.ndarray):
+        raise DataError(f"{path}: 'data' is a {type(data).__name__}, not a numpy array; {layout}")
+    if data.ndim < 1 or tuple(data.shape[1:]) not in ((PIXELS,), (3, 32, 32)):
+        raise DataError(f"{path}: 'data' has shape {tuple(data.shape)}; {layout}")
+    if data.dtype != np.uint8:
+        raise DataError(f"{path}: 'data' holds {data.dtype}, not uint8 pixels (0-255); {layout}")
+    problem = _labels_problem(labels, len(data), name, label_key)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+
+
+def _labels_problem(labels, images: int, name: str, key: str = "labels") -> str | None:
+    """What is wrong with the labels of ``images`` images of CIFAR ``name``, or None."""
+    try:
+        y = np.asarray(labels)
+    except ValueError as e:  # a ragged list
+        return f"{key!r} is not a list of integers ({_first_line(e)})"
+    if y.ndim != 1 or (len(y) and y.dtype.kind not in "iu"):
+        return f"{key!r} is not a list of integers (found {y.dtype} of shape {y.shape})"
+    if len(y) != images:
+        return f"{images} images but {len(y)} labels"
+    classes = CIFAR_CLASSES[name]
+    outside = (y < 0) | (y >= classes)
+    if outside.any():
+        i = int(np.argmax(outside))
+        return f"label {y[i]} (image {i}) is outside 0-{classes - 1}: {name} has {classes} classes"
+    return None
+
+
+def _names_problem(names, key: str, name: str) -> str | None:
+    """What is wrong with the class names read from the meta file, or None."""
+    classes = CIFAR_CLASSES[name]
+    if not isinstance(names, (list, tuple)) or len(names) != classes:
+        count = f"{len(names)} entries" if isinstance(names, (list, tuple)) else f"a {type(names).__name__}"
+        return f"{key!r} holds {count}; {name} has {classes} class names"
+    if not all(isinstance(n, str) for n in names):
+        kind = next(type(n).__name__ for n in names if not isinstance(n, str))
+        return f"{key!r} holds {kind} names ({names[0]!r}, ...); torchvision reads str names: pickle them as str"
+    return None
+
+
+def _cifar_files(name: str, root: Path):
+    """(folder, batch file names, meta file name, meta key) of CIFAR ``name`` under ``root``;
+    DataError naming what is missing."""
+    cls = _cifar_class(name)
+    folder = root / cls.base_folder
+    if not folder.is_dir():
+        raise DataError(f"{root} has no {cls.base_folder} folder (pass --download to fetch {name})")
+    batches = [f for f, _ in cls.train_list + cls.test_list]
+    missing = [f for f in [*batches, cls.meta["filename"]] if not (folder / f).exists()]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)} (pass --download to fetch {name})")
+    return folder, batches, cls.meta["filename"], cls.meta["key"]
+
+
+def check_cifar_files(name: str, root: Path):
+    """Unpickles and checks each file of CIFAR ``name`` under ``root`` on its own, as torchvision
+    reads it. Raises DataError naming the first file that is missing or wrong."""
+    folder, batches, meta, key = _cifar_files(name, root)
+    for f in batches:
+        _check_batch(folder / f, _unpickle(folder / f), name)
+    (names,) = _entries(folder / meta, _unpickle(folder / meta), (key,))
+    problem = _names_problem(names, key, name)
+    if problem:
+        raise DataError(f"{folder / meta}: {problem}")
+
+
+def _loaded_problem(ds, name: str) -> str | None:
+    """What is wrong with what torchvision read (one split), or None."""
+    x = ds.data
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
+        return f"images of {getattr(x, 'dtype', type(x).__name__)}, not uint8"
+    return _labels_problem(ds.targets, len(x), name) or _names_problem(ds.classes, "classes", name)
 
 
 def load_cifar(name: str, data_dir, device, download: bool = False, seed: int = 0,
                val_fraction: float = 0.1) -> DataBundle:
     if data_dir is None:
         raise DataError(f"--data-dir is required for {name}")
-    root = Path(data_dir)
+    root = Path(data_dir).expanduser()
     if not root.is_dir() and not download:
         raise DataError(f"data directory {root} does not exist (pass --download to fetch {name})")
     cls = _cifar_class(name)
+    if download:
+        try:
+            cls.fetch(str(root))
+        except RuntimeError as e:  # torchvision: the archive's checksum does not match
+            raise DataError(f"downloading {name} to {root} failed: {_first_line(e)}") from None
+    folder = _cifar_files(name, root)[0]
     try:
-        train = cls(str(root), train=True, download=download)
-        test = cls(str(root), train=False, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
-        raise DataError(f"{name} not found under {root} ({e}); pass --download to fetch it") from None
+        train = cls(str(root), train=True)
+        test = cls(str(root), train=False)
+        problem = _loaded_problem(train, name) or _loaded_problem(test, name)
+    except Exception as e:  # KeyError('data'), UnpicklingError, ValueError from a reshape...: no file named
+        problem = f"{type(e).__name__}: {_first_line(e)}"
+    if problem:
+        check_cifar_files(name, root)  # names the file at fault and what is wrong with it
+        raise DataError(f"torchvision cannot read {name} in {folder}: {problem}")  # no single file at fault
     dev = torch.device(device)
 
     def tensors(ds):
@@ -138,7 +316,13 @@ def load_cifar(name: str, data_dir, device, download: bool = False, seed: int = 
     x, y = tensors(train)
     keep, val = _stratified_split(y, (1 - val_fraction, val_fraction), seed)
     xt, yt = tensors(test)
-    return DataBundle(name, len(train.classes), list(train.classes), x[keep].to(dev), y[keep].to(dev),
+    if len(xt) == 0:
+        test_files = ", ".join(f for f, _ in cls.test_list)
+        raise DataError(f"{folder}: {test_files} holds no images; the study reports on the test split")
+    if len(val) == 0:
+        raise DataError(f"{folder}: {len(x)} training images leave the validation split ({val_fraction:.0%} "
+                        "of each class) empty; the study needs at least one (a class of 5 images gives one)")
+    return DataBundle(name, CIFAR_CLASSES[name], list(train.classes), x[keep].to(dev), y[keep].to(dev),
                       x[val].to(dev), y[val].to(dev), xt.to(dev), yt.to(dev), augment=True)
 
 

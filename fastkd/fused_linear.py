@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
 from .calibration import CalibrationMeter, _check_labels
-from .loss import _backward_factor, _check_logits, _check_meters, _check_objective, _check_real, _row_count
+from ._torch_kd import _transform
+from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _check_meters, _check_objective,
+                   _check_real, _check_transforms, _row_count)
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
@@ -144,8 +146,9 @@ class _FusedLinearKD(torch.autograd.Function):
 
 def _entropy(s, spec: KDSpec):
     """Per row, the entropy (nats) of the student's distribution that the divergence compares,
-    softmax(s / T); one extra read of the chunk's logits, only when asked for."""
-    return torch.special.entr((s.float() * spec.inv_temperature).softmax(-1)).sum(-1)
+    softmax(z' / T) of its transformed logits; one extra read of the chunk's logits, only when asked."""
+    z = _transform(s.float(), spec.s_scale, spec.s_cap)
+    return torch.special.entr((z * spec.inv_temperature).softmax(-1)).sum(-1)
 
 
 def _full(x):
@@ -182,7 +185,9 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
                          chunk_size: int | None = None, backend: str | None = None,
                          num_items: float | Tensor | None = None, meter: CalibrationMeter | None = None,
                          teacher_meter: CalibrationMeter | None = None,
-                         return_entropy: bool = False, group=None) -> Tensor | tuple[Tensor, Tensor]:
+                         return_entropy: bool = False, student_logit_scale: float = 1.0,
+                         teacher_logit_scale: float = 1.0, student_softcap: float | None = None,
+                         teacher_softcap: float | None = None, group=None) -> Tensor | tuple[Tensor, Tensor]:
     """``kd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, labels, ...)`` without materialising the logits.
 
     Hidden states ``(..., H)`` (student and teacher may have different H), weights ``(V, H)``.
@@ -197,11 +202,16 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     anyway (the teacher's over the student's classes, as the loss compares them).
     ``return_entropy``: return ``(loss, entropy_sum)``, the second the sum over the rows that
     count of the entropy (nats) of the student's softmax(s / T), detached: a training metric.
-    ``group``: column-parallel heads, each rank holding its vocabulary rows of both weights (and
+    The logit transforms (``*_logit_scale``, ``*_softcap``) are :func:`kd_loss`'s (the entropy is
+    of the transformed student). ``group``: column-parallel heads, each rank holding its vocabulary rows of both weights (and
     biases) and the same hidden states (see :mod:`fastkd.vocab_parallel`).
     """
+    transforms = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     if group is not None:
-        from .vocab_parallel import fused_linear
+        from .vocab_parallel import fused_linear, refuse_unsupported
+
+        refuse_unsupported(**{name: None if value in (1.0, None) else value for name, value in zip(
+            ("student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap"), transforms)})
 
         return fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, group=group,
                             student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
@@ -215,7 +225,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         loss, entropy_sum = _fused_linear(
             *args, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
             ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size, backend=backend,
-            num_items=num_items, meters=(meter, teacher_meter), entropy=return_entropy)
+            num_items=num_items, meters=(meter, teacher_meter), entropy=return_entropy, transforms=transforms)
     return (loss, entropy_sum) if return_entropy else loss
 
 
@@ -242,12 +252,16 @@ def _check_flag(value, name):
     return value
 
 
-def _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes) -> KDSpec:
+def _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes,
+                 transforms=(1.0, 1.0, None, None)) -> KDSpec:
+    s_scale, t_scale, s_cap, t_cap = _check_transforms(*transforms)
     kd_scale = alpha * temperature**2 / (v_s if reduction == "mean" else 1)
-    # fp16: the kernel's gradient is kept unit-scaled (<= 1) for the GEMMs, the row scale applied in fp32
-    grad_unit = 1.0 / (kd_scale / temperature + 1.0 - alpha) if torch.float16 in dtypes else 0.0
+    # fp16: the kernel's gradient is kept unit-scaled (<= 1) for the GEMMs, the row scale applied in
+    # fp32; a logit scale multiplies the bound (d z' / d z <= scale)
+    bound = (kd_scale / temperature + 1.0 - alpha) * max(s_scale, t_scale)
+    grad_unit = 1.0 / bound if torch.float16 in dtypes else 0.0
     return KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, DIVERGENCES.index(divergence), beta, ignore_index,
-                  grad_unit)
+                  grad_unit, s_scale, t_scale, s_cap, t_cap)
 
 
 def _counted_rows(labels, ignore_index, reduction, num_items, *tensors):
@@ -262,7 +276,7 @@ def _counted_rows(labels, ignore_index, reduction, num_items, *tensors):
 
 def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   labels, *, temperature, alpha, divergence, beta, ignore_index, reduction, chunk_size, backend,
-                  num_items, meters, entropy):
+                  num_items, meters, entropy, transforms):
     _check_linear(student_hidden, student_weight, student_bias, "student")
     _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
@@ -278,12 +292,14 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     _check_meters(*meters, labels, student_hidden.device)
     _check_flag(entropy, "return_entropy")
     dtypes = (student_hidden.dtype, teacher_hidden.dtype)
-    impl = backends.resolve(backend, student_hidden.device, dtypes)
+    spec = _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes, transforms)
+    name = backends.resolve_name(backend, student_hidden.device, dtypes)
+    _check_backend_transforms(name, spec)
+    impl = backends.module(name)
 
     lab, (hs, ht), row_count = _counted_rows(labels, ignore_index, reduction, num_items, student_hidden,
                                               teacher_hidden)
     chunk = chunk_size or max(1, CHUNK_LOGITS // max(v_s, teacher_weight.shape[0]))
-    spec = _linear_spec(temperature, alpha, divergence, beta, ignore_index, reduction, v_s, dtypes)
     return _FusedLinearKD.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, lab,
                                 row_count, spec, impl, chunk, None, meters, entropy)
 
@@ -294,14 +310,15 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
                                 tail: str = "bucket", ignore_index: int = -100, reduction: str = "batchmean",
                                 chunk_size: int | None = None, backend: str | None = None,
                                 validate_labels: bool = True, num_items: float | Tensor | None = None,
-                                meter: CalibrationMeter | None = None,
-                                return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                                meter: CalibrationMeter | None = None, return_entropy: bool = False,
+                                student_logit_scale: float = 1.0,
+                                student_softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
     cache or a serving engine). Peak memory: one chunk of student logits and its gradient
     (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights).
-    ``num_items``, ``meter``, ``return_entropy`` and the projected rows: as in
-    :func:`fused_linear_kd_loss`."""
+    ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms and the projected
+    rows: as in :func:`fused_linear_kd_loss`."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     hidden, weight, bias = _follow_autocast(device_type, student_hidden, _full(student_weight), _full(student_bias))
     with torch.autocast(device_type, enabled=False):
@@ -324,7 +341,8 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
             raise ValueError(f"backend {name!r} has no sparse-teacher kernel; use backend='triton' or 'torch'")
         lab, (hs, ids, lp), row_count = _counted_rows(labels, ignore_index, reduction, num_items, hidden,
                                                        teacher_ids.to(torch.int64), teacher_logprobs)
-        spec = _linear_spec(temperature, alpha, "kl", 0.5, ignore_index, reduction, v, (hidden.dtype,))
+        spec = _linear_spec(temperature, alpha, "kl", 0.5, ignore_index, reduction, v, (hidden.dtype,),
+                            (student_logit_scale, 1.0, student_softcap, None))
         sparse = (importlib.import_module(SPARSE_KERNELS[impl.__name__]), tail == "bucket")
         loss, entropy_sum = _FusedLinearKD.apply(hs, weight, bias, ids, lp, None, lab, row_count, spec, impl, chunk,
                                                  sparse, (meter, None), return_entropy)
@@ -336,11 +354,14 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "batchmean", chunk_size: int | None = None,
-                 backend: str | None = None, group=None):
+                 backend: str | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
         super().__init__()
         self.kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                       backend=backend, group=group)
+                       backend=backend, student_logit_scale=student_logit_scale,
+                       teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                       teacher_softcap=teacher_softcap, group=group)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Tensor | None = None, student_bias: Tensor | None = None,

@@ -14,6 +14,12 @@ Reductions: "batchmean" = sum / rows that count, "sum", "mean" = F.kl_div's (the
 also divided by C; the CE part is a mean over rows, as F.cross_entropy's), "none" = per row.
 Rows whose label is ``ignore_index`` add nothing and do not count.
 
+Logit transforms (per model, before the temperature; the hard-label CE and the meters see them
+too): z' = cap tanh(scale z / cap) with a softcap, else scale z — ``logit_scale`` (Cohere; Granite's
+1 / logits_scaling) and Gemma's final-logit softcapping, in TRL's order (scale, softcap, then 1/T).
+A -inf logit stays -inf under a softcap (a masked class keeps no mass; the plain formula would give
+it -cap), and its gradient is 0; +inf tends to +cap.
+
 The gradient is computed in the forward pass (the loss is almost always the last op); the
 backward only scales it by ``grad_output``.
 """
@@ -27,7 +33,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends
-from ._spec import DIVERGENCES, KDSpec, inv_count_on_host
+from ._spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
 from .calibration import CalibrationMeter, _check_labels
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -90,16 +96,37 @@ def _check_meters(meter, teacher_meter, labels, device):
         raise ValueError("meter and teacher_meter must have the same num_bins")
 
 
-def _grad_unit(kd_g, ce_scale, divergence, dtypes) -> float:
+def _grad_unit(kd_g, ce_scale, divergence, dtypes, logit_scale=1.0) -> float:
     """KDSpec.grad_unit. fp16 gradients are saved without the row scale, so that the forward does
     not round them before a loss scaler's 2^16 is known, and high in fp16's range: an entry of
     the saved gradient is then at least the final one (no normal fp16 entry flushed to 0) whenever
     grad_output / rows <= 2^14 / bound. For KL the bound holds exactly: |kd_g (p_s - p_t) +
-    ce (p - onehot)| <= kd_g + ce. Reverse KL and JSD multiply by a log-ratio, unbounded a priori:
-    2^4 keeps room for log-ratios up to about 2^11 before fp16 overflows. Other dtypes: saved final."""
+    ce (p - onehot)| <= kd_g + ce, times ``logit_scale`` (the largest of the two models' logit
+    scales: d z' / d z <= scale, with or without a softcap). Reverse KL and JSD multiply by a
+    log-ratio, unbounded a priori: 2^4 keeps room for log-ratios up to about 2^11 before fp16
+    overflows. Other dtypes: saved final."""
     if torch.float16 not in dtypes:
         return 0.0
-    return (2.0**14 if divergence == "kl" else 2.0**4) / (kd_g + ce_scale)
+    return (2.0**14 if divergence == "kl" else 2.0**4) / ((kd_g + ce_scale) * logit_scale)
+
+
+def _check_transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
+    """(s_scale, t_scale, s_cap, t_cap) of KDSpec: scales finite and > 0, softcaps None (0: none) or
+    finite and > 0."""
+    scales = [_check_real(v, name, 0.0, math.inf, True, True)
+              for v, name in ((student_logit_scale, "student_logit_scale"),
+                              (teacher_logit_scale, "teacher_logit_scale"))]
+    caps = [0.0 if v is None else _check_real(v, name, 0.0, math.inf, True, True)
+            for v, name in ((student_softcap, "student_softcap"), (teacher_softcap, "teacher_softcap"))]
+    return (*scales, *caps)
+
+
+def _check_backend_transforms(backend_name, spec: KDSpec):
+    """The cuda backend does not implement the logit transforms: say so, naming the argument."""
+    names = spec.transforms_set()
+    if backend_name == "cuda" and names:
+        raise ValueError(f"{names[0]} needs backend='triton' or 'torch' (the cuda backend does not implement "
+                         "the logit transforms)")
 
 
 def _backward_factor(row_count, spec: KDSpec):
@@ -108,7 +135,7 @@ def _backward_factor(row_count, spec: KDSpec):
     if spec.row_scaled_grad:
         return None
     if torch.is_tensor(row_count):
-        return 1.0 / (row_count.clamp(min=1).to(torch.float32).reshape(()) * spec.grad_unit)
+        return 1.0 / (count_on_device(row_count) * spec.grad_unit)
     return inv_count_on_host(row_count) / spec.grad_unit
 
 
@@ -145,12 +172,17 @@ def _scaled_grads(ctx, grad_output):
 
 
 def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta, ignore_index,
-           reduction, meter, teacher_meter, backend, validate_labels, t_squared, num_items=None, group=None):
-    """Validates everything, then runs one fused evaluation on the chosen backend."""
+           reduction, meter, teacher_meter, backend, validate_labels, t_squared, num_items=None,
+           transforms=(1.0, 1.0, None, None), group=None):
+    """Validates everything, then runs one fused evaluation on the chosen backend. ``transforms``:
+    (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)."""
     if group is not None or (not torch.compiler.is_compiling() and type(s).__name__ == "DTensor"):
         from . import vocab_parallel  # the vocabulary sharded over ranks (DTensors: if Shard(-1))
 
         if group is not None or vocab_parallel.vocab_sharded_dtensor(s):
+            names = ("student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap")
+            vocab_parallel.refuse_unsupported(**{name: None if value in (1.0, None) else value
+                                                 for name, value in zip(names, transforms)})
             return vocab_parallel.fused(s, t, labels, group=group, temperature=temperature, kd_weight=kd_weight,
                                         ce_weight=ce_weight, divergence=divergence, beta=beta,
                                         ignore_index=ignore_index, reduction=reduction, meter=meter,
@@ -166,6 +198,7 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
                          "the same device")
     temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels,
                                          ce_weight)
+    s_scale, t_scale, s_cap, t_cap = _check_transforms(*transforms)
     c = s.shape[-1]
     compiling = torch.compiler.is_compiling()
     if labels is not None:
@@ -176,14 +209,16 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
             raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
     _check_meters(meter, teacher_meter, labels, s.device)
     backend_name = backends.resolve_name(backend, s.device, (s.dtype, t.dtype))
+    kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
+    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta, ignore_index,
+                  _grad_unit(kd_scale / temperature, ce_weight, divergence, (s.dtype, t.dtype), max(s_scale, t_scale)),
+                  s_scale, t_scale, s_cap, t_cap)
+    _check_backend_transforms(backend_name, spec)
 
     # the Triton kernel reads (B, T, C) views such as logits[:, :-1] in place (two row strides)
     s2, t2 = _rows(s, t, in_place_3d=backend_name == "triton" and not compiling)
     labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     row_count = _row_count(labels2, ignore_index, reduction, s2.numel() // c, s.device, num_items)
-    kd_scale = kd_weight * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
-    spec = KDSpec(1.0 / temperature, kd_scale, ce_weight, DIVERGENCES.index(divergence), beta, ignore_index,
-                  _grad_unit(kd_scale / temperature, ce_weight, divergence, (s.dtype, t.dtype)))
     with torch.autocast(s.device.type, enabled=False):  # the kernels pick their own precision
         if compiling:
             loss = _ops.fused_kd(s2, t2, labels2, row_count, spec, reduction != "none", backend_name, meter,
@@ -222,16 +257,20 @@ def _row_count(labels, ignore_index, reduction, n_rows, device, num_items=None):
 
 
 def _check_num_items(num_items, reduction, device):
-    """What "batchmean" divides by instead of the rows that count: a positive number, or an
-    integer tensor of one element on the logits' device (summed there, e.g. over micro-batches)."""
+    """What "batchmean" divides by instead of the rows that count: a positive number, or a tensor of
+    one element on the logits' device, integer (summed there, e.g. over micro-batches) or floating
+    (TRL's ``num_items_in_batch / num_processes``, possibly below 1). A tensor is not read on the
+    host: a value > 0 is used as is (<= 0 is clamped at fp32's smallest normal number), NaN gives NaN."""
     if reduction != "batchmean":
         raise ValueError(f"num_items replaces the row count of reduction='batchmean', got reduction={reduction!r}")
     if torch.is_tensor(num_items):
-        if num_items.numel() != 1 or num_items.is_floating_point() or num_items.dtype == torch.bool:
-            raise TypeError(f"num_items must be a number or a one-element integer tensor, got {num_items.dtype} "
-                            f"of shape {tuple(num_items.shape)}")
+        if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items must be a number or a one-element integer or floating tensor, got "
+                            f"{num_items.dtype} of shape {tuple(num_items.shape)}")
         if num_items.device != device:
             raise ValueError(f"num_items ({num_items.device}) must be on the logits' device ({device})")
+        if num_items.is_floating_point():
+            return num_items.reshape(1).to(torch.float64 if num_items.dtype == torch.float64 else torch.float32)
         return num_items.reshape(1).to(torch.int64)
     return _check_real(num_items, "num_items", 0.0, math.inf, True, True)
 
@@ -239,34 +278,49 @@ def _check_num_items(num_items, reduction, device):
 def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
             reduction: str = "batchmean", *, ignore_index: int = -100, labels: Tensor | None = None,
             backend: str | None = None, validate_labels: bool = True,
-            num_items: float | Tensor | None = None, group=None) -> Tensor:
+            num_items: float | Tensor | None = None, student_logit_scale: float = 1.0,
+            teacher_logit_scale: float = 1.0, student_softcap: float | None = None,
+            teacher_softcap: float | None = None, group=None) -> Tensor:
     """KL(p_t || p_s) of tempered softmaxes: a drop-in for the PyTorch KD recipe's ``F.kl_div``.
 
     ``kl_loss(s, t, temperature=T)`` equals
     ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
     ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
     ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
-    range check of labels (its one host synchronisation). ``num_items``, ``group``: see :func:`kd_loss`.
+    range check of labels (its one host synchronisation). ``num_items``, the logit transforms
+    (``*_logit_scale``, ``*_softcap``) and ``group``: see :func:`kd_loss`.
     """
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=1.0,
                   ce_weight=0.0, divergence="kl", beta=0.5, ignore_index=ignore_index,
                   reduction=reduction, meter=None, teacher_meter=None, backend=backend,
-                  validate_labels=validate_labels, t_squared=False, num_items=num_items, group=group)
+                  validate_labels=validate_labels, t_squared=False, num_items=num_items,
+                  transforms=(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap),
+                  group=group)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
             temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
             ignore_index: int = -100, reduction: str = "batchmean", meter: CalibrationMeter | None = None,
             teacher_meter: CalibrationMeter | None = None, backend: str | None = None,
-            validate_labels: bool = True, num_items: float | Tensor | None = None, group=None) -> Tensor:
+            validate_labels: bool = True, num_items: float | Tensor | None = None,
+            student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+            student_softcap: float | None = None, teacher_softcap: float | None = None, group=None) -> Tensor:
     """The distillation objective ``alpha T^2 D(p_t, p_s) + (1 - alpha) CE(s, labels)`` in one pass.
 
     ``meter`` / ``teacher_meter`` (:class:`CalibrationMeter`) collect the calibration statistics
     of the student's / teacher's logits at T = 1 inside the same pass. See the module docstring
     for the divergences and reductions. ``num_items`` (with "batchmean"): divide the sum by this
     instead of the rows that count — the global count under gradient accumulation or DDP (a
-    number, or a one-element integer tensor); the scale is folded into the kernel, so the
-    backward still moves no data.
+    positive number, or a one-element integer or floating tensor, used as is when > 0, e.g. TRL's
+    ``num_items_in_batch / num_processes``); the scale is folded into the kernel, so the backward
+    still moves no data.
+
+    Logit transforms, each model's own, applied before the temperature: with a softcap
+    ``z' = softcap tanh(logit_scale z / softcap)``, else ``z' = logit_scale z`` (``logit_scale``:
+    Cohere's, Granite's ``1 / logits_scaling``; ``softcap``: Gemma's final-logit softcapping;
+    TRL's order). The divergence compares softmax(z'_s / T) with softmax(z'_t / T); the CE and the
+    meters see z' at T = 1. A -inf logit stays -inf (a masked class keeps no mass). Triton and
+    torch backends only.
 
     ``group`` (a ``torch.distributed`` process group): the vocabulary is split over its ranks, each
     holding the same rows and its slice ``(..., V_r)`` of both logits (in rank order; labels are
@@ -278,35 +332,48 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,
                   ce_weight=1.0 - alpha, divergence=divergence, beta=beta, ignore_index=ignore_index,
                   reduction=reduction, meter=meter, teacher_meter=teacher_meter, backend=backend,
-                  validate_labels=validate_labels, t_squared=True, num_items=num_items, group=group)
+                  validate_labels=validate_labels, t_squared=True, num_items=num_items,
+                  transforms=(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap),
+                  group=group)
 
 
 class KLDivLoss(nn.Module):
     """Module form of :func:`kl_loss`."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 backend: str | None = None, group=None):
+                 backend: str | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
         super().__init__()
         self.temperature, self.reduction = temperature, reduction
         self.ignore_index, self.backend, self.group = ignore_index, backend, group
+        self.student_logit_scale, self.teacher_logit_scale = student_logit_scale, teacher_logit_scale
+        self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         return kl_loss(student_logits, teacher_logits, self.temperature, self.reduction,
-                       ignore_index=self.ignore_index, labels=labels, backend=self.backend, group=self.group)
+                       ignore_index=self.ignore_index, labels=labels, backend=self.backend,
+                       student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
+                       student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap, group=self.group)
 
 
 class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`; ``forward(s, t, labels, meter=None, teacher_meter=None)``."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
-                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None, group=None):
+                 ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None,
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
         super().__init__()
         self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.ignore_index, self.reduction, self.backend, self.group = ignore_index, reduction, backend, group
+        self.student_logit_scale, self.teacher_logit_scale = student_logit_scale, teacher_logit_scale
+        self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
                 meter: CalibrationMeter | None = None, teacher_meter: CalibrationMeter | None = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                        alpha=self.alpha, divergence=self.divergence, beta=self.beta,
                        ignore_index=self.ignore_index, reduction=self.reduction, meter=meter,
-                       teacher_meter=teacher_meter, backend=self.backend, group=self.group)
+                       teacher_meter=teacher_meter, backend=self.backend,
+                       student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
+                       student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap, group=self.group)

@@ -18,13 +18,37 @@ def label(key: str) -> str:
     return LABELS[key]
 
 
+def _cell(r: dict, key: str, fmt: str) -> str:
+    if key == "fitted_temperature" and r.get("fitted_temperature_bound"):
+        return f"{r[key]:g} (bound)"  # the fit stopped at the end of its range: see _bound_note
+    return fmt.format(r[key])
+
+
 def results_table(results: dict) -> str:
     """The results as a Markdown table (also what the CLI prints)."""
     head = "| model | arch | " + " | ".join(c[1] for c in COLUMNS) + " |"
     rule = "|" + "---|" * (len(COLUMNS) + 2)
-    rows = [f"| {label(k)} | {r['model']} | " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS)
+    rows = [f"| {label(k)} | {r['model']} | " + " | ".join(_cell(r, key, fmt) for key, _, fmt in COLUMNS)
             + " |" for k, r in results.items()]
     return "\n".join([head, rule, *rows])
+
+
+def _bound_note(results: dict, t_range) -> list[str]:
+    """report.md's lines on the models whose T* sits at an end of the fit's range (none usually)."""
+    lo, hi = t_range
+    at = {side: ", ".join(label(k) for k, r in results.items() if r.get("fitted_temperature_bound") == side)
+          for side in ("upper", "lower")}
+    lines = []
+    if at["upper"]:
+        lines += [f"T* = {hi:g} (bound), {at['upper']}: the validation NLL still falls as T grows past {hi:g}. "
+                  "The predictions are near uniform, or no better than chance: there is no confidence for "
+                  "temperature scaling to calibrate, and T* is held at the bound instead of running away.", ""]
+    if at["lower"]:
+        lines += [f"T* = {lo:g} (bound), {at['lower']}: the validation NLL still falls as T shrinks below "
+                  f"{lo:g}. The model is far less confident than it is accurate (its logits close together, "
+                  "as after few epochs) or right on (nearly) every validation image; T* is held at the bound.",
+                  ""]
+    return lines
 
 
 def per_class_reports(data, preds) -> tuple[dict, dict]:
@@ -98,7 +122,8 @@ def plot_curves(history: dict, path: Path):
             if key == "temperature":
                 ax.plot(ep, [r["alpha"] for r in rows], label="alpha")
         ax.set(title=title, xlabel="epoch")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no curve with --epochs 0
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,6 +145,7 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> d
     plot_reliability(meters, out / "reliability.png")
     plot_curves(report["history"], out / "curves.png")
     cfg = report["config"]
+    t_range = report["temperature_fit"]["range"]
     traj = report["policy"]["trajectory"]
     pairs = [f"{r['temperature']:.2f}/{r['alpha']:.2f}" for r in traj]
     moves = f"stayed at {pairs[0]}" if len(set(pairs)) == 1 else ", ".join(pairs)
@@ -135,9 +161,11 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> d
         "",
         results_table(report["results"]),
         "",
-        "ECE/MCE with " + str(cfg["num_bins"]) + " equal-width bins; T* = temperature fitted on the "
-        "validation split (Guo et al. 2017), ECE after T* on the test split.",
+        "ECE/MCE with " + str(cfg["num_bins"]) + " equal-width bins; T* = temperature minimising the NLL "
+        f"on the validation split within [{t_range[0]:g}, {t_range[1]:g}] (Guo et al. 2017), ECE after T* "
+        "on the test split.",
         "",
+        *_bound_note(report["results"], t_range),
         *_cache_note(report.get("teacher_cache")),
         f"## Feedback policy: `{report['policy']['name']}`",
         "",

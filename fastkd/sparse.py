@@ -18,6 +18,8 @@ log-probabilities l_k at T = 1 (q_k = exp l_k, missing mass m = 1 - sum_k q_k, K
 
 At T = 1 the bucket is exact (the teacher's own tail mass); at K = V both modes equal
 ``kd_loss`` on the dense teacher. The objective is ``kd_loss``'s: alpha T^2 D + (1 - alpha) CE.
+The student's logit transforms (``student_logit_scale``, ``student_softcap``) are ``kd_loss``'s;
+the teacher has none here: its log-probabilities are already its output distribution.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from . import backends
 from ._spec import KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _row_count,
-                   _check_objective, _check_real, _grad_unit, _scaled_grads)
+                   _check_objective, _check_real, _check_transforms, _grad_unit, _scaled_grads)
 
 TAILS = ("bucket", "renormalize")
 SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd._triton_kd": "fastkd._triton_sparse"}
@@ -102,7 +104,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
                    divergence: str = "kl", tail: str = "bucket", ignore_index: int = -100,
                    reduction: str = "batchmean", meter: CalibrationMeter | None = None,
                    backend: str | None = None, validate_labels: bool = True,
-                   num_items: float | Tensor | None = None) -> Tensor:
+                   num_items: float | Tensor | None = None, student_logit_scale: float = 1.0,
+                   student_softcap: float | None = None) -> Tensor:
     """``alpha T^2 D(teacher || student) + (1 - alpha) CE(student, labels)`` from a top-K teacher.
 
     ``teacher_ids`` ``(..., K)`` integer (-1 pads a row with fewer classes) and ``teacher_logprobs``
@@ -110,7 +113,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     ``log_softmax(logits).topk(K)`` or a serving engine returns). ``tail``: "bucket" (the missing
     mass is one more class, matched by the student's mass off the list) or "renormalize" (the
     teacher restricted to its K classes). See the module docstring for the exact objective; the
-    reductions, ``ignore_index``, ``meter`` (the student's calibration) and ``num_items`` are
+    reductions, ``ignore_index``, ``meter`` (the student's calibration), ``num_items`` and the
+    student's logit transforms (``student_logit_scale``, ``student_softcap``) are
     :func:`fastkd.kd_loss`'s. ``validate_labels=True`` also checks the teacher: ids in range, no
     class listed twice, probabilities summing to at most 1 (one host synchronisation for all);
     unchecked, a row with an id out of range is NaN and a duplicated id is undefined.
@@ -127,6 +131,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     temperature, _ = _check_objective(temperature, divergence, 0.5, ignore_index, reduction, labels, 1.0 - alpha,
                                       REDUCTIONS)
+    s_scale, _, s_cap, _ = _check_transforms(student_logit_scale, 1.0, student_softcap, None)
     if labels is not None:
         _check_labels(labels, s.shape[:-1], c, ignore_index, check_range=validate_labels)
         if labels.device != s.device:
@@ -148,7 +153,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     row_count = _row_count(labels2, ignore_index, reduction, s2.shape[0], s.device, num_items)
     kd_scale = alpha * temperature**2 / (c if reduction == "mean" else 1)
     spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, 0, 0.5, ignore_index,
-                  _grad_unit(kd_scale / temperature, 1.0 - alpha, divergence, (s.dtype,)))
+                  _grad_unit(kd_scale / temperature, 1.0 - alpha, divergence, (s.dtype,), s_scale),
+                  s_scale=s_scale, s_cap=s_cap)
     with torch.autocast(s.device.type, enabled=False):
         loss = _SparseKD.apply(s2, ids2, lp2, labels2, row_count, spec, tail == "bucket", reduction, impl, meter)
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
@@ -158,10 +164,12 @@ class SparseKDLoss(nn.Module):
     """Module form of :func:`sparse_kd_loss`."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket", ignore_index: int = -100,
-                 reduction: str = "batchmean", backend: str | None = None):
+                 reduction: str = "batchmean", backend: str | None = None, student_logit_scale: float = 1.0,
+                 student_softcap: float | None = None):
         super().__init__()
         self.kw = dict(temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend)
+                       reduction=reduction, backend=backend, student_logit_scale=student_logit_scale,
+                       student_softcap=student_softcap)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 labels: Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:

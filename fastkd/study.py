@@ -3,11 +3,13 @@
 The two students start from the same initialisation; the only difference is the loss. Each model
 is then measured on the test split: accuracy, calibration (ECE, MCE, NLL, Brier), top-1 agreement
 with the teacher, and the ECE after temperature scaling fitted on the validation split
-(Guo et al. 2017), plus a per-class precision / recall / F1 table for the students.
+(Guo et al. 2017; T* within [0.05, 100], flagged at a bound), plus a per-class precision / recall /
+F1 table for the students.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -28,22 +30,61 @@ from .train import StudyConfig, fit, load_checkpoint, predict, summarize
 MODEL_KEYS = ("teacher", "student", "distilled")
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T): L-BFGS on log T, in float64 and run to
-    convergence, so that T depends on the logits and not on where the optimiser stopped."""
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    x, y = logits.detach().cpu().double(), labels.cpu()  # a copy: not an inference tensor
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=500, tolerance_grad=1e-12,
-                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+TEMPERATURE_RANGE = (0.05, 100.0)  # where T* is searched; a T* at an end is flagged in the report
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
-        loss.backward()
-        return loss
 
-    opt.step(closure)
-    return float(log_t.detach().exp())
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds=TEMPERATURE_RANGE) -> float:
+    """The T in ``bounds`` (default [0.05, 100]) minimising the mean NLL of softmax(logits / T).
+
+    With w_i = z_i - z_i,y (row i's logits less its label's), NLL(b) = mean_i logsumexp(b w_i) at
+    b = 1/T: convex in b, its derivative mean_i E_p[w_i] (p = softmax(b w_i)) only grows. Safeguarded
+    Newton steps on that derivative, in float64, keep a bracket and run to machine precision, so T
+    depends on the logits and not on where an optimiser stopped. The answer is a bound when the
+    minimum lies beyond it: at the upper bound the NLL keeps falling as T grows (predictions near
+    uniform, or no better than chance: no confidence to calibrate; exactly flat logits land here
+    too); at the lower bound it keeps falling as T shrinks (far less confident than accurate, or a
+    split (nearly) perfectly separated). NaN logits give NaN; no rows give 1 (nothing to fit)."""
+    t_lo, t_hi = bounds
+    z = logits.detach().to("cpu", torch.float64)
+    y = labels.detach().to("cpu", torch.long)
+    if len(z) == 0:
+        return 1.0
+    w = z - z.gather(1, y[:, None])  # logits relative to the label's: a row of equal logits is all 0
+    w_fin = torch.where(w == -math.inf, 0.0, w)  # a -inf logit has p = 0 and adds nothing below
+
+    def slope(b: float) -> tuple[float, float]:
+        """d NLL / d b = mean of E_p[w] and d2 NLL / d b2 = mean of Var_p[w], at b = 1 / T."""
+        p = torch.softmax(w * b, dim=1)
+        mean = (p * w_fin).sum(1)
+        var = (p * (w_fin - mean[:, None]).square()).sum(1)
+        return float(mean.mean()), float(var.mean())
+
+    lo, hi = 1.0 / t_hi, 1.0 / t_lo  # the bracket, in b
+    g_lo, g_hi = slope(lo)[0], slope(hi)[0]
+    if math.isnan(g_lo) or math.isnan(g_hi):  # NaN logits
+        return math.nan
+    if g_lo >= 0:  # rising from the smallest b on: the minimum is at T = t_hi or beyond
+        return t_hi
+    if g_hi <= 0:  # still falling at the largest b: at T = t_lo or below
+        return t_lo
+    b = min(max(1.0, lo), hi)
+    for _ in range(100):
+        g, h = slope(b)
+        if g == 0:
+            break
+        lo, hi = (b, hi) if g < 0 else (lo, b)
+        newton = b - g / h if h > 0 else math.nan
+        step = newton if lo < newton < hi else 0.5 * (lo + hi)  # Newton inside the bracket, else bisect
+        done = abs(step - b) <= 1e-13 * b
+        b = step
+        if done:
+            break
+    return 1.0 / b
+
+
+def temperature_bound(t_star: float, bounds=TEMPERATURE_RANGE) -> str | None:
+    """ "upper" or "lower" when a fitted temperature sits at that end of ``bounds``, else None."""
+    return "upper" if t_star >= bounds[1] else "lower" if t_star <= bounds[0] else None
 
 
 def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.Module:
@@ -119,11 +160,11 @@ def run_study(cfg: StudyConfig) -> dict:
     cfg.device = distributed.init_from_env(cfg.device)
     main = distributed.is_main()
     out = Path(cfg.out_dir) / cfg.name
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
     check_teacher_cache(cfg, data)
+    if main:  # only once the data are known good: bad data leave no run folder behind
+        out.mkdir(parents=True, exist_ok=True)
 
     def new_model(name, seed):
         return build_study_model(cfg, data, name, seed)
@@ -169,12 +210,14 @@ def run_study(cfg: StudyConfig) -> dict:
         results[key] = {"model": getattr(cfg, key if key == "teacher" else "student"),
                         "parameters": count_parameters(model), **res,
                         "agreement": float((preds[key] == teacher_test.argmax(-1)).float().mean()),
-                        "fitted_temperature": t_star, "ece_after_scaling": scaled.ece}
+                        "fitted_temperature": t_star, "fitted_temperature_bound": temperature_bound(t_star),
+                        "ece_after_scaling": scaled.ece}
     report = {
         "config": asdict(cfg),
         "dataset": {"name": data.name, "classes": data.class_names, "train": len(data.x_train),
                     "val": len(data.x_val), "test": len(data.x_test)},
         "results": results,
+        "temperature_fit": {"split": "validation", "range": list(TEMPERATURE_RANGE)},
         "policy": {"name": cfg.policy,
                    "trajectory": [{"epoch": r["epoch"], "temperature": r["temperature"],
                                    "alpha": r["alpha"]} for r in history["distilled"]]},

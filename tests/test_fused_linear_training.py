@@ -203,3 +203,64 @@ def _dtensor_worker(rank, world, port, backend):
 def test_dtensor_heads_gathered_once(backend):
     pytest.importorskip("torch.distributed.tensor")
     mp.spawn(_dtensor_worker, args=(2, _free_port(), backend), nprocs=2)
+
+
+# --- logit transforms (Cohere / Granite logit_scale, Gemma softcap) on the fused-linear path ---
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol_loss,rtol_grad", [(torch.float32, 1e-5, 1e-4), (torch.float16, 2e-3, 2e-2)],
+                         ids=["fp32", "fp16"])
+@pytest.mark.parametrize("transforms", [(2.5, 0.5, None, None), (1.0, 1.0, 3.0, 5.0), (4.0, 1.0, 6.0, None)],
+                         ids=["scales", "softcaps", "student-both"])
+def test_logit_transforms_match_the_transformed_reference(backend, dtype, rtol_loss, rtol_grad, transforms, gen):
+    """Against float64: both logits materialised, transformed as TRL does, then the objective;
+    gradients w.r.t. the hidden states, weights and biases through tanh by autograd. fp16 with a
+    logit scale > 1 checks the gradient unit keeps the saved gradient inside fp16's range."""
+    from test_logit_transforms import reference as transformed_objective
+
+    student, teacher, labels = sides(gen, dtype=dtype)
+    student = [x * 3 for x in student]  # logits of a few units: softcaps of 3-6 bend them
+    ss, ts, sc, tc = transforms
+    kw = dict(student_logit_scale=ss, teacher_logit_scale=ts, student_softcap=sc, teacher_softcap=tc)
+    leaves = [x.detach().requires_grad_() for x in student]
+    out, entropy_sum = loss_of(backend, leaves, teacher, labels, temperature=2.0, alpha=0.6, return_entropy=True,
+                               **kw)
+    ref_leaves = [x.detach().double().requires_grad_() for x in student]
+    s, t = materialised(ref_leaves, [x.double() for x in teacher])
+    ref = transformed_objective(s, t, labels, temperature=2.0, alpha=0.6, transforms=transforms)
+    close(out, ref, rtol_loss)
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    for a, b in zip(torch.autograd.grad(out, leaves, upstream.float()), torch.autograd.grad(ref, ref_leaves, upstream)):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        close(a, b, rtol_grad)
+    from test_logit_transforms import transform
+    p = torch.softmax(transform(s.detach(), ss, sc) / 2.0, -1)
+    close(entropy_sum, (-(p * p.log()).sum(-1))[labels != -100].sum(), max(rtol_loss, 1e-4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_fused_linear_with_student_transforms(backend, gen):
+    (hs, ws, bs), _, labels = sides(gen)
+    hs = hs * 3
+    k = 6
+    ids = torch.stack([torch.randperm(70, generator=gen)[:k] for _ in range(hs.shape[0])])
+    lp = torch.log_softmax(torch.randn(hs.shape[0], k, generator=gen), -1) - 0.3
+    kw = dict(student_logit_scale=1.5, student_softcap=4.0, temperature=2.0, alpha=0.7)
+    leaves = [x.detach().requires_grad_() for x in (hs, ws, bs)]
+    out = fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], ids, lp, labels, student_bias=leaves[2],
+                                             backend=backend, chunk_size=5, **kw)
+    logits = [x.detach().requires_grad_() for x in (hs @ ws.t() + bs,)]
+    want = fastkd.sparse_kd_loss(logits[0], ids, lp, labels, backend="torch", **kw)
+    close(out, want.double(), 1e-5)
+    (g_logits,) = torch.autograd.grad(want, logits)
+    close(torch.autograd.grad(out, leaves[0])[0], (g_logits @ ws).double(), 1e-4)
+
+
+def test_fused_linear_transforms_refused_where_unsupported(gen):
+    student, teacher, labels = sides(gen, n=8)
+    with pytest.raises(ValueError, match="student_softcap"):
+        loss_of("torch", student, teacher, labels, student_softcap=-1.0)
+    with pytest.raises(TypeError, match="teacher_logit_scale"):
+        loss_of("torch", student, teacher, labels, teacher_logit_scale="2")
+    with pytest.raises(ValueError, match="group="):
+        loss_of("torch", student, teacher, labels, student_softcap=30.0, group=object())

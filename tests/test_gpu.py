@@ -47,6 +47,42 @@ def test_divergences_and_reductions(backend, divergence, reduction, gen):
                             divergence=divergence, beta=0.3, reduction=reduction)
 
 
+@pytest.mark.parametrize("backend", [_gpu_backend("triton")])  # the cuda backend refuses the transforms
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("shape,dtype,rtol_grad", [
+    pytest.param((4096, 10), torch.float32, 1e-5, id="4096x10"),
+    pytest.param((1024, 1000), torch.float32, 1e-5, id="1024x1000"),
+    pytest.param((64, 32000), torch.bfloat16, 1.6e-2, id="64x32000-bf16"),
+    pytest.param((8, 128256), torch.bfloat16, 1.6e-2, id="8x128256-bf16")])
+def test_logit_transforms_compiled(backend, divergence, shape, dtype, rtol_grad, gen):
+    """Logit scales and softcaps of both models in the compiled kernels (ex2/rcp.approx in the tanh):
+    one-pass, split-row (KL, reverse KL) and looping (JSD) paths, against the float64 reference."""
+    from test_logit_transforms import check
+    from test_logit_transforms import randn as wide_randn
+
+    s, t = on_gpu(wide_randn(shape, gen, dtype, 20.0), wide_randn(shape, gen, dtype, 20.0))
+    (labels,) = on_gpu(random_labels(shape[:-1], shape[-1], gen, ignore_every=7))
+    check(backend, s, t, labels, (1.3, 0.7, 30.0, 20.0), 1e-5, rtol_grad, temperature=2.0, alpha=0.6,
+          divergence=divergence)
+
+
+@pytest.mark.parametrize("backend", [_gpu_backend("triton")])
+@pytest.mark.parametrize("shape", [(64, 4000), (16, 32000)], ids=["one-pass", "looping"])
+def test_sparse_student_transforms_compiled(backend, shape, gen):
+    from reference import sparse_kd_objective
+    from test_logit_transforms import transform
+
+    s = randn(shape, gen, scale=10.0).cuda().requires_grad_()
+    lp, ids = torch.log_softmax(randn(shape, gen), -1).topk(8, -1)
+    labels = random_labels(shape[:1], shape[1], gen, ignore_every=5)
+    out = fastkd.sparse_kd_loss(s, ids.cuda(), lp.cuda(), labels.cuda(), temperature=2.0, alpha=0.7,
+                                backend=backend, student_logit_scale=0.8, student_softcap=15.0)
+    s64 = s.detach().cpu().double().requires_grad_()
+    want = sparse_kd_objective(transform(s64, 0.8, 15.0), ids, lp, labels, 2.0, 0.7)
+    close(out.cpu(), want, 1e-5)
+    close(torch.autograd.grad(out, s)[0].cpu(), torch.autograd.grad(want, s64)[0], 1e-5)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_mixed_dtypes_noncontiguous_zero_rows_nan(backend, gen):
     s, t = on_gpu(randn((16, 600), gen, torch.bfloat16), randn((600, 16), gen, torch.float32))

@@ -375,13 +375,14 @@ def test_scalar_loss_is_summed_in_the_same_launch_across_calls(gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+@pytest.mark.parametrize("as_tensor", [False, True, "float"], ids=["number", "tensor", "float-tensor-below-1"])
 def test_num_items_divides_the_sum_inside_the_kernel(backend, as_tensor, gen, monkeypatch):
     """Gradient accumulation / DDP: the sum over rows divided by a caller's count, folded into the
-    fused call, so that a plain backward() scales nothing (factor 1: no data moved)."""
+    fused call, so that a plain backward() scales nothing (factor 1: no data moved). A floating tensor
+    (TRL's num_items_in_batch / num_processes) below 1 is used as is."""
     s, t = randn((3, 5, 70), gen).requires_grad_(), randn((3, 5, 70), gen)
     labels = random_labels((3, 5), 70, gen, ignore_every=4)
-    num_items = torch.tensor([37]) if as_tensor else 18.5
+    num_items = torch.tensor(0.5) if as_tensor == "float" else torch.tensor([37]) if as_tensor else 18.5
     factors = []
     impl = fastkd.backends.resolve(backend, s.device, (s.dtype,))
     real = impl.scale_grad
@@ -400,7 +401,8 @@ def test_num_items_divides_the_sum_inside_the_kernel(backend, as_tensor, gen, mo
 def test_num_items_bad_values_are_named():
     s = torch.randn(4, 5)
     for bad, error in ((0, ValueError), (-2.0, ValueError), (float("nan"), TypeError), ("4", TypeError),
-                       (torch.tensor([1.5]), TypeError), (torch.tensor([1, 2]), TypeError)):
+                       (torch.tensor([True]), TypeError), (torch.tensor([1 + 1j]), TypeError),
+                       (torch.tensor([1, 2]), TypeError), (torch.tensor([1.5, 2.0]), TypeError)):
         with pytest.raises(error, match="num_items"):
             fastkd.kd_loss(s, s, alpha=1.0, num_items=bad, backend="torch")
     with pytest.raises(ValueError, match="num_items"):

@@ -164,15 +164,16 @@ def test_calibration_edge_rows_are_counted_where_update_counts_them(backend, gen
 
 def training_step(model, teacher_logits, labels, meter, backend):
     s = model(torch.ones(teacher_logits.shape[0], 8))
-    loss = fastkd.kd_loss(s, teacher_logits, labels, temperature=2.0, alpha=0.7, meter=meter, backend=backend)
+    loss = fastkd.kd_loss(s, teacher_logits, labels, temperature=2.0, alpha=0.7, meter=meter, backend=backend,
+                          student_logit_scale=0.5, teacher_softcap=4.0)  # the transforms travel through the op
     return loss + fastkd.kl_loss(s, teacher_logits, temperature=3.0, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph_equals_eager(compiler, backend, gen):
-    """A training step's forward (model + kd_loss with a meter and label validation + kl_loss)
-    compiles without a graph break; the backward and an optimizer step give eager's numbers."""
+    """A training step's forward (model + kd_loss with a meter, label validation and logit transforms +
+    kl_loss) compiles without a graph break; the backward and an optimizer step give eager's numbers."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager_model = torch.nn.Linear(8, 30)

@@ -12,5 +12,6 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "FAIL" not in done.stdout
-    # default configs x variants, variants, scale, sparse
-    assert done.stdout.count("ok ") == 6 * 6 + 27 + 4 + 8
+    # default configs x (variants + 2 with the logit transforms), variants, variants with the
+    # transforms, scale, sparse (+ 2 with the transforms)
+    assert done.stdout.count("ok ") == 6 * 8 + 27 + 9 + 4 + 10
