@@ -4,7 +4,6 @@ softcaps, num_items), ``FastKDDistillationTrainer._compute_loss`` equals TRL's o
 whose configs carry those transforms, and the trainer trains two steps offline on CPU."""
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 
@@ -21,31 +20,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 from trl.trainer import distillation_trainer as trl_dt  # noqa: E402
 
-import fastkd  # noqa: E402
-from fastkd import loss as fastkd_loss  # noqa: E402
 from fastkd.integrations import trl as fastkd_trl  # noqa: E402
 from fastkd.integrations.trl import FastKDDistillationTrainer, chunked_divergence_loss, trl_divergence  # noqa: E402
 
 TRL_LOSS = trl_dt._chunked_divergence_loss
 VOCAB = 40
-
-
-def _takes_float_num_items() -> bool:
-    try:
-        fastkd_loss._check_num_items(torch.tensor(2.0), "batchmean", torch.device("cpu"))
-        return True
-    except TypeError:
-        return False
-
-
-# fastkd features this integration needs that other work is adding: until they land, the tests that
-# need them are expected to fail (strict: they must fail), and pass once they do
-NEEDS_TRANSFORMS = pytest.mark.xfail(
-    "student_logit_scale" not in inspect.signature(fastkd.fused_linear_kd_loss).parameters, strict=True,
-    reason="fused_linear_kd_loss has no student_/teacher_logit_scale, student_/teacher_softcap yet")
-NEEDS_FLOAT_NUM_ITEMS = pytest.mark.xfail(
-    not _takes_float_num_items(), strict=True,
-    reason="num_items does not take a float tensor yet (TRL passes num_items_in_batch.clamp(min=1.0) / processes)")
 
 
 def test_import_fastkd_does_not_import_the_frameworks():
@@ -121,7 +100,6 @@ TRANSFORMS = [  # TRL's names: student_/teacher_logit_scale, student_/teacher_fi
 ]
 
 
-@NEEDS_TRANSFORMS
 @pytest.mark.parametrize("transform, beta", TRANSFORMS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_equals_trl_with_logit_transforms(gen, backend, transform, beta):
@@ -135,8 +113,7 @@ def test_loss_equals_trl_with_logit_transforms(gen, backend, transform, beta):
 @pytest.mark.parametrize("num_items", [
     pytest.param(lambda: 29, id="int"),
     pytest.param(lambda: torch.tensor(29), id="int-tensor"),
-    pytest.param(lambda: torch.tensor(29).clamp(min=1.0) / 2, id="float-tensor-as-trl",  # compute_loss's
-                 marks=NEEDS_FLOAT_NUM_ITEMS),
+    pytest.param(lambda: torch.tensor(29).clamp(min=1.0) / 2, id="float-tensor-as-trl"),  # compute_loss's
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_equals_trl_with_num_items(gen, backend, num_items):
@@ -195,23 +172,28 @@ def trainer_args(tmp_path, **kwargs):
 
 PROMPTS = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]})
 
-PAIRS = [  # student (family, H, config), teacher (family, H, config), TRL beta, temperature
-    pytest.param(("Llama", 16, {}), ("Llama", 24, {}), 0.5, 2.0, id="llama-jsd-T2", marks=NEEDS_FLOAT_NUM_ITEMS),
+PAIRS = [  # student (family, H, config), teacher (family, H, config), TRL beta, temperature, and what TRL
+    # reads from the configs: (student scale, teacher scale, student softcap, teacher softcap)
+    pytest.param(("Llama", 16, {}), ("Llama", 24, {}), 0.5, 2.0, (1.0, 1.0, None, None), id="llama-jsd-T2"),
     pytest.param(("Gemma2", 16, dict(final_logit_softcapping=3.0)), ("Gemma2", 24, dict(final_logit_softcapping=5.0)),
-                 0.0, 1.0, id="gemma2-softcaps-forward-kl", marks=[NEEDS_TRANSFORMS, NEEDS_FLOAT_NUM_ITEMS]),
+                 0.0, 1.0, (1.0, 1.0, 3.0, 5.0), id="gemma2-softcaps-forward-kl"),
     pytest.param(("Cohere", 16, dict(logit_scale=0.5)), ("Granite", 24, dict(logits_scaling=4.0)), 1.0, 2.0,
-                 id="cohere-granite-logit-scales-reverse-kl", marks=[NEEDS_TRANSFORMS, NEEDS_FLOAT_NUM_ITEMS]),
+                 (0.5, 0.25, None, None), id="cohere-granite-logit-scales-reverse-kl"),
     pytest.param(("Granite", 16, dict(logits_scaling=0.5)), ("Gemma2", 24, dict(final_logit_softcapping=4.0)),
-                 0.3, 2.0, id="granite-gemma2-jsd-beta0.3", marks=[NEEDS_TRANSFORMS, NEEDS_FLOAT_NUM_ITEMS]),
+                 0.3, 2.0, (2.0, 1.0, None, 4.0), id="granite-gemma2-jsd-beta0.3"),
 ]
 
 
-@pytest.mark.parametrize("student_spec, teacher_spec, beta, temperature", PAIRS)
-def test_trainer_compute_loss_equals_trl(tmp_path, tokenizer, student_spec, teacher_spec, beta, temperature):
+@pytest.mark.parametrize("student_spec, teacher_spec, beta, temperature, transforms", PAIRS)
+def test_trainer_compute_loss_equals_trl(tmp_path, tokenizer, student_spec, teacher_spec, beta, temperature,
+                                         transforms):
     student, teacher = tiny_model(*student_spec, seed=0), tiny_model(*teacher_spec, seed=1)
     trainer = FastKDDistillationTrainer(model=student, teacher_model=teacher, train_dataset=PROMPTS,
                                         processing_class=tokenizer, fastkd_backend="torch",
                                         args=trainer_args(tmp_path, beta=beta, temperature=temperature))
+    seen = []
+    loss_fn = trainer.fastkd_loss
+    trainer.fastkd_loss = lambda *a, **k: seen.append(dict(k, beta=a[5])) or loss_fn(*a, **k)  # beta: positional
     gen = torch.Generator().manual_seed(0)
     inputs = {"prompt_ids": torch.randint(3, VOCAB, (3, 4), generator=gen),
               "prompt_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]),  # left padding
@@ -225,11 +207,14 @@ def test_trainer_compute_loss_equals_trl(tmp_path, tokenizer, student_spec, teac
             loss.backward()
             outs.append((loss.detach(), entropy_sum, n_valid, [p.grad.clone() for p in student.parameters()]))
     assert trl_dt._chunked_divergence_loss is TRL_LOSS  # restored after each fastkd call
+    names = ("student_logit_scale", "teacher_logit_scale", "student_final_logit_softcapping",
+             "teacher_final_logit_softcapping")
+    assert len(seen) == 2 and all(tuple(k[n] for n in names) == transforms for k in seen)
+    assert all(k["beta"] == beta and k["temperature"] == temperature for k in seen)
     for ours, ref in zip(outs[:2], outs[2:]):
         assert_same(ours, ref)
 
 
-@NEEDS_FLOAT_NUM_ITEMS
 @pytest.mark.filterwarnings("ignore:.is_gradient_checkpointing. is deprecated:FutureWarning")  # transformers', via TRL
 def test_trainer_trains_two_steps_like_trl(tmp_path, tokenizer, monkeypatch):
     calls = []

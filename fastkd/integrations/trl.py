@@ -98,11 +98,10 @@ def chunked_divergence_loss(
         teacher_hidden_states.to(t_dtype), teacher_lm_head_weight.to(t_dtype), labels,
         student_bias=student_lm_head_bias, teacher_bias=teacher_lm_head_bias,
         temperature=temperature, alpha=1.0, divergence=divergence, beta=jsd_beta, ignore_index=IGNORE_INDEX,
-        reduction="batchmean", num_items=num_items_in_batch, return_entropy=True, backend=backend,
-        chunk_size=chunk_size, **{k: v for k, v in dict(
-            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_final_logit_softcapping,
-            teacher_softcap=teacher_final_logit_softcapping).items() if v is not None and v != 1.0})
+        reduction="batchmean", num_items=num_items_in_batch,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping,
+        return_entropy=True, backend=backend, chunk_size=chunk_size)
     return loss / temperature**2, entropy_sum, completion_mask.reshape(-1).ne(0).sum()
 
 
