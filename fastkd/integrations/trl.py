@@ -22,8 +22,8 @@ weighs the divergence by T^2 as Hinton's recipe does; TRL does not). The mask be
 (``ignore_index`` where it is 0), which with ``alpha=1`` only select the rows.
 
 Calibration meters are not wired in: TRL's completions are sampled from the student itself, so the
-student's "accuracy" on them measures agreement with its own samples, calibrated by construction.
-Call :func:`fastkd.fused_linear_kd_loss` with ``meter=`` where the labels are data.
+student's "accuracy" on them would measure agreement with its own sampler, not calibration. Call
+:func:`fastkd.fused_linear_kd_loss` with ``meter=`` where the labels are data.
 """
 from __future__ import annotations
 
