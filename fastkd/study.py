@@ -112,8 +112,9 @@ def _open_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def run_study(cfg: StudyConfig) -> dict:
-    """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report."""
+def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
+    """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report.
+    ``figures=False`` skips the PNGs (the multi-seed run, whose summary draws them pooled)."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
     cfg.device = distributed.init_from_env(cfg.device)
@@ -175,6 +176,8 @@ def run_study(cfg: StudyConfig) -> dict:
         "dataset": {"name": data.name, "classes": data.class_names, "train": len(data.x_train),
                     "val": len(data.x_val), "test": len(data.x_test)},
         "results": results,
+        # each model's test reliability bins (count, mean confidence, accuracy): what --seeds pools
+        "bins": {key: [asdict(b) for b in meter.compute().bins] for key, meter in meters.items()},
         "policy": {"name": cfg.policy,
                    "trajectory": [{"epoch": r["epoch"], "temperature": r["temperature"],
                                    "alpha": r["alpha"]} for r in history["distilled"]]},
@@ -184,7 +187,7 @@ def run_study(cfg: StudyConfig) -> dict:
     if cache_info is not None:
         report["teacher_cache"] = cache_info
     if main:
-        report["per_class"] = write_outputs(out, report, data, preds, meters)
+        report["per_class"] = write_outputs(out, report, data, preds, meters, figures)
         with open(out / "report.json", "w") as f:
             json.dump(report, f, indent=2)
     return report
