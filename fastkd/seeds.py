@@ -246,10 +246,12 @@ def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
 
 def write_summary(folder: Path, summary_report: dict, reports: dict, meters: dict):
     """report.md, report.json and summary.png of the summary folder."""
+    from .report import label
+
     cfg, ds = summary_report["config"], summary_report["dataset"]
     n = len(summary_report["seeds"])
     t = summary_report["metrics"]["accuracy"]["difference"]["t_quantile"]
-    pooled = ", ".join(f"{m} {p['ece']:.4f}" for m, p in summary_report["pooled"].items())
+    pooled = ", ".join(f"{label(m)} {p['ece']:.4f}" for m, p in summary_report["pooled"].items())
     plot_summary(reports, summary_report["metrics"], meters, folder / "summary.png")
     lines = [
         f"# fastkd distillation study over seeds: {cfg['dataset']}",
@@ -305,9 +307,9 @@ def _finished(seed_cfg: StudyConfig) -> dict | None:
 
 
 def _seed_line(seed: int, report: dict, seconds: float, reused: bool) -> str:
-    res = report["results"]
-    moves = ", ".join(f"{name} {res['student'][k]:.4f} → {res['distilled'][k]:.4f}"
-                      for k, name, _, _ in (METRICS[0], METRICS[1], METRICS[3], METRICS[6]))
+    res, names = report["results"], {key: name for key, name, _, _ in METRICS}
+    moves = ", ".join(f"{names[k]} {res['student'][k]:.4f} → {res['distilled'][k]:.4f}"
+                      for k in ("accuracy", "ece", "nll", "ece_after_scaling"))
     return f"seed {seed}: " + ("reused" if reused else f"{seconds:.1f} s") + f"; alone → distilled: {moves}"
 
 
