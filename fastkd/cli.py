@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "student; report accuracy and calibration",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_arguments(distill)
+    distill.add_argument("--seeds", help="run the study once per seed (0-9, 0,3,7 or 0-4,8; replaces --seed) "
+                         "and summarise: mean ± std, paired differences with 95%% intervals, one figure")
     from .cache_teacher import add_parser as add_cache_teacher
 
     add_cache_teacher(sub)
@@ -128,7 +130,11 @@ def main(argv=None) -> int:
 
 
 def distill(args) -> int:
-    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "seeds")})
+    if args.seeds is not None:  # several seeds and their summary: fastkd/seeds.py
+        from .seeds import distill_seeds
+
+        return distill_seeds(cfg, args.seeds, validate)
     try:
         validate(cfg)
         from .report import results_table

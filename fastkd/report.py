@@ -65,6 +65,28 @@ def per_class_reports(data, preds) -> tuple[dict, dict]:
     return dicts, texts
 
 
+def draw_reliability(ax, rep, title: str):
+    """One reliability diagram of a CalibrationReport on ``ax``: accuracy per confidence bin, the gap
+    to the diagonal shaded."""
+    bins = [b for b in rep.bins if b.upper > b.lower]  # the extra bin of confidence == 1.0
+    last = rep.bins[-1]  # is drawn inside the top bin
+    width = bins[0].upper - bins[0].lower
+    counts = [b.count for b in bins]
+    accs = [b.accuracy * b.count for b in bins]
+    confs = [b.confidence * b.count for b in bins]
+    counts[-1] += last.count
+    accs[-1] += last.accuracy * last.count
+    confs[-1] += last.confidence * last.count
+    centers = [b.lower + width / 2 for b in bins]
+    acc = [a / c if c else 0 for a, c in zip(accs, counts)]
+    conf = [s / c if c else 0 for s, c in zip(confs, counts)]
+    ax.bar(centers, acc, width=width, edgecolor="black", color="#4c72b0", label="accuracy")
+    ax.bar(centers, [c - a if n else 0 for a, c, n in zip(acc, conf, counts)], bottom=acc,
+           width=width, color="#dd8452", alpha=0.5, edgecolor="#dd8452", label="gap")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(title=title, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+
+
 def plot_reliability(meters: dict, path: Path):
     import matplotlib
 
@@ -78,24 +100,7 @@ def plot_reliability(meters: dict, path: Path):
         ax.set_visible(False)
     for ax, (key, meter) in zip(axes.flat, meters.items()):
         rep = meter.compute()
-        bins = [b for b in rep.bins if b.upper > b.lower]  # the extra bin of confidence == 1.0
-        last = rep.bins[-1]  # is drawn inside the top bin
-        width = bins[0].upper - bins[0].lower
-        counts = [b.count for b in bins]
-        accs = [b.accuracy * b.count for b in bins]
-        confs = [b.confidence * b.count for b in bins]
-        counts[-1] += last.count
-        accs[-1] += last.accuracy * last.count
-        confs[-1] += last.confidence * last.count
-        centers = [b.lower + width / 2 for b in bins]
-        acc = [a / c if c else 0 for a, c in zip(accs, counts)]
-        conf = [s / c if c else 0 for s, c in zip(confs, counts)]
-        ax.bar(centers, acc, width=width, edgecolor="black", color="#4c72b0", label="accuracy")
-        ax.bar(centers, [c - a if n else 0 for a, c, n in zip(acc, conf, counts)], bottom=acc,
-               width=width, color="#dd8452", alpha=0.5, edgecolor="#dd8452", label="gap")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set(title=f"{label(key)}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", xlabel="confidence",
-               xlim=(0, 1), ylim=(0, 1))
+        draw_reliability(ax, rep, f"{label(key)}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}")
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy")
     axes[0, 0].legend(loc="upper left")
@@ -139,11 +144,12 @@ def _cache_note(cache: dict | None) -> list[str]:
             f"{cache['bytes']:,} bytes of shards) instead of the live teacher's logits.", ""]
 
 
-def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> dict:
-    """Writes report.md and the PNGs; returns the per-class tables (as dicts) for report.json."""
+def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict, figures: bool = True) -> dict:
+    """Writes report.md and (``figures``) the PNGs; returns the per-class tables (as dicts) for report.json."""
     per_class, texts = per_class_reports(data, preds)
-    plot_reliability(meters, out / "reliability.png")
-    plot_curves(report["history"], out / "curves.png")
+    if figures:
+        plot_reliability(meters, out / "reliability.png")
+        plot_curves(report["history"], out / "curves.png")
     cfg = report["config"]
     t_range = report["temperature_fit"]["range"]
     traj = report["policy"]["trajectory"]
@@ -176,6 +182,9 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict) -> d
     ]
     for key in ("student", "distilled"):
         lines += [f"### {LABELS[key]}", "", "```", texts[key].rstrip(), "```", ""]
-    lines += ["![reliability](reliability.png)", "", "![curves](curves.png)", ""]
+    lines += (["![reliability](reliability.png)", "", "![curves](curves.png)", ""] if figures else
+              [f"No figures: one seed of a multi-seed run, whose summary draws them pooled. "
+               f"`fastkd distill --seed {cfg['seed']} --out-dir {cfg['out_dir']} --name {cfg['name']} --resume` "
+               "(and the run's other options) draws this seed's from its checkpoints.", ""])
     (out / "report.md").write_text("\n".join(lines))
     return per_class

@@ -153,8 +153,9 @@ def _open_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def run_study(cfg: StudyConfig) -> dict:
-    """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report."""
+def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
+    """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report.
+    ``figures=False`` skips the PNGs (the multi-seed run, whose summary draws them pooled)."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
     cfg.device = distributed.init_from_env(cfg.device)
@@ -218,6 +219,8 @@ def run_study(cfg: StudyConfig) -> dict:
                     "val": len(data.x_val), "test": len(data.x_test)},
         "results": results,
         "temperature_fit": {"split": "validation", "range": list(TEMPERATURE_RANGE)},
+        # each model's test reliability bins (count, mean confidence, accuracy): what --seeds pools
+        "bins": {key: [asdict(b) for b in meter.compute().bins] for key, meter in meters.items()},
         "policy": {"name": cfg.policy,
                    "trajectory": [{"epoch": r["epoch"], "temperature": r["temperature"],
                                    "alpha": r["alpha"]} for r in history["distilled"]]},
@@ -227,7 +230,7 @@ def run_study(cfg: StudyConfig) -> dict:
     if cache_info is not None:
         report["teacher_cache"] = cache_info
     if main:
-        report["per_class"] = write_outputs(out, report, data, preds, meters)
+        report["per_class"] = write_outputs(out, report, data, preds, meters, figures)
         with open(out / "report.json", "w") as f:
             json.dump(report, f, indent=2)
     return report

@@ -362,8 +362,8 @@ def test_cli_runs_the_cifar10_study_end_to_end(capsys, tmp_path):
     assert "| teacher | resnet18 |" in out and "| distilled student | mobilenet_v2 |" in out
     folder = runs / "cifar10-s0"
     report = json.loads((folder / "report.json").read_text())
-    assert set(report) == {"config", "dataset", "results", "temperature_fit", "policy", "history", "timing",
-                           "per_class"}
+    assert set(report) == {"config", "dataset", "results", "temperature_fit", "bins", "policy", "history",
+                           "timing", "per_class"}
     assert report["config"]["teacher"] == "resnet18" and report["config"]["student"] == "mobilenet_v2"
     assert report["dataset"] == {"name": "cifar10", "classes": CIFAR10_NAMES, "train": 40, "val": 10, "test": 10}
     assert set(report["results"]) == {"teacher", "student", "distilled"}
