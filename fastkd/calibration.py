@@ -173,11 +173,15 @@ class CalibrationMeter:
     def _add_rows(self, x, labels, keep, bad=None):
         """Adds rows of fp32/fp64 logits ``x``; rows where ``keep`` is False add nothing. Rows
         flagged ``bad`` (a label out of range, unchecked) count, as wrong, with NaN NLL and Brier."""
-        conf, correct, nll, brier = row_statistics(x, labels.clamp(min=0))
+        self._add_statistics(*row_statistics(x, labels.clamp(min=0)), keep, bad)
+
+    def _add_statistics(self, conf, correct, nll, brier, keep, bad=None):
+        """Adds per-row top-1 confidence, correctness, NLL and Brier (however computed); rows where
+        ``keep`` is False add nothing, rows flagged ``bad`` count as wrong with NaN NLL and Brier."""
         if bad is not None:
             correct = correct & ~bad
             nll, brier = torch.where(bad, torch.nan, nll), torch.where(bad, torch.nan, brier)
-        state = self._state_on(x.device)
+        state = self._state_on(conf.device)
         nb = self.num_bins + 1
         state[: 3 * nb] += _histogram(conf, correct, keep, self.num_bins).reshape(-1)
         state[3 * nb] += torch.where(keep, nll.double(), 0.0).sum()

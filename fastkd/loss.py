@@ -48,6 +48,18 @@ def _check_logits(x, name):
         raise ValueError(f"{name} must have shape (..., C) with C >= 1 classes, got {tuple(x.shape)}")
 
 
+def _check_pair(s, t):
+    """Student and teacher logits: floating point, of one shape (a rank's slice under group=), on one device."""
+    _check_logits(s, "student_logits")
+    _check_logits(t, "teacher_logits")
+    if s.shape != t.shape:
+        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} "
+                         "must have the same shape")
+    if s.device != t.device:
+        raise ValueError(f"student_logits ({s.device}) and teacher_logits ({t.device}) must be on "
+                         "the same device")
+
+
 def _check_real(value, name, low, high, low_open, high_open) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
@@ -188,14 +200,7 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
                                         ignore_index=ignore_index, reduction=reduction, meter=meter,
                                         teacher_meter=teacher_meter, backend=backend,
                                         validate_labels=validate_labels, t_squared=t_squared, num_items=num_items)
-    _check_logits(s, "student_logits")
-    _check_logits(t, "teacher_logits")
-    if s.shape != t.shape:
-        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} "
-                         "must have the same shape")
-    if s.device != t.device:
-        raise ValueError(f"student_logits ({s.device}) and teacher_logits ({t.device}) must be on "
-                         "the same device")
+    _check_pair(s, t)
     temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels,
                                          ce_weight)
     s_scale, t_scale, s_cap, t_cap = _check_transforms(*transforms)

@@ -52,8 +52,8 @@ import torch.distributed as dist
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
 from ._torch_kd import _compute_dtype, _masked, _row_scale
-from .calibration import _check_labels, _histogram
-from .loss import _FusedKD, _check_logits, _check_meters, _check_objective, _grad_unit, _row_count
+from .calibration import _check_labels
+from .loss import _FusedKD, _check_meters, _check_pair, _check_objective, _grad_unit, _row_count
 
 # columns of the local statistics (both backends): maxima, then the sums against them
 M_S, M_T, Z_A, Z_B, W, Z1_S, Q_S, Z1_T, Q_T = range(9)
@@ -229,14 +229,7 @@ def _add_meter(meter, g, side, keep, bad):
     correct = (getattr(g, f"first_{side}") > 0.5) & (getattr(g, f"before_{side}") < 0.5)
     nll = lse1 - at_label
     brier = q / (z1 * z1) - 2 * torch.exp(at_label - lse1) + 1
-    if bad is not None:
-        correct = correct & ~bad
-        nll, brier = torch.where(bad, torch.nan, nll), torch.where(bad, torch.nan, brier)
-    state = meter._state_on(conf.device)
-    nb = meter.num_bins + 1
-    state[: 3 * nb] += _histogram(conf, correct, keep, meter.num_bins).reshape(-1)
-    state[3 * nb] += torch.where(keep, nll.double(), 0.0).sum()
-    state[3 * nb + 1] += torch.where(keep, brier.double(), 0.0).sum()
+    meter._add_statistics(conf, correct, nll, brier, keep, bad)
 
 
 class VocabParallel:
@@ -381,13 +374,7 @@ def fused(s, t, labels, *, group, temperature, kd_weight, ce_weight, divergence,
     refuse_unsupported()
     s, t, group = _from_dtensors(s, t, group)
     _check_group(group)
-    _check_logits(s, "student_logits")
-    _check_logits(t, "teacher_logits")
-    if s.shape != t.shape:
-        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} must have the same "
-                         "shape (this rank's slice of the vocabulary)")
-    if s.device != t.device:
-        raise ValueError(f"student_logits ({s.device}) and teacher_logits ({t.device}) must be on the same device")
+    _check_pair(s, t)
     temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels, ce_weight)
     width = s.shape[-1]
     if labels is not None:

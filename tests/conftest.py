@@ -34,3 +34,15 @@ def gen(request):
     import zlib
 
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def force_triton_path(monkeypatch, K, path):
+    """Makes small rows take a path of the Triton kernel (module K): "one-pass" as is; "looping" (tiles of
+    32 columns); "split" (parts of 32 columns, its two halves as two launches under the interpreter)."""
+    if path != "one-pass":
+        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(K, "LOOP_BLOCK_C", 32)
+    if path == "split":
+        monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
+        monkeypatch.setattr(K, "SPLIT_WARPS", 1)
+        monkeypatch.setattr(K, "SPLIT_VECS", 1)

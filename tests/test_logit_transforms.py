@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastkd
-from conftest import BACKENDS
+from conftest import BACKENDS, force_triton_path
 from fastkd._spec import KDSpec
 
 INF = math.inf
@@ -202,13 +202,7 @@ def triton_path(request, monkeypatch):
     split (parts of 32 columns, its two halves as two launches under the interpreter)."""
     K = pytest.importorskip("fastkd._triton_kd")
     path = request.param
-    if path != "one-pass":
-        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
-        monkeypatch.setattr(K, "LOOP_BLOCK_C", 32)
-    if path == "split":
-        monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
-        monkeypatch.setattr(K, "SPLIT_WARPS", 1)
-        monkeypatch.setattr(K, "SPLIT_VECS", 1)
+    force_triton_path(monkeypatch, K, path)
     return K, path
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastkd
+from conftest import force_triton_path
 from fastkd._spec import KDSpec
 
 K = pytest.importorskip("fastkd._triton_kd")
@@ -421,13 +422,7 @@ def test_large_logits_keep_their_digits(monkeypatch, path, gen):
     offset's rounding; the interpreter has no FMA, a GPU does)."""
     from reference import kd_objective
 
-    if path != "one-pass":
-        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
-        monkeypatch.setattr(K, "LOOP_BLOCK_C", 32)
-    if path == "split":
-        monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
-        monkeypatch.setattr(K, "SPLIT_WARPS", 1)
-        monkeypatch.setattr(K, "SPLIT_VECS", 1)
+    force_triton_path(monkeypatch, K, path)
     s, t = randn((5, 100), gen) + 80.0, randn((5, 100), gen) + 80.0
     labels = torch.randint(0, 100, (5,), generator=gen)
     meter = fastkd.CalibrationMeter(10)
