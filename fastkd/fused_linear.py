@@ -246,6 +246,11 @@ def _check_chunk(chunk_size):
     return chunk_size
 
 
+def _check_labels_device(labels, device):
+    if isinstance(labels, torch.Tensor) and labels.device != device:
+        raise ValueError(f"labels ({labels.device}) must be on the hidden states' device ({device})")
+
+
 def _check_flag(value, name):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -287,6 +292,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
                                          1.0 - alpha, reductions=("batchmean", "sum", "mean"))
     v_s = student_weight.shape[0]
     if labels is not None:
+        _check_labels_device(labels, student_hidden.device)
         _check_labels(labels, student_hidden.shape[:-1], v_s, ignore_index)
     _check_chunk(chunk_size)
     _check_meters(*meters, labels, student_hidden.device)
@@ -331,6 +337,7 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
         temperature, _ = _check_objective(temperature, "kl", 0.5, ignore_index, reduction, labels, 1.0 - alpha,
                                           reductions=("batchmean", "sum", "mean"))
         if labels is not None:
+            _check_labels_device(labels, hidden.device)
             _check_labels(labels, hidden.shape[:-1], v, ignore_index, check_range=validate_labels)
         chunk = _check_chunk(chunk_size) or max(1, CHUNK_LOGITS // v)
         _check_meters(meter, None, labels, hidden.device)

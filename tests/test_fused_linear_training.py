@@ -152,6 +152,12 @@ def test_meter_and_entropy_bad_input(gen):
         loss_of("torch", student, teacher, None, alpha=1.0, teacher_meter=fastkd.CalibrationMeter())
     with pytest.raises(TypeError, match="return_entropy"):
         loss_of("torch", student, teacher, labels, return_entropy=1)
+    with pytest.raises(ValueError, match="labels \\(meta\\) must be on the hidden states' device"):
+        loss_of("torch", student, teacher, labels.to("meta"))
+    hs, ws, _ = student
+    with pytest.raises(ValueError, match="labels \\(meta\\) must be on the hidden states' device"):
+        fastkd.fused_linear_sparse_kd_loss(hs, ws, torch.tensor([[0, 1]] * 8), torch.full((8, 2), -1.0),
+                                           labels.to("meta"))
 
 
 # --- DTensor heads: two gloo processes, each head sharded over the vocabulary rows (FSDP2's Shard(0)) ---
