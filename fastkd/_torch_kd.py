@@ -203,7 +203,7 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
         loss[lo:hi] = torch.where(keep, row * w, 0.0)
         if grad_s:
             kd_row = torch.where(listed, kd_g, 0.0)[:, None]
-            g = kd_row * la.exp() * (1 - p_tail / ps_tail)[:, None]
+            g = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]  # NaN if none listed
             listed_fix = torch.where(valid, kd_row * (ps_k - p_k) - g.gather(-1, idx), 0.0)
             g = g.scatter_add(-1, idx, listed_fix)  # padding adds 0 (its index 0 is a stand-in)
             if spec.has_ce:

@@ -151,7 +151,7 @@ def _sparse_kd_fwd_kernel(
     tl.store(loss_ptr + rows, tl.where(keep, loss * w, 0.0))
 
     if GRAD_S:
-        c_off = 1.0 - p_tail / ps_tail
+        c_off = tl.where(has_teacher, 1.0 - p_tail / ps_tail, 0.0)  # a row listing nothing: p_tail is NaN
         if ONE_PASS:
             g = _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, s_nic2, HAS_CE, S_CAP)
             tl.store(gs_ptr + rows[:, None] * stride_gs + cols[None, :], g.to(gs_ptr.dtype.element_ty), mask=mask)

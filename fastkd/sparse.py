@@ -42,8 +42,8 @@ SUM_TOLERANCE = 1e-2  # teacher probabilities may sum above 1 by this much (fp16
 
 class _SparseKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, ids, logprobs, labels, row_count, spec, bucket, reduction, impl, meter):
-        kernel = importlib.import_module(SPARSE_KERNELS[impl.__name__])
+    def forward(ctx, s, ids, logprobs, labels, row_count, spec, bucket, reduction, impl, meter, kernel):
+        """``impl``: the backend (its scale_grad runs the backward); ``kernel``: its sparse_kd_forward."""
         loss, gs = kernel.sparse_kd_forward(s, ids, logprobs, labels, row_count, spec, bucket,
                                             ctx.needs_input_grad[0], meter, reduce=reduction != "none")
         ctx.impl, ctx.grads = impl, (gs, None)
@@ -54,7 +54,7 @@ class _SparseKD(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         gs, _ = _scaled_grads(ctx, grad_output)
-        return (gs,) + (None,) * 9
+        return (gs,) + (None,) * 10
 
 
 def _check_teacher(ids, logprobs, rows_shape, device):
@@ -105,7 +105,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
                    reduction: str = "batchmean", meter: CalibrationMeter | None = None,
                    backend: str | None = None, validate_labels: bool = True,
                    num_items: float | Tensor | None = None, student_logit_scale: float = 1.0,
-                   student_softcap: float | None = None) -> Tensor:
+                   student_softcap: float | None = None, group=None) -> Tensor:
     """``alpha T^2 D(teacher || student) + (1 - alpha) CE(student, labels)`` from a top-K teacher.
 
     ``teacher_ids`` ``(..., K)`` integer (-1 pads a row with fewer classes) and ``teacher_logprobs``
@@ -118,7 +118,21 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     :func:`fastkd.kd_loss`'s. ``validate_labels=True`` also checks the teacher: ids in range, no
     class listed twice, probabilities summing to at most 1 (one host synchronisation for all);
     unchecked, a row with an id out of range is NaN and a duplicated id is undefined.
+
+    ``group``: the student's vocabulary split over a process group, as in :func:`fastkd.kd_loss`;
+    every rank passes the same teacher ids (global class ids) and log-probabilities, and each
+    listed class is its owner's (see :mod:`fastkd.vocab_parallel`).
     """
+    if group is not None or (not torch.compiler.is_compiling() and type(student_logits).__name__ == "DTensor"):
+        from . import vocab_parallel
+
+        if group is not None or vocab_parallel.vocab_sharded_dtensor(student_logits):
+            vocab_parallel.refuse_unsupported(student_logit_scale=None if student_logit_scale == 1.0 else
+                                              student_logit_scale, student_softcap=student_softcap)
+            return vocab_parallel.sparse(student_logits, teacher_ids, teacher_logprobs, labels, group=group,
+                                         temperature=temperature, alpha=alpha, divergence=divergence, tail=tail,
+                                         ignore_index=ignore_index, reduction=reduction, meter=meter,
+                                         backend=backend, validate_labels=validate_labels, num_items=num_items)
     _check_logits(student_logits, "student_logits")
     s = student_logits
     c = s.shape[-1]
@@ -156,7 +170,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
                   _grad_unit(kd_scale / temperature, 1.0 - alpha, divergence, (s.dtype,), s_scale),
                   s_scale=s_scale, s_cap=s_cap)
     with torch.autocast(s.device.type, enabled=False):
-        loss = _SparseKD.apply(s2, ids2, lp2, labels2, row_count, spec, tail == "bucket", reduction, impl, meter)
+        loss = _SparseKD.apply(s2, ids2, lp2, labels2, row_count, spec, tail == "bucket", reduction, impl, meter,
+                               importlib.import_module(SPARSE_KERNELS[impl.__name__]))
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
 
@@ -165,11 +180,11 @@ class SparseKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket", ignore_index: int = -100,
                  reduction: str = "batchmean", backend: str | None = None, student_logit_scale: float = 1.0,
-                 student_softcap: float | None = None):
+                 student_softcap: float | None = None, group=None):
         super().__init__()
         self.kw = dict(temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
                        reduction=reduction, backend=backend, student_logit_scale=student_logit_scale,
-                       student_softcap=student_softcap)
+                       student_softcap=student_softcap, group=group)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 labels: Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:

@@ -40,7 +40,8 @@ row once per rank): all-reduce meters over the data-parallel group only, not ove
 
 Not supported with ``group=`` (each refused with a ValueError naming it): the CUDA C++ backend,
 ``torch.compile`` (the collectives and the host check are eager), logit transforms, the fused-linear
-loss's ``return_entropy``, and the sparse-teacher losses.
+loss's ``return_entropy``; ``fused_linear_sparse_kd_loss`` has no ``group=``. ``sparse_kd_loss`` (a top-K
+teacher) runs with ``group=``: :class:`SparseVocabParallel`.
 """
 from __future__ import annotations
 
@@ -51,9 +52,11 @@ import torch.distributed as dist
 
 from . import backends
 from ._spec import DIVERGENCES, KDSpec
-from ._torch_kd import _compute_dtype, _masked, _row_scale
+from ._spec import SPARSE_TAIL_FLOOR
+from ._torch_kd import _compute_dtype, _masked, _row_scale, _sparse_teacher
 from .calibration import _check_labels
-from .loss import _FusedKD, _check_meters, _check_pair, _check_objective, _grad_unit, _row_count
+from .loss import (_FusedKD, _check_logits, _check_meters, _check_objective, _check_pair, _check_real, _grad_unit,
+                   _row_count)
 
 # columns of the local statistics (both backends): maxima, then the sums against them
 M_S, M_T, Z_A, Z_B, W, Z1_S, Q_S, Z1_T, Q_T = range(9)
@@ -399,6 +402,121 @@ def fused(s, t, labels, *, group, temperature, kd_weight, ce_weight, divergence,
     impl = VocabParallel(lay, _kernels(name))
     with torch.autocast(s.device.type, enabled=False):
         loss = _FusedKD.apply(s2, t2, labels2, row_count, spec, reduction, impl, meter, teacher_meter)
+    return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
+
+
+class SparseVocabParallel:
+    """sparse.py's kernel interface (``sparse_kd_forward`` / ``scale_grad``) for a top-K teacher with the
+    student's vocabulary split over the group: every rank holds the teacher's K global ids and
+    log-probabilities; a listed class is its owner's. The student's statistics come from the
+    backend's ``local_stats`` and the dense reductions (steps 1-3), then one more all-reduce SUM of
+    (N, 2) floats: the owners' sum of exp(a_k - M/T) over their listed classes (the student's listed
+    mass) and of p_k a_k (the divergence's cross term). The gradient of the slice is written by
+    tensor ops on either backend (one read of the slice and a write)."""
+
+    def __init__(self, layout_: Layout, kernels):
+        self.layout, self.kernels = layout_, kernels
+        self.INPLACE_BACKWARD = kernels.INPLACE_BACKWARD
+
+    def scale_grad(self, grad, factor):
+        return self.kernels.scale_grad(grad, factor)
+
+    def sparse_kd_forward(self, s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool, grad_s: bool, meter,
+                          reduce: bool = False):
+        lay = self.layout
+        n, cd, k = s.shape[0], _compute_dtype(s, lp), spec.inv_temperature
+        st, idx = self.kernels.local_stats(s, s, spec, cd, True, False)  # the teacher's columns are unused
+        g = _global_stats(st, idx, s, s, labels, lay, spec, meter, None, spec.has_ce)
+        valid = (ids >= 0) & (ids < lay.vocab)
+        local = ids - lay.offset
+        own = valid & (local >= 0) & (local < lay.width)
+        at = torch.where(own, local, 0)
+        lp_k, lp_tail = _sparse_teacher(lp.to(cd), valid, lay.vocab, spec, bucket)
+        p_k, p_tail = lp_k.exp(), lp_tail.exp()
+        a_k = s.gather(1, at).to(cd) * k
+        mass = torch.where(own, torch.exp(a_k - _safe(g.max_s)[:, None] * k), 0.0).sum(1)
+        cross = torch.where(own & (p_k > 0), p_k * a_k, 0.0).sum(1)
+        parts = torch.stack([mass, cross], 1) if n else st.new_zeros((0, 2))
+        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=lay.group)
+        ps_tail = (1 - parts[:, 0] / g.z_a).clamp(min=SPARSE_TAIL_FLOOR)
+        # D = sum_k p_k (log p_k - (a_k - lse_a)) + p_tail (log p_tail - log ps_tail)
+        d = (_masked(p_k, lp_k).sum(1) - parts[:, 1] + g.lse_a * torch.where(valid, p_k, 0.0).sum(1)
+             + _masked(p_tail, lp_tail - ps_tail.log()))
+        listed = valid.any(1)  # a row with no listed teacher class has no divergence term
+        if labels is not None:
+            keep = labels != spec.ignore_index
+            bad = keep & ((labels < 0) | (labels >= lay.vocab))
+            lab_local = labels - lay.offset
+            label_local = torch.where(keep & ~bad & (lab_local >= 0) & (lab_local < lay.width), lab_local, -1)
+        else:
+            keep = torch.ones(n, dtype=torch.bool, device=s.device)
+            bad = torch.zeros(n, dtype=torch.bool, device=s.device)
+            label_local = torch.full((n,), -1, dtype=torch.int64, device=s.device)
+        bad = bad | (keep & ((ids < -1) | (ids >= lay.vocab)).any(1))  # only with validate_labels=False
+        row = spec.kd_scale * torch.where(listed, d, 0.0)
+        if spec.has_ce:
+            row = row + spec.ce_scale * (g.lse1_s - torch.where(keep, g.label_s, 0.0))
+        w = torch.where(keep, _row_scale(row_count, cd, s.device), 0.0)
+        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0).to(cd)
+        w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
+        loss = torch.where(keep, row * w, 0.0)
+        gs = None
+        if grad_s:
+            la = s.to(cd) * k - g.lse_a[:, None]
+            kd_row = torch.where(listed, spec.kd_scale * k, 0.0)[:, None]
+            out = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]
+            fix = torch.where(own, kd_row * ((a_k - g.lse_a[:, None]).exp() - p_k) - out.gather(1, at), 0.0)
+            out = out.scatter_add(1, at, fix)
+            if spec.has_ce:
+                out = out + spec.ce_scale * torch.exp(s.to(cd) - g.lse1_s[:, None])
+                out = out.scatter_add(1, label_local.clamp(min=0)[:, None],
+                                      torch.where(label_local >= 0, -spec.ce_scale, 0.0).to(cd)[:, None])
+            gs = torch.where(w_grad[:, None] != 0, out * w_grad[:, None], 0.0).to(s.dtype)
+        if meter is not None:
+            _add_meter(meter, g, "s", keep, bad)
+        return (loss.sum() if reduce else loss), gs
+
+
+def sparse(s, ids, lp, labels, *, group, temperature, alpha, divergence, tail, ignore_index, reduction, meter,
+           backend, validate_labels, num_items=None):
+    """sparse.sparse_kd_loss with the student's vocabulary split over ``group`` (or a DTensor
+    sharded on the last dimension); teacher ids are global class ids, the same on every rank."""
+    from .sparse import TAILS, _SparseKD, sparse_checks
+
+    refuse_unsupported()
+    s, _, group = _from_dtensors(s, s, group)
+    _check_group(group)
+    _check_logits(s, "student_logits")
+    alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
+    if divergence != "kl":
+        raise ValueError(f"divergence must be 'kl' for a sparse teacher, got {divergence!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    temperature, _ = _check_objective(temperature, "kl", 0.5, ignore_index, reduction, labels, 1.0 - alpha)
+    width = s.shape[-1]
+    if labels is not None:
+        _check_labels(labels, s.shape[:-1], width, ignore_index, check_range=False)
+        if labels.device != s.device:
+            raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
+    _check_meters(meter, None, labels, s.device)
+    name = _check_backend(backend, s.device, (s.dtype,))
+    labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+    n = s.numel() // width
+    lay = layout(group, n, width, labels2 if validate_labels else None, s.device)
+    sparse_checks(ids, lp, s.shape[:-1], lay.vocab, s.device, validate_labels)  # against the global vocabulary
+    if labels is not None and validate_labels:
+        _check_labels(labels, s.shape[:-1], lay.vocab, ignore_index)
+    kk = ids.shape[-1]
+    s2 = s.reshape(-1, width)
+    s2 = s2 if s2.stride(-1) == 1 else s2.contiguous()
+    row_count = _row_count(labels2, ignore_index, reduction, n, s.device, num_items)
+    kd_scale = alpha * temperature**2 / (lay.vocab if reduction == "mean" else 1)
+    spec = KDSpec(1.0 / temperature, kd_scale, 1.0 - alpha, 0, 0.5, ignore_index,
+                  _grad_unit(kd_scale / temperature, 1.0 - alpha, "kl", (s.dtype,)))
+    impl = SparseVocabParallel(lay, _kernels(name))
+    with torch.autocast(s.device.type, enabled=False):
+        loss = _SparseKD.apply(s2, ids.reshape(-1, kk).to(torch.int64).contiguous(), lp.reshape(-1, kk).contiguous(),
+                               labels2, row_count, spec, tail == "bucket", reduction, impl, meter, impl)
     return loss.reshape(s.shape[:-1]) if reduction == "none" else loss
 
 

@@ -170,3 +170,21 @@ def test_fused_linear_sparse_equals_the_loss_on_materialised_logits(backend, tai
     close(out, want, 1e-5)
     for got, ref, name in zip(leaves, refs, ("hidden", "weight", "bias")):
         close(got.grad, ref.grad, 1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+def test_a_row_listing_nothing_has_finite_gradients(backend, tail, gen):
+    """A row whose ids are all padding has no divergence term: with "renormalize" its teacher is
+    empty (0/0), which must not reach the gradient as NaN; the CE term still trains the row."""
+    s = torch.randn(3, 9, generator=gen).requires_grad_()
+    ids = torch.tensor([[1, 2], [-1, -1], [3, 4]])
+    lp = torch.log(torch.tensor([[0.3, 0.2], [0.1, 0.1], [0.5, 0.1]]))
+    labels = torch.tensor([0, 5, 7])
+    out = fastkd.sparse_kd_loss(s, ids, lp, labels, alpha=0.6, temperature=2.0, tail=tail, backend=backend,
+                                reduction="none")
+    (grad,) = torch.autograd.grad(out.sum(), s)
+    assert torch.isfinite(grad).all() and torch.isfinite(out).all()
+    ce_grad = 0.4 * (torch.softmax(s[1].double(), -1) - torch.nn.functional.one_hot(labels[1], 9))
+    close(grad[1], ce_grad, 1e-5)
+    close(out[1], 0.4 * torch.nn.functional.cross_entropy(s[1:2].double(), labels[1:2]), 1e-5)

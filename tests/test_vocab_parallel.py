@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fastkd
-from reference import kd_objective
+from reference import kd_objective, sparse_kd_objective
 from test_fused_linear import make_side, reference
 from test_loss import close
 
@@ -183,6 +183,34 @@ def _check_dtensor(rank, world, backend, seed):
     close(local, s64.grad[:, lo:lo + local.shape[1]], 1e-5)
 
 
+def _check_sparse(rank, world, group, backend, seed, tail):
+    """A top-K teacher (global ids, some rows padded with -1, one row listing nothing) against the
+    float64 dense objective: loss, this rank's gradient slice, the student's meter."""
+    s, _, labels, upstream = _inputs(seed, torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    k = 6
+    ids = torch.stack([torch.randperm(V, generator=gen)[:k] for _ in range(N)])
+    ids[2, 4:] = -1
+    ids[5] = -1
+    lp = torch.log_softmax(torch.randn(N, k, generator=gen), -1) - 0.4  # 0.67 of the mass listed
+    lo, hi = _slice(rank, world)
+    local = s[:, lo:hi].clone().requires_grad_()
+    meter = fastkd.CalibrationMeter(7)
+    out = fastkd.sparse_kd_loss(local, ids, lp, labels, temperature=2.0, alpha=0.7, tail=tail, meter=meter,
+                                group=group, backend=backend, reduction="none")
+    s64 = s.double().requires_grad_()
+    ref = sparse_kd_objective(s64, ids, lp, labels, 2.0, 0.7, tail=tail, reduction="none")
+    close(out, ref, 1e-5)
+    out.backward(upstream.float())
+    ref.backward(upstream)
+    close(local.grad, s64.grad[:, lo:hi], 1e-5, atol_scale=1e-5 * s64.grad.abs().max().item()
+          / max(s64.grad[:, lo:hi].abs().max().item(), 1e-30))
+    want = fastkd.CalibrationMeter(7).update(s.double(), labels).compute()
+    have = meter.compute()
+    assert have.count == want.count and [b.count for b in have.bins] == [b.count for b in want.bins]
+    assert (have.nll, have.brier, have.ece) == pytest.approx((want.nll, want.brier, want.ece), rel=1e-5, abs=1e-6)
+
+
 def _worker(rank, world, port):
     import torch.distributed as dist
 
@@ -195,6 +223,8 @@ def _worker(rank, world, port):
             for i, case in enumerate(CASES):
                 _check_case(rank, world, group, backend, 1000 * world + i, case)
             _check_fused_linear(rank, world, group, backend, 77 + world)
+            for tail in ("bucket", "renormalize"):
+                _check_sparse(rank, world, group, backend, 300 + world, tail)
         _check_dtensor(rank, world, "torch", 5 + world)
         if world == 3:
             _check_case(rank, world, group, "torch", 3, dict(dtype=torch.float64, divergence="jsd", temperature=2.0,
