@@ -271,7 +271,7 @@ def write_summary(folder: Path, summary_report: dict, reports: dict, meters: dic
         "",
         "Mean ± sample standard deviation over the seeds. The difference is paired by seed (a seed's two "
         "students share their initialisation, batches and teacher): its mean and 95% t-interval, mean ± "
-        f"t(0.975, n − 1) · sd / √n" + (f" with t = {t:.3f}" if t is not None else " (none for one seed)")
+        "t(0.975, n − 1) · sd / √n" + (f" with t = {t:.3f}" if t is not None else " (none for one seed)")
         + ". \"Distilled better\": the seeds where the distilled student was strictly better (↑ higher is "
         "better, ↓ lower). Seeds vary training only: the test split is fixed, so the interval says how far "
         "the result moves between training runs, not between test sets.",

@@ -371,6 +371,16 @@ def _kernels(name):
 
 # --- the losses ------------------------------------------------------------------------------------
 
+def _rows_of_labels(labels, s, ignore_index):
+    """Labels as int64 rows, checked against this rank's rows (their global range needs the layout)."""
+    if labels is None:
+        return None
+    _check_labels(labels, s.shape[:-1], s.shape[-1], ignore_index, check_range=False)
+    if labels.device != s.device:
+        raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
 def fused(s, t, labels, *, group, temperature, kd_weight, ce_weight, divergence, beta, ignore_index, reduction,
           meter, teacher_meter, backend, validate_labels, t_squared, num_items=None):
     """loss._fused with the vocabulary split over ``group`` (or DTensors sharded on the last dim)."""
@@ -380,13 +390,9 @@ def fused(s, t, labels, *, group, temperature, kd_weight, ce_weight, divergence,
     _check_pair(s, t)
     temperature, beta = _check_objective(temperature, divergence, beta, ignore_index, reduction, labels, ce_weight)
     width = s.shape[-1]
-    if labels is not None:
-        _check_labels(labels, s.shape[:-1], width, ignore_index, check_range=False)
-        if labels.device != s.device:
-            raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
+    labels2 = _rows_of_labels(labels, s, ignore_index)
     _check_meters(meter, teacher_meter, labels, s.device)
     name = _check_backend(backend, s.device, (s.dtype, t.dtype))
-    labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     n = s.numel() // width
     lay = layout(group, n, width, labels2 if validate_labels else None, s.device)
     if labels is not None and validate_labels:
@@ -494,13 +500,9 @@ def sparse(s, ids, lp, labels, *, group, temperature, alpha, divergence, tail, i
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     temperature, _ = _check_objective(temperature, "kl", 0.5, ignore_index, reduction, labels, 1.0 - alpha)
     width = s.shape[-1]
-    if labels is not None:
-        _check_labels(labels, s.shape[:-1], width, ignore_index, check_range=False)
-        if labels.device != s.device:
-            raise ValueError(f"labels ({labels.device}) must be on the logits' device ({s.device})")
+    labels2 = _rows_of_labels(labels, s, ignore_index)
     _check_meters(meter, None, labels, s.device)
     name = _check_backend(backend, s.device, (s.dtype,))
-    labels2 = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
     n = s.numel() // width
     lay = layout(group, n, width, labels2 if validate_labels else None, s.device)
     sparse_checks(ids, lp, s.shape[:-1], lay.vocab, s.device, validate_labels)  # against the global vocabulary

@@ -9,6 +9,7 @@ import torch
 
 import fastkd
 from conftest import BACKENDS, force_triton_path
+from reference import _with_ce_reduced
 from fastkd._spec import KDSpec
 
 INF = math.inf
@@ -71,22 +72,11 @@ def reference(s, t, labels, *, temperature, alpha, divergence="kl", beta=0.5, re
         m = beta * pt + (1 - beta) * ps
         lm = torch.log(torch.where(m > 0, m, 1.0))
         d = beta * plogq(pt, lt, lm) + (1 - beta) * plogq(ps, ls, lm)
-    row = alpha * d * (temperature**2 if t_squared else 1.0) / (c if reduction == "mean" else 1)
-    keep = torch.ones(zs.shape[0], dtype=torch.bool)
-    if labels is not None:
-        lab = labels.reshape(-1)
-        keep = lab != ignore_index
-        if alpha < 1:
-            ce = -torch.log_softmax(zs, -1).gather(1, torch.where(keep, lab, 0)[:, None])[:, 0]
-            row = row + (1 - alpha) * ce
-    row = torch.where(keep, row, 0.0)
-    if reduction == "none":
-        return row.reshape(s.shape[:-1])
-    if reduction == "sum":
-        return row.sum()
-    if num_items is not None:
-        return row.sum() / float(num_items)
-    return row.sum() / max(int(keep.sum()), 1)
+    row = alpha * d * (temperature**2 if t_squared else 1.0)
+    # the CE on the transformed logits, ignored rows dropped, reduced (num_items: the sum divided by it)
+    out = _with_ce_reduced(zs.reshape(s.shape), row, labels, alpha, ignore_index,
+                           "sum" if num_items is not None else reduction)
+    return out / float(num_items) if num_items is not None else out
 
 
 def close(actual, expected, rtol, msg=""):
