@@ -210,6 +210,24 @@ def _transform(x, scale, cap, kc, SCALE: tl.constexpr, CAP: tl.constexpr, FAST: 
 
 
 @triton.jit
+def _reread_tile(s_ptr, t_ptr, off_s, off_t, c0, row_ok, n_cols, m_s, m_t, k, s_scale, s_cap, s_kc, t_scale, t_cap,
+                 t_kc, VECS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, HAS_CE: tl.constexpr,
+                 TEMP_ONE: tl.constexpr, S_SCALE: tl.constexpr, S_CAP: tl.constexpr, T_SCALE: tl.constexpr,
+                 T_CAP: tl.constexpr, FAST: tl.constexpr):
+    """A tile of the looping path's later sweeps, the row maxima known: its columns and mask, the
+    transformed logits x, y and their exponentials against the maxima (e_1 at T = 1 for the CE)."""
+    cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
+    x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST)
+    y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST)
+    e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
+    e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
+    e_1 = e_s
+    if HAS_CE and not TEMP_ONE:
+        e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
+    return cols, ok, x, y, e_s, e_t, e_1
+
+
+@triton.jit
 def _cap_constants(s_scale, s_cap, t_scale, t_cap, S_CAP: tl.constexpr, T_CAP: tl.constexpr):
     """Per program: (kc, -1 / cap^2) of each model's softcap (stand-ins where there is none)."""
     s_kc = s_scale
@@ -683,14 +701,9 @@ def _kd_fwd_kernel(
         elif DIVERGENCE == 2 or GRAD_S or GRAD_T:
             # sweep 2: JSD's divergence, and the gradients unless they wait for it (THIRD_SWEEP)
             for c0 in range(0, n_cols, VECS * LANES * VEC):
-                cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
-                x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
-                y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
-                e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
-                e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
-                e_1 = e_s
-                if HAS_CE and not TEMP_ONE:
-                    e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
+                cols, ok, x, y, e_s, e_t, e_1 = _reread_tile(
+                    s_ptr, t_ptr, off_s, off_t, c0, row_ok, n_cols, m_s, m_t, k, s_scale, s_cap, s_kc, t_scale, t_cap,
+                    t_kc, VECS, LANES, VEC, HAS_CE, TEMP_ONE, S_SCALE, S_CAP, T_SCALE, T_CAP, FAST_MATH)
                 if DIVERGENCE == 2:
                     ps, pt, ref_s, ref_t = _jsd_terms(x, y, e_s, e_t, a0, b0, rz_s, rz_t, inv_temp, beta,
                                                            FAST_MATH)
@@ -704,14 +717,9 @@ def _kd_fwd_kernel(
                                  S_SCALE, T_SCALE, S_CAP, T_CAP)
             if THIRD_SWEEP:  # sweep 3: JSD's gradients
                 for c0 in range(0, n_cols, VECS * LANES * VEC):
-                    cols, ok = _tile(c0, row_ok, n_cols, VECS, LANES, VEC, 0)
-                    x = _transform(_load(s_ptr, off_s, cols, ok), s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
-                    y = _transform(_load(t_ptr, off_t, cols, ok), t_scale, t_cap, t_kc, T_SCALE, T_CAP, FAST_MATH)
-                    e_s = tl.math.exp2(x * k - _rows(_off(m_s, k)))
-                    e_t = tl.math.exp2(y * k - _rows(_off(m_t, k)))
-                    e_1 = e_s
-                    if HAS_CE and not TEMP_ONE:
-                        e_1 = tl.math.exp2(x * LOG2E - _rows(_off(m_s, LOG2E)))
+                    cols, ok, x, y, e_s, e_t, e_1 = _reread_tile(
+                        s_ptr, t_ptr, off_s, off_t, c0, row_ok, n_cols, m_s, m_t, k, s_scale, s_cap, s_kc, t_scale,
+                        t_cap, t_kc, VECS, LANES, VEC, HAS_CE, TEMP_ONE, S_SCALE, S_CAP, T_SCALE, T_CAP, FAST_MATH)
                     _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, label, c_s,
                                  c_t, c_1, c_label, shift, d_s, d_t, inv_temp, beta, rz_s, rz_t, a0, b0,
                                  s_scale, t_scale, s_nic2, t_nic2,
