@@ -255,26 +255,26 @@ def test_cli_version_and_one_line_without_the_study_extra(core_venv):
 
 def test_cli_names_the_extra_when_torchvision_is_missing(monkeypatch, capsys):
     """CIFAR's torchvision is imported when the data load; a missing one ends the same way."""
-    import fastkd.study
-    from fastkd.cli import main
+    import fastkd.study.run
+    from fastkd.study.cli import main
 
     def no_torchvision(cfg):
         raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
 
-    monkeypatch.setattr(fastkd.study, "run_study", no_torchvision)
+    monkeypatch.setattr(fastkd.study.run, "run_study", no_torchvision)
     assert main(["distill", "--dataset", "cifar10"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == 'fastkd: error: distill needs torchvision, not installed: pip install "fastkd[study]"'
 
 
 def test_cache_teacher_without_tqdm_names_the_extra_before_any_work(monkeypatch, capsys, tmp_path):
-    import fastkd.cache_teacher
-    from fastkd import cli
+    import fastkd.study.cache_teacher
+    from fastkd.study import cli
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "tqdm"
                         else real_find_spec(name, *a))
-    monkeypatch.setattr(fastkd.cache_teacher, "run", lambda args: pytest.fail("ran without tqdm"))
+    monkeypatch.setattr(fastkd.study.cache_teacher, "run", lambda args: pytest.fail("ran without tqdm"))
     assert cli.main(["cache-teacher", "--out", str(tmp_path / "cache"), "--k", "4"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == 'fastkd: error: cache-teacher needs tqdm, not installed: pip install "fastkd[study]"'

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from ..calibration import CalibrationMeter
+from ..teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
+from . import torchrun
 from .cache_teacher import write_classifier_rows
-from .calibration import CalibrationMeter
 from .data import load_data
 from .models import build_model, count_parameters
 from .policies import make_policy
 from .report import write_outputs
-from .teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 from .train import StudyConfig, fit, load_checkpoint, predict, summarize
 
 MODEL_KEYS = ("teacher", "student", "distilled")
@@ -92,7 +92,7 @@ def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.
     torchrun on GPUs, channels_last for images): the same seed gives the same model everywhere."""
     torch.manual_seed(seed)
     m = build_model(name, data.input_shape, data.num_classes)
-    if distributed.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
+    if torchrun.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
         m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
     m = m.to(cfg.device)
     return m.to(memory_format=torch.channels_last) if len(data.input_shape) == 3 else m
@@ -131,12 +131,12 @@ def cached_teacher(cfg: StudyConfig, teacher, data, folder: Path):
     report says about the cache)."""
     k, x = max(cfg.teacher_cache), data.x_train
     started = time.perf_counter()
-    if distributed.is_main():
+    if torchrun.is_main():
         source = {"kind": "study", "dataset": data.name, "split": "train", "teacher": cfg.teacher}
         with TeacherCacheWriter(folder, k=k, vocab=data.num_classes, rows=len(x), inputs_sha256=fingerprint(x),
                                 source=source, overwrite=True) as w:  # a resumed run rewrites the same rows
             write_classifier_rows(w, teacher, data, x, progress=False)
-    distributed.barrier()
+    torchrun.barrier()
     cache = TeacherCache(folder, rows=len(x), vocab=data.num_classes, k=k, inputs_sha256=fingerprint(x))
     ids, logprobs = cache.batch(torch.arange(len(cache)))
     info = {"path": str(folder), "k": k, "dtype": cache.dtype, "tail": cfg.teacher_cache_tail,
@@ -158,8 +158,8 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     ``figures=False`` skips the PNGs (the multi-seed run, whose summary draws them pooled)."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
-    cfg.device = distributed.init_from_env(cfg.device)
-    main = distributed.is_main()
+    cfg.device = torchrun.init_from_env(cfg.device)
+    main = torchrun.is_main()
     out = Path(cfg.out_dir) / cfg.name
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
@@ -200,7 +200,7 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     models = {**dict(zip(MODEL_KEYS, (teacher, student, distilled))), **from_cache}
     teacher_test = predict(teacher, data, data.x_test)
     results, meters, preds = {}, {}, {}
-    shard = distributed.shard  # every rank holds the logits; the meters split the rows
+    shard = torchrun.shard  # every rank holds the logits; the meters split the rows
     for key, model in models.items():
         test_logits = teacher_test if key == "teacher" else predict(model, data, data.x_test)
         res, meters[key] = summarize(shard(test_logits), shard(data.y_test), shard(teacher_test),

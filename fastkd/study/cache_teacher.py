@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
+from ..teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
 
 
 def _progress(**kwargs):
@@ -103,7 +103,7 @@ def write_classifier_rows(writer: TeacherCacheWriter, teacher, data, x: torch.Te
 def cache_study_teacher(args) -> Path:
     """The study's teacher (loaded or trained as ``fastkd distill`` would) over one split."""
     from .data import load_data
-    from .study import load_or_train_teacher
+    from .run import load_or_train_teacher
     from .train import StudyConfig
 
     cfg = StudyConfig(dataset=args.dataset or "digits", data_dir=args.data_dir, download=args.download,
@@ -204,7 +204,7 @@ def _size_mb(folder: Path) -> float:
 
 
 def run(args) -> int:
-    """Entry point of ``fastkd cache-teacher`` (``fastkd.cli`` parses, this runs)."""
+    """Entry point of ``fastkd cache-teacher`` (``fastkd.study.cli`` parses, this runs)."""
     started = time.perf_counter()
     try:
         validate(args)

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import distributed
-from .calibration import CalibrationMeter
+from ..calibration import CalibrationMeter
+from ..loss import kd_loss
+from ..sparse import sparse_kd_loss
+from . import torchrun
 from .data import DataBundle
-from .loss import kd_loss
 from .policies import Policy
-from .sparse import sparse_kd_loss
 
 
 @dataclass
@@ -129,7 +129,7 @@ def summarize(logits, y, teacher_logits=None, num_bins=15, backend=None) -> tupl
 
 def evaluate(model, data, x, y, teacher_logits=None, num_bins=15, backend=None) -> dict:
     """:func:`summarize` of ``model`` on (x, y); under torchrun each rank predicts its shard."""
-    shard = distributed.shard
+    shard = torchrun.shard
     teacher_logits = shard(teacher_logits) if teacher_logits is not None else None
     return summarize(predict(model, data, shard(x)), shard(y), teacher_logits, num_bins, backend)[0]
 
@@ -155,7 +155,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
     the model is wrapped in DistributedDataParallel and each rank takes its slice of every batch;
     only rank 0 writes the log and the checkpoint."""
     device = data.x_train.device
-    rank, world = distributed.rank_and_world()
+    rank, world = torchrun.rank_and_world()
     opt = _optimizer(model, cfg.lr, cfg.weight_decay, device)
     steps = -(-len(data.x_train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(epochs * steps, 1),
@@ -199,8 +199,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         for i, batch in enumerate(perm.split(cfg.batch_size)):
             # every rank draws the same augmentation, then keeps its slice of the global batch;
             # DDP averages gradients over ranks, hence sum / global batch * world
-            x = distributed.shard(data.prepare(data.x_train[batch], gen))
-            idx = distributed.shard(batch)
+            x = torchrun.shard(data.prepare(data.x_train[batch], gen))
+            idx = torchrun.shard(batch)
             y = data.y_train[idx]
             per_rank = len(batch) / world
             with _autocast(device):
@@ -232,7 +232,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             bar.update(len(batch))
             if cfg.progress and i % cfg.log_interval == 0:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        distributed.all_reduce_sum(total)
+        torchrun.all_reduce_sum(total)
         seconds = time.perf_counter() - t0
         val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
         row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
@@ -258,7 +258,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         if rank == 0:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "state": state}, ckpt)
-        distributed.barrier()
+        torchrun.barrier()
     bar.close()
     if epochs == 0:
         state["finished"] = True
