@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from fastkd.study.cli import main
-from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label, t_quantile
+from fastkd.study.config import StudyConfig
 from fastkd.study.run import run_study
-from fastkd.study.train import StudyConfig
+from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label, t_quantile
 
 TINY = ["--no-progress", "--epochs", "1", "--teacher-epochs", "1"]
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import fastkd.study.teachers
 import fastkd.study.train
 from fastkd.study.cli import main
+from fastkd.study.config import StudyConfig
 from fastkd.study.data import load_cifar, random_crop_flip
 from fastkd.study.run import run_study
-from fastkd.study.train import StudyConfig
 
 SHORT = dict(epochs=3, teacher_epochs=6, progress=False)
 
@@ -80,7 +81,7 @@ def test_distilled_student_trains_on_the_teachers_logits(tmp_path, monkeypatch):
         saved.setdefault(stage, (model, data))
         return out
 
-    monkeypatch.setattr(fastkd.study.run, "fit", keep_teacher)
+    monkeypatch.setattr(fastkd.study.teachers, "fit", keep_teacher)
     run_study(StudyConfig(out_dir=str(tmp_path), **SHORT))
     teacher, data = saved["teacher"]
     full = fastkd.study.train.predict(teacher, data, data.x_train)

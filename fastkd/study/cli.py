@@ -11,7 +11,7 @@ import importlib.util
 import sys
 
 from .. import __version__
-from .train import StudyConfig
+from .config import StudyConfig
 
 # fastkd[study] by import name (the study runs without tensorboard). What every run of a command
 # needs is checked before it starts (the report's packages among them, not to fail after training);

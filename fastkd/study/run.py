@@ -20,12 +20,13 @@ import torch
 from ..calibration import CalibrationMeter
 from ..teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 from . import torchrun
-from .cache_teacher import write_classifier_rows
+from .config import StudyConfig
 from .data import load_data
-from .models import build_model, count_parameters
+from .models import count_parameters
 from .policies import make_policy
 from .report import write_outputs
-from .train import StudyConfig, fit, load_checkpoint, predict, summarize
+from .teachers import load_or_train_teacher, write_classifier_rows
+from .train import build_study_model, fit, predict, summarize
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 
@@ -85,32 +86,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds=TEMPERATU
 def temperature_bound(t_star: float, bounds=TEMPERATURE_RANGE) -> str | None:
     """ "upper" or "lower" when a fitted temperature sits at that end of ``bounds``, else None."""
     return "upper" if t_star >= bounds[1] else "lower" if t_star <= bounds[0] else None
-
-
-def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.Module:
-    """Model ``name`` for ``data``, initialised from ``seed``, on the device (SyncBatchNorm under
-    torchrun on GPUs, channels_last for images): the same seed gives the same model everywhere."""
-    torch.manual_seed(seed)
-    m = build_model(name, data.input_shape, data.num_classes)
-    if torchrun.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
-        m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
-    m = m.to(cfg.device)
-    return m.to(memory_format=torch.channels_last) if len(data.input_shape) == 3 else m
-
-
-def load_or_train_teacher(cfg: StudyConfig, data, ckpt: Path, log=None, writer=None):
-    """(teacher, its training history): loaded from ``cfg.teacher_ckpt``, else trained (and
-    checkpointed to ``ckpt``) from ``cfg.seed``."""
-    teacher = build_study_model(cfg, data, cfg.teacher, cfg.seed)
-    if not cfg.teacher_ckpt:
-        return teacher, fit(teacher, data, cfg, "teacher", ckpt, epochs=cfg.teacher_epochs, log=log,
-                            writer=writer)
-    ck = load_checkpoint(Path(cfg.teacher_ckpt), cfg.device)
-    try:
-        teacher.load_state_dict(ck["model"] if "model" in ck else ck)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {cfg.teacher_ckpt} does not fit {cfg.teacher}: {e}") from None
-    return teacher, []
 
 
 def check_teacher_cache(cfg: StudyConfig, data):

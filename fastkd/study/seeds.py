@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .train import StudyConfig
+from .config import StudyConfig
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 # (results key, name in tables, decimals, direction: +1 higher is better, -1 lower is better, 0 neither)
