@@ -280,6 +280,40 @@ def test_cache_teacher_without_tqdm_names_the_extra_before_any_work(monkeypatch,
     assert line == 'fastkd: error: cache-teacher needs tqdm, not installed: pip install "fastkd[study]"'
 
 
+LIBRARY_ALONE = r"""
+import json, sys
+import torch
+
+study = set(sys.argv[1:])
+# torch.hub imports tqdm where it is installed: forgotten here, so that an import by fastkd shows
+for m in [m for m in sys.modules if m.partition(".")[0] in study]:
+    del sys.modules[m]
+import fastkd
+
+def loaded():
+    return [m for m in sorted(sys.modules) if m.startswith("fastkd") or m.partition(".")[0] in study]
+
+after_import = loaded()
+g = torch.Generator().manual_seed(0)
+s = torch.randn(3, 7, generator=g, requires_grad=True)
+fastkd.kd_loss(s, torch.randn(3, 7, generator=g), torch.tensor([0, 6, 2])).backward()
+print(json.dumps({"import": after_import, "kd_loss": loaded()}))
+"""
+
+
+def test_the_library_imports_neither_the_study_nor_its_extra():
+    """fastkd/study/ sits beside the library: ``import fastkd`` and a kd_loss call import neither it
+    nor a package of the study extra (installed here)."""
+    assert all(importlib.util.find_spec(m) is not None for m in ("sklearn", "tqdm", "matplotlib"))
+    done = subprocess.run([sys.executable, "-c", LIBRARY_ALONE, *STUDY_MODULES], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    for when, modules in seen.items():
+        assert "fastkd.loss" in modules, (when, modules)
+        assert not [m for m in modules if m.startswith("fastkd.study") or not m.startswith("fastkd")], (when, modules)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_NVCC, reason="no CUDA toolkit on this machine")
 def test_installed_extension_compiles_for_sm90(core_venv, tmp_path):
