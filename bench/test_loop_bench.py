@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, ON_GPU, LOOP_RESULTS, sync
-from fastkd.data import DataBundle, load_digits
-from fastkd.models import build_model
-from fastkd.train import StudyConfig, fit
+from fastkd.study.config import StudyConfig
+from fastkd.study.data import DataBundle, load_digits
+from fastkd.study.models import build_model
+from fastkd.study.train import fit
 
 EPOCHS = 2
 

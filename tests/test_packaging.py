@@ -255,29 +255,63 @@ def test_cli_version_and_one_line_without_the_study_extra(core_venv):
 
 def test_cli_names_the_extra_when_torchvision_is_missing(monkeypatch, capsys):
     """CIFAR's torchvision is imported when the data load; a missing one ends the same way."""
-    import fastkd.study
-    from fastkd.cli import main
+    import fastkd.study.run
+    from fastkd.study.cli import main
 
     def no_torchvision(cfg):
         raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
 
-    monkeypatch.setattr(fastkd.study, "run_study", no_torchvision)
+    monkeypatch.setattr(fastkd.study.run, "run_study", no_torchvision)
     assert main(["distill", "--dataset", "cifar10"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == 'fastkd: error: distill needs torchvision, not installed: pip install "fastkd[study]"'
 
 
 def test_cache_teacher_without_tqdm_names_the_extra_before_any_work(monkeypatch, capsys, tmp_path):
-    import fastkd.cache_teacher
-    from fastkd import cli
+    import fastkd.study.cache_teacher
+    from fastkd.study import cli
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "tqdm"
                         else real_find_spec(name, *a))
-    monkeypatch.setattr(fastkd.cache_teacher, "run", lambda args: pytest.fail("ran without tqdm"))
+    monkeypatch.setattr(fastkd.study.cache_teacher, "run", lambda args: pytest.fail("ran without tqdm"))
     assert cli.main(["cache-teacher", "--out", str(tmp_path / "cache"), "--k", "4"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == 'fastkd: error: cache-teacher needs tqdm, not installed: pip install "fastkd[study]"'
+
+
+LIBRARY_ALONE = r"""
+import json, sys
+import torch
+
+study = set(sys.argv[1:])
+# torch.hub imports tqdm where it is installed: forgotten here, so that an import by fastkd shows
+for m in [m for m in sys.modules if m.partition(".")[0] in study]:
+    del sys.modules[m]
+import fastkd
+
+def loaded():
+    return [m for m in sorted(sys.modules) if m.startswith("fastkd") or m.partition(".")[0] in study]
+
+after_import = loaded()
+g = torch.Generator().manual_seed(0)
+s = torch.randn(3, 7, generator=g, requires_grad=True)
+fastkd.kd_loss(s, torch.randn(3, 7, generator=g), torch.tensor([0, 6, 2])).backward()
+print(json.dumps({"import": after_import, "kd_loss": loaded()}))
+"""
+
+
+def test_the_library_imports_neither_the_study_nor_its_extra():
+    """fastkd/study/ sits beside the library: ``import fastkd`` and a kd_loss call import neither it
+    nor a package of the study extra (installed here)."""
+    assert all(importlib.util.find_spec(m) is not None for m in ("sklearn", "tqdm", "matplotlib"))
+    done = subprocess.run([sys.executable, "-c", LIBRARY_ALONE, *STUDY_MODULES], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    for when, modules in seen.items():
+        assert "fastkd.loss" in modules, (when, modules)
+        assert not [m for m in modules if m.startswith("fastkd.study") or not m.startswith("fastkd")], (when, modules)
 
 
 @pytest.mark.slow

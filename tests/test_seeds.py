@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from fastkd.cli import main
-from fastkd.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label, t_quantile
-from fastkd.study import run_study
-from fastkd.train import StudyConfig
+from fastkd.study.cli import main
+from fastkd.study.config import StudyConfig
+from fastkd.study.run import run_study
+from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label, t_quantile
 
 TINY = ["--no-progress", "--epochs", "1", "--teacher-epochs", "1"]
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import fastkd.train
-from fastkd.cli import main
-from fastkd.data import load_cifar, random_crop_flip
-from fastkd.study import run_study
-from fastkd.train import StudyConfig
+import fastkd.study.teachers
+import fastkd.study.train
+from fastkd.study.cli import main
+from fastkd.study.config import StudyConfig
+from fastkd.study.data import load_cifar, random_crop_flip
+from fastkd.study.run import run_study
 
 SHORT = dict(epochs=3, teacher_epochs=6, progress=False)
 
@@ -57,33 +58,33 @@ def test_report_has_every_field_in_range(short_run):
 
 
 def _test_labels():
-    from fastkd.data import load_digits
+    from fastkd.study.data import load_digits
 
     return load_digits("cpu").y_test.tolist()
 
 
 def test_distilled_student_trains_on_the_teachers_logits(tmp_path, monkeypatch):
     seen = []
-    real = fastkd.train.kd_loss
+    real = fastkd.study.train.kd_loss
 
     def spy(student_logits, teacher_logits, *a, **k):
         if student_logits.requires_grad:
             seen.append(teacher_logits.detach().clone())
         return real(student_logits, teacher_logits, *a, **k)
 
-    monkeypatch.setattr(fastkd.train, "kd_loss", spy)
+    monkeypatch.setattr(fastkd.study.train, "kd_loss", spy)
     saved = {}
-    real_fit = fastkd.train.fit
+    real_fit = fastkd.study.train.fit
 
     def keep_teacher(model, data, cfg, stage, *a, **k):
         out = real_fit(model, data, cfg, stage, *a, **k)
         saved.setdefault(stage, (model, data))
         return out
 
-    monkeypatch.setattr(fastkd.study, "fit", keep_teacher)
+    monkeypatch.setattr(fastkd.study.teachers, "fit", keep_teacher)
     run_study(StudyConfig(out_dir=str(tmp_path), **SHORT))
     teacher, data = saved["teacher"]
-    full = fastkd.train.predict(teacher, data, data.x_train)
+    full = fastkd.study.train.predict(teacher, data, data.x_train)
     assert len(seen) == 3 * 9  # 3 epochs x 9 batches of 128 out of 1078
     for batch in seen:  # each teacher row is the teacher's output on some training image
         nearest = (batch[:, None, :] - full[None, :, :]).abs().amax(-1).min(dim=1).values
@@ -100,7 +101,7 @@ def test_same_seed_same_report(short_run, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(short_run, tmp_path, monkeypatch):
-    real_save = fastkd.train.atomic_save
+    real_save = fastkd.study.train.atomic_save
     calls = []
 
     def crash_midway(obj, path):
@@ -109,12 +110,12 @@ def test_interrupted_run_resumes_to_the_same_result(short_run, tmp_path, monkeyp
             raise KeyboardInterrupt  # killed after two epochs of the distilled student
         real_save(obj, path)
 
-    monkeypatch.setattr(fastkd.train, "atomic_save", crash_midway)
+    monkeypatch.setattr(fastkd.study.train, "atomic_save", crash_midway)
     cfg = dict(out_dir=str(tmp_path), name="short", **SHORT)
     with pytest.raises(KeyboardInterrupt):
         run_study(StudyConfig(**cfg))
     assert not list(tmp_path.glob("short/*.tmp"))
-    monkeypatch.setattr(fastkd.train, "atomic_save", real_save)
+    monkeypatch.setattr(fastkd.study.train, "atomic_save", real_save)
     resumed = run_study(StudyConfig(resume=True, **cfg))
     first, second = strip_timing(short_run[0]), strip_timing(resumed)
     first["config"].pop("out_dir"), second["config"].pop("out_dir")
@@ -223,7 +224,7 @@ def test_random_crop_flip_is_a_shifted_window():
 
 
 def test_fit_temperature_finds_the_nll_minimum():
-    from fastkd.study import fit_temperature
+    from fastkd.study.run import fit_temperature
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 10, generator=g) * 4

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import fastkd.study
-from fastkd.cli import main
-from fastkd.data import load_cifar
-from fastkd.study import fit_temperature, run_study, temperature_bound
-from fastkd.train import StudyConfig
+import fastkd.study.train
+from fastkd.study.cli import main
+from fastkd.study.config import StudyConfig
+from fastkd.study.data import load_cifar
+from fastkd.study.run import fit_temperature, run_study, temperature_bound
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -218,7 +218,7 @@ def digits_file(tmp_path, monkeypatch):
 
 
 def test_digits_copy_loads(digits_file):
-    from fastkd.data import load_digits
+    from fastkd.study.data import load_digits
 
     assert len(load_digits("cpu").x_test) == 360
 
@@ -321,7 +321,7 @@ def test_report_flags_a_temperature_at_the_bound(tmp_path, monkeypatch):
     """Students that predict exactly uniformly (last layer zero, no training): T* = 100. A teacher
     after two epochs: accurate (0.76) but its logits still close together, its NLL's minimum at
     T = 0.041 (float64, unbounded): T* = 0.05. Both flagged in report.json and report.md."""
-    real = fastkd.study.build_model
+    real = fastkd.study.train.build_model
 
     def uniform_student(name, *args):
         model = real(name, *args)
@@ -330,7 +330,7 @@ def test_report_flags_a_temperature_at_the_bound(tmp_path, monkeypatch):
             torch.nn.init.zeros_(model[-1].bias)
         return model
 
-    monkeypatch.setattr(fastkd.study, "build_model", uniform_student)
+    monkeypatch.setattr(fastkd.study.train, "build_model", uniform_student)
     report = run_study(StudyConfig(out_dir=str(tmp_path), name="flat", epochs=0, teacher_epochs=2,
                                    progress=False))
     saved = json.loads((tmp_path / "flat" / "report.json").read_text())

@@ -270,7 +270,7 @@ def test_a_short_write_is_not_kept(tmp_path, gen):
 # ---- fastkd cache-teacher: the study's data ----
 
 def run_cli(capsys, *args):
-    from fastkd.cli import main
+    from fastkd.study.cli import main
 
     capsys.readouterr()  # what came before (a model's save_pretrained progress bar) is not ours
     code = main(["cache-teacher", "--no-progress", *args])
@@ -280,13 +280,13 @@ def run_cli(capsys, *args):
 
 @pytest.fixture(scope="module")
 def digits():
-    from fastkd.data import load_digits
+    from fastkd.study.data import load_digits
 
     return load_digits("cpu")
 
 
 def digits_teacher(seed=3):
-    from fastkd.models import build_model
+    from fastkd.study.models import build_model
 
     torch.manual_seed(seed)
     return build_model("mlp-large", (64,), 10).eval()
@@ -412,7 +412,7 @@ def test_readme_offline_teacher_example(capsys, tmp_path, monkeypatch, gen):
     """The README's command and training loop, verbatim, on tiny random models in a scratch folder."""
     import shlex
 
-    from fastkd.cli import main
+    from fastkd.study.cli import main
 
     section = readme_section("Offline teacher")
     (command,) = code_blocks(section, "bash")
@@ -433,12 +433,12 @@ def test_readme_offline_teacher_example(capsys, tmp_path, monkeypatch, gen):
 # ---- the study: fastkd distill --teacher-cache K ... ----
 
 def test_study_adds_one_row_per_cached_k(capsys, tmp_path, monkeypatch):
-    import fastkd.train
-    from fastkd.cli import main
+    import fastkd.study.train
+    from fastkd.study.cli import main
 
     seen = []  # K of every sparse step: the cached students never see the live teacher's logits
-    real = fastkd.train.sparse_kd_loss
-    monkeypatch.setattr(fastkd.train, "sparse_kd_loss", lambda s, ids, *a, **k: seen.append(ids.shape[-1])
+    real = fastkd.study.train.sparse_kd_loss
+    monkeypatch.setattr(fastkd.study.train, "sparse_kd_loss", lambda s, ids, *a, **k: seen.append(ids.shape[-1])
                         or real(s, ids, *a, **k))
     # the torch backend: under the Triton interpreter (CI) every step would take seconds; the
     # kernels themselves are tested in test_sparse.py
@@ -476,7 +476,7 @@ def test_study_adds_one_row_per_cached_k(capsys, tmp_path, monkeypatch):
     (["--teacher-cache-tail", "spread"], "unknown --teacher-cache-tail 'spread'; choose from bucket, renormalize"),
 ], ids=["zero", "above-classes", "divergence", "tail"])
 def test_study_bad_teacher_cache_arguments(capsys, tmp_path, args, message):
-    from fastkd.cli import main
+    from fastkd.study.cli import main
 
     code = main(["distill", "--no-progress", "--out-dir", str(tmp_path), *args])
     err = capsys.readouterr().err.strip()
@@ -484,7 +484,7 @@ def test_study_bad_teacher_cache_arguments(capsys, tmp_path, args, message):
 
 
 def test_study_refuses_a_cache_for_augmented_data(capsys, tmp_path):
-    from fastkd.cli import main
+    from fastkd.study.cli import main
     from test_study import write_tiny_cifar10
 
     write_tiny_cifar10(tmp_path / "data")

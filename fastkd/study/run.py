@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .cache_teacher import write_classifier_rows
-from .calibration import CalibrationMeter
+from ..calibration import CalibrationMeter
+from ..teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
+from . import torchrun
+from .config import StudyConfig
 from .data import load_data
-from .models import build_model, count_parameters
+from .models import count_parameters
 from .policies import make_policy
 from .report import write_outputs
-from .teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
-from .train import StudyConfig, fit, load_checkpoint, predict, summarize
+from .teachers import load_or_train_teacher, write_classifier_rows
+from .train import build_study_model, fit, predict, summarize
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 
@@ -87,32 +88,6 @@ def temperature_bound(t_star: float, bounds=TEMPERATURE_RANGE) -> str | None:
     return "upper" if t_star >= bounds[1] else "lower" if t_star <= bounds[0] else None
 
 
-def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.Module:
-    """Model ``name`` for ``data``, initialised from ``seed``, on the device (SyncBatchNorm under
-    torchrun on GPUs, channels_last for images): the same seed gives the same model everywhere."""
-    torch.manual_seed(seed)
-    m = build_model(name, data.input_shape, data.num_classes)
-    if distributed.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
-        m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
-    m = m.to(cfg.device)
-    return m.to(memory_format=torch.channels_last) if len(data.input_shape) == 3 else m
-
-
-def load_or_train_teacher(cfg: StudyConfig, data, ckpt: Path, log=None, writer=None):
-    """(teacher, its training history): loaded from ``cfg.teacher_ckpt``, else trained (and
-    checkpointed to ``ckpt``) from ``cfg.seed``."""
-    teacher = build_study_model(cfg, data, cfg.teacher, cfg.seed)
-    if not cfg.teacher_ckpt:
-        return teacher, fit(teacher, data, cfg, "teacher", ckpt, epochs=cfg.teacher_epochs, log=log,
-                            writer=writer)
-    ck = load_checkpoint(Path(cfg.teacher_ckpt), cfg.device)
-    try:
-        teacher.load_state_dict(ck["model"] if "model" in ck else ck)
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {cfg.teacher_ckpt} does not fit {cfg.teacher}: {e}") from None
-    return teacher, []
-
-
 def check_teacher_cache(cfg: StudyConfig, data):
     """``--teacher-cache`` asks for inputs that repeat exactly and K no larger than the classes."""
     if not cfg.teacher_cache:
@@ -131,12 +106,12 @@ def cached_teacher(cfg: StudyConfig, teacher, data, folder: Path):
     report says about the cache)."""
     k, x = max(cfg.teacher_cache), data.x_train
     started = time.perf_counter()
-    if distributed.is_main():
+    if torchrun.is_main():
         source = {"kind": "study", "dataset": data.name, "split": "train", "teacher": cfg.teacher}
         with TeacherCacheWriter(folder, k=k, vocab=data.num_classes, rows=len(x), inputs_sha256=fingerprint(x),
                                 source=source, overwrite=True) as w:  # a resumed run rewrites the same rows
             write_classifier_rows(w, teacher, data, x, progress=False)
-    distributed.barrier()
+    torchrun.barrier()
     cache = TeacherCache(folder, rows=len(x), vocab=data.num_classes, k=k, inputs_sha256=fingerprint(x))
     ids, logprobs = cache.batch(torch.arange(len(cache)))
     info = {"path": str(folder), "k": k, "dtype": cache.dtype, "tail": cfg.teacher_cache_tail,
@@ -158,8 +133,8 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     ``figures=False`` skips the PNGs (the multi-seed run, whose summary draws them pooled)."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
-    cfg.device = distributed.init_from_env(cfg.device)
-    main = distributed.is_main()
+    cfg.device = torchrun.init_from_env(cfg.device)
+    main = torchrun.is_main()
     out = Path(cfg.out_dir) / cfg.name
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
@@ -200,7 +175,7 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     models = {**dict(zip(MODEL_KEYS, (teacher, student, distilled))), **from_cache}
     teacher_test = predict(teacher, data, data.x_test)
     results, meters, preds = {}, {}, {}
-    shard = distributed.shard  # every rank holds the logits; the meters split the rows
+    shard = torchrun.shard  # every rank holds the logits; the meters split the rows
     for key, model in models.items():
         test_logits = teacher_test if key == "teacher" else predict(model, data, data.x_test)
         res, meters[key] = summarize(shard(test_logits), shard(data.y_test), shard(teacher_test),

@@ -12,74 +12,19 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import distributed
-from .calibration import CalibrationMeter
+from ..calibration import CalibrationMeter
+from ..loss import kd_loss
+from ..sparse import sparse_kd_loss
+from . import torchrun
+from .config import StudyConfig
 from .data import DataBundle
-from .loss import kd_loss
+from .models import build_model
 from .policies import Policy
-from .sparse import sparse_kd_loss
-
-
-@dataclass
-class StudyConfig:
-    """Every knob of ``fastkd distill``; the command line is built from these fields."""
-
-    dataset: str = field(default="digits", metadata={"help": "digits | cifar10 | cifar100"})
-    data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live"})
-    download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
-    teacher: str | None = field(default=None, metadata={"help": "teacher model (default by dataset)"})
-    student: str | None = field(default=None, metadata={"help": "student model (default by dataset)"})
-    teacher_ckpt: str | None = field(default=None, metadata={"help": "reuse a trained teacher"})
-    epochs: int | None = field(default=None, metadata={"help": "student epochs (digits 40, CIFAR 30)"})
-    teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: epochs)"})
-    batch_size: int = field(default=128, metadata={"help": "batch size"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (digits 0.05, CIFAR 0.1)"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
-    temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
-    alpha: float = field(default=0.9, metadata={"help": "weight of the distillation term in [0, 1]"})
-    divergence: str = field(default="kl", metadata={"help": "kl | reverse_kl | jsd"})
-    policy: str = field(default="constant", metadata={"help": "constant | anneal | calibration"})
-    teacher_cache: list[int] | None = field(default=None, metadata={
-        "help": "also distil the student from the teacher's top-K log-probabilities, cached once, "
-                "for each K given (e.g. 1 2 3 5 10); one more report row per K"})
-    teacher_cache_tail: str = field(default="bucket", metadata={
-        "help": "the cached teacher's missing mass: bucket | renormalize (see sparse_kd_loss)"})
-    num_bins: int = field(default=15, metadata={"help": "calibration bins"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
-    backend: str | None = field(default=None, metadata={"help": "fastkd backend: auto | triton | cuda | torch"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
-    out_dir: str = field(default="runs", metadata={"help": "parent folder of the run"})
-    name: str | None = field(default=None, metadata={"help": "run name (default <dataset>-s<seed>)"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
-    log_interval: int = field(default=50, metadata={"help": "steps between progress updates"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
-
-    def resolved(self) -> StudyConfig:
-        """A copy with the dataset-dependent defaults filled in."""
-        from .models import DEFAULTS
-
-        small = self.dataset == "digits"
-        teacher, student = DEFAULTS.get(self.dataset, (None, None))
-        epochs = self.epochs if self.epochs is not None else (40 if small else 30)
-        return StudyConfig(**{**asdict(self),
-                              "teacher": self.teacher or teacher, "student": self.student or student,
-                              "epochs": epochs,
-                              "teacher_epochs": self.teacher_epochs if self.teacher_epochs is not None else epochs,
-                              "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
-                              "name": self.name or f"{self.dataset}-s{self.seed}",
-                              "teacher_cache": sorted(set(self.teacher_cache)) if self.teacher_cache else None,
-                              "device": resolve_device(self.device)})
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def atomic_save(obj, path: Path):
@@ -129,7 +74,7 @@ def summarize(logits, y, teacher_logits=None, num_bins=15, backend=None) -> tupl
 
 def evaluate(model, data, x, y, teacher_logits=None, num_bins=15, backend=None) -> dict:
     """:func:`summarize` of ``model`` on (x, y); under torchrun each rank predicts its shard."""
-    shard = distributed.shard
+    shard = torchrun.shard
     teacher_logits = shard(teacher_logits) if teacher_logits is not None else None
     return summarize(predict(model, data, shard(x)), shard(y), teacher_logits, num_bins, backend)[0]
 
@@ -145,6 +90,17 @@ def _optimizer(model, lr, weight_decay, device):
         return torch.optim.SGD(model.parameters(), **kw)
 
 
+def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.Module:
+    """Model ``name`` for ``data``, initialised from ``seed``, on the device (SyncBatchNorm under
+    torchrun on GPUs, channels_last for images): the same seed gives the same model everywhere."""
+    torch.manual_seed(seed)
+    m = build_model(name, data.input_shape, data.num_classes)
+    if torchrun.rank_and_world()[1] > 1 and cfg.device.startswith("cuda"):
+        m = torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)  # the statistics of the global batch
+    m = m.to(cfg.device)
+    return m.to(memory_format=torch.channels_last) if len(data.input_shape) == 3 else m
+
+
 def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, epochs: int,
         teacher=None, sparse_teacher=None, policy: Policy | None = None, log=None,
         writer=None) -> list[dict]:
@@ -155,7 +111,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
     the model is wrapped in DistributedDataParallel and each rank takes its slice of every batch;
     only rank 0 writes the log and the checkpoint."""
     device = data.x_train.device
-    rank, world = distributed.rank_and_world()
+    rank, world = torchrun.rank_and_world()
     opt = _optimizer(model, cfg.lr, cfg.weight_decay, device)
     steps = -(-len(data.x_train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(epochs * steps, 1),
@@ -199,8 +155,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         for i, batch in enumerate(perm.split(cfg.batch_size)):
             # every rank draws the same augmentation, then keeps its slice of the global batch;
             # DDP averages gradients over ranks, hence sum / global batch * world
-            x = distributed.shard(data.prepare(data.x_train[batch], gen))
-            idx = distributed.shard(batch)
+            x = torchrun.shard(data.prepare(data.x_train[batch], gen))
+            idx = torchrun.shard(batch)
             y = data.y_train[idx]
             per_rank = len(batch) / world
             with _autocast(device):
@@ -232,7 +188,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             bar.update(len(batch))
             if cfg.progress and i % cfg.log_interval == 0:
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        distributed.all_reduce_sum(total)
+        torchrun.all_reduce_sum(total)
         seconds = time.perf_counter() - t0
         val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
         row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
@@ -258,7 +214,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
         if rank == 0:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "state": state}, ckpt)
-        distributed.barrier()
+        torchrun.barrier()
     bar.close()
     if epochs == 0:
         state["finished"] = True

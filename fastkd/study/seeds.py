@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .train import StudyConfig
+from .config import StudyConfig
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 # (results key, name in tables, decimals, direction: +1 higher is better, -1 lower is better, 0 neither)
@@ -146,7 +146,7 @@ def pooled_meters(reports: dict) -> dict:
     (count, mean confidence, accuracy) and NLL / Brier summed into the meter's state."""
     import torch
 
-    from .calibration import CalibrationMeter
+    from ..calibration import CalibrationMeter
 
     meters = {}
     for m in MODEL_KEYS:
@@ -329,8 +329,8 @@ def _seed_line(seed: int, report: dict, seconds: float, reused: bool) -> str:
 def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     """Runs the study once per seed (reusing finished seeds under ``cfg.resume``), writes the summary
     (rank 0 under torchrun) and returns it."""
-    from . import distributed
-    from .study import run_study
+    from . import torchrun
+    from .run import run_study
 
     started = time.perf_counter()
     name = cfg.name or f"{cfg.dataset}-seeds{seeds_label(seeds)}"
@@ -344,7 +344,7 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
             reused.append(seed)
         reports[seed] = done if done is not None else run_study(seed_cfg, figures=False)
         seconds[seed] = time.perf_counter() - t0
-        if distributed.is_main():
+        if torchrun.is_main():
             log(_seed_line(seed, reports[seed], seconds[seed], done is not None))
     base = asdict(replace(cfg, name=name).resolved())
     base.pop("seed")
@@ -367,14 +367,14 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
         "timing": {"seconds": time.perf_counter() - started, "per_seed": {str(s): seconds[s] for s in seeds},
                    "device": reports[seeds[0]]["config"]["device"]},
     }
-    if distributed.is_main():
+    if torchrun.is_main():
         write_summary(folder, result, reports, meters)
     return result
 
 
 def distill_seeds(cfg: StudyConfig, text: str, validate) -> int:
     """``fastkd distill --seeds``: one line and exit status 2 on bad settings, as the single-seed run."""
-    from . import distributed
+    from . import torchrun
 
     try:
         seeds = parse_seeds(text)
@@ -383,8 +383,8 @@ def distill_seeds(cfg: StudyConfig, text: str, validate) -> int:
     except (ValueError, OSError) as e:
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2
-    main_rank = distributed.is_main()
-    distributed.shutdown()
+    main_rank = torchrun.is_main()
+    torchrun.shutdown()
     if not main_rank:
         return 0
     folder = Path(cfg.out_dir) / summary["config"]["name"]

@@ -23,14 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
-
-
-def _progress(**kwargs):
-    """A tqdm bar; tqdm is a study extra, imported here so that the CLI parser imports with the core."""
-    from tqdm.auto import tqdm
-
-    return tqdm(**kwargs)
+from ..teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
+from .config import StudyConfig, resolve_device
+from .data import load_data
+from .teachers import causal_lm_vocab, load_causal_lm, load_or_train_teacher, progress_bar, write_classifier_rows
+from .train import _autocast
 
 SPLITS = ("train", "val", "test")
 STUDY_OPTIONS = ("dataset", "data_dir", "teacher", "teacher_ckpt", "teacher_epochs", "seed", "split")
@@ -88,24 +85,8 @@ def validate(args):
         raise ValueError("--teacher-ckpt and --teacher-epochs exclude each other (load or train)")
 
 
-def write_classifier_rows(writer: TeacherCacheWriter, teacher, data, x: torch.Tensor, progress=True,
-                          chunk: int = 4096):
-    """The teacher's logits on ``x`` (as the study's distillation sees them), row by row into the cache."""
-    from .train import predict
-
-    logits = predict(teacher, data, x)
-    with _progress(total=len(x), desc="teacher cache", unit="row", disable=not progress) as bar:
-        for part in logits.split(chunk):
-            writer.add_logits(part)
-            bar.update(len(part))
-
-
 def cache_study_teacher(args) -> Path:
     """The study's teacher (loaded or trained as ``fastkd distill`` would) over one split."""
-    from .data import load_data
-    from .study import load_or_train_teacher
-    from .train import StudyConfig
-
     cfg = StudyConfig(dataset=args.dataset or "digits", data_dir=args.data_dir, download=args.download,
                       teacher=args.teacher, teacher_ckpt=args.teacher_ckpt, teacher_epochs=args.teacher_epochs,
                       seed=args.seed or 0, device=args.device, progress=args.progress).resolved()
@@ -147,40 +128,14 @@ def load_token_file(path: Path) -> np.ndarray:
     return tokens
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("--model needs transformers (pip install transformers)") from None
-    return transformers
-
-
-def load_causal_lm(folder: Path, device, progress: bool):
-    """The model in a local Hugging Face folder, in evaluation mode on ``device``; with
-    ``progress`` off, transformers' own loading bar is silenced too."""
-    transformers = _transformers()
-    bars = transformers.utils.logging
-    was_on = bars.is_progress_bar_enabled()
-    if not progress:
-        bars.disable_progress_bar()
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-    finally:
-        if was_on:
-            bars.enable_progress_bar()
-    return model.to(device).eval()
-
-
 def cache_causal_lm(args) -> Path:
     """A causal LM's top-K at every position of every sequence of a token file."""
-    from .train import _autocast, resolve_device
-
     device = torch.device(resolve_device(args.device))
     tokens = load_token_file(Path(args.tokens))
     folder = Path(args.model)
     if not folder.is_dir():
         raise ValueError(f"--model {folder}: no such folder (a local Hugging Face model folder)")
-    vocab = _transformers().AutoConfig.from_pretrained(str(folder), local_files_only=True).vocab_size
+    vocab = causal_lm_vocab(folder)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):  # checked before loading weights
         raise ValueError(f"--tokens {args.tokens}: ids in [{tokens.min()}, {tokens.max()}], outside the "
                          f"model's vocabulary [0, {vocab})")
@@ -190,7 +145,7 @@ def cache_causal_lm(args) -> Path:
     with TeacherCacheWriter(args.out, k=args.k, vocab=vocab, row_shape=(positions,), rows=rows,
                             dtype=args.dtype, inputs_sha256=fingerprint(tokens), source=source,
                             overwrite=args.overwrite) as w, \
-            _progress(total=rows, desc="teacher cache", unit="seq", disable=not args.progress) as bar:
+            progress_bar(total=rows, desc="teacher cache", unit="seq", disable=not args.progress) as bar:
         for lo in range(0, rows, args.batch_size):
             ids = torch.from_numpy(np.array(tokens[lo:lo + args.batch_size], dtype=np.int64)).to(device)
             with torch.inference_mode(), _autocast(device):
@@ -204,7 +159,7 @@ def _size_mb(folder: Path) -> float:
 
 
 def run(args) -> int:
-    """Entry point of ``fastkd cache-teacher`` (``fastkd.cli`` parses, this runs)."""
+    """Entry point of ``fastkd cache-teacher`` (``fastkd.study.cli`` parses, this runs)."""
     started = time.perf_counter()
     try:
         validate(args)

@@ -10,8 +10,8 @@ import dataclasses
 import importlib.util
 import sys
 
-from . import __version__
-from .train import StudyConfig
+from .. import __version__
+from .config import StudyConfig
 
 # fastkd[study] by import name (the study runs without tensorboard). What every run of a command
 # needs is checked before it starts (the report's packages among them, not to fail after training);
@@ -61,8 +61,8 @@ def validate(cfg: StudyConfig):
     from .data import DATASETS
     from .models import MODELS
     from .policies import POLICIES
-    from ._spec import DIVERGENCES
-    from .backends import BACKENDS
+    from ..backends import BACKENDS
+    from ..loss import DIVERGENCES
 
     def choice(value, name, choices):
         if value is not None and value not in choices:
@@ -87,7 +87,7 @@ def validate(cfg: StudyConfig):
 
 
 def _validate_teacher_cache(cfg: StudyConfig):
-    from .sparse import TAILS
+    from ..sparse import TAILS
 
     if cfg.teacher_cache_tail not in TAILS:
         raise ValueError(f"unknown --teacher-cache-tail {cfg.teacher_cache_tail!r}; choose from {', '.join(TAILS)}")
@@ -131,23 +131,23 @@ def main(argv=None) -> int:
 
 def distill(args) -> int:
     cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "seeds")})
-    if args.seeds is not None:  # several seeds and their summary: fastkd/seeds.py
+    if args.seeds is not None:  # several seeds and their summary: fastkd/study/seeds.py
         from .seeds import distill_seeds
 
         return distill_seeds(cfg, args.seeds, validate)
     try:
         validate(cfg)
         from .report import results_table
-        from .study import run_study
+        from .run import run_study
 
-        from . import distributed
+        from . import torchrun
 
         report = run_study(cfg)
     except (ValueError, OSError) as e:  # DataError is a ValueError; a bad path an OSError
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2
-    main_rank = distributed.is_main()
-    distributed.shutdown()
+    main_rank = torchrun.is_main()
+    torchrun.shutdown()
     if not main_rank:  # under torchrun only rank 0 reports
         return 0
     out = f"{report['config']['out_dir']}/{report['config']['name']}"
