@@ -10,6 +10,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "kd_device.cuh"
 #include "kd_launch.h"
@@ -21,9 +22,8 @@ namespace launch_detail {
 namespace dev = device;
 static_assert(dev::kBlock == kBlockThreads, "host and device agree on the CTA size");
 
-// The answer of a launch query (attributes, occupancy) per (kernel, device, dynamic shared memory,
-// cluster): each costs microseconds and would otherwise be asked on every call. A query that
-// throws is not remembered.
+// The answer of an occupancy query per (kernel, device, dynamic shared memory, cluster): each costs
+// microseconds and would otherwise be asked on every call. A query that throws is not remembered.
 template <typename Query>
 int remembered(const void* kernel, int device, std::size_t smem, int cluster, Query query) {
   static std::mutex mutex;
@@ -37,31 +37,47 @@ int remembered(const void* kernel, int device, std::size_t smem, int cluster, Qu
   return answer;
 }
 
+// The attributes of the code the driver loaded for `kernel` on `device` (the current one under the
+// caller's guard): its PTX and SASS versions, its static shared memory. Asked once per (kernel,
+// device); a query that throws is not remembered.
+template <typename Kernel>
+cudaFuncAttributes kernel_attributes(Kernel kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, cudaFuncAttributes> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  known.emplace(key, attributes);
+  return attributes;
+}
+
+// One record per process of the dynamic shared memory each kernel was opted in to (launch_limits.h).
+inline DynamicSmemOptIns& dynamic_smem_opt_ins() {
+  static DynamicSmemOptIns opt_ins;
+  return opt_ins;
+}
+
 // Lets `kernel` use `dynamic` bytes of dynamic shared memory on `device` (the current device under
 // the caller's guard), or refuses with an error naming num_bins when the device cannot give them.
 template <typename Kernel>
-void check_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
+  const cudaFuncAttributes attributes = kernel_attributes(kernel, device);
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   switch (plan_dynamic_smem(dynamic, attributes.sharedSizeBytes, optin)) {
     case SmemPlan::kTooLarge:
       TORCH_CHECK(false, too_many_bins_message(num_bins, dynamic + attributes.sharedSizeBytes, optin));
     case SmemPlan::kOptIn:
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(dynamic)));
+      dynamic_smem_opt_ins().allow(reinterpret_cast<const void*>(kernel), device, dynamic, [&](std::size_t bytes) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
+      });
       break;
     case SmemPlan::kDefault:
       break;
   }
-}
-
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
-  remembered(reinterpret_cast<const void*>(kernel), device, dynamic, -1, [&] {
-    check_dynamic_smem(kernel, device, dynamic, num_bins);
-    return 1;
-  });
 }
 
 // CTAs of `kernel` resident per SM on the current device (at least 1).

@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 namespace fastkd {
 
@@ -31,6 +34,29 @@ inline SmemPlan plan_dynamic_smem(std::size_t dynamic, std::size_t static_bytes,
   if (dynamic + static_bytes > optin_limit) return SmemPlan::kTooLarge;
   return dynamic <= kDefaultDynamicSmem ? SmemPlan::kDefault : SmemPlan::kOptIn;
 }
+
+// The largest dynamic shared memory each (kernel, device) has been opted in to. The attribute
+// (cudaFuncAttributeMaxDynamicSharedMemorySize) is one value per function on a device, whatever
+// the size of the launch that set it: setting it to 50 KB for one launch makes the next launch of
+// the same kernel with 60 KB fail. So it is only ever raised, and set only when a launch needs more
+// than it allows. The set runs under the lock, so that two threads cannot lower it between them.
+class DynamicSmemOptIns {
+ public:
+  // Makes `dynamic` bytes launchable for `kernel` on `device`: calls set(dynamic) first when the
+  // attribute is below it (a set that throws leaves the record as it was).
+  template <typename Set>
+  void allow(const void* kernel, int device, std::size_t dynamic, Set set) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t& opted_in = largest_[{kernel, device}];
+    if (dynamic <= std::max(opted_in, kDefaultDynamicSmem)) return;
+    set(dynamic);
+    opted_in = dynamic;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<const void*, int>, std::size_t> largest_;
+};
 
 // The error a caller sees when the meters' histograms cannot fit on the device.
 inline std::string too_many_bins_message(int64_t num_bins, std::size_t needed, std::size_t limit) {

@@ -102,13 +102,13 @@ int main(int argc, char** argv) {
 """
 
 
-def _compile_host(tmp_path, source, name):
+def _compile_host(tmp_path, source, name, *flags):
     import subprocess
 
     (tmp_path / f"{name}.cpp").write_text(source)
     exe = tmp_path / name
-    subprocess.run(["c++", "-std=c++17", "-I", str(_cuda_build.KERNELS), str(tmp_path / f"{name}.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(["c++", "-std=c++17", "-I", str(_cuda_build.KERNELS), str(tmp_path / f"{name}.cpp"), "-o", str(exe),
+                    *flags], check=True, capture_output=True, text=True)
     return exe
 
 
@@ -143,6 +143,104 @@ def test_layouts_hold_each_row_once_and_the_counting_tool_agrees(tmp_path):
         assert (mirror.loop, mirror.k, mirror.group, mirror.cluster) == (bool(loop), k, group, cluster), line
     assert out[-1] == "vec 2 8 1 2"
 
+
+
+LAUNCH_DECISIONS_CHECK = r"""
+#include <atomic>
+#include <cstdio>
+#include <random>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+#include "launch_limits.h"
+
+#define EXPECT(cond) do { if (!(cond)) { std::printf("failed line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
+
+using namespace fastkd;
+
+// A stand-in for the runtime: cudaFuncAttributeMaxDynamicSharedMemorySize, one value per
+// (function, device), 48 KB until set; a launch with more dynamic shared memory fails.
+struct FakeRuntime {
+  std::atomic<std::size_t> attribute[2][2];
+  int sets = 0;
+  FakeRuntime() { for (auto& d : attribute) for (auto& k : d) k = kDefaultDynamicSmem; }
+  // what allow_dynamic_smem does before a launch, then whether the launch would pass
+  bool launch(DynamicSmemOptIns& opt_ins, int kernel, int device, std::size_t dynamic) {
+    static const char names[2] = {'a', 'b'};
+    opt_ins.allow(&names[kernel], device, dynamic, [&](std::size_t bytes) {
+      attribute[kernel][device] = bytes;
+      ++sets;
+    });
+    return dynamic <= attribute[kernel][device];
+  }
+};
+
+int main() {
+  // item 4: 60 KB, then 50 KB, then 60 KB of one kernel: one set, and every launch passes
+  {
+    FakeRuntime rt;
+    DynamicSmemOptIns opt_ins;
+    EXPECT(rt.launch(opt_ins, 0, 0, 60 * 1024));
+    EXPECT(rt.launch(opt_ins, 0, 0, 50 * 1024));
+    EXPECT(rt.launch(opt_ins, 0, 0, 60 * 1024));  // failed when 50 KB had lowered the attribute
+    EXPECT(rt.sets == 1 && rt.attribute[0][0] == 60 * 1024);
+    EXPECT(rt.launch(opt_ins, 0, 0, 1024) && rt.launch(opt_ins, 0, 0, kDefaultDynamicSmem) && rt.sets == 1);
+    EXPECT(rt.launch(opt_ins, 0, 0, 70 * 1024) && rt.sets == 2 && rt.attribute[0][0] == 70 * 1024);  // raised
+    // another kernel, and the same kernel on another device, hold their own value
+    EXPECT(rt.launch(opt_ins, 1, 0, 50 * 1024) && rt.sets == 3 && rt.attribute[1][0] == 50 * 1024);
+    EXPECT(rt.launch(opt_ins, 0, 1, 50 * 1024) && rt.sets == 4 && rt.attribute[0][1] == 50 * 1024);
+    EXPECT(rt.attribute[0][0] == 70 * 1024);
+    // no set for launches within the default, on a fresh kernel either
+    EXPECT(rt.launch(opt_ins, 1, 1, kDefaultDynamicSmem) && rt.sets == 4);
+  }
+  // a set that fails (cudaFuncSetAttribute refused) is not remembered: the next call sets again
+  {
+    DynamicSmemOptIns opt_ins;
+    static const char kernel = 0;
+    int calls = 0;
+    try {
+      opt_ins.allow(&kernel, 0, 60 * 1024, [&](std::size_t) { ++calls; throw std::runtime_error("refused"); });
+      EXPECT(false);
+    } catch (const std::runtime_error&) {
+    }
+    opt_ins.allow(&kernel, 0, 60 * 1024, [&](std::size_t bytes) { calls += bytes == 60 * 1024; });
+    EXPECT(calls == 2);
+  }
+  // threads with random sizes: after each allow returns, its launch passes (the value never drops)
+  {
+    FakeRuntime rt;
+    DynamicSmemOptIns opt_ins;
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 8; ++i)
+      threads.emplace_back([&, i] {
+        std::mt19937 rng(i);
+        for (int j = 0; j < 2000; ++j)
+          if (!rt.launch(opt_ins, rng() % 2, rng() % 2, 40 * 1024 + rng() % (60 * 1024))) ++failures;
+      });
+    for (auto& t : threads) t.join();
+    EXPECT(failures == 0);
+  }
+  std::printf("ok\n");
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
+def test_shared_memory_opt_in_only_ever_raised(tmp_path):
+    """Issue 24, item 4, as host arithmetic compiled and run here: the dynamic shared-memory opt-in
+    is kept per (kernel, device) at the largest value set, so 60 KB, 50 KB, 60 KB all launch
+    (against a stand-in runtime whose attribute is one value per function)."""
+    import subprocess
+
+    exe = _compile_host(tmp_path, LAUNCH_DECISIONS_CHECK, "decisions", "-pthread")
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    # and the launcher sets the attribute through that record only
+    launch = (_cuda_build.KERNELS / "kd_launch.cuh").read_text()
+    assert "dynamic_smem_opt_ins().allow(" in launch
+    assert launch.count("cudaFuncAttributeMaxDynamicSharedMemorySize") == 1
 
 NVCC = shutil.which("nvcc") or _cuda_build.os.environ.get("CUDA_HOME")
 
