@@ -54,6 +54,16 @@ cudaFuncAttributes kernel_attributes(Kernel kernel, int device) {
   return attributes;
 }
 
+// Whether `kernel` may run as a cluster of `cluster` CTAs on `device`: decided by the code loaded for
+// it (a build without sm_90 code runs on Hopper from older PTX, without the cluster code).
+template <typename Kernel>
+bool runs_clusters_of(Kernel kernel, int device, int cluster) {
+  static_assert(FASTKD_CLUSTER_ARCH == 10 * kClusterPtxVersion, "host and device agree on the cluster arch");
+  const cudaFuncAttributes a = kernel_attributes(kernel, device);
+  return cluster <= max_cluster_for(a.ptxVersion, a.binaryVersion,
+                                    device_attribute(cudaDevAttrClusterLaunch, device) != 0);
+}
+
 // One record per process of the dynamic shared memory each kernel was opted in to (launch_limits.h).
 inline DynamicSmemOptIns& dynamic_smem_opt_ins() {
   static DynamicSmemOptIns opt_ins;
@@ -153,12 +163,12 @@ void launch_grid(Kernel kernel, const KdLaunch& l, const Layout& layout, const d
 }
 
 // One build (light or heavy) of the kernels: the layout's kernel, launched. A row too long for a CTA
-// takes a cluster; when the device cannot run a cluster that large (the non-portable 16, or any),
-// the next smaller maximum is tried, down to the looping kernel.
+// takes a cluster when the kernel's loaded code has the cluster path; when it has not, or the device
+// cannot run a cluster that large (the non-portable 16, or any), the next smaller maximum is tried,
+// down to the looping kernel.
 template <typename S, typename T, bool LIGHT>
 void launch_build(const KdLaunch& l, const S* s, const T* t, S* gs, T* gt) {
   for (int max_cluster : {kMaxCluster, 8, 1}) {
-    if (max_cluster > l.max_cluster) continue;
     const Layout layout = choose_layout(l.p.n_cols, l.vec, max_cluster);
     dev::Params p = l.p;
     p.group = layout.group;
@@ -172,6 +182,7 @@ void launch_build(const KdLaunch& l, const S* s, const T* t, S* gs, T* gt) {
       return launch_grid(kernel, l, layout, p, s, t, gs, gt, 1);
     }
     auto kernel = layout.k == 16 ? dev::kd_rows_kernel<S, T, 16, LIGHT> : dev::kd_rows_kernel<S, T, 32, LIGHT>;
+    if (layout.cluster > 1 && !runs_clusters_of(kernel, l.device, layout.cluster)) continue;
     allow_dynamic_smem(kernel, l.device, l.smem, l.num_bins);
     if (layout.cluster == 1) return launch_grid(kernel, l, layout, p, s, t, gs, gt, 1);
     const int clusters = resident_clusters(kernel, l.device, layout.cluster, l.smem, l.stream);

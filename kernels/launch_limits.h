@@ -73,6 +73,19 @@ inline std::string too_many_bins_message(int64_t num_bins, std::size_t needed, s
 constexpr int kBlockThreads = 256;
 constexpr int kMaxCluster = 16;  // Hopper's non-portable cluster size (opted into at launch; 8 is portable)
 constexpr int kRowsPerFlush = 1024;  // rows between two flushes of a CTA's fp32 meter partials
+// The cluster code is compiled only for __CUDA_ARCH__ >= 900 (FASTKD_CLUSTER_ARCH in kd_device.cuh);
+// cudaFuncAttributes::ptxVersion is that arch / 10 for the code the driver loaded.
+constexpr int kClusterPtxVersion = 90;
+
+// The largest cluster a kernel may be launched with, from the attributes of the code the driver
+// loaded for it (cudaFuncGetAttributes on the device) and whether the device launches clusters
+// (cudaDevAttrClusterLaunch). Not from the device's compute capability: a build without sm_90 code
+// (TORCH_CUDA_ARCH_LIST="8.0;8.6+PTX") runs on an H100 from compute_86 PTX, whose cluster code was
+// compiled out (the barrier traps). A ptx_version the driver cannot tell (0) means no clusters.
+inline int max_cluster_for(int ptx_version, int binary_version, bool device_launches_clusters) {
+  const bool cluster_code = ptx_version >= kClusterPtxVersion && binary_version >= kClusterPtxVersion;
+  return cluster_code && device_launches_clusters ? kMaxCluster : 1;
+}
 
 struct Layout {
   bool loop;         // the looping kernel (two or three sweeps), else rows in registers

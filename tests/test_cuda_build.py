@@ -176,6 +176,20 @@ struct FakeRuntime {
 };
 
 int main() {
+  // item 3: the cluster path from the compiled kernel's attributes (ptxVersion, binaryVersion),
+  // never from the device alone
+  EXPECT(max_cluster_for(90, 90, true) == kMaxCluster);     // sm_90 SASS on an H100
+  EXPECT(max_cluster_for(90, 100, true) == kMaxCluster);    // compute_90 PTX JIT-compiled for sm_100
+  EXPECT(max_cluster_for(100, 100, true) == kMaxCluster);   // built for Blackwell
+  EXPECT(max_cluster_for(86, 90, true) == 1);   // "8.0;8.6+PTX" on an H100: compute_86 PTX, no cluster code
+  EXPECT(max_cluster_for(80, 90, true) == 1);   // "8.0+PTX" on an H100
+  EXPECT(max_cluster_for(80, 80, false) == 1);  // an A100
+  EXPECT(max_cluster_for(90, 90, false) == 1);  // a device that refuses cluster launches
+  EXPECT(max_cluster_for(0, 90, true) == 1);    // versions the driver cannot tell: no clusters
+  // and a row of 128256 then takes the looping kernel, not a 16-CTA cluster
+  EXPECT(choose_layout(128256, 8, max_cluster_for(80, 90, true)).loop);
+  EXPECT(choose_layout(128256, 8, max_cluster_for(90, 90, true)).cluster == 16);
+
   // item 4: 60 KB, then 50 KB, then 60 KB of one kernel: one set, and every launch passes
   {
     FakeRuntime rt;
@@ -228,19 +242,25 @@ int main() {
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
-def test_shared_memory_opt_in_only_ever_raised(tmp_path):
-    """Issue 24, item 4, as host arithmetic compiled and run here: the dynamic shared-memory opt-in
-    is kept per (kernel, device) at the largest value set, so 60 KB, 50 KB, 60 KB all launch
+def test_cluster_path_and_shared_memory_opt_in_decided_on_the_host(tmp_path):
+    """Issue 24, items 3 and 4, as host arithmetic compiled and run here. The cluster path is chosen
+    from the attributes of the code the driver loaded for the kernel (a "8.0;8.6+PTX" build on an
+    H100 runs compute_86 PTX without the cluster code: no cluster), and the dynamic shared-memory
+    opt-in is kept per (kernel, device) at the largest value set, so 60 KB, 50 KB, 60 KB all launch
     (against a stand-in runtime whose attribute is one value per function)."""
     import subprocess
 
     exe = _compile_host(tmp_path, LAUNCH_DECISIONS_CHECK, "decisions", "-pthread")
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
-    # and the launcher sets the attribute through that record only
+    # and the launcher takes these decisions, not the device's compute capability
     launch = (_cuda_build.KERNELS / "kd_launch.cuh").read_text()
+    host = (_cuda_build.KERNELS / "kd_kernels.cu").read_text()
+    assert "max_cluster_for(a.ptxVersion, a.binaryVersion" in launch
+    assert "runs_clusters_of(kernel, l.device, layout.cluster)" in launch
     assert "dynamic_smem_opt_ins().allow(" in launch
-    assert launch.count("cudaFuncAttributeMaxDynamicSharedMemorySize") == 1
+    assert launch.count("cudaFuncAttributeMaxDynamicSharedMemorySize") == 1  # only through the record
+    assert "ComputeCapability" not in launch + host
 
 NVCC = shutil.which("nvcc") or _cuda_build.os.environ.get("CUDA_HOME")
 
