@@ -1,7 +1,10 @@
 """The CUDA C++ backend finds its toolkit and says why it cannot run when it cannot. That it compiles
 wherever a toolkit is (CI has CUDA 13.0 but no GPU) is checked on the installed wheel's copy of
-the sources, in tests/test_packaging.py (one compile for the suite)."""
+the sources, in tests/test_packaging.py (one full build, for sm_90); its device code for the other
+architectures a user may name, below (compile only)."""
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +265,7 @@ def test_cluster_path_and_shared_memory_opt_in_decided_on_the_host(tmp_path):
     assert launch.count("cudaFuncAttributeMaxDynamicSharedMemorySize") == 1  # only through the record
     assert "ComputeCapability" not in launch + host
 
+
 NVCC = shutil.which("nvcc") or _cuda_build.os.environ.get("CUDA_HOME")
 
 
@@ -281,6 +285,106 @@ def test_light_kernel_issue_below_its_memory_time(tmp_path, rows, cols, dtype, b
     assert m["spill_bytes"] == 0
     assert m["instr_per_element"] <= budget, m
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The extension for the architectures a user may name (issue 24). tests/test_packaging.py builds the
+# whole extension for sm_90; here the device code is compiled as torch's build compiles it for
+# TORCH_CUDA_ARCH_LIST="8.0;9.0" and "8.0+PTX" (its -gencode flags), without the host compile or the
+# link, within a CI minute: nvcc -ptx per unit and virtual architecture runs the front end with that
+# __CUDA_ARCH__ (NVVM at -O0: what compiles, not how fast); ptxas per real target assembles, for
+# each fused unit, its heaviest kernel (every variant, K = 32: the one that runs as a cluster), and
+# all of kd_kernels.cu. Embedded PTX (+PTX) is what the driver compiles at load time on a newer
+# GPU: assembled here for an H100's sm_90, the case of item 3.
+ARCH_LISTS = ["8.0;9.0", "8.0+PTX"]
+JIT_TARGET = "90"
+
+
+def _targets(arch_list):
+    """{(virtual arch, ptxas target)} of the -gencode flags torch passes for an arch list."""
+    import re
+
+    from torch.utils import cpp_extension
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+        flags = cpp_extension._get_cuda_arch_flags()
+    targets = set()
+    for flag in flags:
+        virtual, kind, code = re.fullmatch(r"-gencode=arch=compute_(\w+),code=(sm|compute)_(\w+)", flag).groups()
+        targets.add((virtual, code if kind == "sm" else JIT_TARGET))
+    return targets
+
+
+def _units():
+    return [u for u in _cuda_build.SOURCES if u.suffix == ".cu"]
+
+
+def _toolkit_tool(name):
+    return str(Path(_cuda_build.toolkit_root()) / "bin" / name)
+
+
+@pytest.fixture(scope="module")
+def unit_ptx(tmp_path_factory):
+    """{(unit, virtual arch): PTX path}: every unit for the arch lists' virtual architectures other than
+    sm_90's, which the full build in test_packaging compiles; the bf16 unit for sm_90 too (its
+    cluster code and assembly are checked below)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils import cpp_extension
+
+    out = tmp_path_factory.mktemp("ptx")
+    flags = ["-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, *_cuda_build.CUDA_FLAGS,
+             f"-DFASTKD_HEADERS={_cuda_build.headers_digest()}", "-DTORCH_EXTENSION_NAME=fastkd_cuda",
+             *[f"-I{p}" for p in cpp_extension.include_paths("cuda")], "-Xcicc", "-O0"]
+    archs = {virtual for arch_list in ARCH_LISTS for virtual, _ in _targets(arch_list)}
+    jobs = [(u.name, a) for u in _units() for a in sorted(archs) if a != "90" or u.name == "kd_pair_bf16.cu"]
+
+    def compile_ptx(job):
+        name, arch = job
+        ptx = out / f"{name}_{arch}.ptx"
+        done = subprocess.run([_toolkit_tool("nvcc"), f"-arch=compute_{arch}", "-ptx", *flags,
+                               str(_cuda_build.KERNELS / name), "-o", str(ptx)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{name} for compute_{arch}:\n{done.stderr[-3000:]}"
+        return job, ptx
+
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        return dict(pool.map(compile_ptx, jobs))
+
+
+def _heaviest_kernel(ptx_text):
+    """The heavy build's K = 32 row kernel of the unit's own student and teacher dtype."""
+    import re
+
+    entries = re.findall(r"^\.visible \.entry (\w+)\(", ptx_text, re.MULTILINE)
+    same = [e for e in entries if re.search(r"kd_rows_kernelI(ff|\d+\w+?S\d*_)Li32ELb0E", e)]  # S_: the type again
+    assert len(same) == 1, entries
+    return same[0]
+
+
+@pytest.mark.skipif(not NVCC, reason="no CUDA toolkit")
+@pytest.mark.parametrize("arch_list", ARCH_LISTS)
+def test_extension_device_code_compiles_for_the_arch_list(arch_list, unit_ptx, tmp_path):
+    """Every CUDA unit's device code compiles for the list's architectures (ptxas: see above), and
+    only code compiled for sm_90 holds the cluster instructions: a build without it (8.0, or 8.0's
+    PTX JIT-compiled on an H100) must never be launched as a cluster (kd_launch.cuh decides from the
+    loaded code's ptxVersion; host test above)."""
+    import subprocess
+
+    for virtual, target in sorted(_targets(arch_list)):
+        for (name, arch), ptx in sorted(unit_ptx.items()):
+            if arch != virtual:
+                continue
+            text = ptx.read_text()
+            assert f".target sm_{virtual}" in text
+            is_pair = name.startswith("kd_pair_")
+            if is_pair:
+                assert ("barrier.cluster" in text) == (int(virtual) >= 90), (name, virtual)
+            entries = ["-e", _heaviest_kernel(text)] if is_pair else []
+            done = subprocess.run([_toolkit_tool("ptxas"), f"-arch=sm_{target}", "-O0", *entries, str(ptx),
+                                   "-o", str(tmp_path / "unit.cubin")], capture_output=True, text=True)
+            assert done.returncode == 0, f"{name}: compute_{virtual} PTX for sm_{target}:\n{done.stderr[-3000:]}"
 
 # ---------------------------------------------------------------------------------------------
 # The kernels' reformulated math, mirrored in float32 NumPy (nothing here runs CUDA): log2-domain
