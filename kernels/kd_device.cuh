@@ -592,25 +592,29 @@ struct RowSlots {
   V row[2][kWarps];   // each group's merged part, for its warps
 };
 
+// Thread-block clusters exist in code compiled for sm_90 and later only; the host launches a
+// cluster only when the kernel's loaded code is such (launch_limits.h: max_cluster_for).
+#define FASTKD_CLUSTER_ARCH 900
+
 __device__ __forceinline__ int cluster_rank_of(int cluster) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= FASTKD_CLUSTER_ARCH
   if (cluster > 1) return static_cast<int>(cooperative_groups::this_cluster().block_rank());
 #endif
   return 0;
 }
 
 __device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= FASTKD_CLUSTER_ARCH
   cooperative_groups::this_cluster().sync();
 #else
-  __trap();  // the launcher uses clusters on sm_90 and later only
+  __trap();  // unreachable: the launcher takes clusters only for code compiled with them
 #endif
 }
 
 // Value held in CTA `rank`'s shared memory at `local` (this CTA's address of the same variable).
 template <typename V>
 __device__ __forceinline__ V read_cta(V* local, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= FASTKD_CLUSTER_ARCH
   return *cooperative_groups::this_cluster().map_shared_rank(local, rank);
 #else
   return *local;

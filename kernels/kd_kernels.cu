@@ -130,7 +130,6 @@ void kd_forward(const at::Tensor& s, const at::Tensor& t, const c10::optional<at
   if (grad_s.has_value()) unaligned |= misalignment(*grad_s);
   if (grad_t.has_value()) unaligned |= misalignment(*grad_t);
   l.vec = fastkd::vector_width(p.n_cols, widest, strides, 4, unaligned);
-  l.max_cluster = fastkd::device_attribute(cudaDevAttrComputeCapabilityMajor, l.device) >= 9 ? fastkd::kMaxCluster : 1;
   l.smem = fastkd::meter_smem_bytes(num_bins, (f.meter_s ? 1 : 0) + (f.meter_t ? 1 : 0), sizeof(uint32_t));
 
   with_element_type(s.scalar_type(), "student_logits", [&](auto* s_tag) {

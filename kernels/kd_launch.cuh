@@ -10,6 +10,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "kd_device.cuh"
 #include "kd_launch.h"
@@ -21,9 +22,8 @@ namespace launch_detail {
 namespace dev = device;
 static_assert(dev::kBlock == kBlockThreads, "host and device agree on the CTA size");
 
-// The answer of a launch query (attributes, occupancy) per (kernel, device, dynamic shared memory,
-// cluster): each costs microseconds and would otherwise be asked on every call. A query that
-// throws is not remembered.
+// The answer of an occupancy query per (kernel, device, dynamic shared memory, cluster): each costs
+// microseconds and would otherwise be asked on every call. A query that throws is not remembered.
 template <typename Query>
 int remembered(const void* kernel, int device, std::size_t smem, int cluster, Query query) {
   static std::mutex mutex;
@@ -37,31 +37,57 @@ int remembered(const void* kernel, int device, std::size_t smem, int cluster, Qu
   return answer;
 }
 
+// The attributes of the code the driver loaded for `kernel` on `device` (the current one under the
+// caller's guard): its PTX and SASS versions, its static shared memory. Asked once per (kernel,
+// device); a query that throws is not remembered.
+template <typename Kernel>
+cudaFuncAttributes kernel_attributes(Kernel kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, cudaFuncAttributes> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  known.emplace(key, attributes);
+  return attributes;
+}
+
+// Whether `kernel` may run as a cluster of `cluster` CTAs on `device`: decided by the code loaded for
+// it (a build without sm_90 code runs on Hopper from older PTX, without the cluster code).
+template <typename Kernel>
+bool runs_clusters_of(Kernel kernel, int device, int cluster) {
+  static_assert(FASTKD_CLUSTER_ARCH == 10 * kClusterPtxVersion, "host and device agree on the cluster arch");
+  const cudaFuncAttributes a = kernel_attributes(kernel, device);
+  return cluster <= max_cluster_for(a.ptxVersion, a.binaryVersion,
+                                    device_attribute(cudaDevAttrClusterLaunch, device) != 0);
+}
+
+// One record per process of the dynamic shared memory each kernel was opted in to (launch_limits.h).
+inline DynamicSmemOptIns& dynamic_smem_opt_ins() {
+  static DynamicSmemOptIns opt_ins;
+  return opt_ins;
+}
+
 // Lets `kernel` use `dynamic` bytes of dynamic shared memory on `device` (the current device under
 // the caller's guard), or refuses with an error naming num_bins when the device cannot give them.
 template <typename Kernel>
-void check_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
+  const cudaFuncAttributes attributes = kernel_attributes(kernel, device);
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   switch (plan_dynamic_smem(dynamic, attributes.sharedSizeBytes, optin)) {
     case SmemPlan::kTooLarge:
       TORCH_CHECK(false, too_many_bins_message(num_bins, dynamic + attributes.sharedSizeBytes, optin));
     case SmemPlan::kOptIn:
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(dynamic)));
+      dynamic_smem_opt_ins().allow(reinterpret_cast<const void*>(kernel), device, dynamic, [&](std::size_t bytes) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)));
+      });
       break;
     case SmemPlan::kDefault:
       break;
   }
-}
-
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int device, std::size_t dynamic, int64_t num_bins) {
-  remembered(reinterpret_cast<const void*>(kernel), device, dynamic, -1, [&] {
-    check_dynamic_smem(kernel, device, dynamic, num_bins);
-    return 1;
-  });
 }
 
 // CTAs of `kernel` resident per SM on the current device (at least 1).
@@ -137,12 +163,12 @@ void launch_grid(Kernel kernel, const KdLaunch& l, const Layout& layout, const d
 }
 
 // One build (light or heavy) of the kernels: the layout's kernel, launched. A row too long for a CTA
-// takes a cluster; when the device cannot run a cluster that large (the non-portable 16, or any),
-// the next smaller maximum is tried, down to the looping kernel.
+// takes a cluster when the kernel's loaded code has the cluster path; when it has not, or the device
+// cannot run a cluster that large (the non-portable 16, or any), the next smaller maximum is tried,
+// down to the looping kernel.
 template <typename S, typename T, bool LIGHT>
 void launch_build(const KdLaunch& l, const S* s, const T* t, S* gs, T* gt) {
   for (int max_cluster : {kMaxCluster, 8, 1}) {
-    if (max_cluster > l.max_cluster) continue;
     const Layout layout = choose_layout(l.p.n_cols, l.vec, max_cluster);
     dev::Params p = l.p;
     p.group = layout.group;
@@ -156,6 +182,7 @@ void launch_build(const KdLaunch& l, const S* s, const T* t, S* gs, T* gt) {
       return launch_grid(kernel, l, layout, p, s, t, gs, gt, 1);
     }
     auto kernel = layout.k == 16 ? dev::kd_rows_kernel<S, T, 16, LIGHT> : dev::kd_rows_kernel<S, T, 32, LIGHT>;
+    if (layout.cluster > 1 && !runs_clusters_of(kernel, l.device, layout.cluster)) continue;
     allow_dynamic_smem(kernel, l.device, l.smem, l.num_bins);
     if (layout.cluster == 1) return launch_grid(kernel, l, layout, p, s, t, gs, gt, 1);
     const int clusters = resident_clusters(kernel, l.device, layout.cluster, l.smem, l.stream);

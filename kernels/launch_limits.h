@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 namespace fastkd {
 
@@ -32,6 +35,29 @@ inline SmemPlan plan_dynamic_smem(std::size_t dynamic, std::size_t static_bytes,
   return dynamic <= kDefaultDynamicSmem ? SmemPlan::kDefault : SmemPlan::kOptIn;
 }
 
+// The largest dynamic shared memory each (kernel, device) has been opted in to. The attribute
+// (cudaFuncAttributeMaxDynamicSharedMemorySize) is one value per function on a device, whatever
+// the size of the launch that set it: setting it to 50 KB for one launch makes the next launch of
+// the same kernel with 60 KB fail. So it is only ever raised, and set only when a launch needs more
+// than it allows. The set runs under the lock, so that two threads cannot lower it between them.
+class DynamicSmemOptIns {
+ public:
+  // Makes `dynamic` bytes launchable for `kernel` on `device`: calls set(dynamic) first when the
+  // attribute is below it (a set that throws leaves the record as it was).
+  template <typename Set>
+  void allow(const void* kernel, int device, std::size_t dynamic, Set set) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t& opted_in = largest_[{kernel, device}];
+    if (dynamic <= std::max(opted_in, kDefaultDynamicSmem)) return;
+    set(dynamic);
+    opted_in = dynamic;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<const void*, int>, std::size_t> largest_;
+};
+
 // The error a caller sees when the meters' histograms cannot fit on the device.
 inline std::string too_many_bins_message(int64_t num_bins, std::size_t needed, std::size_t limit) {
   return "fastkd cuda backend: num_bins=" + std::to_string(num_bins) + " needs " + std::to_string(needed) +
@@ -47,6 +73,19 @@ inline std::string too_many_bins_message(int64_t num_bins, std::size_t needed, s
 constexpr int kBlockThreads = 256;
 constexpr int kMaxCluster = 16;  // Hopper's non-portable cluster size (opted into at launch; 8 is portable)
 constexpr int kRowsPerFlush = 1024;  // rows between two flushes of a CTA's fp32 meter partials
+// The cluster code is compiled only for __CUDA_ARCH__ >= 900 (FASTKD_CLUSTER_ARCH in kd_device.cuh);
+// cudaFuncAttributes::ptxVersion is that arch / 10 for the code the driver loaded.
+constexpr int kClusterPtxVersion = 90;
+
+// The largest cluster a kernel may be launched with, from the attributes of the code the driver
+// loaded for it (cudaFuncGetAttributes on the device) and whether the device launches clusters
+// (cudaDevAttrClusterLaunch). Not from the device's compute capability: a build without sm_90 code
+// (TORCH_CUDA_ARCH_LIST="8.0;8.6+PTX") runs on an H100 from compute_86 PTX, whose cluster code was
+// compiled out (the barrier traps). A ptx_version the driver cannot tell (0) means no clusters.
+inline int max_cluster_for(int ptx_version, int binary_version, bool device_launches_clusters) {
+  const bool cluster_code = ptx_version >= kClusterPtxVersion && binary_version >= kClusterPtxVersion;
+  return cluster_code && device_launches_clusters ? kMaxCluster : 1;
+}
 
 struct Layout {
   bool loop;         // the looping kernel (two or three sweeps), else rows in registers

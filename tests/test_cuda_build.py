@@ -1,7 +1,10 @@
 """The CUDA C++ backend finds its toolkit and says why it cannot run when it cannot. That it compiles
 wherever a toolkit is (CI has CUDA 13.0 but no GPU) is checked on the installed wheel's copy of
-the sources, in tests/test_packaging.py (one compile for the suite)."""
+the sources, in tests/test_packaging.py (one full build, for sm_90); its device code for the other
+architectures a user may name, below (compile only)."""
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,13 +105,13 @@ int main(int argc, char** argv) {
 """
 
 
-def _compile_host(tmp_path, source, name):
+def _compile_host(tmp_path, source, name, *flags):
     import subprocess
 
     (tmp_path / f"{name}.cpp").write_text(source)
     exe = tmp_path / name
-    subprocess.run(["c++", "-std=c++17", "-I", str(_cuda_build.KERNELS), str(tmp_path / f"{name}.cpp"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(["c++", "-std=c++17", "-I", str(_cuda_build.KERNELS), str(tmp_path / f"{name}.cpp"), "-o", str(exe),
+                    *flags], check=True, capture_output=True, text=True)
     return exe
 
 
@@ -144,6 +147,125 @@ def test_layouts_hold_each_row_once_and_the_counting_tool_agrees(tmp_path):
     assert out[-1] == "vec 2 8 1 2"
 
 
+
+LAUNCH_DECISIONS_CHECK = r"""
+#include <atomic>
+#include <cstdio>
+#include <random>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+#include "launch_limits.h"
+
+#define EXPECT(cond) do { if (!(cond)) { std::printf("failed line %d: %s\n", __LINE__, #cond); return 1; } } while (0)
+
+using namespace fastkd;
+
+// A stand-in for the runtime: cudaFuncAttributeMaxDynamicSharedMemorySize, one value per
+// (function, device), 48 KB until set; a launch with more dynamic shared memory fails.
+struct FakeRuntime {
+  std::atomic<std::size_t> attribute[2][2];
+  int sets = 0;
+  FakeRuntime() { for (auto& d : attribute) for (auto& k : d) k = kDefaultDynamicSmem; }
+  // what allow_dynamic_smem does before a launch, then whether the launch would pass
+  bool launch(DynamicSmemOptIns& opt_ins, int kernel, int device, std::size_t dynamic) {
+    static const char names[2] = {'a', 'b'};
+    opt_ins.allow(&names[kernel], device, dynamic, [&](std::size_t bytes) {
+      attribute[kernel][device] = bytes;
+      ++sets;
+    });
+    return dynamic <= attribute[kernel][device];
+  }
+};
+
+int main() {
+  // item 3: the cluster path from the compiled kernel's attributes (ptxVersion, binaryVersion),
+  // never from the device alone
+  EXPECT(max_cluster_for(90, 90, true) == kMaxCluster);     // sm_90 SASS on an H100
+  EXPECT(max_cluster_for(90, 100, true) == kMaxCluster);    // compute_90 PTX JIT-compiled for sm_100
+  EXPECT(max_cluster_for(100, 100, true) == kMaxCluster);   // built for Blackwell
+  EXPECT(max_cluster_for(86, 90, true) == 1);   // "8.0;8.6+PTX" on an H100: compute_86 PTX, no cluster code
+  EXPECT(max_cluster_for(80, 90, true) == 1);   // "8.0+PTX" on an H100
+  EXPECT(max_cluster_for(80, 80, false) == 1);  // an A100
+  EXPECT(max_cluster_for(90, 90, false) == 1);  // a device that refuses cluster launches
+  EXPECT(max_cluster_for(0, 90, true) == 1);    // versions the driver cannot tell: no clusters
+  // and a row of 128256 then takes the looping kernel, not a 16-CTA cluster
+  EXPECT(choose_layout(128256, 8, max_cluster_for(80, 90, true)).loop);
+  EXPECT(choose_layout(128256, 8, max_cluster_for(90, 90, true)).cluster == 16);
+
+  // item 4: 60 KB, then 50 KB, then 60 KB of one kernel: one set, and every launch passes
+  {
+    FakeRuntime rt;
+    DynamicSmemOptIns opt_ins;
+    EXPECT(rt.launch(opt_ins, 0, 0, 60 * 1024));
+    EXPECT(rt.launch(opt_ins, 0, 0, 50 * 1024));
+    EXPECT(rt.launch(opt_ins, 0, 0, 60 * 1024));  // failed when 50 KB had lowered the attribute
+    EXPECT(rt.sets == 1 && rt.attribute[0][0] == 60 * 1024);
+    EXPECT(rt.launch(opt_ins, 0, 0, 1024) && rt.launch(opt_ins, 0, 0, kDefaultDynamicSmem) && rt.sets == 1);
+    EXPECT(rt.launch(opt_ins, 0, 0, 70 * 1024) && rt.sets == 2 && rt.attribute[0][0] == 70 * 1024);  // raised
+    // another kernel, and the same kernel on another device, hold their own value
+    EXPECT(rt.launch(opt_ins, 1, 0, 50 * 1024) && rt.sets == 3 && rt.attribute[1][0] == 50 * 1024);
+    EXPECT(rt.launch(opt_ins, 0, 1, 50 * 1024) && rt.sets == 4 && rt.attribute[0][1] == 50 * 1024);
+    EXPECT(rt.attribute[0][0] == 70 * 1024);
+    // no set for launches within the default, on a fresh kernel either
+    EXPECT(rt.launch(opt_ins, 1, 1, kDefaultDynamicSmem) && rt.sets == 4);
+  }
+  // a set that fails (cudaFuncSetAttribute refused) is not remembered: the next call sets again
+  {
+    DynamicSmemOptIns opt_ins;
+    static const char kernel = 0;
+    int calls = 0;
+    try {
+      opt_ins.allow(&kernel, 0, 60 * 1024, [&](std::size_t) { ++calls; throw std::runtime_error("refused"); });
+      EXPECT(false);
+    } catch (const std::runtime_error&) {
+    }
+    opt_ins.allow(&kernel, 0, 60 * 1024, [&](std::size_t bytes) { calls += bytes == 60 * 1024; });
+    EXPECT(calls == 2);
+  }
+  // threads with random sizes: after each allow returns, its launch passes (the value never drops)
+  {
+    FakeRuntime rt;
+    DynamicSmemOptIns opt_ins;
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 8; ++i)
+      threads.emplace_back([&, i] {
+        std::mt19937 rng(i);
+        for (int j = 0; j < 2000; ++j)
+          if (!rt.launch(opt_ins, rng() % 2, rng() % 2, 40 * 1024 + rng() % (60 * 1024))) ++failures;
+      });
+    for (auto& t : threads) t.join();
+    EXPECT(failures == 0);
+  }
+  std::printf("ok\n");
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
+def test_cluster_path_and_shared_memory_opt_in_decided_on_the_host(tmp_path):
+    """Issue 24, items 3 and 4, as host arithmetic compiled and run here. The cluster path is chosen
+    from the attributes of the code the driver loaded for the kernel (a "8.0;8.6+PTX" build on an
+    H100 runs compute_86 PTX without the cluster code: no cluster), and the dynamic shared-memory
+    opt-in is kept per (kernel, device) at the largest value set, so 60 KB, 50 KB, 60 KB all launch
+    (against a stand-in runtime whose attribute is one value per function)."""
+    import subprocess
+
+    exe = _compile_host(tmp_path, LAUNCH_DECISIONS_CHECK, "decisions", "-pthread")
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    # and the launcher takes these decisions, not the device's compute capability
+    launch = (_cuda_build.KERNELS / "kd_launch.cuh").read_text()
+    host = (_cuda_build.KERNELS / "kd_kernels.cu").read_text()
+    assert "max_cluster_for(a.ptxVersion, a.binaryVersion" in launch
+    assert "runs_clusters_of(kernel, l.device, layout.cluster)" in launch
+    assert "dynamic_smem_opt_ins().allow(" in launch
+    assert launch.count("cudaFuncAttributeMaxDynamicSharedMemorySize") == 1  # only through the record
+    assert "ComputeCapability" not in launch + host
+
+
 NVCC = shutil.which("nvcc") or _cuda_build.os.environ.get("CUDA_HOME")
 
 
@@ -163,6 +285,106 @@ def test_light_kernel_issue_below_its_memory_time(tmp_path, rows, cols, dtype, b
     assert m["spill_bytes"] == 0
     assert m["instr_per_element"] <= budget, m
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The extension for the architectures a user may name (issue 24). tests/test_packaging.py builds the
+# whole extension for sm_90; here the device code is compiled as torch's build compiles it for
+# TORCH_CUDA_ARCH_LIST="8.0;9.0" and "8.0+PTX" (its -gencode flags), without the host compile or the
+# link, within a CI minute: nvcc -ptx per unit and virtual architecture runs the front end with that
+# __CUDA_ARCH__ (NVVM at -O0: what compiles, not how fast); ptxas per real target assembles, for
+# each fused unit, its heaviest kernel (every variant, K = 32: the one that runs as a cluster), and
+# all of kd_kernels.cu. Embedded PTX (+PTX) is what the driver compiles at load time on a newer
+# GPU: assembled here for an H100's sm_90, the case of item 3.
+ARCH_LISTS = ["8.0;9.0", "8.0+PTX"]
+JIT_TARGET = "90"
+
+
+def _targets(arch_list):
+    """{(virtual arch, ptxas target)} of the -gencode flags torch passes for an arch list."""
+    import re
+
+    from torch.utils import cpp_extension
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+        flags = cpp_extension._get_cuda_arch_flags()
+    targets = set()
+    for flag in flags:
+        virtual, kind, code = re.fullmatch(r"-gencode=arch=compute_(\w+),code=(sm|compute)_(\w+)", flag).groups()
+        targets.add((virtual, code if kind == "sm" else JIT_TARGET))
+    return targets
+
+
+def _units():
+    return [u for u in _cuda_build.SOURCES if u.suffix == ".cu"]
+
+
+def _toolkit_tool(name):
+    return str(Path(_cuda_build.toolkit_root()) / "bin" / name)
+
+
+@pytest.fixture(scope="module")
+def unit_ptx(tmp_path_factory):
+    """{(unit, virtual arch): PTX path}: every unit for the arch lists' virtual architectures other than
+    sm_90's, which the full build in test_packaging compiles; the bf16 unit for sm_90 too (its
+    cluster code and assembly are checked below)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils import cpp_extension
+
+    out = tmp_path_factory.mktemp("ptx")
+    flags = ["-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, *_cuda_build.CUDA_FLAGS,
+             f"-DFASTKD_HEADERS={_cuda_build.headers_digest()}", "-DTORCH_EXTENSION_NAME=fastkd_cuda",
+             *[f"-I{p}" for p in cpp_extension.include_paths("cuda")], "-Xcicc", "-O0"]
+    archs = {virtual for arch_list in ARCH_LISTS for virtual, _ in _targets(arch_list)}
+    jobs = [(u.name, a) for u in _units() for a in sorted(archs) if a != "90" or u.name == "kd_pair_bf16.cu"]
+
+    def compile_ptx(job):
+        name, arch = job
+        ptx = out / f"{name}_{arch}.ptx"
+        done = subprocess.run([_toolkit_tool("nvcc"), f"-arch=compute_{arch}", "-ptx", *flags,
+                               str(_cuda_build.KERNELS / name), "-o", str(ptx)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{name} for compute_{arch}:\n{done.stderr[-3000:]}"
+        return job, ptx
+
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        return dict(pool.map(compile_ptx, jobs))
+
+
+def _heaviest_kernel(ptx_text):
+    """The heavy build's K = 32 row kernel of the unit's own student and teacher dtype."""
+    import re
+
+    entries = re.findall(r"^\.visible \.entry (\w+)\(", ptx_text, re.MULTILINE)
+    same = [e for e in entries if re.search(r"kd_rows_kernelI(ff|\d+\w+?S\d*_)Li32ELb0E", e)]  # S_: the type again
+    assert len(same) == 1, entries
+    return same[0]
+
+
+@pytest.mark.skipif(not NVCC, reason="no CUDA toolkit")
+@pytest.mark.parametrize("arch_list", ARCH_LISTS)
+def test_extension_device_code_compiles_for_the_arch_list(arch_list, unit_ptx, tmp_path):
+    """Every CUDA unit's device code compiles for the list's architectures (ptxas: see above), and
+    only code compiled for sm_90 holds the cluster instructions: a build without it (8.0, or 8.0's
+    PTX JIT-compiled on an H100) must never be launched as a cluster (kd_launch.cuh decides from the
+    loaded code's ptxVersion; host test above)."""
+    import subprocess
+
+    for virtual, target in sorted(_targets(arch_list)):
+        for (name, arch), ptx in sorted(unit_ptx.items()):
+            if arch != virtual:
+                continue
+            text = ptx.read_text()
+            assert f".target sm_{virtual}" in text
+            is_pair = name.startswith("kd_pair_")
+            if is_pair:
+                assert ("barrier.cluster" in text) == (int(virtual) >= 90), (name, virtual)
+            entries = ["-e", _heaviest_kernel(text)] if is_pair else []
+            done = subprocess.run([_toolkit_tool("ptxas"), f"-arch=sm_{target}", "-O0", *entries, str(ptx),
+                                   "-o", str(tmp_path / "unit.cubin")], capture_output=True, text=True)
+            assert done.returncode == 0, f"{name}: compute_{virtual} PTX for sm_{target}:\n{done.stderr[-3000:]}"
 
 # ---------------------------------------------------------------------------------------------
 # The kernels' reformulated math, mirrored in float32 NumPy (nothing here runs CUDA): log2-domain

@@ -305,3 +305,104 @@ def test_many_bins_launch_or_are_refused_clearly(backend, gen):
         want = fastkd.CalibrationMeter(2000).update(logits, labels).compute()
         assert meter.compute().count == want.count == 2000
         assert meter.compute().ece == pytest.approx(want.ece, rel=1e-4, abs=1e-6)
+
+
+# issue 24, CUDA backend
+
+def _num_bins_for_smem(smem_bytes, n_meters):
+    """The most bins whose meters fit in smem_bytes of the cuda backend's dynamic shared memory
+    (kernels/launch_limits.h, meter_smem_bytes: n_meters * 4 bytes * (3 * (num_bins + 1) + 2))."""
+    return (smem_bytes // (4 * n_meters) - 2) // 3 - 1
+
+
+@pytest.mark.parametrize("backend", [_gpu_backend("cuda")])
+@pytest.mark.parametrize("n_meters", [1, 2], ids=["student-meter", "both-meters"])  # the light and the heavy kernel
+def test_mixed_dynamic_shared_memory_sizes_in_one_process(backend, n_meters, gen):
+    """Item 4: one kernel launched with 60 KB, then 50 KB, then 60 KB of histograms (above the
+    default 48 KB: each needs the opt-in attribute, one value per kernel). Remembered per size, the
+    50 KB call lowered it and the second 60 KB call failed to launch."""
+    shape = (300, 3000)
+    s, t = on_gpu(randn(shape, gen), randn(shape, gen))
+    for kb in (60, 50, 60):
+        num_bins = _num_bins_for_smem(kb * 1024, n_meters)
+        assert 48 * 1024 < 4 * n_meters * (3 * (num_bins + 1) + 2) <= kb * 1024
+        labels = ignore_rows_near_bin_edges(random_labels(shape[:1], shape[1], gen, ignore_every=9), s.cpu(),
+                                            t.cpu(), num_bins=num_bins).cuda()
+        meters = [fastkd.CalibrationMeter(num_bins) for _ in range(n_meters)]
+        out = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.5, meter=meters[0],
+                             teacher_meter=meters[1] if n_meters == 2 else None, backend=backend)
+        close(out, kd_objective(s.double(), t.double(), labels, 2.0, 0.5), 1e-5, msg=f"{kb} KB")
+        for meter, logits in zip(meters, (s, t)):
+            want = fastkd.CalibrationMeter(num_bins).update(logits, labels).compute()
+            got = meter.compute()
+            assert [b.count for b in got.bins] == [b.count for b in want.bins], f"{kb} KB"
+            assert got.ece == pytest.approx(want.ece, rel=1e-4, abs=1e-6), f"{kb} KB"
+    torch.cuda.synchronize()
+
+
+SM80_BUILD_ON_A_CLUSTER_GPU = r"""
+import sys
+
+sys.modules["fastkd._C"] = None  # this checkout's JIT build for the arch list, never an installed one
+import torch
+
+import fastkd
+from fastkd import _cuda_build
+from test_loss import check_against_reference, close, randn, random_labels
+
+_cuda_build.load()
+gen = torch.Generator().manual_seed(24)
+if sys.argv[1] == "8.0":  # sm_80 SASS only: no code an sm_90 can run
+    s = randn((4, 32000), gen).cuda()
+    try:
+        fastkd.kl_loss(s, s + 1, backend="cuda")
+        raise AssertionError("an sm_80-only build ran on " + torch.cuda.get_device_name())
+    except RuntimeError as e:
+        assert "no kernel image" in str(e), e
+    assert torch.ones(8, device="cuda").add(1).sum().item() == 16  # the context still works
+else:  # sm_80 SASS and compute_80 PTX, which the driver compiles for this GPU: no cluster code in it
+    for shape, dtype, rtol in (((64, 32000), torch.float32, 1e-5), ((1, 128256), torch.bfloat16, 1.6e-2),
+                               ((8, 128256), torch.bfloat16, 1.6e-2)):  # rows an sm_90 build runs as clusters
+        s, t = randn(shape, gen, dtype).cuda(), randn(shape, gen, dtype).cuda()
+        labels = random_labels(shape[:1], shape[1], gen, ignore_every=5).cuda()
+        # the heavy build (teacher gradient) and the light one (kl_loss, student gradient)
+        check_against_reference("cuda", s, t, labels, rtol, teacher_grad=True, temperature=2.0, alpha=0.5)
+        check_against_reference("cuda", s, t, None, rtol, temperature=1.0, alpha=1.0)
+        for kw in (dict(temperature=2.0, alpha=0.5), dict(temperature=1.0, alpha=1.0)):
+            got, want = (fastkd.kd_loss(s, t, labels, backend=b, **kw) for b in ("cuda", "torch"))
+            close(got, want, 1e-5, msg=f"{shape} {kw} against the torch backend")
+    torch.cuda.synchronize()  # a trapped cluster barrier would surface here
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a GPU with thread-block clusters (sm_90 or later)")
+@pytest.mark.parametrize("arch_list", ["8.0+PTX", "8.0"])
+def test_sm80_build_on_a_cluster_gpu(arch_list, tmp_path):
+    """Item 3: the extension built for sm_80 only (TORCH_CUDA_ARCH_LIST, JIT-built into a temporary
+    directory, one build per case: a minute or two) on an sm_90 GPU, in a subprocess (a trapped
+    kernel leaves its context unusable). With +PTX the driver compiles compute_80 PTX, whose
+    cluster code is compiled out: rows that an sm_90 build runs as clusters must take the looping
+    kernel, and match float64 and the torch backend; the launcher used to pick clusters from the
+    device and trap. Without PTX, no code can run here: a clear error, and the context still works."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    from fastkd import _cuda_build
+
+    if _cuda_build.toolkit_root() is None or not is_ninja_available():
+        pytest.skip("needs a CUDA toolkit and ninja to build the extension")
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch_list, TORCH_EXTENSIONS_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")]))
+    done = subprocess.run([sys.executable, "-c", SM80_BUILD_ON_A_CLUSTER_GPU, arch_list], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-3000:] + done.stderr[-5000:]
+    build = next(tmp_path.rglob("build.ninja")).read_text()
+    assert "arch=compute_80,code=sm_80" in build and "sm_90" not in build and "compute_90" not in build
