@@ -45,7 +45,12 @@ NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a co
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NSTAT = tl.constexpr(8)  # split path, per part: max, sum-exp of s, of t, KL's sum, T = 1 sums, argmax
-PACK = tl.constexpr(4096.0)  # a program's meter counts, count + PACK * correct: < PACK rows each
+# A program's meter counts, per bin count + PACK * correct in one fp32: exact while a program has
+# added at most PACK_ROWS rows since its last flush (PACK_ROWS (PACK + 1) < 2^24, and count < PACK
+# so that correct = floor(packed / PACK)). Plans keep a program's rows within it; the split path,
+# whose groups take any number of rows, flushes every PACK_ROWS rows.
+PACK_ROWS = tl.constexpr(4095)
+PACK = tl.constexpr(4096.0)
 # Defaults, chosen from the compiler's register counts and SASS on sm_90 (no spills; the issue
 # time below the memory time by the static model of bench/RESULTS.md), not from timings: measured
 # configurations per card (bench/tune_triton.py) take precedence. Longest row kept in registers
@@ -359,8 +364,8 @@ def _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, lab
 @triton.jit
 def _meter_zeros(BLOCK_N: tl.constexpr, BINS_P2: tl.constexpr):
     """A program's calibration partials, reduced over row slots once (in _meter_flush): per row
-    slot and bin, count + PACK * correct (both exact integers in fp32: the launcher keeps a
-    program's rows below PACK) and the confidence sum; per row slot the NLL and Brier sums."""
+    slot and bin, count + PACK * correct (both exact integers in fp32 up to PACK_ROWS rows between
+    flushes) and the confidence sum; per row slot the NLL and Brier sums."""
     z = tl.zeros([BLOCK_N, BINS_P2], dtype=tl.float32)
     r = tl.zeros([BLOCK_N], dtype=tl.float32)
     return z, z, r, r
@@ -893,6 +898,11 @@ def _kd_split_kernel(
                     arg_s = tl.min(tl.where(pm_s == m_s[:, None], parg, 3.0e38), axis=1).to(tl.int32)
                     meter_s = _meter_rows(meter_s, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
                                           NUM_BINS, BINS_P2, FAST_MATH)
+                    # a group takes any number of rows: flushed while its packed counts are exact
+                    # (.value: the interpreter's loop index is a Python int, which has no % constexpr)
+                    if it % PACK_ROWS.value == PACK_ROWS.value - 1:
+                        _meter_flush(meter_s_ptr, meter_s, NUM_BINS, BINS_P2)
+                        meter_s = _meter_zeros(1, BINS_P2)
 
     if PHASE != 1:
         if REDUCE:
@@ -1031,11 +1041,13 @@ def _split_plan(n, c, spec: KDSpec, grad_s, grad_t, meter_t, size, strides, addr
         return None
     groups = max(1, min(n, sms * SPLIT_PROGRAMS_PER_SM // parts))  # all resident at once
     chunk = SPLIT_VECS * lanes * vec
+    rows_per_group = triton.cdiv(n, groups)
     return dict(path="split-row", kernel=_kd_split_kernel, programs=groups * parts, num_warps=SPLIT_WARPS,
                 consts=dict(PARTS=parts, PARTS_P2=triton.next_power_of_2(parts), VECS=SPLIT_VECS, LANES=lanes,
                             VEC=vec),
                 read_sweeps=1, trips=[1], tile_bytes=min(chunk, c) * 2 * size,
-                ints=dict(n_groups=groups, rows_per_group=triton.cdiv(n, groups)))
+                meter_rows=min(rows_per_group, PACK_ROWS.value),  # the kernel flushes every PACK_ROWS rows
+                ints=dict(n_groups=groups, rows_per_group=rows_per_group))
 
 
 def _transform_consts(spec: KDSpec) -> dict:

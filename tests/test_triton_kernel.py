@@ -414,6 +414,51 @@ def test_split_rows_path_is_chosen_where_it_applies():
                    split_ok=True)["path"] == "one-pass"
 
 
+def scaled_packing(monkeypatch, rows):
+    """The meters' packed counts (count + PACK * correct, exact up to PACK_ROWS rows a program) with
+    a PACK_ROWS of ``rows``: the packing limit met by a few rows, which the interpreter runs in
+    seconds (4096 rows of one program take it minutes); the arithmetic is the same at 4095."""
+    import triton.language as tl
+
+    monkeypatch.setattr(K, "PACK_ROWS", tl.constexpr(rows))
+    monkeypatch.setattr(K, "PACK", tl.constexpr(float(rows + 1)))
+
+
+def test_split_rows_meter_flushes_its_packed_counts(split_rows, monkeypatch, gen):
+    """Issue 24: a group of the split path takes any number of rows (4096 at 32768 x 128256 fp32 on
+    132 SMs), past what a program's packed counts hold: the kernel flushes them every PACK_ROWS rows.
+    One group of 17 rows against PACK_ROWS = 3 (before the fix, a bin of 7 rows read 3): counts,
+    correct and sums equal the float64 reference and CalibrationMeter.update on the float64 logits,
+    the counts exactly; loss and gradient too."""
+    from reference import kd_objective
+
+    scaled_packing(monkeypatch, 3)
+    monkeypatch.setattr(K, "_sm_count", lambda device: 1)  # one group of programs takes every row
+    monkeypatch.setattr(K, "SPLIT_PROGRAMS_PER_SM", 1)
+    n, c = 17, 45
+    s, t = randn((n, c), gen, scale=1.0), randn((n, c), gen, scale=1.0)
+    s[::2, 3] += 6.0  # confident rows, most of them right: many rows and correct ones in few bins
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[::2] = 3
+    labels[7] = -100
+    plan = K._plan(n, c, s.dtype, t.dtype, spec_for(2.0, 1.0, 0.5), True, False, True, True, False, True,
+                   split_ok=True, sms=K._sm_count(s.device))
+    assert plan["path"] == "split-row" and plan["ints"]["n_groups"] == 1 and plan["ints"]["rows_per_group"] == n
+    assert plan["meter_rows"] == 3
+    meter = fastkd.CalibrationMeter(4)
+    out = fastkd.kd_loss(s.requires_grad_(), t, labels, temperature=2.0, alpha=0.5, meter=meter, backend="triton")
+    s64 = s.detach().double().requires_grad_()
+    ref = kd_objective(s64, t.double(), labels, 2.0, 0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    got, want = torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s64)[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    _check_meter(meter, _meter_reference(s.detach(), labels, 4))
+    update = fastkd.CalibrationMeter(4).update(s.detach().double(), labels)
+    assert meter.state[:5].tolist() == update.state[:5].tolist()  # counts per bin
+    assert meter.state[10:15].tolist() == update.state[10:15].tolist()  # correct per bin
+    assert max(update.state[:5].tolist()) > 3  # the limit was met
+
+
 @pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
 def test_large_logits_keep_their_digits(monkeypatch, path, gen):
     """Logits near 80 (at T = 1 the exponent offset m log2(e) is near 115): log-sum-exps,
