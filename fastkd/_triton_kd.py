@@ -19,7 +19,8 @@ the loss 4 bytes per row):
 - looping (the fallback: JSD, the teacher's meter, graph capture, no cooperative launch): sweep 1
   keeps running statistics per thread (and KL's or reverse KL's divergence), sweep 2 writes the
   gradients: 5 N C b; JSD with a gradient needs its divergence first, a third sweep: 7 N C b.
-  Without gradients one sweep (KL, reverse KL) or two (JSD).
+  Without gradients one sweep (KL, reverse KL) or two (JSD). With a meter a program takes several
+  rows (one flush of its statistics for all of them).
 
 Logit transforms (KDSpec.s_scale / s_cap, t_scale / t_cap; ``_transform``): every tile is transformed
 as it is loaded, on every path, and so is the label's logit; the gradients take the chain rule (a
@@ -66,6 +67,10 @@ ELEMENTS_PER_THREAD = {"light": 16, "heavy": 8}
 # a row per thread, while at least MIN_PROGRAMS programs remain
 PROGRAM_ELEMENTS_PER_THREAD = 64
 MIN_PROGRAMS = 1024
+# The looping path with a meter: a long row is work enough for a program, but each program's flush
+# is ~50 float64 atomics onto the same few cache lines; a program takes several rows while at least
+# this many programs remain (several waves on 132 SMs, so that the last one stays short)
+LOOP_METER_PROGRAMS = 2048
 # Rows beyond one pass: split over several programs that keep their chunks in registers and
 # exchange per-chunk statistics (3 N C bytes instead of 5), where a cooperative launch keeps the
 # programs of a row resident together; else the looping path. SPLIT_INTERPRETED: also under the
@@ -1059,9 +1064,10 @@ def _transform_consts(spec: KDSpec) -> dict:
 def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, meter_s, meter_t, reduce,
           device_name="", rows=(1, None, 0, None, 0), fast_math=True, addresses=(), split_ok=True, sms=132):
     """The launch of one call: path ("one-pass", "split-row", "2-sweep", "3-sweep" or "1-sweep"),
-    kernel, grid, warps and the kernel's constants. ``rows``: (n_inner, stride_so, stride_si,
-    stride_to, stride_ti); None strides stand for C (contiguous rows). ``split_ok``: a split-row
-    launch can run here (a cooperative launch on a GPU, or the interpreter's two launches)."""
+    kernel, grid, warps and the kernel's constants; ``meter_rows``: the most rows a program adds to
+    its packed meter counts between two flushes (at most PACK_ROWS). ``rows``: (n_inner, stride_so,
+    stride_si, stride_to, stride_ti); None strides stand for C (contiguous rows). ``split_ok``: a
+    split-row launch can run here (a cooperative launch on a GPU, or the interpreter's two launches)."""
     n_inner, so, si, to, ti = rows
     so = c if so is None else so
     to = c if to is None else to
@@ -1091,17 +1097,18 @@ def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, mete
                     ints=dict(split["ints"], n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si,
                               stride_to=to, stride_ti=ti))
     n_blocks = triton.cdiv(n, block_n)
-    # a meter's flush costs more: spread it over more rows, keeping MIN_PROGRAMS / 2 programs
     meters = meter_s or meter_t
-    per_program = max(1, min(PROGRAM_ELEMENTS_PER_THREAD * (4 if meters else 1) // (vecs * vec),
-                             n_blocks // (MIN_PROGRAMS // 2 if meters else MIN_PROGRAMS),
-                             (int(PACK.value) - 1) // block_n))
-    per_program = per_program if one_pass else 1
+    if one_pass:  # a meter's flush costs more: spread it over more rows, keeping MIN_PROGRAMS / 2 programs
+        per_program = min(PROGRAM_ELEMENTS_PER_THREAD * (4 if meters else 1) // (vecs * vec),
+                          n_blocks // (MIN_PROGRAMS // 2 if meters else MIN_PROGRAMS))
+    else:
+        per_program = n_blocks // LOOP_METER_PROGRAMS if meters else 1
+    per_program = max(1, min(per_program, PACK_ROWS.value // block_n))  # the meters' packed counts
     path = "one-pass" if one_pass else f"{sweeps}-sweep"
     return dict(path=path, kernel=_kd_fwd_kernel, programs=triton.cdiv(n_blocks, per_program),
                 num_warps=num_warps, consts=consts,
                 read_sweeps=sweeps, trips=[] if one_pass else [triton.cdiv(c, block_c)] * sweeps,
-                tile_bytes=block_n * min(block_c, c) * 2 * size,
+                tile_bytes=block_n * min(block_c, c) * 2 * size, meter_rows=block_n * per_program,
                 ints=dict(n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si, stride_to=to,
                           stride_ti=ti, blocks_per_program=per_program))
 

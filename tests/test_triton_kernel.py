@@ -459,6 +459,43 @@ def test_split_rows_meter_flushes_its_packed_counts(split_rows, monkeypatch, gen
     assert max(update.state[:5].tolist()) > 3  # the limit was met
 
 
+@pytest.mark.parametrize("divergence,pack_rows", [(0, None), (2, 3)], ids=["kl", "jsd-3-sweep-PACK_ROWS-3"])
+def test_looping_path_meters_share_a_program_over_rows(monkeypatch, divergence, pack_rows, gen):
+    """Issue 24: the looping path with meters takes several rows per program (one flush of ~50 float64
+    atomics for all of them), within PACK_ROWS (scaled down in one case, so that the cap decides):
+    loss, gradients and both meters equal the float64 references, counts exactly; a ragged last
+    program, ignored rows, two column tiles with a ragged one."""
+    from reference import kd_objective
+
+    force_triton_path(monkeypatch, K, "looping")
+    monkeypatch.setattr(K, "LOOP_METER_PROGRAMS", 3)
+    if pack_rows:
+        scaled_packing(monkeypatch, pack_rows)
+    n, c = 17, 45
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[::6] = -100
+    kept = int((labels != -100).sum())
+    spec = spec_for(2.0, 0.5, 0.5, divergence=divergence)
+    plan = K._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
+    per_program = pack_rows or n // 3
+    assert plan["path"].endswith("-sweep") and plan["ints"]["blocks_per_program"] == per_program > 1
+    assert plan["programs"] == -(-n // per_program)
+    meter, teacher_meter = fastkd.CalibrationMeter(5), fastkd.CalibrationMeter(5)
+    for m in (meter, teacher_meter):
+        m._state_on(s.device)
+    total, gs, _ = K.kd_forward(s, t, labels, torch.tensor([kept]), spec, True, False, meter, teacher_meter,
+                                reduce=True)
+    s64 = s.double().requires_grad_()
+    ref = kd_objective(s64, t.double(), labels, 2.0, 0.5, kind=("kl", "reverse_kl", "jsd")[divergence],
+                       t_squared=False)
+    ref.backward()
+    assert math.isclose(total.item(), ref.item(), rel_tol=1e-5)
+    torch.testing.assert_close(gs.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    _check_meter(meter, _meter_reference(s, labels, 5))
+    _check_meter(teacher_meter, _meter_reference(t, labels, 5))
+
+
 @pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
 def test_large_logits_keep_their_digits(monkeypatch, path, gen):
     """Logits near 80 (at T = 1 the exponent offset m log2(e) is near 115): log-sum-exps,
