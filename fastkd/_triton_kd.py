@@ -1155,8 +1155,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                 _launch_split(plan, consts, pointers, (partial, counter, total), scalars, dummy,
                               (n, c, inner_s, so, si, to, ti))
                 return (total if reduce else loss), gs, gt
-            except RuntimeError:  # a cooperative launch this device cannot hold: the looping path, from now on
-                _SPLIT_REFUSED.add(s.device)
+            except _SplitRefused as refused:  # the looping path; from now on where the driver refused
+                if refused.by_driver:
+                    _SPLIT_REFUSED.add(s.device)
                 plan = _plan(*args, split_ok=False)
                 consts = dict(plan["consts"], COUNT_ON_DEVICE=torch.is_tensor(row_count), NUM_BINS=num_bins,
                               BINS_P2=triton.next_power_of_2(num_bins + 1))
@@ -1170,7 +1171,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     return (total if reduce else loss), gs, gt
 
 
-_SPLIT_REFUSED: set = set()  # devices where a split-row launch failed
+_SPLIT_REFUSED: set = set()  # devices whose driver refused a split-row launch
 
 
 def _interpreted() -> bool:
@@ -1201,10 +1202,28 @@ def _sm_count(device) -> int:
     return _sm_count_of(device.index) if device.type == "cuda" else 132  # an H100 / H200 SXM
 
 
+class _SplitRefused(RuntimeError):
+    """The split-row path's cooperative launch does not fit this device: the launcher falls back to
+    the looping path, for this call where the launcher's own check (a row's parts against the
+    resident programs of the compiled kernel) said so, for the process where the driver refused the
+    launch (``by_driver``: the occupancy estimate is wrong for this device, e.g. under MPS). Nothing
+    else (out of memory, a faulting launch) is taken for it."""
+
+    def __init__(self, message, by_driver=False):
+        super().__init__(message)
+        self.by_driver = by_driver
+
+
+# cuGetErrorString of CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, as Triton's launcher raises it
+_COOPERATIVE_TOO_LARGE = "too many blocks in cooperative launch"
+
+
 def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
     """The split-row path: one cooperative launch on a GPU, with as many groups of PARTS programs as
-    the device holds at once (from the compiled kernel's registers); under the interpreter, which
-    runs the programs one after another, its two halves (statistics, then the rest) as two launches."""
+    the device holds at once (from the registers and shared memory of the kernel compiled for this
+    launch's arguments); under the interpreter, which runs the programs one after another, its two
+    halves (statistics, then the rest) as two launches. Raises _SplitRefused where the device does
+    not take it; any other error (an allocation's included) propagates."""
     s = pointers[0]
     groups, parts = plan["ints"]["n_groups"], consts["PARTS"]
     interpreted = _interpreted()
@@ -1217,34 +1236,59 @@ def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
         return (*pointers, *reduction, stats, arrive, *shape, n_groups, triton.cdiv(shape[0], n_groups), *scalars)
 
     if s.is_cuda:  # no more groups than fit: a cooperative launch needs them all resident
-        resident = _resident_programs(s.device, args(groups), plan["num_warps"], dict(consts, PHASE=0, **options))
-        groups = min(groups, resident // parts)
-        if groups < 1:
-            raise RuntimeError(f"a row's {parts} parts do not fit on the device at once")
+        groups = _fitting_groups(
+            groups, parts,
+            lambda g: _kd_split_kernel.warmup(*args(g), grid=(1,), num_warps=plan["num_warps"],
+                                              **dict(consts, PHASE=0, **options)),
+            lambda kernel: _resident_programs(s.device, kernel, plan["num_warps"]))
     for phase in ((1, 2) if interpreted else (0,)):
-        _kd_split_kernel[(groups * parts,)](*args(groups), num_warps=plan["num_warps"], **dict(consts, PHASE=phase),
-                                            **options)
+        try:
+            _kd_split_kernel[(groups * parts,)](*args(groups), num_warps=plan["num_warps"],
+                                                **dict(consts, PHASE=phase), **options)
+        except RuntimeError as e:
+            if _COOPERATIVE_TOO_LARGE in str(e):
+                raise _SplitRefused(str(e), by_driver=True) from e
+            raise
+
+
+def _fitting_groups(groups, parts, compiled_for, resident_of) -> int:
+    """The most groups (at most ``groups``) of ``parts`` programs that are resident at once, checked
+    against the kernel compiled for that very launch (``compiled_for(groups)``: n_groups and
+    rows_per_group are arguments, and Triton specialises them, == 1 or divisible by 16, so fewer
+    groups may compile to a kernel with other registers). ``resident_of(kernel)``: programs a device
+    holds at once. Each try has fewer groups than the last, so it ends."""
+    while True:
+        fit = resident_of(compiled_for(groups)) // parts
+        if fit >= groups:
+            return groups
+        if fit < 1:
+            raise _SplitRefused(f"a row's {parts} parts do not fit on the device at once")
+        groups = fit
 
 
 _RESIDENT: dict = {}
 
 
-def _resident_programs(device, args, num_warps, kwargs) -> int:
-    """Programs of the split kernel that a device holds at once, from its compiled registers and
-    shared memory (cached per device and constants)."""
-    key = (device.index, num_warps, tuple(sorted(kwargs.items())))
+def _resident_programs(device, kernel, num_warps) -> int:
+    """Programs of a compiled kernel that a device holds at once (cached per device and compiled
+    kernel: its registers and shared memory are those of its arguments' specialisation)."""
+    key = (device.index, kernel.hash, num_warps)
     if key not in _RESIDENT:
-        kernel = _kd_split_kernel.warmup(*args, grid=(1,), num_warps=num_warps, **kwargs)
         kernel._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        regs = max(1, kernel.n_regs)
-        per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
-        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
-        smem = kernel.metadata.shared
-        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (smem + 1024) if smem else 32
-        _RESIDENT[key] = props.multi_processor_count * max(0, min(32, by_regs, by_threads, by_smem))
+        _RESIDENT[key] = _occupancy(kernel.n_regs, kernel.metadata.shared, num_warps,
+                                    torch.cuda.get_device_properties(device))
     return _RESIDENT[key]
+
+
+def _occupancy(n_regs, shared, num_warps, props) -> int:
+    """Programs of num_warps warps, n_regs registers per thread and ``shared`` bytes of shared memory
+    that the device of ``props`` holds at once: registers are allocated per warp, 256 at a time; the
+    driver reserves 1 KB of shared memory per block; at most 32 blocks per SM."""
+    per_warp = -(-max(1, n_regs) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024) if shared else 32
+    return props.multi_processor_count * max(0, min(32, by_regs, by_threads, by_smem))
 
 
 def scale_grad(grad, factor):

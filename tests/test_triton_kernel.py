@@ -496,6 +496,71 @@ def test_looping_path_meters_share_a_program_over_rows(monkeypatch, divergence, 
     _check_meter(teacher_meter, _meter_reference(t, labels, 5))
 
 
+class _RefusedLaunch:
+    """Stands in for the split kernel: its launch raises ``error`` as Triton's launcher would."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise self.error
+        return launch
+
+
+def _split_call(gen):
+    n, c = 5, 60
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    meter = fastkd.CalibrationMeter(6)
+    meter._state_on(s.device)
+    return s, t, labels, meter
+
+
+def test_a_refused_cooperative_launch_falls_back(split_rows, monkeypatch, gen):
+    """The driver refusing the split path's cooperative launch (too many blocks) sends the call, and
+    later ones on that device, to the looping path: the same numbers, the meter counted once."""
+    monkeypatch.setattr(K, "_SPLIT_REFUSED", set())
+    monkeypatch.setattr(K, "_kd_split_kernel",
+                        _RefusedLaunch(RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")))
+    s, t, labels, meter = _split_call(gen)
+    loss, gs, _ = K.kd_forward(s, t, labels, 5, spec_for(2.0, 1.0, 0.5), True, False, meter, None)
+    row, ref_gs, _ = rows_reference(s, t, labels, 2.0, 1.0, 0.5)
+    torch.testing.assert_close(loss.double(), row / 5, rtol=1e-5, atol=1e-6)
+    assert rel_err(gs, ref_gs / 5) < 1e-5
+    _check_meter(meter, _meter_reference(s, labels, 6))
+    assert K._SPLIT_REFUSED == {s.device}
+
+
+@pytest.mark.parametrize("failure", ["out-of-memory", "launch-error"])
+def test_other_errors_of_the_split_path_propagate(split_rows, monkeypatch, failure, gen):
+    """Issue 24: an out-of-memory error of the statistics buffer, or a launch failing for another reason
+    than the cooperative grid, is the caller's error: raised, not taken for a refused launch (before,
+    any RuntimeError sent the device to the looping path for the process, silently)."""
+    monkeypatch.setattr(K, "_SPLIT_REFUSED", set())
+    if failure == "out-of-memory":
+        empty = torch.empty
+
+        def failing_empty(*args, **kwargs):
+            shape = args[0] if args else kwargs.get("size")
+            if isinstance(shape, tuple) and len(shape) == 3 and shape[-1] == K.NSTAT.value:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return empty(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "empty", failing_empty)
+        expected = torch.OutOfMemoryError
+    else:
+        monkeypatch.setattr(K, "_kd_split_kernel",
+                            _RefusedLaunch(RuntimeError("Triton Error [CUDA]: an illegal memory access was "
+                                                        "encountered")))
+        expected = RuntimeError
+    s, t, labels, meter = _split_call(gen)
+    with pytest.raises(expected) as raised:
+        K.kd_forward(s, t, labels, 5, spec_for(2.0, 1.0, 0.5), True, False, meter, None)
+    assert not isinstance(raised.value, K._SplitRefused)
+    assert K._SPLIT_REFUSED == set()
+
+
 @pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
 def test_large_logits_keep_their_digits(monkeypatch, path, gen):
     """Logits near 80 (at T = 1 the exponent offset m log2(e) is near 115): log-sum-exps,
