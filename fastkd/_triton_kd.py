@@ -19,7 +19,8 @@ the loss 4 bytes per row):
 - looping (the fallback: JSD, the teacher's meter, graph capture, no cooperative launch): sweep 1
   keeps running statistics per thread (and KL's or reverse KL's divergence), sweep 2 writes the
   gradients: 5 N C b; JSD with a gradient needs its divergence first, a third sweep: 7 N C b.
-  Without gradients one sweep (KL, reverse KL) or two (JSD).
+  Without gradients one sweep (KL, reverse KL) or two (JSD). With a meter a program takes several
+  rows (one flush of its statistics for all of them).
 
 Logit transforms (KDSpec.s_scale / s_cap, t_scale / t_cap; ``_transform``): every tile is transformed
 as it is loaded, on every path, and so is the label's logit; the gradients take the chain rule (a
@@ -45,7 +46,12 @@ NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a co
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 NSTAT = tl.constexpr(8)  # split path, per part: max, sum-exp of s, of t, KL's sum, T = 1 sums, argmax
-PACK = tl.constexpr(4096.0)  # a program's meter counts, count + PACK * correct: < PACK rows each
+# A program's meter counts, per bin count + PACK * correct in one fp32: exact while a program has
+# added at most PACK_ROWS rows since its last flush (PACK_ROWS (PACK + 1) < 2^24, and count < PACK
+# so that correct = floor(packed / PACK)). Plans keep a program's rows within it; the split path,
+# whose groups take any number of rows, flushes every PACK_ROWS rows.
+PACK_ROWS = tl.constexpr(4095)
+PACK = tl.constexpr(4096.0)
 # Defaults, chosen from the compiler's register counts and SASS on sm_90 (no spills; the issue
 # time below the memory time by the static model of bench/RESULTS.md), not from timings: measured
 # configurations per card (bench/tune_triton.py) take precedence. Longest row kept in registers
@@ -61,6 +67,10 @@ ELEMENTS_PER_THREAD = {"light": 16, "heavy": 8}
 # a row per thread, while at least MIN_PROGRAMS programs remain
 PROGRAM_ELEMENTS_PER_THREAD = 64
 MIN_PROGRAMS = 1024
+# The looping path with a meter: a long row is work enough for a program, but each program's flush
+# is ~50 float64 atomics onto the same few cache lines; a program takes several rows while at least
+# this many programs remain (several waves on 132 SMs, so that the last one stays short)
+LOOP_METER_PROGRAMS = 2048
 # Rows beyond one pass: split over several programs that keep their chunks in registers and
 # exchange per-chunk statistics (3 N C bytes instead of 5), where a cooperative launch keeps the
 # programs of a row resident together; else the looping path. SPLIT_INTERPRETED: also under the
@@ -359,8 +369,8 @@ def _store_grads(gs_ptr, gt_ptr, off_g, cols, ok, keep, x, y, e_s, e_t, e_1, lab
 @triton.jit
 def _meter_zeros(BLOCK_N: tl.constexpr, BINS_P2: tl.constexpr):
     """A program's calibration partials, reduced over row slots once (in _meter_flush): per row
-    slot and bin, count + PACK * correct (both exact integers in fp32: the launcher keeps a
-    program's rows below PACK) and the confidence sum; per row slot the NLL and Brier sums."""
+    slot and bin, count + PACK * correct (both exact integers in fp32 up to PACK_ROWS rows between
+    flushes) and the confidence sum; per row slot the NLL and Brier sums."""
     z = tl.zeros([BLOCK_N, BINS_P2], dtype=tl.float32)
     r = tl.zeros([BLOCK_N], dtype=tl.float32)
     return z, z, r, r
@@ -893,6 +903,11 @@ def _kd_split_kernel(
                     arg_s = tl.min(tl.where(pm_s == m_s[:, None], parg, 3.0e38), axis=1).to(tl.int32)
                     meter_s = _meter_rows(meter_s, edges_ptr, keep, m_s, z1_s, z2_s, arg_s, x_label, label,
                                           NUM_BINS, BINS_P2, FAST_MATH)
+                    # a group takes any number of rows: flushed while its packed counts are exact
+                    # (.value: the interpreter's loop index is a Python int, which has no % constexpr)
+                    if it % PACK_ROWS.value == PACK_ROWS.value - 1:
+                        _meter_flush(meter_s_ptr, meter_s, NUM_BINS, BINS_P2)
+                        meter_s = _meter_zeros(1, BINS_P2)
 
     if PHASE != 1:
         if REDUCE:
@@ -1031,11 +1046,13 @@ def _split_plan(n, c, spec: KDSpec, grad_s, grad_t, meter_t, size, strides, addr
         return None
     groups = max(1, min(n, sms * SPLIT_PROGRAMS_PER_SM // parts))  # all resident at once
     chunk = SPLIT_VECS * lanes * vec
+    rows_per_group = triton.cdiv(n, groups)
     return dict(path="split-row", kernel=_kd_split_kernel, programs=groups * parts, num_warps=SPLIT_WARPS,
                 consts=dict(PARTS=parts, PARTS_P2=triton.next_power_of_2(parts), VECS=SPLIT_VECS, LANES=lanes,
                             VEC=vec),
                 read_sweeps=1, trips=[1], tile_bytes=min(chunk, c) * 2 * size,
-                ints=dict(n_groups=groups, rows_per_group=triton.cdiv(n, groups)))
+                meter_rows=min(rows_per_group, PACK_ROWS.value),  # the kernel flushes every PACK_ROWS rows
+                ints=dict(n_groups=groups, rows_per_group=rows_per_group))
 
 
 def _transform_consts(spec: KDSpec) -> dict:
@@ -1047,9 +1064,10 @@ def _transform_consts(spec: KDSpec) -> dict:
 def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, meter_s, meter_t, reduce,
           device_name="", rows=(1, None, 0, None, 0), fast_math=True, addresses=(), split_ok=True, sms=132):
     """The launch of one call: path ("one-pass", "split-row", "2-sweep", "3-sweep" or "1-sweep"),
-    kernel, grid, warps and the kernel's constants. ``rows``: (n_inner, stride_so, stride_si,
-    stride_to, stride_ti); None strides stand for C (contiguous rows). ``split_ok``: a split-row
-    launch can run here (a cooperative launch on a GPU, or the interpreter's two launches)."""
+    kernel, grid, warps and the kernel's constants; ``meter_rows``: the most rows a program adds to
+    its packed meter counts between two flushes (at most PACK_ROWS). ``rows``: (n_inner, stride_so,
+    stride_si, stride_to, stride_ti); None strides stand for C (contiguous rows). ``split_ok``: a
+    split-row launch can run here (a cooperative launch on a GPU, or the interpreter's two launches)."""
     n_inner, so, si, to, ti = rows
     so = c if so is None else so
     to = c if to is None else to
@@ -1079,17 +1097,18 @@ def _plan(n, c, s_dtype, t_dtype, spec: KDSpec, grad_s, grad_t, has_labels, mete
                     ints=dict(split["ints"], n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si,
                               stride_to=to, stride_ti=ti))
     n_blocks = triton.cdiv(n, block_n)
-    # a meter's flush costs more: spread it over more rows, keeping MIN_PROGRAMS / 2 programs
     meters = meter_s or meter_t
-    per_program = max(1, min(PROGRAM_ELEMENTS_PER_THREAD * (4 if meters else 1) // (vecs * vec),
-                             n_blocks // (MIN_PROGRAMS // 2 if meters else MIN_PROGRAMS),
-                             (int(PACK.value) - 1) // block_n))
-    per_program = per_program if one_pass else 1
+    if one_pass:  # a meter's flush costs more: spread it over more rows, keeping MIN_PROGRAMS / 2 programs
+        per_program = min(PROGRAM_ELEMENTS_PER_THREAD * (4 if meters else 1) // (vecs * vec),
+                          n_blocks // (MIN_PROGRAMS // 2 if meters else MIN_PROGRAMS))
+    else:
+        per_program = n_blocks // LOOP_METER_PROGRAMS if meters else 1
+    per_program = max(1, min(per_program, PACK_ROWS.value // block_n))  # the meters' packed counts
     path = "one-pass" if one_pass else f"{sweeps}-sweep"
     return dict(path=path, kernel=_kd_fwd_kernel, programs=triton.cdiv(n_blocks, per_program),
                 num_warps=num_warps, consts=consts,
                 read_sweeps=sweeps, trips=[] if one_pass else [triton.cdiv(c, block_c)] * sweeps,
-                tile_bytes=block_n * min(block_c, c) * 2 * size,
+                tile_bytes=block_n * min(block_c, c) * 2 * size, meter_rows=block_n * per_program,
                 ints=dict(n_rows=n, n_cols=c, n_inner=n_inner, stride_so=so, stride_si=si, stride_to=to,
                           stride_ti=ti, blocks_per_program=per_program))
 
@@ -1136,8 +1155,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                 _launch_split(plan, consts, pointers, (partial, counter, total), scalars, dummy,
                               (n, c, inner_s, so, si, to, ti))
                 return (total if reduce else loss), gs, gt
-            except RuntimeError:  # a cooperative launch this device cannot hold: the looping path, from now on
-                _SPLIT_REFUSED.add(s.device)
+            except _SplitRefused as refused:  # the looping path; from now on where the driver refused
+                if refused.by_driver:
+                    _SPLIT_REFUSED.add(s.device)
                 plan = _plan(*args, split_ok=False)
                 consts = dict(plan["consts"], COUNT_ON_DEVICE=torch.is_tensor(row_count), NUM_BINS=num_bins,
                               BINS_P2=triton.next_power_of_2(num_bins + 1))
@@ -1151,7 +1171,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     return (total if reduce else loss), gs, gt
 
 
-_SPLIT_REFUSED: set = set()  # devices where a split-row launch failed
+_SPLIT_REFUSED: set = set()  # devices whose driver refused a split-row launch
 
 
 def _interpreted() -> bool:
@@ -1182,10 +1202,28 @@ def _sm_count(device) -> int:
     return _sm_count_of(device.index) if device.type == "cuda" else 132  # an H100 / H200 SXM
 
 
+class _SplitRefused(RuntimeError):
+    """The split-row path's cooperative launch does not fit this device: the launcher falls back to
+    the looping path, for this call where the launcher's own check (a row's parts against the
+    resident programs of the compiled kernel) said so, for the process where the driver refused the
+    launch (``by_driver``: the occupancy estimate is wrong for this device, e.g. under MPS). Nothing
+    else (out of memory, a faulting launch) is taken for it."""
+
+    def __init__(self, message, by_driver=False):
+        super().__init__(message)
+        self.by_driver = by_driver
+
+
+# cuGetErrorString of CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, as Triton's launcher raises it
+_COOPERATIVE_TOO_LARGE = "too many blocks in cooperative launch"
+
+
 def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
     """The split-row path: one cooperative launch on a GPU, with as many groups of PARTS programs as
-    the device holds at once (from the compiled kernel's registers); under the interpreter, which
-    runs the programs one after another, its two halves (statistics, then the rest) as two launches."""
+    the device holds at once (from the registers and shared memory of the kernel compiled for this
+    launch's arguments); under the interpreter, which runs the programs one after another, its two
+    halves (statistics, then the rest) as two launches. Raises _SplitRefused where the device does
+    not take it; any other error (an allocation's included) propagates."""
     s = pointers[0]
     groups, parts = plan["ints"]["n_groups"], consts["PARTS"]
     interpreted = _interpreted()
@@ -1198,34 +1236,59 @@ def _launch_split(plan, consts, pointers, reduction, scalars, dummy, shape):
         return (*pointers, *reduction, stats, arrive, *shape, n_groups, triton.cdiv(shape[0], n_groups), *scalars)
 
     if s.is_cuda:  # no more groups than fit: a cooperative launch needs them all resident
-        resident = _resident_programs(s.device, args(groups), plan["num_warps"], dict(consts, PHASE=0, **options))
-        groups = min(groups, resident // parts)
-        if groups < 1:
-            raise RuntimeError(f"a row's {parts} parts do not fit on the device at once")
+        groups = _fitting_groups(
+            groups, parts,
+            lambda g: _kd_split_kernel.warmup(*args(g), grid=(1,), num_warps=plan["num_warps"],
+                                              **dict(consts, PHASE=0, **options)),
+            lambda kernel: _resident_programs(s.device, kernel, plan["num_warps"]))
     for phase in ((1, 2) if interpreted else (0,)):
-        _kd_split_kernel[(groups * parts,)](*args(groups), num_warps=plan["num_warps"], **dict(consts, PHASE=phase),
-                                            **options)
+        try:
+            _kd_split_kernel[(groups * parts,)](*args(groups), num_warps=plan["num_warps"],
+                                                **dict(consts, PHASE=phase), **options)
+        except RuntimeError as e:
+            if _COOPERATIVE_TOO_LARGE in str(e):
+                raise _SplitRefused(str(e), by_driver=True) from e
+            raise
+
+
+def _fitting_groups(groups, parts, compiled_for, resident_of) -> int:
+    """The most groups (at most ``groups``) of ``parts`` programs that are resident at once, checked
+    against the kernel compiled for that very launch (``compiled_for(groups)``: n_groups and
+    rows_per_group are arguments, and Triton specialises them, == 1 or divisible by 16, so fewer
+    groups may compile to a kernel with other registers). ``resident_of(kernel)``: programs a device
+    holds at once. Each try has fewer groups than the last, so it ends."""
+    while True:
+        fit = resident_of(compiled_for(groups)) // parts
+        if fit >= groups:
+            return groups
+        if fit < 1:
+            raise _SplitRefused(f"a row's {parts} parts do not fit on the device at once")
+        groups = fit
 
 
 _RESIDENT: dict = {}
 
 
-def _resident_programs(device, args, num_warps, kwargs) -> int:
-    """Programs of the split kernel that a device holds at once, from its compiled registers and
-    shared memory (cached per device and constants)."""
-    key = (device.index, num_warps, tuple(sorted(kwargs.items())))
+def _resident_programs(device, kernel, num_warps) -> int:
+    """Programs of a compiled kernel that a device holds at once (cached per device and compiled
+    kernel: its registers and shared memory are those of its arguments' specialisation)."""
+    key = (device.index, kernel.hash, num_warps)
     if key not in _RESIDENT:
-        kernel = _kd_split_kernel.warmup(*args, grid=(1,), num_warps=num_warps, **kwargs)
         kernel._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        regs = max(1, kernel.n_regs)
-        per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
-        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
-        smem = kernel.metadata.shared
-        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (smem + 1024) if smem else 32
-        _RESIDENT[key] = props.multi_processor_count * max(0, min(32, by_regs, by_threads, by_smem))
+        _RESIDENT[key] = _occupancy(kernel.n_regs, kernel.metadata.shared, num_warps,
+                                    torch.cuda.get_device_properties(device))
     return _RESIDENT[key]
+
+
+def _occupancy(n_regs, shared, num_warps, props) -> int:
+    """Programs of num_warps warps, n_regs registers per thread and ``shared`` bytes of shared memory
+    that the device of ``props`` holds at once: registers are allocated per warp, 256 at a time; the
+    driver reserves 1 KB of shared memory per block; at most 32 blocks per SM."""
+    per_warp = -(-max(1, n_regs) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024) if shared else 32
+    return props.multi_processor_count * max(0, min(32, by_regs, by_threads, by_smem))
 
 
 def scale_grad(grad, factor):

@@ -414,6 +414,153 @@ def test_split_rows_path_is_chosen_where_it_applies():
                    split_ok=True)["path"] == "one-pass"
 
 
+def scaled_packing(monkeypatch, rows):
+    """The meters' packed counts (count + PACK * correct, exact up to PACK_ROWS rows a program) with
+    a PACK_ROWS of ``rows``: the packing limit met by a few rows, which the interpreter runs in
+    seconds (4096 rows of one program take it minutes); the arithmetic is the same at 4095."""
+    import triton.language as tl
+
+    monkeypatch.setattr(K, "PACK_ROWS", tl.constexpr(rows))
+    monkeypatch.setattr(K, "PACK", tl.constexpr(float(rows + 1)))
+
+
+def test_split_rows_meter_flushes_its_packed_counts(split_rows, monkeypatch, gen):
+    """Issue 24: a group of the split path takes any number of rows (4096 at 32768 x 128256 fp32 on
+    132 SMs), past what a program's packed counts hold: the kernel flushes them every PACK_ROWS rows.
+    One group of 17 rows against PACK_ROWS = 3 (before the fix, a bin of 7 rows read 3): counts,
+    correct and sums equal the float64 reference and CalibrationMeter.update on the float64 logits,
+    the counts exactly; loss and gradient too."""
+    from reference import kd_objective
+
+    scaled_packing(monkeypatch, 3)
+    monkeypatch.setattr(K, "_sm_count", lambda device: 1)  # one group of programs takes every row
+    monkeypatch.setattr(K, "SPLIT_PROGRAMS_PER_SM", 1)
+    n, c = 17, 45
+    s, t = randn((n, c), gen, scale=1.0), randn((n, c), gen, scale=1.0)
+    s[::2, 3] += 6.0  # confident rows, most of them right: many rows and correct ones in few bins
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[::2] = 3
+    labels[7] = -100
+    plan = K._plan(n, c, s.dtype, t.dtype, spec_for(2.0, 1.0, 0.5), True, False, True, True, False, True,
+                   split_ok=True, sms=K._sm_count(s.device))
+    assert plan["path"] == "split-row" and plan["ints"]["n_groups"] == 1 and plan["ints"]["rows_per_group"] == n
+    assert plan["meter_rows"] == 3
+    meter = fastkd.CalibrationMeter(4)
+    out = fastkd.kd_loss(s.requires_grad_(), t, labels, temperature=2.0, alpha=0.5, meter=meter, backend="triton")
+    s64 = s.detach().double().requires_grad_()
+    ref = kd_objective(s64, t.double(), labels, 2.0, 0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    got, want = torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s64)[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    _check_meter(meter, _meter_reference(s.detach(), labels, 4))
+    update = fastkd.CalibrationMeter(4).update(s.detach().double(), labels)
+    assert meter.state[:5].tolist() == update.state[:5].tolist()  # counts per bin
+    assert meter.state[10:15].tolist() == update.state[10:15].tolist()  # correct per bin
+    assert max(update.state[:5].tolist()) > 3  # the limit was met
+
+
+@pytest.mark.parametrize("divergence,pack_rows", [(0, None), (2, 3)], ids=["kl", "jsd-3-sweep-PACK_ROWS-3"])
+def test_looping_path_meters_share_a_program_over_rows(monkeypatch, divergence, pack_rows, gen):
+    """Issue 24: the looping path with meters takes several rows per program (one flush of ~50 float64
+    atomics for all of them), within PACK_ROWS (scaled down in one case, so that the cap decides):
+    loss, gradients and both meters equal the float64 references, counts exactly; a ragged last
+    program, ignored rows, two column tiles with a ragged one."""
+    from reference import kd_objective
+
+    force_triton_path(monkeypatch, K, "looping")
+    monkeypatch.setattr(K, "LOOP_METER_PROGRAMS", 3)
+    if pack_rows:
+        scaled_packing(monkeypatch, pack_rows)
+    n, c = 17, 45
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    labels[::6] = -100
+    kept = int((labels != -100).sum())
+    spec = spec_for(2.0, 0.5, 0.5, divergence=divergence)
+    plan = K._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
+    per_program = pack_rows or n // 3
+    assert plan["path"].endswith("-sweep") and plan["ints"]["blocks_per_program"] == per_program > 1
+    assert plan["programs"] == -(-n // per_program)
+    meter, teacher_meter = fastkd.CalibrationMeter(5), fastkd.CalibrationMeter(5)
+    for m in (meter, teacher_meter):
+        m._state_on(s.device)
+    total, gs, _ = K.kd_forward(s, t, labels, torch.tensor([kept]), spec, True, False, meter, teacher_meter,
+                                reduce=True)
+    s64 = s.double().requires_grad_()
+    ref = kd_objective(s64, t.double(), labels, 2.0, 0.5, kind=("kl", "reverse_kl", "jsd")[divergence],
+                       t_squared=False)
+    ref.backward()
+    assert math.isclose(total.item(), ref.item(), rel_tol=1e-5)
+    torch.testing.assert_close(gs.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    _check_meter(meter, _meter_reference(s, labels, 5))
+    _check_meter(teacher_meter, _meter_reference(t, labels, 5))
+
+
+class _RefusedLaunch:
+    """Stands in for the split kernel: its launch raises ``error`` as Triton's launcher would."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise self.error
+        return launch
+
+
+def _split_call(gen):
+    n, c = 5, 60
+    s, t = randn((n, c), gen), randn((n, c), gen)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    meter = fastkd.CalibrationMeter(6)
+    meter._state_on(s.device)
+    return s, t, labels, meter
+
+
+def test_a_refused_cooperative_launch_falls_back(split_rows, monkeypatch, gen):
+    """The driver refusing the split path's cooperative launch (too many blocks) sends the call, and
+    later ones on that device, to the looping path: the same numbers, the meter counted once."""
+    monkeypatch.setattr(K, "_SPLIT_REFUSED", set())
+    monkeypatch.setattr(K, "_kd_split_kernel",
+                        _RefusedLaunch(RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")))
+    s, t, labels, meter = _split_call(gen)
+    loss, gs, _ = K.kd_forward(s, t, labels, 5, spec_for(2.0, 1.0, 0.5), True, False, meter, None)
+    row, ref_gs, _ = rows_reference(s, t, labels, 2.0, 1.0, 0.5)
+    torch.testing.assert_close(loss.double(), row / 5, rtol=1e-5, atol=1e-6)
+    assert rel_err(gs, ref_gs / 5) < 1e-5
+    _check_meter(meter, _meter_reference(s, labels, 6))
+    assert K._SPLIT_REFUSED == {s.device}
+
+
+@pytest.mark.parametrize("failure", ["out-of-memory", "launch-error"])
+def test_other_errors_of_the_split_path_propagate(split_rows, monkeypatch, failure, gen):
+    """Issue 24: an out-of-memory error of the statistics buffer, or a launch failing for another reason
+    than the cooperative grid, is the caller's error: raised, not taken for a refused launch (before,
+    any RuntimeError sent the device to the looping path for the process, silently)."""
+    monkeypatch.setattr(K, "_SPLIT_REFUSED", set())
+    if failure == "out-of-memory":
+        empty = torch.empty
+
+        def failing_empty(*args, **kwargs):
+            shape = args[0] if args else kwargs.get("size")
+            if isinstance(shape, tuple) and len(shape) == 3 and shape[-1] == K.NSTAT.value:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return empty(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "empty", failing_empty)
+        expected = torch.OutOfMemoryError
+    else:
+        monkeypatch.setattr(K, "_kd_split_kernel",
+                            _RefusedLaunch(RuntimeError("Triton Error [CUDA]: an illegal memory access was "
+                                                        "encountered")))
+        expected = RuntimeError
+    s, t, labels, meter = _split_call(gen)
+    with pytest.raises(expected) as raised:
+        K.kd_forward(s, t, labels, 5, spec_for(2.0, 1.0, 0.5), True, False, meter, None)
+    assert not isinstance(raised.value, K._SplitRefused)
+    assert K._SPLIT_REFUSED == set()
+
+
 @pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
 def test_large_logits_keep_their_digits(monkeypatch, path, gen):
     """Logits near 80 (at T = 1 the exponent offset m log2(e) is near 115): log-sum-exps,
