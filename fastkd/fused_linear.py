@@ -6,8 +6,8 @@
 Rows are processed in chunks of ``chunk_size``: the chunk's logits (one GEMM each, fp32
 accumulation inside the GEMM, stored in the hidden states' dtype as a model's own head would
 produce them), the fused kernel's loss and logit gradients, then the gradients of the hidden
-states (per chunk) and of the weights and biases (accumulated over chunks in fp32, returned in
-their dtypes). Only one chunk of logits exists at a time. The teacher's gradients are computed
+states (per chunk) and of the weights and biases (accumulated over chunks in fp32, float64 for
+float64 inputs, returned in their dtypes). Only one chunk of logits exists at a time. The teacher's gradients are computed
 only when its tensors require grad.
 
 Vocabularies of different sizes: the distributions are compared over the student's classes.
@@ -28,7 +28,7 @@ from ._spec import DIVERGENCES, KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from ._torch_kd import _transform
 from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _check_meters, _check_objective,
-                   _check_real, _check_transforms, _row_count)
+                   _check_real, _check_transforms, _row_count, _wide)
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
@@ -71,7 +71,7 @@ def _project_back(d_logits, h, w, g_h, g_w, g_b, lo, hi):
     if g_w is not None:
         _accumulate(g_w, d_logits.t(), h)
     if g_b is not None:
-        g_b += d_logits.float().sum(0)
+        g_b += d_logits.to(g_b.dtype).sum(0)
 
 
 def _match_vocab(t, v_s):
@@ -94,17 +94,19 @@ class _FusedLinearKD(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_s, grad_t = any(need[0:3]), sparse is None and any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], (wt.shape[0] if sparse is None else 0)
-        loss = torch.zeros((), dtype=torch.float32, device=hs.device)
+        # sums in fp32, float64 where an input is float64 (the loss: where either side is)
+        wide = _wide(*(x.dtype for x in (hs, ws, ht, wt) if x.is_floating_point()))
+        loss = torch.zeros((), dtype=wide, device=hs.device)
         entropy_sum = torch.zeros((), dtype=torch.float32, device=hs.device) if entropy else hs.new_empty(0)
         deferred = not spec.row_scaled_grad  # fp16: hidden-state gradients kept in fp32 until the end
-        g_hs = (torch.empty(hs.shape, dtype=torch.float32, device=hs.device) if deferred else torch.empty_like(hs)) \
+        g_hs = (torch.empty(hs.shape, dtype=_wide(hs.dtype), device=hs.device) if deferred else torch.empty_like(hs)) \
             if need[0] else None
-        g_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need[1] else None
-        g_bs = torch.zeros(v_s, dtype=torch.float32, device=ws.device) if need[2] else None
-        g_ht = (torch.empty(ht.shape, dtype=torch.float32, device=ht.device) if deferred else torch.empty_like(ht)) \
+        g_ws = torch.zeros(ws.shape, dtype=_wide(ws.dtype), device=ws.device) if need[1] else None
+        g_bs = torch.zeros(v_s, dtype=_wide(ws.dtype), device=ws.device) if need[2] else None
+        g_ht = (torch.empty(ht.shape, dtype=_wide(ht.dtype), device=ht.device) if deferred else torch.empty_like(ht)) \
             if need[3] and grad_t else None
-        g_wt = torch.zeros(wt.shape, dtype=torch.float32, device=wt.device) if need[4] and grad_t else None
-        g_bt = torch.zeros(v_t, dtype=torch.float32, device=wt.device) if need[5] and grad_t else None
+        g_wt = torch.zeros(wt.shape, dtype=_wide(wt.dtype), device=wt.device) if need[4] and grad_t else None
+        g_bt = torch.zeros(v_t, dtype=_wide(wt.dtype), device=wt.device) if need[5] and grad_t else None
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             h_s, h_t = hs[lo:hi], ht[lo:hi]
@@ -127,11 +129,10 @@ class _FusedLinearKD(torch.autograd.Function):
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
                 _project_back(d_t, h_t, wt, g_ht, g_wt, g_bt, lo, hi)
         ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
-        if deferred:  # the row scale the kernel left out (KDSpec.grad_unit), now in fp32
-            factor = _backward_factor(row_count, spec)
+        if deferred:  # the row scale the kernel left out (KDSpec.grad_unit), now in fp32 (float64)
             for g in ctx.grads:
                 if g is not None:
-                    g.mul_(factor)
+                    g.mul_(_backward_factor(row_count, spec, g.dtype))
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
         ctx.mark_non_differentiable(entropy_sum)
@@ -139,8 +140,8 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        go = grad_output.float()
-        out = [None if g is None else (g.float() * go).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        out = [None if g is None else (g.to(_wide(g.dtype)) * grad_output.to(_wide(g.dtype))).to(dt)
+               for g, dt in zip(ctx.grads, ctx.dtypes)]
         return (*out, None, None, None, None, None, None, None, None)
 
 

@@ -141,14 +141,20 @@ def _check_backend_transforms(backend_name, spec: KDSpec):
                          "the logit transforms)")
 
 
-def _backward_factor(row_count, spec: KDSpec):
+def _backward_factor(row_count, spec: KDSpec, dtype=torch.float32):
     """What the backward multiplies the saved gradient by besides grad_output: None when the
-    forward applied the row scale, else 1 / (rows that count * grad_unit)."""
+    forward applied the row scale, else 1 / (rows that count * grad_unit), a device count taken
+    in ``dtype`` (float64 when a gradient is float64)."""
     if spec.row_scaled_grad:
         return None
     if torch.is_tensor(row_count):
-        return 1.0 / (count_on_device(row_count) * spec.grad_unit)
+        return 1.0 / (count_on_device(row_count, dtype) * spec.grad_unit)
     return inv_count_on_host(row_count) / spec.grad_unit
+
+
+def _wide(*dtypes):
+    """The dtype the backward's factors are taken in: float64 when any tensor is float64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 class _FusedKD(torch.autograd.Function):
@@ -158,7 +164,7 @@ class _FusedKD(torch.autograd.Function):
                                        ctx.needs_input_grad[1], meter, teacher_meter,
                                        reduce=reduction != "none")  # rows come scaled by 1/count
         ctx.impl, ctx.grads = impl, (gs, gt)
-        ctx.factor = _backward_factor(row_count, spec)
+        ctx.factor = _backward_factor(row_count, spec, _wide(s.dtype, t.dtype))
         return loss
 
     @staticmethod
@@ -177,7 +183,9 @@ def _scaled_grads(ctx, grad_output):
     grads = ctx.grads
     if ctx.impl.INPLACE_BACKWARD:
         ctx.grads = None
-    factor = grad_output.detach().to(torch.float32)
+    # grad_output is the loss's dtype: fp32, or float64 for float64 logits (kept: float64 in,
+    # float64 arithmetic out)
+    factor = grad_output.detach().to(_wide(grad_output.dtype))
     if ctx.factor is not None:
         factor = factor * ctx.factor
     return tuple(ctx.impl.scale_grad(g, factor) if g is not None else None for g in grads)

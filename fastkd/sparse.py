@@ -33,7 +33,7 @@ from . import backends
 from ._spec import KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _row_count,
-                   _check_objective, _check_real, _check_transforms, _grad_unit, _scaled_grads)
+                   _check_objective, _check_real, _check_transforms, _grad_unit, _scaled_grads, _wide)
 
 TAILS = ("bucket", "renormalize")
 SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd._triton_kd": "fastkd._triton_sparse"}
@@ -47,7 +47,7 @@ class _SparseKD(torch.autograd.Function):
         loss, gs = kernel.sparse_kd_forward(s, ids, logprobs, labels, row_count, spec, bucket,
                                             ctx.needs_input_grad[0], meter, reduce=reduction != "none")
         ctx.impl, ctx.grads = impl, (gs, None)
-        ctx.factor = _backward_factor(row_count, spec)
+        ctx.factor = _backward_factor(row_count, spec, _wide(s.dtype, logprobs.dtype))
         return loss
 
     @staticmethod
