@@ -71,6 +71,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
+    from .loss import _refuse_second_derivative
+
+    _refuse_second_derivative("kl_loss / kd_loss (torch.compile)")
     gs, gt, row_count = ctx.saved_tensors
     wide = torch.float64 if torch.float64 in (grad_loss.dtype, *ctx.dtypes) else torch.float32
     factor = grad_loss.to(wide)  # float64 logits: float64 arithmetic, as in the eager backward

@@ -28,7 +28,7 @@ from ._spec import DIVERGENCES, KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from ._torch_kd import _transform
 from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _check_meters, _check_objective,
-                   _check_real, _check_transforms, _row_count, _wide)
+                   _check_real, _check_transforms, _refuse_second_derivative, _row_count, _wide)
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
 CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
@@ -136,10 +136,12 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
         ctx.mark_non_differentiable(entropy_sum)
+        ctx.loss_name = "fused_linear_kd_loss" if sparse is None else "fused_linear_sparse_kd_loss"
         return loss, entropy_sum  # rows come scaled by 1 / row_count
 
     @staticmethod
     def backward(ctx, grad_output, _):
+        _refuse_second_derivative(ctx.loss_name)
         out = [None if g is None else (g.to(_wide(g.dtype)) * grad_output.to(_wide(g.dtype))).to(dt)
                for g, dt in zip(ctx.grads, ctx.dtypes)]
         return (*out, None, None, None, None, None, None, None, None)
@@ -206,6 +208,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     The logit transforms (``*_logit_scale``, ``*_softcap``) are :func:`kd_loss`'s (the entropy is
     of the transformed student). ``group``: column-parallel heads, each rank holding its vocabulary rows of both weights (and
     biases) and the same hidden states (see :mod:`fastkd.vocab_parallel`).
+
+    Second derivatives are not supported: a backward with ``create_graph=True`` raises a RuntimeError
+    (the gradients are computed in the forward pass and carry no graph); materialise the logits and use
+    plain PyTorch ops for a term you differentiate twice.
     """
     transforms = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     if group is not None:
@@ -324,8 +330,9 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
     cache or a serving engine). Peak memory: one chunk of student logits and its gradient
     (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights).
-    ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms and the projected
-    rows: as in :func:`fused_linear_kd_loss`."""
+    ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms, the projected
+    rows and second derivatives (not supported: a backward with ``create_graph=True`` raises): as in
+    :func:`fused_linear_kd_loss`."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     hidden, weight, bias = _follow_autocast(device_type, student_hidden, _full(student_weight), _full(student_bias))
     with torch.autocast(device_type, enabled=False):

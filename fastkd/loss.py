@@ -21,7 +21,10 @@ A -inf logit stays -inf under a softcap (a masked class keeps no mass; the plain
 it -cap), and its gradient is 0; +inf tends to +cap.
 
 The gradient is computed in the forward pass (the loss is almost always the last op); the
-backward only scales it by ``grad_output``.
+backward only scales it by ``grad_output``. Second derivatives are not supported: a backward with
+``create_graph=True`` (a gradient penalty, ``gradgradcheck``, a Hessian-vector product) raises a
+RuntimeError rather than return a gradient without a graph; write a term you differentiate twice
+with plain PyTorch ops.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ import numbers
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import _ops, backends
 from ._spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
@@ -157,6 +159,21 @@ def _wide(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _refuse_second_derivative(loss_name):
+    """The backward of every fastkd loss scales a gradient computed in the forward, which carries no
+    graph of its own: a backward with create_graph=True (a gradient penalty, gradgradcheck, a
+    Hessian-vector product, MAML) would return a first derivative whose own derivative is silently
+    0. Refused instead, at that backward. (``once_differentiable`` alone refuses only when the
+    upstream gradient requires grad, not for ``autograd.grad(loss, s, create_graph=True)``.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastkd {loss_name}: second derivatives are not supported (backward ran with create_graph=True). "
+            "Its gradient is computed in the forward pass and carries no graph, so a gradient penalty or any "
+            "double backward through this loss would be silently wrong. Compute the term you differentiate "
+            "twice with plain PyTorch ops (e.g. F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1))), or "
+            "call backward without create_graph=True.")
+
+
 class _FusedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, labels, row_count, spec, reduction, impl, meter, teacher_meter):
@@ -168,8 +185,8 @@ class _FusedKD(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        _refuse_second_derivative("kl_loss / kd_loss")
         return (*_scaled_grads(ctx, grad_output), None, None, None, None, None, None, None)
 
 
@@ -298,7 +315,9 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
     ``kl_loss(s, t, temperature=T)`` equals
     ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
-    ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
+    ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there); second
+    derivatives are not supported (a backward with ``create_graph=True`` raises: use the recipe itself
+    for a term you differentiate twice).
     ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
     range check of labels (its one host synchronisation). ``num_items``, the logit transforms
     (``*_logit_scale``, ``*_softcap``) and ``group``: see :func:`kd_loss`.
@@ -340,6 +359,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     global class ids); DTensors sharded on the last dimension are recognised without it. The loss,
     each slice's gradient and the meters equal the one-process result, for O(N) floats of
     communication: see :mod:`fastkd.vocab_parallel`.
+
+    First derivatives only: second derivatives are not supported (a backward with
+    ``create_graph=True`` raises a RuntimeError; use plain PyTorch ops for a term you differentiate
+    twice, e.g. a gradient penalty).
     """
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,

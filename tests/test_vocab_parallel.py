@@ -161,6 +161,10 @@ def _check_errors(rank, world, group):
     with pytest.raises(ValueError, match="return_entropy is not supported with group="):
         hs, ws, _ = make_side(N, 8, hi - lo, torch.Generator().manual_seed(1), torch.float32)
         fastkd.fused_linear_kd_loss(hs, ws, hs, ws, labels, group=group, return_entropy=True)
+    s_grad = s_loc.clone().requires_grad_()  # a double backward is refused on every rank (no collective in it)
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        torch.autograd.grad(fastkd.kd_loss(s_grad, t_loc, labels, group=group, backend="torch"), s_grad,
+                            create_graph=True)
     # after the errors, the group still works (no rank left waiting in a collective)
     out = fastkd.kd_loss(s_loc, t_loc, labels, group=group, backend="torch", temperature=2.0, alpha=0.5)
     close(out, kd_objective(s.double(), t.double(), labels, 2.0, 0.5), 1e-5)
