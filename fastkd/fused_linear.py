@@ -4,11 +4,21 @@
     loss = kd_loss(s, t, labels, ...)      (the same objective, reductions and ignore_index)
 
 Rows are processed in chunks of ``chunk_size``: the chunk's logits (one GEMM each, fp32
-accumulation inside the GEMM, stored in the hidden states' dtype as a model's own head would
-produce them), the fused kernel's loss and logit gradients, then the gradients of the hidden
-states (per chunk) and of the weights and biases (accumulated over chunks in fp32, float64 for
-float64 inputs, returned in their dtypes). Only one chunk of logits exists at a time. The teacher's gradients are computed
-only when its tensors require grad.
+accumulation inside the GEMM, written in fp32 from fp16/bf16 inputs so that the softmax reads
+them unrounded — float64 inputs stay float64), the fused kernel's loss and logit gradients (fp32),
+then the gradients of the hidden states (per chunk) and of the weights and biases (accumulated
+over chunks in fp32, float64 for float64 inputs, returned in their dtypes); the projection GEMMs
+take the chunk's logit gradient in the inputs' dtype. Only one chunk of logits exists at a time.
+The teacher's gradients are computed only when its tensors require grad.
+
+Memory per chunk of R rows over V classes, in bytes: at the kernel, the student's and the
+teacher's logits (4 R V each, fp32 from 16-bit inputs too) and the kernel's logit gradients (4 R V
+for the student, 4 R V more for a learning teacher): 12 R V, 16 R V with a learning teacher. The
+logits are then freed, and with 16-bit inputs each gradient is cast once for the projection GEMMs
+(2 R V each). The default ``chunk_size`` keeps R V near 2^25 per side (128 MiB of fp32 logits).
+fp32 chunk logits from a 16-bit GEMM need ``torch.mm``'s ``out_dtype`` on CUDA (torch >= 2.8);
+without it the CUDA GEMM writes the inputs' dtype, widened afterwards (the logits then carry that
+rounding). Off CUDA the 16-bit operands are widened to fp32 for the GEMM (exact products).
 
 Vocabularies of different sizes: the distributions are compared over the student's classes.
 Teacher classes beyond the student's vocabulary are dropped (the teacher's softmax is taken over
@@ -31,7 +41,7 @@ from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _
                    _check_real, _check_transforms, _refuse_second_derivative, _row_count, _wide)
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
-CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
+CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (128 MiB in fp32)
 
 
 def _check_linear(h, w, b, side):
@@ -46,9 +56,33 @@ def _check_linear(h, w, b, side):
         raise ValueError(f"{side}_bias must be a tensor of shape ({w.shape[0]},)")
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FP32_GEMM: dict = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
+
+
+def _mm_fp32(a, b):
+    """a @ b written in fp32 from fp16/bf16 operands. On CUDA one GEMM that writes fp32 (``out_dtype``,
+    torch >= 2.8): its fp32 accumulator is stored as is; elsewhere the operands widened to fp32 (the
+    products of 16-bit numbers are exact in fp32) — or, on a CUDA torch without ``out_dtype``, the
+    product in the inputs' dtype widened after the GEMM (rounded, as before)."""
+    if a.is_cuda:
+        if _FP32_GEMM.get(a.device.type, True):
+            try:
+                out = torch.mm(a, b, out_dtype=torch.float32)
+                _FP32_GEMM[a.device.type] = True
+                return out
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, NotImplementedError):  # this torch or device has no such GEMM
+                _FP32_GEMM[a.device.type] = False
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
 def _logits(h, w, b):
-    out = h @ w.t()
-    return out + b if b is not None else out
+    """One chunk's logits h W^T + b: fp32 from fp16/bf16 inputs (see _mm_fp32), else the inputs' dtype."""
+    out = _mm_fp32(h, w.t()) if h.dtype in LOW_PRECISION else h @ w.t()
+    return out.add_(b) if b is not None else out
 
 
 def _accumulate(acc, a, b):
@@ -65,13 +99,16 @@ def _accumulate(acc, a, b):
 
 
 def _project_back(d_logits, h, w, g_h, g_w, g_b, lo, hi):
-    """Gradients of one chunk through logits = h W^T + b (those that are asked for)."""
+    """Gradients of one chunk through logits = h W^T + b (those that are asked for). ``d_logits`` is
+    the kernel's gradient of the chunk's logits (fp32 from 16-bit inputs): the bias sums it as is,
+    the GEMMs take it in the inputs' dtype (one cast of the chunk) and accumulate in fp32."""
+    if g_b is not None:
+        g_b += d_logits.to(g_b.dtype).sum(0)
+    d_logits = d_logits.to(w.dtype)
     if g_h is not None:
         g_h[lo:hi] = d_logits @ w
     if g_w is not None:
         _accumulate(g_w, d_logits.t(), h)
-    if g_b is not None:
-        g_b += d_logits.to(g_b.dtype).sum(0)
 
 
 def _match_vocab(t, v_s):
@@ -123,6 +160,7 @@ class _FusedLinearKD(torch.autograd.Function):
             loss += chunk_loss
             if entropy:
                 entropy_sum += _entropy(s, spec).sum()
+            s = t = None  # the chunk's fp32 logits are not needed by the projections
             if grad_s:
                 _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
@@ -328,8 +366,9 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
                                 student_softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
-    cache or a serving engine). Peak memory: one chunk of student logits and its gradient
-    (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights).
+    cache or a serving engine). Peak memory: one chunk of student logits and its gradient (fp32,
+    4 bytes per logit each; 16-bit inputs add the gradient cast for the GEMMs, 2 bytes) plus the
+    gradients (fp32 for the weights).
     ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms, the projected
     rows and second derivatives (not supported: a backward with ``create_graph=True`` raises): as in
     :func:`fused_linear_kd_loss`."""
