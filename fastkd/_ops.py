@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import backends
 from ._spec import KDSpec, count_on_device
+from ._torch_kd import scale_grad  # out of place, in fp32 (float64 for float64): traceable tensor ops
 
 EMPTY = (0,)  # the stand-in for an output that is not asked for (custom ops cannot return None)
 
@@ -50,7 +51,8 @@ def kd_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], row_count: Option
 def _(s, t, labels, row_count, rows_on_host, inv_temperature, kd_scale, ce_scale, divergence, beta,
       ignore_index, grad_unit, grad_s, grad_t, reduce, num_bins, meter_s, meter_t, backend, s_scale, t_scale,
       s_cap, t_cap):
-    loss = s.new_empty(() if reduce else (s.shape[0],), dtype=torch.float32)
+    wide = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32  # the torch backend's loss
+    loss = s.new_empty(() if reduce else (s.shape[0],), dtype=wide)
     gs = torch.empty_like(s) if grad_s else s.new_empty(EMPTY)
     gt = torch.empty_like(t) if grad_t else t.new_empty(EMPTY)
     deltas = [s.new_empty((_meter_size(num_bins),) if on else EMPTY, dtype=torch.float64)
@@ -69,16 +71,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
+    from .loss import _refuse_second_derivative
+
+    _refuse_second_derivative("kl_loss / kd_loss (torch.compile)")
     gs, gt, row_count = ctx.saved_tensors
-    factor = grad_loss.to(torch.float32)
-    if factor.dim():
-        factor = factor.reshape(-1, 1)
+    wide = torch.float64 if torch.float64 in (grad_loss.dtype, *ctx.dtypes) else torch.float32
+    factor = grad_loss.to(wide)  # float64 logits: float64 arithmetic, as in the eager backward
     if ctx.grad_unit:  # fp16: the row scale was left to the backward (KDSpec.grad_unit)
-        count = count_on_device(row_count) if row_count is not None else \
+        count = count_on_device(row_count, wide) if row_count is not None else \
             (ctx.rows_on_host if ctx.rows_on_host > 0 else 1.0)
         factor = factor / (count * ctx.grad_unit)
-    grads = [(g.float() * factor).to(dtype) if computed else None
-             for g, dtype, computed in zip((gs, gt), ctx.dtypes, ctx.computed)]
+    grads = [scale_grad(g, factor) if computed else None for g, computed in zip((gs, gt), ctx.computed)]
     return (*grads,) + (None,) * 21
 
 

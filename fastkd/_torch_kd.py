@@ -108,7 +108,8 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
             l1 = la if spec.inv_temperature == 1.0 else x.log_softmax(-1)
             row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
         w = torch.where(keep, scale, 0.0)  # the row scale of the loss
-        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0)  # of the gradient
+        # of the gradient; a python number times a mask in cd (torch.where(keep, number, 0.0) would be fp32)
+        w_grad = w if spec.row_scaled_grad else keep.to(cd) * spec.grad_unit
         if bad is not None:
             w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
         loss[lo:hi] = torch.where(keep, row * w, 0.0)
@@ -198,11 +199,11 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
             l1 = la if spec.inv_temperature == 1.0 else x.log_softmax(-1)
             row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
         w = torch.where(keep, scale, 0.0)
-        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0)
+        w_grad = w if spec.row_scaled_grad else keep.to(cd) * spec.grad_unit
         w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
         loss[lo:hi] = torch.where(keep, row * w, 0.0)
         if grad_s:
-            kd_row = torch.where(listed, kd_g, 0.0)[:, None]
+            kd_row = (listed.to(cd) * kd_g)[:, None]
             g = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]  # NaN if none listed
             listed_fix = torch.where(valid, kd_row * (ps_k - p_k) - g.gather(-1, idx), 0.0)
             g = g.scatter_add(-1, idx, listed_fix)  # padding adds 0 (its index 0 is a stand-in)

@@ -4,11 +4,21 @@
     loss = kd_loss(s, t, labels, ...)      (the same objective, reductions and ignore_index)
 
 Rows are processed in chunks of ``chunk_size``: the chunk's logits (one GEMM each, fp32
-accumulation inside the GEMM, stored in the hidden states' dtype as a model's own head would
-produce them), the fused kernel's loss and logit gradients, then the gradients of the hidden
-states (per chunk) and of the weights and biases (accumulated over chunks in fp32, returned in
-their dtypes). Only one chunk of logits exists at a time. The teacher's gradients are computed
-only when its tensors require grad.
+accumulation inside the GEMM, written in fp32 from fp16/bf16 inputs so that the softmax reads
+them unrounded — float64 inputs stay float64), the fused kernel's loss and logit gradients (fp32),
+then the gradients of the hidden states (per chunk) and of the weights and biases (accumulated
+over chunks in fp32, float64 for float64 inputs, returned in their dtypes); the projection GEMMs
+take the chunk's logit gradient in the inputs' dtype. Only one chunk of logits exists at a time.
+The teacher's gradients are computed only when its tensors require grad.
+
+Memory per chunk of R rows over V classes, in bytes: at the kernel, the student's and the
+teacher's logits (4 R V each, fp32 from 16-bit inputs too) and the kernel's logit gradients (4 R V
+for the student, 4 R V more for a learning teacher): 12 R V, 16 R V with a learning teacher. The
+logits are then freed, and with 16-bit inputs each gradient is cast once for the projection GEMMs
+(2 R V each). The default ``chunk_size`` keeps R V near 2^25 per side (128 MiB of fp32 logits).
+fp32 chunk logits from a 16-bit GEMM need ``torch.mm``'s ``out_dtype`` on CUDA (torch >= 2.8);
+without it the CUDA GEMM writes the inputs' dtype, widened afterwards (the logits then carry that
+rounding). Off CUDA the 16-bit operands are widened to fp32 for the GEMM (exact products).
 
 Vocabularies of different sizes: the distributions are compared over the student's classes.
 Teacher classes beyond the student's vocabulary are dropped (the teacher's softmax is taken over
@@ -28,10 +38,10 @@ from ._spec import DIVERGENCES, KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from ._torch_kd import _transform
 from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _check_meters, _check_objective,
-                   _check_real, _check_transforms, _row_count)
+                   _check_real, _check_transforms, _refuse_second_derivative, _row_count, _wide)
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
 
-CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (64 MiB in bf16)
+CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (128 MiB in fp32)
 
 
 def _check_linear(h, w, b, side):
@@ -46,9 +56,33 @@ def _check_linear(h, w, b, side):
         raise ValueError(f"{side}_bias must be a tensor of shape ({w.shape[0]},)")
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FP32_GEMM: dict = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
+
+
+def _mm_fp32(a, b):
+    """a @ b written in fp32 from fp16/bf16 operands. On CUDA one GEMM that writes fp32 (``out_dtype``,
+    torch >= 2.8): its fp32 accumulator is stored as is; elsewhere the operands widened to fp32 (the
+    products of 16-bit numbers are exact in fp32) — or, on a CUDA torch without ``out_dtype``, the
+    product in the inputs' dtype widened after the GEMM (rounded, as before)."""
+    if a.is_cuda:
+        if _FP32_GEMM.get(a.device.type, True):
+            try:
+                out = torch.mm(a, b, out_dtype=torch.float32)
+                _FP32_GEMM[a.device.type] = True
+                return out
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, NotImplementedError):  # this torch or device has no such GEMM
+                _FP32_GEMM[a.device.type] = False
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
 def _logits(h, w, b):
-    out = h @ w.t()
-    return out + b if b is not None else out
+    """One chunk's logits h W^T + b: fp32 from fp16/bf16 inputs (see _mm_fp32), else the inputs' dtype."""
+    out = _mm_fp32(h, w.t()) if h.dtype in LOW_PRECISION else h @ w.t()
+    return out.add_(b) if b is not None else out
 
 
 def _accumulate(acc, a, b):
@@ -65,13 +99,16 @@ def _accumulate(acc, a, b):
 
 
 def _project_back(d_logits, h, w, g_h, g_w, g_b, lo, hi):
-    """Gradients of one chunk through logits = h W^T + b (those that are asked for)."""
+    """Gradients of one chunk through logits = h W^T + b (those that are asked for). ``d_logits`` is
+    the kernel's gradient of the chunk's logits (fp32 from 16-bit inputs): the bias sums it as is,
+    the GEMMs take it in the inputs' dtype (one cast of the chunk) and accumulate in fp32."""
+    if g_b is not None:
+        g_b += d_logits.to(g_b.dtype).sum(0)
+    d_logits = d_logits.to(w.dtype)
     if g_h is not None:
         g_h[lo:hi] = d_logits @ w
     if g_w is not None:
         _accumulate(g_w, d_logits.t(), h)
-    if g_b is not None:
-        g_b += d_logits.float().sum(0)
 
 
 def _match_vocab(t, v_s):
@@ -94,17 +131,19 @@ class _FusedLinearKD(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_s, grad_t = any(need[0:3]), sparse is None and any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], (wt.shape[0] if sparse is None else 0)
-        loss = torch.zeros((), dtype=torch.float32, device=hs.device)
+        # sums in fp32, float64 where an input is float64 (the loss: where either side is)
+        wide = _wide(*(x.dtype for x in (hs, ws, ht, wt) if x.is_floating_point()))
+        loss = torch.zeros((), dtype=wide, device=hs.device)
         entropy_sum = torch.zeros((), dtype=torch.float32, device=hs.device) if entropy else hs.new_empty(0)
         deferred = not spec.row_scaled_grad  # fp16: hidden-state gradients kept in fp32 until the end
-        g_hs = (torch.empty(hs.shape, dtype=torch.float32, device=hs.device) if deferred else torch.empty_like(hs)) \
+        g_hs = (torch.empty(hs.shape, dtype=_wide(hs.dtype), device=hs.device) if deferred else torch.empty_like(hs)) \
             if need[0] else None
-        g_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if need[1] else None
-        g_bs = torch.zeros(v_s, dtype=torch.float32, device=ws.device) if need[2] else None
-        g_ht = (torch.empty(ht.shape, dtype=torch.float32, device=ht.device) if deferred else torch.empty_like(ht)) \
+        g_ws = torch.zeros(ws.shape, dtype=_wide(ws.dtype), device=ws.device) if need[1] else None
+        g_bs = torch.zeros(v_s, dtype=_wide(ws.dtype), device=ws.device) if need[2] else None
+        g_ht = (torch.empty(ht.shape, dtype=_wide(ht.dtype), device=ht.device) if deferred else torch.empty_like(ht)) \
             if need[3] and grad_t else None
-        g_wt = torch.zeros(wt.shape, dtype=torch.float32, device=wt.device) if need[4] and grad_t else None
-        g_bt = torch.zeros(v_t, dtype=torch.float32, device=wt.device) if need[5] and grad_t else None
+        g_wt = torch.zeros(wt.shape, dtype=_wide(wt.dtype), device=wt.device) if need[4] and grad_t else None
+        g_bt = torch.zeros(v_t, dtype=_wide(wt.dtype), device=wt.device) if need[5] and grad_t else None
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             h_s, h_t = hs[lo:hi], ht[lo:hi]
@@ -121,26 +160,28 @@ class _FusedLinearKD(torch.autograd.Function):
             loss += chunk_loss
             if entropy:
                 entropy_sum += _entropy(s, spec).sum()
+            s = t = None  # the chunk's fp32 logits are not needed by the projections
             if grad_s:
                 _project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
                 _project_back(d_t, h_t, wt, g_ht, g_wt, g_bt, lo, hi)
         ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
-        if deferred:  # the row scale the kernel left out (KDSpec.grad_unit), now in fp32
-            factor = _backward_factor(row_count, spec)
+        if deferred:  # the row scale the kernel left out (KDSpec.grad_unit), now in fp32 (float64)
             for g in ctx.grads:
                 if g is not None:
-                    g.mul_(factor)
+                    g.mul_(_backward_factor(row_count, spec, g.dtype))
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype,
                       ht.dtype, wt.dtype, None if bt is None else bt.dtype)
         ctx.mark_non_differentiable(entropy_sum)
+        ctx.loss_name = "fused_linear_kd_loss" if sparse is None else "fused_linear_sparse_kd_loss"
         return loss, entropy_sum  # rows come scaled by 1 / row_count
 
     @staticmethod
     def backward(ctx, grad_output, _):
-        go = grad_output.float()
-        out = [None if g is None else (g.float() * go).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        _refuse_second_derivative(ctx.loss_name)
+        out = [None if g is None else (g.to(_wide(g.dtype)) * grad_output.to(_wide(g.dtype))).to(dt)
+               for g, dt in zip(ctx.grads, ctx.dtypes)]
         return (*out, None, None, None, None, None, None, None, None)
 
 
@@ -205,6 +246,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     The logit transforms (``*_logit_scale``, ``*_softcap``) are :func:`kd_loss`'s (the entropy is
     of the transformed student). ``group``: column-parallel heads, each rank holding its vocabulary rows of both weights (and
     biases) and the same hidden states (see :mod:`fastkd.vocab_parallel`).
+
+    Second derivatives are not supported: a backward with ``create_graph=True`` raises a RuntimeError
+    (the gradients are computed in the forward pass and carry no graph); materialise the logits and use
+    plain PyTorch ops for a term you differentiate twice.
     """
     transforms = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     if group is not None:
@@ -321,10 +366,12 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
                                 student_softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``sparse_kd_loss(h_s W_s^T + b_s, teacher_ids, teacher_logprobs, labels, ...)`` without
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
-    cache or a serving engine). Peak memory: one chunk of student logits and its gradient
-    (2 x chunk x V in the hidden states' dtype) plus the gradients (fp32 for the weights).
-    ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms and the projected
-    rows: as in :func:`fused_linear_kd_loss`."""
+    cache or a serving engine). Peak memory: one chunk of student logits and its gradient (fp32,
+    4 bytes per logit each; 16-bit inputs add the gradient cast for the GEMMs, 2 bytes) plus the
+    gradients (fp32 for the weights).
+    ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms, the projected
+    rows and second derivatives (not supported: a backward with ``create_graph=True`` raises): as in
+    :func:`fused_linear_kd_loss`."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     hidden, weight, bias = _follow_autocast(device_type, student_hidden, _full(student_weight), _full(student_bias))
     with torch.autocast(device_type, enabled=False):

@@ -21,7 +21,10 @@ A -inf logit stays -inf under a softcap (a masked class keeps no mass; the plain
 it -cap), and its gradient is 0; +inf tends to +cap.
 
 The gradient is computed in the forward pass (the loss is almost always the last op); the
-backward only scales it by ``grad_output``.
+backward only scales it by ``grad_output``. Second derivatives are not supported: a backward with
+``create_graph=True`` (a gradient penalty, ``gradgradcheck``, a Hessian-vector product) raises a
+RuntimeError rather than return a gradient without a graph; write a term you differentiate twice
+with plain PyTorch ops.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ import numbers
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import _ops, backends
 from ._spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
@@ -141,14 +143,35 @@ def _check_backend_transforms(backend_name, spec: KDSpec):
                          "the logit transforms)")
 
 
-def _backward_factor(row_count, spec: KDSpec):
+def _backward_factor(row_count, spec: KDSpec, dtype=torch.float32):
     """What the backward multiplies the saved gradient by besides grad_output: None when the
-    forward applied the row scale, else 1 / (rows that count * grad_unit)."""
+    forward applied the row scale, else 1 / (rows that count * grad_unit), a device count taken
+    in ``dtype`` (float64 when a gradient is float64)."""
     if spec.row_scaled_grad:
         return None
     if torch.is_tensor(row_count):
-        return 1.0 / (count_on_device(row_count) * spec.grad_unit)
+        return 1.0 / (count_on_device(row_count, dtype) * spec.grad_unit)
     return inv_count_on_host(row_count) / spec.grad_unit
+
+
+def _wide(*dtypes):
+    """The dtype the backward's factors are taken in: float64 when any tensor is float64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _refuse_second_derivative(loss_name):
+    """The backward of every fastkd loss scales a gradient computed in the forward, which carries no
+    graph of its own: a backward with create_graph=True (a gradient penalty, gradgradcheck, a
+    Hessian-vector product, MAML) would return a first derivative whose own derivative is silently
+    0. Refused instead, at that backward. (``once_differentiable`` alone refuses only when the
+    upstream gradient requires grad, not for ``autograd.grad(loss, s, create_graph=True)``.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastkd {loss_name}: second derivatives are not supported (backward ran with create_graph=True). "
+            "Its gradient is computed in the forward pass and carries no graph, so a gradient penalty or any "
+            "double backward through this loss would be silently wrong. Compute the term you differentiate "
+            "twice with plain PyTorch ops (e.g. F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1))), or "
+            "call backward without create_graph=True.")
 
 
 class _FusedKD(torch.autograd.Function):
@@ -158,12 +181,12 @@ class _FusedKD(torch.autograd.Function):
                                        ctx.needs_input_grad[1], meter, teacher_meter,
                                        reduce=reduction != "none")  # rows come scaled by 1/count
         ctx.impl, ctx.grads = impl, (gs, gt)
-        ctx.factor = _backward_factor(row_count, spec)
+        ctx.factor = _backward_factor(row_count, spec, _wide(s.dtype, t.dtype))
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        _refuse_second_derivative("kl_loss / kd_loss")
         return (*_scaled_grads(ctx, grad_output), None, None, None, None, None, None, None)
 
 
@@ -177,7 +200,9 @@ def _scaled_grads(ctx, grad_output):
     grads = ctx.grads
     if ctx.impl.INPLACE_BACKWARD:
         ctx.grads = None
-    factor = grad_output.detach().to(torch.float32)
+    # grad_output is the loss's dtype: fp32, or float64 for float64 logits (kept: float64 in,
+    # float64 arithmetic out)
+    factor = grad_output.detach().to(_wide(grad_output.dtype))
     if ctx.factor is not None:
         factor = factor * ctx.factor
     return tuple(ctx.impl.scale_grad(g, factor) if g is not None else None for g in grads)
@@ -290,7 +315,9 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
     ``kl_loss(s, t, temperature=T)`` equals
     ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` for
-    ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there).
+    ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there); second
+    derivatives are not supported (a backward with ``create_graph=True`` raises: use the recipe itself
+    for a term you differentiate twice).
     ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
     range check of labels (its one host synchronisation). ``num_items``, the logit transforms
     (``*_logit_scale``, ``*_softcap``) and ``group``: see :func:`kd_loss`.
@@ -332,6 +359,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     global class ids); DTensors sharded on the last dimension are recognised without it. The loss,
     each slice's gradient and the meters equal the one-process result, for O(N) floats of
     communication: see :mod:`fastkd.vocab_parallel`.
+
+    First derivatives only: second derivatives are not supported (a backward with
+    ``create_graph=True`` raises a RuntimeError; use plain PyTorch ops for a term you differentiate
+    twice, e.g. a gradient penalty).
     """
     alpha = _check_real(alpha, "alpha", 0.0, 1.0, False, False)
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kd_weight=alpha,

@@ -27,13 +27,13 @@ import importlib
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._spec import KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _row_count,
-                   _check_objective, _check_real, _check_transforms, _grad_unit, _scaled_grads)
+                   _check_objective, _check_real, _check_transforms, _grad_unit, _refuse_second_derivative,
+                   _scaled_grads, _wide)
 
 TAILS = ("bucket", "renormalize")
 SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd._triton_kd": "fastkd._triton_sparse"}
@@ -47,12 +47,12 @@ class _SparseKD(torch.autograd.Function):
         loss, gs = kernel.sparse_kd_forward(s, ids, logprobs, labels, row_count, spec, bucket,
                                             ctx.needs_input_grad[0], meter, reduce=reduction != "none")
         ctx.impl, ctx.grads = impl, (gs, None)
-        ctx.factor = _backward_factor(row_count, spec)
+        ctx.factor = _backward_factor(row_count, spec, _wide(s.dtype, logprobs.dtype))
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        _refuse_second_derivative("sparse_kd_loss")
         gs, _ = _scaled_grads(ctx, grad_output)
         return (gs,) + (None,) * 10
 
@@ -122,6 +122,9 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     ``group``: the student's vocabulary split over a process group, as in :func:`fastkd.kd_loss`;
     every rank passes the same teacher ids (global class ids) and log-probabilities, and each
     listed class is its owner's (see :mod:`fastkd.vocab_parallel`).
+
+    Second derivatives are not supported: a backward with ``create_graph=True`` raises (as
+    :func:`fastkd.kd_loss`).
     """
     if group is not None or (not torch.compiler.is_compiling() and type(student_logits).__name__ == "DTensor"):
         from . import vocab_parallel

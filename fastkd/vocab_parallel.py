@@ -272,7 +272,7 @@ class VocabParallel:
             row = row + spec.ce_scale * (g.lse1_s - torch.where(keep, g.label_s, 0.0))
         scale = _row_scale(row_count, cd, s.device)
         w = torch.where(keep, scale, 0.0)
-        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0).to(cd)
+        w_grad = w if spec.row_scaled_grad else keep.to(cd) * spec.grad_unit
         if bad is not None:
             w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
         loss = torch.where(keep, row * w, 0.0)
@@ -354,7 +354,7 @@ class TorchKernels:
                 owner = label_local >= 0
                 out = out + spec.ce_scale * p1
                 out = out.scatter_add(1, label_local.clamp(min=0)[:, None],
-                                      torch.where(owner, -spec.ce_scale, 0.0).to(cd)[:, None])
+                                      (owner.to(cd) * -spec.ce_scale)[:, None])
             gs = torch.where(w != 0, out * w, 0.0).to(s.dtype)
         if grad_t:
             gt = torch.where(w != 0, kd_g * gb * w, 0.0).to(t.dtype)
@@ -463,20 +463,20 @@ class SparseVocabParallel:
         if spec.has_ce:
             row = row + spec.ce_scale * (g.lse1_s - torch.where(keep, g.label_s, 0.0))
         w = torch.where(keep, _row_scale(row_count, cd, s.device), 0.0)
-        w_grad = w if spec.row_scaled_grad else torch.where(keep, spec.grad_unit, 0.0).to(cd)
+        w_grad = w if spec.row_scaled_grad else keep.to(cd) * spec.grad_unit
         w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
         loss = torch.where(keep, row * w, 0.0)
         gs = None
         if grad_s:
             la = s.to(cd) * k - g.lse_a[:, None]
-            kd_row = torch.where(listed, spec.kd_scale * k, 0.0)[:, None]
+            kd_row = (listed.to(cd) * (spec.kd_scale * k))[:, None]
             out = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]
             fix = torch.where(own, kd_row * ((a_k - g.lse_a[:, None]).exp() - p_k) - out.gather(1, at), 0.0)
             out = out.scatter_add(1, at, fix)
             if spec.has_ce:
                 out = out + spec.ce_scale * torch.exp(s.to(cd) - g.lse1_s[:, None])
                 out = out.scatter_add(1, label_local.clamp(min=0)[:, None],
-                                      torch.where(label_local >= 0, -spec.ce_scale, 0.0).to(cd)[:, None])
+                                      ((label_local >= 0).to(cd) * -spec.ce_scale)[:, None])
             gs = torch.where(w_grad[:, None] != 0, out * w_grad[:, None], 0.0).to(s.dtype)
         if meter is not None:
             _add_meter(meter, g, "s", keep, bad)

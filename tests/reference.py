@@ -39,7 +39,7 @@ def _with_ce_reduced(s, row, labels, alpha, ignore_index, reduction):
     s2 = s.reshape(-1, c)
     if reduction == "mean":
         row = row / c
-    keep = torch.ones(s2.shape[0], dtype=torch.bool)
+    keep = torch.ones(s2.shape[0], dtype=torch.bool, device=s2.device)
     if labels is not None:
         lab = labels.reshape(-1)
         keep = lab != ignore_index

@@ -406,3 +406,129 @@ def test_sm80_build_on_a_cluster_gpu(arch_list, tmp_path):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-3000:] + done.stderr[-5000:]
     build = next(tmp_path.rglob("build.ninja")).read_text()
     assert "arch=compute_80,code=sm_80" in build and "sm_90" not in build and "compute_90" not in build
+
+
+# issue 24, numerics
+
+def _f64_grads(fn, inputs, upstream):
+    """Loss and gradients of ``fn`` in float64 on the CPU: the reference the CUDA results are held to."""
+    leaves = [x.detach().cpu().double().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, upstream.cpu().double())
+
+
+def test_float64_on_cuda_torch_backend_with_random_grad_output(gen):
+    """float64 in, float64 arithmetic out on CUDA tensors (the torch backend): the loss and the
+    gradients with a random upstream (scalar and per row) at rtol 1e-12 against the CPU's float64
+    autograd; gradcheck at its default tolerances behind a factor != 1."""
+    s, t = (randn((9, 301), gen, torch.float64).cuda().requires_grad_() for _ in range(2))
+    labels = random_labels((9,), 301, gen, ignore_every=4).cuda()
+    for reduction in ("batchmean", "none"):
+        upstream = (torch.rand(9 if reduction == "none" else (), generator=gen, dtype=torch.float64) + 0.5).cuda()
+        out = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.3, reduction=reduction, backend="torch")
+        got = torch.autograd.grad(out, (s, t), upstream)
+        ref, want = _f64_grads(lambda a, b: kd_objective(a, b, labels.cpu(), 2.0, 0.3, reduction=reduction),
+                               (s, t), upstream)
+        assert out.dtype == torch.float64 and all(g.dtype == torch.float64 for g in got)
+        close(out.cpu(), ref, 1e-12)
+        for g, w in zip(got, want):
+            close(g.cpu(), w, 1e-12)
+    small_s, small_t = (randn((3, 6), gen, torch.float64, 1.0).cuda().requires_grad_() for _ in range(2))
+    small_labels = torch.tensor([1, -100, 5], device="cuda")
+    factor = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).cuda()
+    assert torch.autograd.gradcheck(lambda a, b: factor @ fastkd.kd_loss(
+        a, b, small_labels, temperature=2.0, alpha=0.3, divergence="jsd", reduction="none", backend="torch"),
+        (small_s, small_t))
+    assert torch.autograd.gradcheck(lambda a, b: 1.37 * fastkd.kl_loss(a, b, 2.0, backend="torch"),
+                                    (small_s, small_t))
+
+
+@pytest.mark.parametrize("loss", ["kl_loss", "kd_loss"])
+@pytest.mark.parametrize("shape,dtype", [((1, 1000), torch.float32), ((1, 1, 32000), torch.float32),
+                                         ((1, 1, 32000), torch.bfloat16)], ids=["1x1000", "1x1x32000", "1x1x32000-bf16"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+def test_one_row_backward_on_triton(loss, shape, dtype, reduction, gen):
+    """A batch of one row (the last batch of an epoch, a (1, 1, V) LM batch): the compiled backward
+    (scale_grad with n_rows == 1, specialised to a constant by Triton), against float64."""
+    if not any(b.name == "triton" and b.available for b in fastkd.available_backends("cuda")):
+        pytest.skip("triton cannot run here")
+    s, t = randn(shape, gen, dtype).cuda().requires_grad_(), randn(shape, gen, dtype).cuda()
+    labels = random_labels(shape[:-1], shape[-1], gen).cuda()
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    if loss == "kl_loss":
+        out = fastkd.kl_loss(s, t, 2.0, reduction, backend="triton")
+        ref, (want,) = _f64_grads(lambda a: kd_objective(a, t.cpu().double(), None, 2.0, 1.0, reduction=reduction,
+                                                         t_squared=False), (s,), upstream)
+    else:
+        out = fastkd.kd_loss(s, t, labels, temperature=2.0, alpha=0.6, reduction=reduction, backend="triton")
+        ref, (want,) = _f64_grads(lambda a: kd_objective(a, t.cpu().double(), labels.cpu(), 2.0, 0.6,
+                                                         reduction=reduction), (s,), upstream)
+    (got,) = torch.autograd.grad(out, s, upstream.float().cuda())
+    torch.cuda.synchronize()
+    close(out.cpu(), ref, 1e-5)
+    assert got.dtype == dtype
+    close(got.cpu(), want, 1e-5 if dtype == torch.float32 else 1.6e-2)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_double_backward_is_refused_on_the_device(backend, gen):
+    """The compiled kernels' losses refuse a second derivative (a gradient penalty, gradgradcheck)
+    with the clear RuntimeError, instead of returning a gradient without a graph."""
+    import warnings
+
+    s, t = randn((4, 300), gen).cuda().requires_grad_(), randn((4, 300), gen).cuda()
+    labels = torch.tensor([1, -100, 7, 299], device="cuda")
+    ids = t.log_softmax(-1).topk(5, -1).indices
+    lp = t.log_softmax(-1).gather(-1, ids)
+    h_s, w_s, h_t, w_t = (randn(shape, gen).cuda() for shape in ((4, 16), (300, 16), (4, 16), (300, 16)))
+    h_s.requires_grad_()
+    fns = {"kl_loss": (lambda x: fastkd.kl_loss(x, t, 2.0, backend=backend), s),
+           "kd_loss": (lambda x: fastkd.kd_loss(x, t, labels, backend=backend), s)}
+    if backend == "triton":  # the cuda backend has no sparse kernel
+        fns["sparse_kd_loss"] = (lambda x: fastkd.sparse_kd_loss(x, ids, lp, labels, backend=backend), s)
+    fns["fused_linear_kd_loss"] = (lambda x: fastkd.fused_linear_kd_loss(x, w_s, h_t, w_t, labels, backend=backend),
+                                   h_s)
+    for name, (f, x) in fns.items():
+        with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+            (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+            g.square().sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gradcheck's warning about fp32 inputs
+            with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+                torch.autograd.gradgradcheck(f, (x,))
+        (g,) = torch.autograd.grad(f(x), x)  # first derivatives still work
+        assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("pair", ["close", "random"])
+def test_bf16_fused_linear_logits_in_fp32_on_the_device(backend, pair, gen):
+    """64 x 256 x 4000 bf16 (alpha = 1, T = 1): each chunk's logits written in fp32 by the GEMM
+    (torch.mm's out_dtype), so the loss is fp32-exact against float64 on the same bf16 operands
+    (3e-3 with the logits rounded to bf16 when the student is close to its teacher); the gradients
+    through bf16 GEMMs, returned in bf16."""
+    from fastkd import fused_linear
+
+    if not hasattr(torch.ops.aten.mm, "dtype"):
+        pytest.skip("torch.mm has no out_dtype in this torch (< 2.8): the chunk's logits are rounded")
+    n, h, v = 64, 256, 4000
+    h_t, w_t = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
+    if pair == "close":
+        h_s = h_t + 0.1 * torch.randn(n, h, generator=gen)
+        w_s = w_t + 0.1 * torch.randn(v, h, generator=gen) * 2 / h**0.5
+    else:
+        h_s, w_s = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
+    h_s, w_s, h_t, w_t = (x.bfloat16().cuda() for x in (h_s, w_s, h_t, w_t))
+    labels = torch.randint(0, v, (n,), generator=gen).cuda()
+    leaves = [x.requires_grad_() for x in (h_s, w_s)]
+    out = fastkd.fused_linear_kd_loss(*leaves, h_t, w_t, labels, temperature=1.0, alpha=1.0, chunk_size=24,
+                                      backend=backend)
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    got = torch.autograd.grad(out, leaves, upstream.float().cuda())
+    t64 = h_t.cpu().double() @ w_t.cpu().double().t()
+    ref, want = _f64_grads(lambda a, b: kd_objective(a @ b.t(), t64, labels.cpu(), 1.0, 1.0), leaves, upstream)
+    assert fused_linear._FP32_GEMM.get("cuda") is True  # the fp32-output GEMM ran, not the fallback
+    close(out.cpu(), ref, 1e-6)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        close(g.cpu(), w, 6e-3)

@@ -242,6 +242,10 @@ def test_fused_linear_fp16_autocast_with_grad_scaler(backend, gen):
     assert torch.isfinite(w_s.grad).all()
     w64 = w_s.detach().half().double().requires_grad_()
     s64, t64 = h_s.double() @ w64.t(), h_t.double() @ w_t.half().double().t()
-    kd_objective(s64, t64, labels, 2.0, 0.5).backward()
-    # the logits are rounded to fp16 before the loss, as F.linear's output would be: 1e-3
-    assert (w_s.grad.double() - w64.grad).norm() / w64.grad.norm() <= 2e-3
+    ref = kd_objective(s64, t64, labels, 2.0, 0.5)
+    ref.backward()
+    # the chunk's logits are written in fp32 by the GEMM (not rounded to fp16 before the softmax):
+    # the loss to fp32 rounding (3e-8 measured; 1.4e-6 with fp16 logits); the weight gradient goes
+    # through fp16 GEMMs (3.5e-4 measured)
+    assert abs(loss.item() - ref.item()) <= 2e-7 * abs(ref.item())
+    assert (w_s.grad.double() - w64.grad).norm() / w64.grad.norm() <= 7e-4

@@ -64,7 +64,7 @@ CASES = [
     dict(dtype=torch.float16, divergence="jsd", temperature=1.0, alpha=0.8, reduction="mean"),
 ]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2),
-       torch.float64: (1e-10, 1e-6)}  # the backward takes grad_output in fp32 (as the dense loss)
+       torch.float64: (1e-12, 1e-12)}  # float64 in, float64 arithmetic out (grad_output, the row scale)
 
 
 def _check_case(rank, world, group, backend, seed, case):
@@ -94,7 +94,7 @@ def _check_case(rank, world, group, backend, seed, case):
     close(out, ref, rtol_loss, msg=f"loss {case}")
     inputs, ref_inputs = ((s_loc, t_loc), (s64, t64)) if teacher_grad else ((s_loc,), (s64,))
     upstream = upstream if ref.dim() else upstream.reshape(-1)[0]
-    got = torch.autograd.grad(out, inputs, upstream.to(torch.float32))
+    got = torch.autograd.grad(out, inputs, upstream.to(out.dtype))
     want = torch.autograd.grad(ref, ref_inputs, upstream)
     for g, w, name in zip(got, want, ("student", "teacher")):
         assert g.dtype == dtype and g.shape == s_loc.shape
@@ -109,10 +109,11 @@ def _check_case(rank, world, group, backend, seed, case):
                 assert getattr(have, field) == pytest.approx(getattr(want_r, field), rel=1e-5, abs=1e-6), field
 
 
-def _check_fused_linear(rank, world, group, backend, seed):
+def _check_fused_linear(rank, world, group, backend, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    hs, ws, bs = make_side(N, 16, V, gen, torch.float32)
-    ht, wt, bt = make_side(N, 24, V, gen, torch.float32)
+    hs, ws, bs = make_side(N, 16, V, gen, dtype)
+    ht, wt, bt = make_side(N, 24, V, gen, dtype)
+    rtol_loss, rtol_grad = (1e-12, 1e-12) if dtype == torch.float64 else (1e-5, 1e-4)
     labels = torch.randint(0, V, (N,), generator=gen)
     labels[::3] = -100
     lo, hi = _slice(rank, world)
@@ -125,11 +126,11 @@ def _check_fused_linear(rank, world, group, backend, seed):
                                       meter=meter, **kw)
     ref_leaves = [x.detach().double().requires_grad_() for x in (hs, ws, bs, ht, wt, bt)]
     ref = reference(*ref_leaves, labels, **kw)
-    close(out, ref, 1e-5)
-    got = torch.autograd.grad(out, leaves, torch.tensor(1.3))
+    close(out, ref, rtol_loss)
+    got = torch.autograd.grad(out, leaves, torch.tensor(1.3, dtype=out.dtype))
     want = torch.autograd.grad(ref, ref_leaves, torch.tensor(1.3, dtype=torch.float64))
     for i, (g, w) in enumerate(zip(got, want)):
-        close(g, w if i in (0, 3) else w[lo:hi], 1e-4, msg=f"fused-linear gradient {i}")
+        close(g, w if i in (0, 3) else w[lo:hi], rtol_grad, msg=f"fused-linear gradient {i}")
     logits = hs.double() @ ws.double().t() + bs.double()
     want_m = fastkd.CalibrationMeter(8).update(logits, labels).compute()
     have = meter.compute()
@@ -160,6 +161,10 @@ def _check_errors(rank, world, group):
     with pytest.raises(ValueError, match="return_entropy is not supported with group="):
         hs, ws, _ = make_side(N, 8, hi - lo, torch.Generator().manual_seed(1), torch.float32)
         fastkd.fused_linear_kd_loss(hs, ws, hs, ws, labels, group=group, return_entropy=True)
+    s_grad = s_loc.clone().requires_grad_()  # a double backward is refused on every rank (no collective in it)
+    with pytest.raises(RuntimeError, match="second derivatives are not supported"):
+        torch.autograd.grad(fastkd.kd_loss(s_grad, t_loc, labels, group=group, backend="torch"), s_grad,
+                            create_graph=True)
     # after the errors, the group still works (no rank left waiting in a collective)
     out = fastkd.kd_loss(s_loc, t_loc, labels, group=group, backend="torch", temperature=2.0, alpha=0.5)
     close(out, kd_objective(s.double(), t.double(), labels, 2.0, 0.5), 1e-5)
@@ -183,16 +188,17 @@ def _check_dtensor(rank, world, backend, seed):
     close(local, s64.grad[:, lo:lo + local.shape[1]], 1e-5)
 
 
-def _check_sparse(rank, world, group, backend, seed, tail):
+def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32):
     """A top-K teacher (global ids, some rows padded with -1, one row listing nothing) against the
     float64 dense objective: loss, this rank's gradient slice, the student's meter."""
-    s, _, labels, upstream = _inputs(seed, torch.float32)
+    s, _, labels, upstream = _inputs(seed, dtype)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
     gen = torch.Generator().manual_seed(seed + 1)
     k = 6
     ids = torch.stack([torch.randperm(V, generator=gen)[:k] for _ in range(N)])
     ids[2, 4:] = -1
     ids[5] = -1
-    lp = torch.log_softmax(torch.randn(N, k, generator=gen), -1) - 0.4  # 0.67 of the mass listed
+    lp = (torch.log_softmax(torch.randn(N, k, generator=gen, dtype=torch.float64), -1) - 0.4).to(dtype)  # 0.67 listed
     lo, hi = _slice(rank, world)
     local = s[:, lo:hi].clone().requires_grad_()
     meter = fastkd.CalibrationMeter(7)
@@ -200,10 +206,10 @@ def _check_sparse(rank, world, group, backend, seed, tail):
                                 group=group, backend=backend, reduction="none")
     s64 = s.double().requires_grad_()
     ref = sparse_kd_objective(s64, ids, lp, labels, 2.0, 0.7, tail=tail, reduction="none")
-    close(out, ref, 1e-5)
-    out.backward(upstream.float())
+    close(out, ref, rtol)
+    out.backward(upstream.to(out.dtype))
     ref.backward(upstream)
-    close(local.grad, s64.grad[:, lo:hi], 1e-5, atol_scale=1e-5 * s64.grad.abs().max().item()
+    close(local.grad, s64.grad[:, lo:hi], rtol, atol_scale=rtol * s64.grad.abs().max().item()
           / max(s64.grad[:, lo:hi].abs().max().item(), 1e-30))
     want = fastkd.CalibrationMeter(7).update(s.double(), labels).compute()
     have = meter.compute()
@@ -229,6 +235,10 @@ def _worker(rank, world, port):
         if world == 3:
             _check_case(rank, world, group, "torch", 3, dict(dtype=torch.float64, divergence="jsd", temperature=2.0,
                                                              alpha=0.5, teacher_grad=True, meters=True))
+            _check_case(rank, world, group, "torch", 4, dict(dtype=torch.float64, divergence="kl", temperature=2.0,
+                                                             alpha=0.3, reduction="none"))
+            _check_fused_linear(rank, world, group, "torch", 80, torch.float64)
+            _check_sparse(rank, world, group, "torch", 303, "bucket", torch.float64)
         else:
             _check_errors(rank, world, group)
     finally:
