@@ -532,3 +532,32 @@ def test_bf16_fused_linear_logits_in_fp32_on_the_device(backend, pair, gen):
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
         close(g.cpu(), w, 6e-3)
+
+
+# issue 24, Triton launcher
+
+def test_split_rows_with_a_meter_beyond_the_packing_limit(monkeypatch, gen):
+    """The split-row path with a student meter and more rows per group than a program's packed counters
+    hold (item 2): one SM's worth of groups, so 4100 rows of 16384 bf16 columns (4 parts a row) are
+    4100 rows per group; loss, gradient and every bin count equal the torch backend's."""
+    from fastkd import _triton_kd as K
+
+    monkeypatch.setattr(K, "_sm_count", lambda device: 1)
+    shape = (4100, 16384)
+    s, t = on_gpu(randn(shape, gen, torch.bfloat16), randn(shape, gen, torch.bfloat16))
+    (labels,) = on_gpu(random_labels(shape[:1], shape[1], gen, ignore_every=9))
+    plan = K._plan(shape[0], shape[1], s.dtype, t.dtype, K.KDSpec(0.5, 4.0, 0.5, 0, 0.5, -100), True, False, True,
+                   True, False, True, sms=1)
+    assert plan["path"] == "split-row" and plan["ints"]["rows_per_group"] >= 4096
+    results = {}
+    for backend in ("triton", "torch"):
+        x = s.detach().clone().requires_grad_()
+        meter = fastkd.CalibrationMeter()
+        loss = fastkd.kd_loss(x, t, labels, temperature=2.0, alpha=0.5, meter=meter, backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), x.grad.float(), meter.compute())
+    (l_tr, g_tr, m_tr), (l_to, g_to, m_to) = results["triton"], results["torch"]
+    close(l_tr, l_to, 1e-5)
+    close(g_tr, g_to, 1.6e-2)
+    assert [b.count for b in m_tr.bins] == [b.count for b in m_to.bins]
+    assert m_tr.accuracy == pytest.approx(m_to.accuracy, abs=1e-12)
