@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._spec import KDSpec, count_on_device
+from ._core.spec import KDSpec, count_on_device
 from ._torch_kd import scale_grad  # out of place, in fp32 (float64 for float64): traceable tensor ops
 
 EMPTY = (0,)  # the stand-in for an output that is not asked for (custom ops cannot return None)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._spec import KDSpec, inv_count_on_host, meter_args
+from ._core.spec import KDSpec, inv_count_on_host, meter_args
 
 NEG_INF = tl.constexpr(float("-inf"))  # a global a kernel may read must be a constexpr
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -448,7 +448,7 @@ def _inv_count(row_count_ptr):
     """1 / the count on the device (integer or floating), clamped at fp32's smallest normal number
     (one FMNMX, as the clamp at 1 was): a caller's num_items below 1 (TRL's num_items_in_batch /
     num_processes) is used as is; a count of 0 rows that count multiplies only zeros; NaN stays NaN
-    (_spec.count_on_device does the same)."""
+    (_core.spec.count_on_device does the same)."""
     c = tl.load(row_count_ptr).to(tl.float32)
     return 1.0 / tl.maximum(c, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
+from ._core.spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
 from ._triton_kd import (NEG_INF, _cap_constants, _cap_slope, _interpreted, _inv_count, _meter_flush,
                          _meter_rows, _meter_zeros, _on, _transform)
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._spec import KDSpec
+from ._core.spec import KDSpec
 from ._triton_kd import scale_grad  # noqa: F401  (the backward: the dense backend's in-place scale)
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient

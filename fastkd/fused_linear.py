@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
-from ._spec import DIVERGENCES, KDSpec
+from ._core.spec import DIVERGENCES, KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from ._torch_kd import _transform
 from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _check_meters, _check_objective,

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops, backends
-from ._spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
+from ._core.spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
 from .calibration import CalibrationMeter, _check_labels
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")

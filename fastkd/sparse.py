@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._spec import KDSpec
+from ._core.spec import KDSpec
 from .calibration import CalibrationMeter, _check_labels
 from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _row_count,
                    _check_objective, _check_real, _check_transforms, _grad_unit, _refuse_second_derivative,

@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._spec import DIVERGENCES, KDSpec
-from ._spec import SPARSE_TAIL_FLOOR
+from ._core.spec import DIVERGENCES, KDSpec
+from ._core.spec import SPARSE_TAIL_FLOOR
 from ._torch_kd import _compute_dtype, _masked, _row_scale, _sparse_teacher
 from .calibration import _check_labels
 from .loss import (_FusedKD, _check_logits, _check_meters, _check_objective, _check_pair, _check_real, _grad_unit,

@@ -64,7 +64,7 @@ def launcher_constants(n_rows, n_cols, dtype, divergence, grad_s, grad_t, labels
                        split_ok=True, teacher_meter=None, transforms=(1.0, 1.0, 0.0, 0.0)):
     """(kernel, constants, warps) exactly as the launcher (K._plan) picks them for such a call."""
     import torch
-    from fastkd._spec import KDSpec
+    from fastkd._core.spec import KDSpec
 
     spec = KDSpec(0.5, 1.0, 0.5 if labels else 0.0, divergence, 0.5, -100, 0.0, *transforms)
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastkd._spec import KDSpec
+from fastkd._core.spec import KDSpec
 
 K = pytest.importorskip("fastkd._triton_kd")
 

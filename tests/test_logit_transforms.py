@@ -10,7 +10,7 @@ import torch
 import fastkd
 from conftest import BACKENDS, force_triton_path
 from reference import _with_ce_reduced
-from fastkd._spec import KDSpec
+from fastkd._core.spec import KDSpec
 
 INF = math.inf
 
@@ -487,7 +487,7 @@ def test_cuda_backend_refuses_transforms_before_launching(name, value, monkeypat
     extension is loaded (here a stand-in that fails), from the public loss and at its kd_forward
     (what fused_linear calls with a spec)."""
     from fastkd import _cuda_kd, backends
-    from fastkd._spec import KDSpec
+    from fastkd._core.spec import KDSpec
 
     def never(*a, **k):
         raise AssertionError("the cuda extension was loaded")

@@ -8,7 +8,7 @@ import torch
 
 import fastkd
 from conftest import force_triton_path
-from fastkd._spec import KDSpec
+from fastkd._core.spec import KDSpec
 
 K = pytest.importorskip("fastkd._triton_kd")
 
