@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import math
@@ -44,10 +43,8 @@ import sm90  # noqa: E402  (drops TRITON_INTERPRET before triton is imported)
 import sass_count as sc  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd import backends  # noqa: E402
 
 # Hopper, as DESIGN.md and issue #10 fix them
 COPY_BANDWIDTH = 4.27e12  # B/s, device-to-device copy measured on an H200
@@ -134,47 +131,6 @@ class Case:
 # recording the Triton launcher
 
 
-@dataclass
-class Launch:
-    kernel: JITFunction
-    grid: tuple
-    args: tuple
-    kwargs: dict
-
-
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
-
-    def __init__(self, kernel: JITFunction, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.launches.append(Launch(self.kernel, grid, args, kwargs))
-        return record
-
-
-@contextlib.contextmanager
-def recorded_launches(module):
-    """Every ``@triton.jit`` kernel of ``module`` records its launches; ``fastkd`` resolves every
-    call to ``module`` (so the real launcher runs on CPU tensors)."""
-    launches: list[Launch] = []
-    kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
-    real = {name: getattr(backends, name) for name in ("resolve", "resolve_name", "module")}
-    try:
-        for name, kernel in kernels.items():
-            setattr(module, name, _Recorder(kernel, launches))
-        backends.resolve = lambda *args, **kwargs: module
-        backends.resolve_name = lambda *args, **kwargs: "triton"
-        backends.module = lambda name: module
-        yield launches
-    finally:
-        for name, kernel in kernels.items():
-            setattr(module, name, kernel)
-        for name, fn in real.items():
-            setattr(backends, name, fn)
-
-
 def run_forward_backward(case: Case):
     """The public API, forward and backward, on CPU tensors of the real shape. torch.empty only
     reserves address space: nothing reads the logits, the kernels are recorded, not run."""
@@ -188,9 +144,7 @@ def run_forward_backward(case: Case):
 
 def record_triton(case: Case) -> list[tuple[sm90.TritonJob, dict, int]]:
     """(compile job, bound arguments by name, number of programs) of each launch, in order."""
-    from fastkd import _triton_kd
-
-    with recorded_launches(_triton_kd) as launches:
+    with sm90.recorded_launches() as launches:
         run_forward_backward(case)
     recorded = []
     for launch in launches:
