@@ -1,14 +1,18 @@
 """Static performance model of fastkd's kernels on Hopper (sm_90), without a GPU.
 
     python bench/roofline.py                      # every DESIGN shape and variant, a table
-    python bench/roofline.py --json               # one JSON object per (backend, shape, dtype, variant)
+    python bench/roofline.py --json               # one JSON object per (backend, shape, dtype, variant, path)
     python bench/roofline.py --shape 8192x1000:fp32 --variant kl --cubin-dir /tmp/cubins
+    python bench/roofline.py --looping            # long rows on the looping path only
 
 For each case the public API (``fastkd.kl_loss`` / ``kd_loss`` and the backward) runs on CPU
 tensors of the real shape (allocated, never touched) while every Triton kernel of the backend
 is replaced by a recorder: what is compiled is exactly what the launcher asked for (arguments,
-constexprs, num_warps, grid), specialised by Triton's own binder for sm_90. The SASS is then
-read (bench/sass_count.py) and three times are compared, per forward + backward:
+constexprs, num_warps, grid), specialised by Triton's own binder for sm_90. Long rows take the
+path the launcher takes on an H100: split-row where it applies (a cooperative launch; its wait for
+the other parts of a row counted once per row), and those calls are modelled on the looping path
+too (what runs under CUDA graph capture). The SASS is then read (bench/sass_count.py) and three
+times are compared, per forward + backward:
 
     memory floor  bytes moved / 4.27 TB/s          (copy bandwidth measured on an H200)
     issue bound   warp instructions / (132 SMs x 4 per clock x 1.755 GHz)
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,10 +48,8 @@ import sm90  # noqa: E402  (drops TRITON_INTERPRET before triton is imported)
 import sass_count as sc  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd import backends  # noqa: E402
 
 # Hopper, as DESIGN.md and issue #10 fix them
 COPY_BANDWIDTH = 4.27e12  # B/s, device-to-device copy measured on an H200
@@ -120,6 +122,7 @@ class Case:
     cols: int
     dtype: str
     variant: Variant
+    split: bool = True  # the split-row path where an H100 takes it; False: the looping path
 
     @property
     def elements(self) -> int:
@@ -132,47 +135,6 @@ class Case:
 
 # ---------------------------------------------------------------------------------------------
 # recording the Triton launcher
-
-
-@dataclass
-class Launch:
-    kernel: JITFunction
-    grid: tuple
-    args: tuple
-    kwargs: dict
-
-
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
-
-    def __init__(self, kernel: JITFunction, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.launches.append(Launch(self.kernel, grid, args, kwargs))
-        return record
-
-
-@contextlib.contextmanager
-def recorded_launches(module):
-    """Every ``@triton.jit`` kernel of ``module`` records its launches; ``fastkd`` resolves every
-    call to ``module`` (so the real launcher runs on CPU tensors)."""
-    launches: list[Launch] = []
-    kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction)}
-    real = {name: getattr(backends, name) for name in ("resolve", "resolve_name", "module")}
-    try:
-        for name, kernel in kernels.items():
-            setattr(module, name, _Recorder(kernel, launches))
-        backends.resolve = lambda *args, **kwargs: module
-        backends.resolve_name = lambda *args, **kwargs: "triton"
-        backends.module = lambda name: module
-        yield launches
-    finally:
-        for name, kernel in kernels.items():
-            setattr(module, name, kernel)
-        for name, fn in real.items():
-            setattr(backends, name, fn)
 
 
 def run_forward_backward(case: Case):
@@ -188,9 +150,7 @@ def run_forward_backward(case: Case):
 
 def record_triton(case: Case) -> list[tuple[sm90.TritonJob, dict, int]]:
     """(compile job, bound arguments by name, number of programs) of each launch, in order."""
-    from fastkd import _triton_kd
-
-    with recorded_launches(_triton_kd) as launches:
+    with sm90.split_path(case.split), sm90.recorded_launches() as launches:
         run_forward_backward(case)
     recorded = []
     for launch in launches:
@@ -265,7 +225,7 @@ def read_kernel(backend: str, fn: sc.Function, cubin: bytes, usage: dict, progra
     loops = list(sc.all_loops(count.loops))
     sweeps = [lp for lp in loops if not lp.children and longest.blocks[lp.header].start < main_end
               and lp.trips >= 1 and any(sc.is_global_load(i) for i in longest.loop_instrs(lp))
-              and not any(sc.is_spin(i) for i in longest.loop_instrs(lp))]
+              and not lp.wait and not any(sc.is_spin(i) for i in longest.loop_instrs(lp))]
     # loads in flight where the traffic is: in the sweeps when the row is looped over
     spans = [(longest.blocks[lp.header].start, longest.blocks[lp.latch].end) for lp in sweeps]
     pending, widths = sc.max_pending_load_bytes(fn, spans or None)
@@ -442,6 +402,8 @@ def per_element(warp_counts: dict, case: Case, top: int = 0) -> dict:
 
 
 def triton_path(kernel: KernelModel) -> str:
+    if kernel.name == "_kd_split_kernel":
+        return "split-row"
     return "one-pass" if kernel.sweeps == 0 else f"loop, {kernel.sweeps} sweeps"
 
 
@@ -471,14 +433,20 @@ FAILURES: list[str] = []  # cases that could not be modelled (the exit status sa
 
 
 def model_triton(cases: list[Case], workers: int) -> list[dict]:
-    recorded = {case: record_triton(case) for case in cases}
+    recorded = {}
+    for case in cases:
+        recorded[case] = record_triton(case)
+        if case.split and any(job.kernel == "_kd_split_kernel" for job, _, _ in recorded[case]):
+            twin = dataclasses.replace(case, split=False)  # the same call on the looping path
+            recorded[twin] = record_triton(twin)
     compiled = compile_all([job for launches in recorded.values() for job, _, _ in launches], workers)
     models: dict = {}
     rows = []
     for case, launches in recorded.items():
         errors = [compiled[job]["error"] for job, _, _ in launches if "error" in compiled[job]]
         if errors:
-            FAILURES.append(f"triton {case.rows}x{case.cols}:{case.dtype} {case.variant.name}: {errors[0]}")
+            path = "" if case.split else " (looping path)"
+            FAILURES.append(f"triton {case.rows}x{case.cols}:{case.dtype} {case.variant.name}{path}: {errors[0]}")
             continue
         kernels = []
         for job, scalars, programs in launches:
@@ -554,12 +522,14 @@ def main(argv=None) -> int:
                         help="repeatable (default: all)")
     parser.add_argument("--backend", action="append", choices=["triton", "cuda"], help="repeatable (default: both)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    parser.add_argument("--looping", action="store_true",
+                        help="long rows on the looping path only (no split-row path: as under CUDA graph capture)")
     parser.add_argument("--cubin-dir", type=Path, help="write every compiled kernel there, named as in 'cubin'")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
     shapes = args.shape or SHAPES
     variants = [v for v in VARIANTS if not args.variant or v.name in args.variant]
-    cases = [Case(r, c, d, v) for r, c, d in shapes for v in variants]
+    cases = [Case(r, c, d, v, split=not args.looping) for r, c, d in shapes for v in variants]
     chosen = args.backend or ["triton", "cuda"]
     start = time.time()
     rows = []

@@ -10,6 +10,8 @@ branch goes, so the count is a bracket over the *hot* paths:
   calls to the compiler's internal helpers (``$__internal_*``: slow paths of division and
   reciprocal for denormals or 64-bit operands);
 - a loop given a trip count >= 1 is entered (a path that jumps over it contradicts the count);
+  a Triton ``while`` (a wait for other programs: the split kernel's) runs once each time it is
+  reached (one poll, as when the other programs arrived first: its instructions count once);
 - among the remaining paths, ``longest`` (an upper bound, the reported number) and ``shortest``.
 
 A predicated EXIT whose predicate is computed from the grid size (``c[0x0][0xc]``: the "last
@@ -185,6 +187,7 @@ class Loop:
     how: str = ""  # how the trip count was found
     source: object = None  # the source loop it was compiled from (copies share it), when known
     children: list = field(default_factory=list)
+    wait: bool = False  # polls memory until other programs arrive: no traffic, one trip per entry
 
     def contains(self, other: "Loop") -> bool:
         return self.header <= other.header and other.latch <= self.latch and self is not other
@@ -535,21 +538,21 @@ def this_checkout(path: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def python_for_loops(path: str) -> list[ast.For]:
+def python_loops(path: str) -> list[ast.For | ast.While]:
     try:
         tree = ast.parse(this_checkout(path).read_text())
     except (OSError, SyntaxError):
         return []
-    return [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))]
 
 
-def source_for_loop(instrs: list[Instr]) -> Optional[ast.For]:
-    """The Python ``for`` whose span holds most of the loop's instructions (ties: the innermost).
-    Triton's own library code (reductions inlined into the loop) is not a candidate."""
+def source_for_loop(instrs: list[Instr]) -> Optional[ast.For | ast.While]:
+    """The Python ``for`` (or ``while``) whose span holds most of the loop's instructions (ties: the
+    innermost). Triton's own library code (reductions inlined into the loop) is not a candidate."""
     lines = Counter(ins.line for ins in instrs if ins.line and "/triton/language/" not in ins.line[0])
     best, best_key = None, None
     for path in {p for p, _ in lines}:
-        for loop in python_for_loops(path):
+        for loop in python_loops(path):
             inside = sum(n for (p, ln), n in lines.items() if p == path and loop.lineno <= ln <= loop.end_lineno)
             key = (inside, -(loop.end_lineno - loop.lineno))
             if inside and (best_key is None or key > best_key):
@@ -592,7 +595,10 @@ def unroll_share(lp: Loop, counter: PathCounter, key: Callable, trips: float, ho
     when some copy stores nothing) to the smallest copy's; an unrolled copy runs trips / U times,
     a remainder (U_max - 1) / 2 times on average; plain versions keep the trips (one of them runs)."""
     mine = key(lp)
-    group = [o for o in all_loops(counter.loops) if mine is not None and key(o) == mine]
+    # copies sit side by side; a loop nested in another of the same source loop (a ``while`` inside
+    # it, say) is not a copy of it
+    group = [o for o in all_loops(counter.loops) if mine is not None and key(o) == mine
+             and (o is lp or not (o.contains(lp) or lp.contains(o)))]
     if len(group) < 2:
         return trips, how
 
@@ -627,6 +633,9 @@ def triton_trip_count(names: dict) -> Callable:
         node = source_for_loop(instrs)
         if node is None:
             return 1.0, "unknown (no line info): 1 trip"
+        if isinstance(node, ast.While):  # a wait (the split kernel's for the other parts of its row)
+            lp.wait = True
+            return 1.0, f"line {node.lineno}: while {ast.unparse(node.test)}: a wait, 1 trip per entry (uncontended)"
         try:
             trips = range_trips(node, names)
         except (ValueError, TypeError, ZeroDivisionError):

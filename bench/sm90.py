@@ -1,7 +1,9 @@
 """Compiling for Hopper (sm_90) on a machine without a GPU, the way the real launch would.
 
-Triton: a launch recorded from the real launcher (arguments, keyword constexprs, grid) is bound
-and specialised by Triton's own JIT binder (``create_function_from_signature`` and
+Triton: the public API runs on CPU tensors while every kernel of the Triton backend records its
+launches (``recorded_launches``; ``split_path`` lets long rows take the split-row path as on a GPU).
+A launch recorded from the real launcher (arguments, keyword constexprs, grid) is bound and
+specialised by Triton's own JIT binder (``create_function_from_signature`` and
 ``JITFunction._pack_args``, the code ``JITFunction.run`` uses): integers equal to 1 become
 constants, integers and pointers divisible by 16 get the divisibility hint that decides vector
 widths, small integers are i32. Only the target differs: sm_90 instead of the (absent) current
@@ -9,7 +11,9 @@ device. CUDA C++: ``nvcc -cubin`` with the flags torch's extension builder uses.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -24,11 +28,77 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # cuobjdump, nvdisasm
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastkd-roofline"
+
+
+# ---------------------------------------------------------------------------------------------
+# recording the Triton launchers
+
+TRITON_MODULES = ("fastkd._triton_kd", "fastkd._triton_sparse", "fastkd._triton_vocab")
+
+
+@dataclass
+class Launch:
+    kernel: JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
+
+    def __init__(self, kernel: JITFunction, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launches.append(Launch(self.kernel, grid, args, kwargs))
+        return record
+
+
+@contextlib.contextmanager
+def recorded_launches(modules=TRITON_MODULES):
+    """Every ``@triton.jit`` kernel of ``modules`` (the Triton backend's: dense, sparse, vocabulary-
+    parallel) records its launches instead of running, and fastkd's dispatch resolves every call to
+    the Triton backend: the real launchers run on CPU tensors (allocated, never read: outputs stay
+    as torch.empty left them). Yields the list of ``Launch`` in launch order."""
+    from fastkd import backends
+
+    launches: list[Launch] = []
+    modules = [importlib.import_module(m) for m in modules]
+    kernels = [(m, name, obj) for m in modules for name, obj in vars(m).items() if isinstance(obj, JITFunction)]
+    real = {name: getattr(backends, name) for name in ("resolve", "resolve_name", "module")}
+    try:
+        for m, name, kernel in kernels:
+            setattr(m, name, _Recorder(kernel, launches))
+        backends.resolve_name = lambda *args, **kwargs: "triton"
+        backends.module = lambda name: importlib.import_module("fastkd._triton_kd")
+        backends.resolve = lambda *args, **kwargs: backends.module("triton")
+        yield launches
+    finally:
+        for m, name, kernel in kernels:
+            setattr(m, name, kernel)
+        for name, fn in real.items():
+            setattr(backends, name, fn)
+
+
+@contextlib.contextmanager
+def split_path(allowed: bool):
+    """The launcher's switch for static models: calls on CPU tensors take the split-row path (as on a
+    GPU with cooperative launches) only with it; else long rows take the looping path."""
+    from fastkd import _triton_kd
+
+    saved = _triton_kd.SPLIT_STATIC
+    _triton_kd.SPLIT_STATIC = allowed
+    try:
+        yield
+    finally:
+        _triton_kd.SPLIT_STATIC = saved
 
 
 @dataclass(frozen=True)
@@ -71,8 +141,6 @@ def _thawed(value):
 
 def compile_triton(job: TritonJob) -> dict:
     """Compiles one job for sm_90: {"cubin": bytes, "name": str, "num_warps": int, "shared": int}."""
-    import importlib
-
     kernel = getattr(importlib.import_module(job.module), job.kernel)
     attrs = {k: _thawed(v) for k, v in job.attrs}
     options = {k: (v if k != "extern_libs" or v is None else tuple(v)) for k, v in job.options}

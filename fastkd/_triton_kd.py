@@ -935,7 +935,8 @@ def _scale_grad_kernel(grad_ptr, factor_ptr, n_rows, n_cols, FACTOR_PER_ROW: tl.
     else:
         offs = tl.program_id(0).to(tl.int64) * (BLOCK_R * BLOCK_C) + tl.arange(0, BLOCK_R * BLOCK_C)
         f = tl.load(factor_ptr) + tl.zeros([BLOCK_R * BLOCK_C], dtype=tl.float32)
-        todo = (offs < n_rows.to(tl.int64) * n_cols) & (f != 1.0)
+        # tl.cast, not .to(): an integer argument equal to 1 (a one-row batch) arrives as a Python int
+        todo = (offs < tl.cast(n_rows, tl.int64) * n_cols) & (f != 1.0)
     g = tl.load(grad_ptr + offs, mask=todo, other=0.0).to(tl.float32)
     tl.store(grad_ptr + offs, (g * f).to(grad_ptr.dtype.element_ty), mask=todo)
 
