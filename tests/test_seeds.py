@@ -11,7 +11,7 @@ import pytest
 from fastkd.study.cli import main
 from fastkd.study.config import StudyConfig
 from fastkd.study.run import run_study
-from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label, t_quantile
+from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label
 
 TINY = ["--no-progress", "--epochs", "1", "--teacher-epochs", "1"]
 
@@ -52,7 +52,9 @@ def test_bad_settings_with_seeds_end_in_one_line(capsys, tmp_path):
 @pytest.mark.parametrize("df,t", [(1, 12.706204736), (2, 4.302652730), (4, 2.776445105), (9, 2.262157163),
                                   (30, 2.042272456)], ids=lambda v: str(v))
 def test_t_quantile_matches_the_tables(df, t):
-    assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-8)
+    """The interval's t(0.975, n - 1) (scipy's) against printed tables, for n = df + 1 seeds."""
+    out = paired_difference([0.0] * (df + 1), [0.1 * i for i in range(df + 1)], direction=1)
+    assert out["t_quantile"] == pytest.approx(t, abs=1e-8)
 
 
 def test_paired_difference_against_a_plain_reference():

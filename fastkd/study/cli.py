@@ -16,9 +16,9 @@ from .config import StudyConfig
 # fastkd[study] by import name (the study runs without tensorboard). What every run of a command
 # needs is checked before it starts (the report's packages among them, not to fail after training);
 # the rest is named when its import fails (torchvision, when CIFAR data or models load).
-STUDY_PACKAGES = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib",
+STUDY_PACKAGES = {"sklearn": "scikit-learn", "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib",
                   "torchvision": "torchvision"}
-EVERY_RUN = {"distill": ("sklearn", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
+EVERY_RUN = {"distill": ("sklearn", "scipy", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser):

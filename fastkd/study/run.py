@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import scipy.optimize
 import torch
 
 from ..calibration import CalibrationMeter
@@ -38,10 +40,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds=TEMPERATU
     """The T in ``bounds`` (default [0.05, 100]) minimising the mean NLL of softmax(logits / T).
 
     With w_i = z_i - z_i,y (row i's logits less its label's), NLL(b) = mean_i logsumexp(b w_i) at
-    b = 1/T: convex in b, its derivative mean_i E_p[w_i] (p = softmax(b w_i)) only grows. Safeguarded
-    Newton steps on that derivative, in float64, keep a bracket and run to machine precision, so T
-    depends on the logits and not on where an optimiser stopped. The answer is a bound when the
-    minimum lies beyond it: at the upper bound the NLL keeps falling as T grows (predictions near
+    b = 1/T: convex in b, its derivative mean_i E_p[w_i] (p = softmax(b w_i)) only grows. T* is the
+    root of that derivative (scipy's Brent method, in float64, to machine precision), so it depends
+    on the logits and not on where an optimiser stopped. The answer is a bound when the minimum lies
+    beyond it: at the upper bound the NLL keeps falling as T grows (predictions near
     uniform, or no better than chance: no confidence to calibrate; exactly flat logits land here
     too); at the lower bound it keeps falling as T shrinks (far less confident than accurate, or a
     split (nearly) perfectly separated). NaN logits give NaN; no rows give 1 (nothing to fit)."""
@@ -53,34 +55,20 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds=TEMPERATU
     w = z - z.gather(1, y[:, None])  # logits relative to the label's: a row of equal logits is all 0
     w_fin = torch.where(w == -math.inf, 0.0, w)  # a -inf logit has p = 0 and adds nothing below
 
-    def slope(b: float) -> tuple[float, float]:
-        """d NLL / d b = mean of E_p[w] and d2 NLL / d b2 = mean of Var_p[w], at b = 1 / T."""
-        p = torch.softmax(w * b, dim=1)
-        mean = (p * w_fin).sum(1)
-        var = (p * (w_fin - mean[:, None]).square()).sum(1)
-        return float(mean.mean()), float(var.mean())
+    def slope(b: float) -> float:
+        """d NLL / d b at b = 1 / T: the mean over rows of E_p[w]."""
+        return float((torch.softmax(w * b, dim=1) * w_fin).sum(1).mean())
 
     lo, hi = 1.0 / t_hi, 1.0 / t_lo  # the bracket, in b
-    g_lo, g_hi = slope(lo)[0], slope(hi)[0]
+    g_lo, g_hi = slope(lo), slope(hi)
     if math.isnan(g_lo) or math.isnan(g_hi):  # NaN logits
         return math.nan
     if g_lo >= 0:  # rising from the smallest b on: the minimum is at T = t_hi or beyond
         return t_hi
     if g_hi <= 0:  # still falling at the largest b: at T = t_lo or below
         return t_lo
-    b = min(max(1.0, lo), hi)
-    for _ in range(100):
-        g, h = slope(b)
-        if g == 0:
-            break
-        lo, hi = (b, hi) if g < 0 else (lo, b)
-        newton = b - g / h if h > 0 else math.nan
-        step = newton if lo < newton < hi else 0.5 * (lo + hi)  # Newton inside the bracket, else bisect
-        done = abs(step - b) <= 1e-13 * b
-        b = step
-        if done:
-            break
-    return 1.0 / b
+    # the slope changes sign once inside the bracket: Brent's method finds where, to float precision
+    return 1.0 / scipy.optimize.brentq(slope, lo, hi, xtol=1e-300, rtol=4 * sys.float_info.epsilon)
 
 
 def temperature_bound(t_star: float, bounds=TEMPERATURE_RANGE) -> str | None:

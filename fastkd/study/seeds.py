@@ -24,10 +24,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+
+import scipy.stats
 
 from .config import StudyConfig
 
@@ -69,45 +72,9 @@ def seeds_label(seeds: list[int]) -> str:
     return ",".join(runs)
 
 
-def _t_central_mass(x: float, df: int) -> float:
-    """P(|T| <= x) for Student's t with integer ``df``: the closed forms of Abramowitz & Stegun
-    26.7.3 (odd df) and 26.7.4 (even df), with theta = atan(x / sqrt(df))."""
-    theta = math.atan(x / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    term = total = 1.0
-    if df % 2 == 0:  # sin(theta) (1 + 1/2 c2 + 1·3/(2·4) c2^2 + ... up to c2^((df-2)/2))
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        return math.sin(theta) * total
-    if df == 1:
-        return 2 * theta / math.pi
-    for k in range(1, (df - 1) // 2):  # 2/pi (theta + sin cos (1 + 2/3 c2 + 2·4/(3·5) c2^2 + ...))
-        term *= c2 * (2 * k) / (2 * k + 1)
-        total += term
-    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p``-quantile (0.5 < p < 1) of Student's t with ``df`` >= 1 degrees of freedom: bisection
-    on the CDF above, to float precision (t_quantile(0.975, 9) = 2.2622)."""
-    target, lo, hi = 2 * p - 1, 0.0, 1.0
-    while _t_central_mass(hi, df) < target:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if _t_central_mass(mid, df) < target else (lo, mid)
-    return (lo + hi) / 2
-
-
 def describe(values: list[float]) -> dict:
     """Mean and sample standard deviation (n - 1; None for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
 def paired_difference(alone: list[float], distilled: list[float], direction: int) -> dict:
@@ -118,7 +85,7 @@ def paired_difference(alone: list[float], distilled: list[float], direction: int
     n = len(d)
     out = {"n": n, **describe(d), "t_quantile": None, "ci95": None}
     if n > 1:
-        t = t_quantile(0.975, n - 1)
+        t = float(scipy.stats.t.ppf(0.975, n - 1))
         half = t * out["std"] / math.sqrt(n)
         out.update(t_quantile=t, ci95=[out["mean"] - half, out["mean"] + half])
     if direction:
