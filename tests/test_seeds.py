@@ -173,4 +173,27 @@ def test_resume_refuses_seeds_run_with_other_settings(three_seeds, tmp_path):
     shutil.copytree(three_seeds[0], tmp_path / "digits-seeds0-2")
     code, _, err = run_cli("--out-dir", str(tmp_path), *TINY, "--seeds", "0-2", "--resume", "--epochs", "2")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "was run with epochs = 1, not 2" in err and "--resume" in err
+    assert "was run with --epochs = 1, not 2" in err and "--resume" in err
+
+
+def test_a_second_multi_seed_run_into_the_same_folder_is_refused(three_seeds, tmp_path):
+    folder = tmp_path / "digits-seeds0-2"
+    shutil.copytree(three_seeds[0], folder)
+    before = _snapshot(folder)
+    code, _, err = run_cli("--out-dir", str(tmp_path), *TINY, "--seeds", "0-2")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and _snapshot(folder) == before
+    assert f"{folder} holds an earlier run: pass --resume" in err and "--overwrite" in err and "--out-dir" in err
+
+
+def test_overwrite_replaces_every_seed(three_seeds, tmp_path):
+    folder = tmp_path / "digits-seeds0-2"
+    shutil.copytree(three_seeds[0], folder)
+    (folder / "s1" / "distilled-top2.pt").write_bytes(b"stale")
+    (folder / "s7").mkdir()  # a seed of an earlier run under this --name, not run now
+    (folder / "s7" / "report.json").write_text("{}")
+    code, stdout, err = run_cli("--out-dir", str(tmp_path), "--no-progress", "--epochs", "1", "--teacher-epochs", "2",
+                                "--seeds", "0-1", "--name", folder.name, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["report.json", "report.md", "s0", "s1", "summary.png"]
+    assert not (folder / "s1" / "distilled-top2.pt").exists()
+    assert json.loads((folder / "s1" / "report.json").read_text())["config"]["teacher_epochs"] == 2

@@ -1,7 +1,10 @@
-"""The study's settings: one dataclass, from which ``fastkd distill``'s command line is built."""
+"""The study's settings: one dataclass, from which ``fastkd distill``'s command line is built; and
+the rule a resumed run follows: the settings it was started with, never others."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -39,7 +42,12 @@ class StudyConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of the run"})
     name: str | None = field(default=None, metadata={"help": "run name (default <dataset>-s<seed>)"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out-dir/--name from its checkpoints, with the settings it was started "
+                "with (an option given that differs from them is refused)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in --out-dir/--name: its checkpoints, reports, figures, logs and teacher "
+                "cache are deleted first"})
     log_interval: int = field(default=50, metadata={"help": "steps between progress updates"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -60,3 +68,44 @@ class StudyConfig:
 
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+# What a resumed run (or a finished seed reused by --seeds --resume) may change: where the run lives,
+# how it reports progress, what to do with its folder. Every other setting changes what is computed.
+NOT_COMPARED = ("resume", "overwrite", "progress", "log_interval", "out_dir", "name", "download")
+SETTINGS = "config.json"  # in a run folder: the resolved StudyConfig it was started with
+
+
+def saved_settings(folder: Path) -> dict | None:
+    """The settings the run in ``folder`` was started with (its config.json; before that file existed,
+    a finished run's report.json), or None for a folder holding neither."""
+    for name, key in ((SETTINGS, None), ("report.json", "config")):
+        try:
+            saved = json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        saved = saved.get(key) if key else saved
+        if isinstance(saved, dict):
+            return saved
+    return None
+
+
+def write_settings(folder: Path, cfg: StudyConfig):
+    (Path(folder) / SETTINGS).write_text(json.dumps(asdict(cfg.resolved()), indent=2) + "\n")
+
+
+def check_same_settings(folder: Path, saved: dict, cfg: StudyConfig, hint: str):
+    """A ValueError naming the first setting (and both values) in which ``cfg`` differs from the
+    settings ``saved`` of the run in ``folder``; ``hint`` says what to do instead."""
+    want = json.loads(json.dumps(asdict(cfg.resolved())))  # tuples as lists, as read back from JSON
+    for k, v in want.items():
+        if k not in NOT_COMPARED and saved.get(k) != v:
+            raise ValueError(f"--resume: {folder} was run with --{k.replace('_', '-')} = {saved.get(k)!r}, "
+                             f"not {v!r}; {hint}")
+
+
+def with_saved_settings(cfg: StudyConfig, saved: dict, given) -> StudyConfig:
+    """``cfg`` with every compared setting that was not ``given`` on the command line taken from
+    ``saved``: a plain ``--resume`` continues the run as it was started (its epochs, its T, ...)."""
+    names = {f.name for f in fields(StudyConfig)} - set(NOT_COMPARED) - set(given)
+    return replace(cfg, **{k: v for k, v in saved.items() if k in names})

@@ -185,6 +185,6 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict, figu
     lines += (["![reliability](reliability.png)", "", "![curves](curves.png)", ""] if figures else
               [f"No figures: one seed of a multi-seed run, whose summary draws them pooled. "
                f"`fastkd distill --seed {cfg['seed']} --out-dir {cfg['out_dir']} --name {cfg['name']} --resume` "
-               "(and the run's other options) draws this seed's from its checkpoints.", ""])
+               "draws this seed's from its checkpoints (with the settings it was run with).", ""])
     (out / "report.md").write_text("\n".join(lines))
     return per_class

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import scipy.optimize
@@ -22,8 +22,9 @@ import torch
 from ..calibration import CalibrationMeter
 from ..teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 from . import torchrun
-from .config import StudyConfig
+from .config import StudyConfig, check_same_settings, saved_settings, write_settings
 from .data import load_data
+from .folders import check_new_run, clear
 from .models import count_parameters
 from .policies import make_policy
 from .report import write_outputs
@@ -116,19 +117,39 @@ def _open_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+def check_run_folder(cfg: StudyConfig, out: Path):
+    """Before any work: a resumed run holds the settings it was started with; a new run does not
+    write into a folder an earlier run wrote, unless told to replace it."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if not cfg.resume:
+        check_new_run(out, cfg.overwrite)
+        return
+    saved = saved_settings(out)
+    if saved is not None:  # (a folder without settings holds nothing to continue: the run starts)
+        check_same_settings(out, saved, cfg, "drop that option to continue the run as it was started, "
+                            "or pass --overwrite instead of --resume to start it again")
+
+
 def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report.
     ``figures=False`` skips the PNGs (the multi-seed run, whose summary draws them pooled)."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
-    cfg.device = torchrun.init_from_env(cfg.device)
-    main = torchrun.is_main()
     out = Path(cfg.out_dir) / cfg.name
+    check_run_folder(cfg, out)
+    settings = replace(cfg)  # as resolved here: under torchrun each rank's device gets its index below
+    cfg.device = torchrun.init_from_env(cfg.device)
+    torchrun.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    main = torchrun.is_main()
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
     check_teacher_cache(cfg, data)
-    if main:  # only once the data are known good: bad data leave no run folder behind
+    if main:  # only once the data are known good: bad data leave an earlier run as it was
+        if cfg.overwrite:
+            clear(out)
         out.mkdir(parents=True, exist_ok=True)
+        write_settings(out, settings)  # what a later --resume holds its settings to
 
     def new_model(name, seed):
         return build_study_model(cfg, data, name, seed)

@@ -32,15 +32,13 @@ from pathlib import Path
 
 import scipy.stats
 
-from .config import StudyConfig
+from .config import StudyConfig, check_same_settings, resolve_device, saved_settings, with_saved_settings
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 # (results key, name in tables, decimals, direction: +1 higher is better, -1 lower is better, 0 neither)
 METRICS = [("accuracy", "accuracy", 4, 1), ("ece", "ECE", 4, -1), ("mce", "MCE", 4, -1),
            ("nll", "NLL", 4, -1), ("brier", "Brier", 4, -1), ("agreement", "agree w/ teacher", 4, 1),
            ("ece_after_scaling", "ECE after T*", 4, -1), ("fitted_temperature", "T*", 3, 0)]
-# settings a finished seed may differ in and still be reused by --resume
-NOT_COMPARED = ("resume", "progress", "log_interval", "out_dir", "name")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -270,19 +268,16 @@ def _bound_note(fits: dict, n: int) -> list[str]:
 def _finished(seed_cfg: StudyConfig) -> dict | None:
     """The report of a seed already run to the end with the same settings, else None (a report
     cut short, or one without reliability bins, runs again: from its checkpoints under --resume)."""
-    path = Path(seed_cfg.out_dir) / seed_cfg.name / "report.json"
+    folder = Path(seed_cfg.out_dir) / seed_cfg.name
     try:
-        report = json.loads(path.read_text())
+        report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
         return None
     if "bins" not in report:
         return None
-    want = json.loads(json.dumps(asdict(seed_cfg.resolved())))
-    have = report.get("config", {})
-    for k in want:
-        if k not in NOT_COMPARED and have.get(k) != want[k]:
-            raise ValueError(f"--resume: {path.parent} was run with {k} = {have.get(k)!r}, not {want[k]!r}; "
-                             "drop --resume to run every seed again, or give another --name")
+    check_same_settings(folder, saved_settings(folder) or {}, seed_cfg,
+                        "drop that option to reuse the seeds as they were run, or pass --overwrite instead of "
+                        "--resume to run every seed again (or give another --name)")
     return report
 
 
@@ -299,9 +294,19 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     from . import torchrun
     from .run import run_study
 
+    from .folders import check_new_run, clear
+
     started = time.perf_counter()
     name = cfg.name or f"{cfg.dataset}-seeds{seeds_label(seeds)}"
     folder = Path(cfg.out_dir) / name
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the runs, or replace them")
+    if not cfg.resume:
+        check_new_run(folder, cfg.overwrite, seeds=True)
+        torchrun.init_from_env(resolve_device(cfg.device))  # (again in each seed's run: a no-op then)
+        if cfg.overwrite and torchrun.is_main():
+            clear(folder, seeds=True)
+        torchrun.barrier()
     reports, reused, seconds = {}, [], {}
     for seed in seeds:
         seed_cfg = replace(cfg, seed=seed, out_dir=str(folder), name=f"s{seed}")
@@ -339,12 +344,17 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     return result
 
 
-def distill_seeds(cfg: StudyConfig, text: str, validate) -> int:
-    """``fastkd distill --seeds``: one line and exit status 2 on bad settings, as the single-seed run."""
+def distill_seeds(cfg: StudyConfig, text: str, validate, given=frozenset()) -> int:
+    """``fastkd distill --seeds``: one line and exit status 2 on bad settings, as the single-seed run.
+    Under --resume the settings not ``given`` are those the seeds were run with."""
     from . import torchrun
 
     try:
         seeds = parse_seeds(text)
+        if cfg.resume:
+            folder = Path(cfg.out_dir) / (cfg.name or f"{cfg.dataset}-seeds{seeds_label(seeds)}")
+            saved = next(filter(None, (saved_settings(folder / f"s{s}") for s in seeds)), None)
+            cfg = with_saved_settings(cfg, saved, {*given, "seed"}) if saved is not None else cfg
         validate(cfg)
         summary = run_seeds(cfg, seeds)
     except (ValueError, OSError) as e:
