@@ -84,8 +84,9 @@ def test_plain_resume_finishes_the_interrupted_run(capsys, tmp_path, finished, m
         real_save(obj, path)
 
     monkeypatch.setattr(fastkd.study.train, "atomic_save", ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(capsys, "--out-dir", str(tmp_path), *TINY)
+    code, _, err = run_cli(capsys, "--out-dir", str(tmp_path), *TINY)
+    assert code == 130
+    one_line(err, "interrupted", "--resume")
     folder = tmp_path / "digits-s0"
     assert torch.load(folder / "distilled.pt", weights_only=True)["state"]["epoch"] == 1
     assert not (folder / "report.json").exists()
@@ -134,3 +135,56 @@ def test_resume_and_overwrite_exclude_each_other(capsys, tmp_path):
     assert code == 2
     one_line(err, "--resume and --overwrite exclude each other")
     assert not any(tmp_path.iterdir())
+
+
+# ---- errors before any work ----
+
+@pytest.mark.parametrize("command", ["distill", "cache-teacher"])
+def test_cuda_without_a_gpu_is_one_line(capsys, tmp_path, monkeypatch, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["--device", "cuda"] + (["--out-dir", str(tmp_path)] if command == "distill" else
+                                   ["--out", str(tmp_path / "c"), "--k", "2"])
+    code, _, err = run_cli(capsys, *args, command=command)
+    assert code == 2
+    one_line(err, "--device cuda: no CUDA GPU is visible here", "--device cpu")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda:3", "--device cuda:3: this machine has 2 CUDA GPUs (cuda:0 to cuda:1)"),
+    ("gpu", "--device 'gpu' is not a device: auto, cpu or cuda[:i]"),
+], ids=["index", "name"])
+def test_a_device_this_machine_lacks_is_one_line(capsys, tmp_path, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, _, err = run_cli(capsys, "--out-dir", str(tmp_path), "--device", device)
+    assert code == 2
+    one_line(err, message)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("backend,reason", [
+    ("triton", "tensors are on the CPU"), ("cuda", "the cuda backend needs CUDA tensors"),
+], ids=["triton", "cuda"])
+def test_a_backend_that_cannot_run_is_refused_before_training(capsys, tmp_path, monkeypatch, backend, reason):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (the suite's interpreter would run Triton on the CPU)
+    code, _, err = run_cli(capsys, "--out-dir", str(tmp_path), "--device", "cpu", "--backend", backend)
+    assert code == 2
+    one_line(err, f"--backend {backend} cannot run on cpu: {reason}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cache_teacher_ctrl_c_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    from fastkd.study.models import build_model
+
+    torch.save({"model": build_model("mlp-large", (64,), 10).state_dict()}, tmp_path / "teacher.pt")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastkd.study.cache_teacher, "write_classifier_rows", ctrl_c)
+    code, _, err = run_cli(capsys, "--out", str(tmp_path / "c"), "--k", "2", "--device", "cpu",
+                           "--teacher-ckpt", str(tmp_path / "teacher.pt"), command="cache-teacher")
+    assert code == 130
+    one_line(err, "interrupted", "no cache was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.pt"]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from .config import StudyConfig, saved_settings, with_saved_settings
+from .config import StudyConfig, check_device, resolve_device, saved_settings, with_saved_settings
 
 # fastkd[study] by import name (the study runs without tensorboard). What every run of a command
 # needs is checked before it starts (the report's packages among them, not to fail after training);
@@ -20,6 +20,9 @@ from .config import StudyConfig, saved_settings, with_saved_settings
 STUDY_PACKAGES = {"sklearn": "scikit-learn", "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib",
                   "torchvision": "torchvision"}
 EVERY_RUN = {"distill": ("sklearn", "scipy", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
+# what Ctrl-C leaves behind, per command
+INTERRUPTED = {"distill": "each finished epoch is checkpointed: the same command with --resume continues the run",
+               "cache-teacher": "no cache was written (the partial folder is removed); run the command again"}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, defaults: bool = True):
@@ -92,6 +95,19 @@ def validate(cfg: StudyConfig):
     if cfg.batch_size < 1 or cfg.num_bins < 1 or cfg.log_interval < 1:
         raise ValueError("--batch-size, --num-bins and --log-interval must be >= 1")
     _validate_teacher_cache(cfg)
+    check_device(cfg.device)
+    _check_backend(cfg.backend, resolve_device(cfg.device))
+
+
+def _check_backend(backend: str | None, device: str):
+    """A backend asked for by name runs on the run's device (else it would fail after the teacher trained)."""
+    if backend in (None, "auto"):
+        return
+    from .. import available_backends
+
+    info = {b.name: b for b in available_backends(device)}[backend]
+    if not info.available:
+        raise ValueError(f"--backend {backend} cannot run on {device}: {info.reason}")
 
 
 def _validate_teacher_cache(cfg: StudyConfig):
@@ -130,6 +146,9 @@ def main(argv=None) -> int:
 
             return run(args)
         return distill(args, given_options(argv) if args.resume else set())
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, no traceback
+        print(f"fastkd: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         top = (e.name or "").partition(".")[0]
         if top not in STUDY_PACKAGES:

@@ -70,6 +70,24 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def check_device(device: str):
+    """A ValueError naming --device, before any work, for a device this machine does not have."""
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: auto, cpu or cuda[:i]") from None
+    if d.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or auto")
+    n = torch.cuda.device_count()
+    if d.index is not None and d.index >= n:
+        raise ValueError(f"--device {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (cuda:0 to cuda:{n - 1})")
+
+
 # What a resumed run (or a finished seed reused by --seeds --resume) may change: where the run lives,
 # how it reports progress, what to do with its folder. Every other setting changes what is computed.
 NOT_COMPARED = ("resume", "overwrite", "progress", "log_interval", "out_dir", "name", "download")
