@@ -188,3 +188,17 @@ def test_cache_teacher_ctrl_c_is_one_line_and_leaves_nothing(capsys, tmp_path, m
     assert code == 130
     one_line(err, "interrupted", "no cache was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.pt"]
+
+
+def test_help_names_each_default_once(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["distill", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    text = text.split("-h, --help", 1)[1]  # past the usage line
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    assert "do not:" not in text and ") (default" not in text
+    for option, help_ in [("--no-progress", "no progress bars"), ("--temperature TEMPERATURE", "(default: 4.0)"),
+                          ("--epochs EPOCHS", "student epochs (default: 40 on digits, 30 on CIFAR)"),
+                          ("--teacher TEACHER", "(default: mlp-large on digits, resnet18 on CIFAR)")]:
+        assert f"{option} " in text and help_ in text.split(option, 1)[1].split(" --", 1)[0], option

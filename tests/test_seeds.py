@@ -122,7 +122,7 @@ def test_summary_statistics_are_those_of_the_seed_reports(three_seeds):
         assert pooled["count"] == 3 * summary["dataset"]["test"]
         assert pooled["accuracy"] == pytest.approx(summary["metrics"]["accuracy"][model]["mean"], abs=1e-12)
         assert pooled["nll"] == pytest.approx(summary["metrics"]["nll"][model]["mean"], rel=1e-9)
-    assert "| accuracy ↑ |" in stdout and "3 seeds (0 reused)" in stdout and "seed 2:" in stdout
+    assert "| accuracy ↑ |" in stdout and "3 seeds (0-2), none reused;" in stdout and "seed 2:" in stdout
 
 
 def test_summary_report_and_figure(three_seeds):
@@ -164,6 +164,7 @@ def test_resume_reuses_finished_seeds(three_seeds, tmp_path):
     assert code == 0, err
     assert all(_snapshot(folder / f"s{s}") == before[s] for s in (0, 1))  # untouched
     assert "seed 0: reused" in stdout and "seed 2: reused" not in stdout
+    assert "3 seeds (0-2), seeds 0-1 reused from the earlier run;" in stdout
     new = json.loads((folder / "report.json").read_text())
     assert new["reused"] == [0, 1] and (folder / "s2" / "report.json").exists()
     assert new["metrics"] == old["metrics"]  # seed 2 continued from its checkpoints to the same result

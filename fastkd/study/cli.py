@@ -26,16 +26,20 @@ INTERRUPTED = {"distill": "each finished epoch is checkpointed: the same command
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, defaults: bool = True):
-    """One option per StudyConfig field: booleans become flags, the rest take a typed value. Without
+    """One option per StudyConfig field: booleans become flags (``--no-x`` for one on by default, its
+    help the field's "off" text), the rest take a typed value; a default that is a value is named in
+    the help (one that depends on other settings is described by the field's own help). Without
     ``defaults`` an option not given leaves no attribute (what :func:`given_options` reads)."""
     for f in dataclasses.fields(StudyConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
+        if f.type != "bool" and f.default is not None:
+            help_ += f" (default: {f.default})"
         default = f.default if defaults else argparse.SUPPRESS
         if f.type == "bool":
             if f.default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, default=default,
-                                    action="store_false", help=f"do not: {help_}")
+                                    action="store_false", help=f.metadata["off"])
             else:
                 parser.add_argument(flag, dest=f.name, default=default, action="store_true", help=help_)
             continue
@@ -56,8 +60,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     distill = sub.add_parser("distill", help="train a teacher, a student alone and a distilled "
-                             "student; report accuracy and calibration",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             "student; report accuracy and calibration")
     _add_config_arguments(distill, defaults)
     distill.add_argument("--seeds", help="run the study once per seed (0-9, 0,3,7 or 0-4,8; replaces --seed) "
                          "and summarise: mean ± std, paired differences with 95%% intervals, one figure")

@@ -16,15 +16,18 @@ class StudyConfig:
     """Every knob of ``fastkd distill``; the command line is built from these fields."""
 
     dataset: str = field(default="digits", metadata={"help": "digits | cifar10 | cifar100"})
-    data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live"})
+    data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live (required for CIFAR)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
-    teacher: str | None = field(default=None, metadata={"help": "teacher model (default by dataset)"})
-    student: str | None = field(default=None, metadata={"help": "student model (default by dataset)"})
-    teacher_ckpt: str | None = field(default=None, metadata={"help": "reuse a trained teacher"})
-    epochs: int | None = field(default=None, metadata={"help": "student epochs (digits 40, CIFAR 30)"})
-    teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: epochs)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "teacher model (default: mlp-large on digits, resnet18 on CIFAR)"})
+    student: str | None = field(default=None, metadata={
+        "help": "student model (default: mlp-tiny on digits, mobilenet_v2 on CIFAR)"})
+    teacher_ckpt: str | None = field(default=None, metadata={
+        "help": "load the teacher from this checkpoint (an earlier run's teacher.pt) instead of training it"})
+    epochs: int | None = field(default=None, metadata={"help": "student epochs (default: 40 on digits, 30 on CIFAR)"})
+    teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: --epochs)"})
     batch_size: int = field(default=128, metadata={"help": "batch size"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (digits 0.05, CIFAR 0.1)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 0.05 on digits, 0.1 on CIFAR)"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
     alpha: float = field(default=0.9, metadata={"help": "weight of the distillation term in [0, 1]"})
@@ -34,14 +37,16 @@ class StudyConfig:
         "help": "also distil the student from the teacher's top-K log-probabilities, cached once, "
                 "for each K given (e.g. 1 2 3 5 10); one more report row per K"})
     teacher_cache_tail: str = field(default="bucket", metadata={
-        "help": "the cached teacher's missing mass: bucket | renormalize (see sparse_kd_loss)"})
+        "help": "the cached teacher's missing mass (see sparse_kd_loss): bucket | renormalize"})
     num_bins: int = field(default=15, metadata={"help": "calibration bins"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
-    backend: str | None = field(default=None, metadata={"help": "fastkd backend: auto | triton | cuda | torch"})
+    backend: str | None = field(default=None, metadata={
+        "help": "fastkd backend: auto | triton | cuda | torch (default: $FASTKD_BACKEND, else auto)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of the run"})
-    name: str | None = field(default=None, metadata={"help": "run name (default <dataset>-s<seed>)"})
+    name: str | None = field(default=None, metadata={
+        "help": "run name (default: <dataset>-s<seed>; with --seeds, <dataset>-seeds<seeds>)"})
     resume: bool = field(default=False, metadata={
         "help": "continue the run in --out-dir/--name from its checkpoints, with the settings it was started "
                 "with (an option given that differs from them is refused)"})
@@ -49,7 +54,7 @@ class StudyConfig:
         "help": "replace the run in --out-dir/--name: its checkpoints, reports, figures, logs and teacher "
                 "cache are deleted first"})
     log_interval: int = field(default=50, metadata={"help": "steps between progress updates"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars", "off": "no progress bars"})
 
     def resolved(self) -> StudyConfig:
         """A copy with the dataset-dependent defaults filled in."""

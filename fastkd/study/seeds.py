@@ -366,7 +366,10 @@ def distill_seeds(cfg: StudyConfig, text: str, validate, given=frozenset()) -> i
         return 0
     folder = Path(cfg.out_dir) / summary["config"]["name"]
     print(summary_table(summary["metrics"]))
-    print(f"\n{len(seeds)} seeds ({len(summary['reused'])} reused), teacher {summary['teacher']}; "
+    reused = summary["reused"]
+    reuse = (f"seed{'s' if len(reused) > 1 else ''} {seeds_label(reused)} reused from the earlier run" if reused
+             else "none reused")
+    print(f"\n{len(seeds)} seeds ({seeds_label(seeds)}), {reuse}; teacher {summary['teacher']}; "
           f"{summary['timing']['seconds']:.1f} s on {summary['timing']['device']}; summary, figure and "
           f"per-seed runs in {folder}/")
     return 0
