@@ -137,10 +137,30 @@ def test_summary_report_and_figure(three_seeds):
     import matplotlib.image
 
     height, width = matplotlib.image.imread(folder / "summary.png").shape[:2]
-    assert (width, height) == (1600, 1300)  # 16 x 13 inches at 100 dpi: 8 metric panels, 3 diagrams
+    assert (width, height) == (1600, 1500)  # 16 x 15 inches at 100 dpi: a legend, 8 metric panels, 3 diagrams
     for s in (0, 1, 2):  # each seed is a whole single-seed run, without its figures
         assert (folder / f"s{s}" / "report.json").exists() and not list((folder / f"s{s}").glob("*.png"))
         assert "No figures: one seed of a multi-seed run" in (folder / f"s{s}" / "report.md").read_text()
+
+
+def test_summary_figure_says_what_its_lines_are(three_seeds):
+    from fastkd.study.report import pyplot
+    from fastkd.study.seeds import pooled_meters, summarize_seeds, summary_figure
+
+    reports = _seed_reports(three_seeds[0])
+    fig = summary_figure(reports, summarize_seeds(reports), pooled_meters(reports))
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend() and not ax.axison]
+    handles = getattr(legend, "legend_handles", None) or legend.legendHandles  # (the name before matplotlib 3.7)
+    colours = {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), handles)}
+    assert colours["one seed: distilled better"] == "#55a868" and colours["one seed: distilled worse"] == "#c44e52"
+    assert {"mean over seeds", "teacher (mean over seeds)"} <= set(colours)
+    accuracy = fig.axes[0]  # its seed lines are drawn in those colours, by the sign of distilled - alone
+    for s, line in zip(sorted(reports), accuracy.get_lines()):
+        gain = reports[s]["results"]["distilled"]["accuracy"] - reports[s]["results"]["student"]["accuracy"]
+        assert line.get_color() == {1: "#55a868", -1: "#c44e52", 0: "0.6"}[(gain > 0) - (gain < 0)]
+    counts = [ax for ax in fig.axes if ax.get_ylabel() == "test rows"]
+    assert len(counts) == 1 and sum(p.get_height() for p in counts[0].patches) == 3 * 360  # the teacher's, pooled
+    pyplot().close(fig)
 
 
 def test_seed_s_is_the_single_seed_run(three_seeds, tmp_path):

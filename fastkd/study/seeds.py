@@ -163,30 +163,29 @@ def per_seed_table(summary_report: dict) -> str:
     return "\n".join(rows)
 
 
-def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
-    """The summary figure: per metric the two students' values per seed, joined by a line (green:
-    distilled better, red: worse, grey: tied), their means in black, the teacher's mean dotted;
-    below, each model's reliability diagram pooled over the seeds."""
-    import matplotlib
+def summary_figure(reports: dict, summary: dict, meters: dict):
+    """The summary figure (summary.png): per metric the two students' values per seed, joined by a line (green:
+    distilled better, red: worse, grey: tied or a metric without a better side), their means in black,
+    the teacher's mean dotted, in a legend above; below, each model's reliability diagram pooled over
+    the seeds, with its rows per bin."""
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import pyplot, draw_reliability, label, reliability_axes
 
-    from .report import draw_reliability, label
+    plt = pyplot()
 
     seeds = sorted(reports)
-    fig = plt.figure(figsize=(16, 13))
-    grid = fig.add_gridspec(3, 12, height_ratios=[1, 1, 1.3])
+    colour = {1: "#55a868", -1: "#c44e52", 0: "0.6"}  # distilled better, worse, neither
+    fig = plt.figure(figsize=(16, 15), constrained_layout=True)
+    grid = fig.add_gridspec(4, 12, height_ratios=[0.12, 1, 1, 1.75])
     for i, (key, name, digits, direction) in enumerate(METRICS):
-        ax = fig.add_subplot(grid[i // 4, 3 * (i % 4):3 * (i % 4) + 3])
+        ax = fig.add_subplot(grid[1 + i // 4, 3 * (i % 4):3 * (i % 4) + 3])
         pairs = [(reports[s]["results"]["student"][key], reports[s]["results"]["distilled"][key]) for s in seeds]
         for a, b in pairs:
             gain = direction * (b - a)
-            ax.plot([0, 1], [a, b], "-o", color="#55a868" if gain > 0 else "#c44e52" if gain < 0 else "0.6",
-                    alpha=0.7, lw=1, ms=3)
-        ax.plot([0, 1], [summary[key]["student"]["mean"], summary[key]["distilled"]["mean"]], "k-s", lw=2, ms=6,
-                label="mean")
-        ax.axhline(summary[key]["teacher"]["mean"], color="0.35", ls=":", lw=1.2, label="teacher (mean)")
+            ax.plot([0, 1], [a, b], "-o", color=colour[(gain > 0) - (gain < 0)], alpha=0.7, lw=1, ms=3)
+        ax.plot([0, 1], [summary[key]["student"]["mean"], summary[key]["distilled"]["mean"]], "k-s", lw=2, ms=6)
+        ax.axhline(summary[key]["teacher"]["mean"], color="0.35", ls=":", lw=1.2)
         d = summary[key]["difference"]
         title = f"{name}: Δ {d['mean']:+.{digits}f}"
         if d["ci95"] is not None:
@@ -195,21 +194,32 @@ def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
             title += f"\ndistilled better in {d['better']}/{d['n']} seeds"
         ax.set_title(title, fontsize=10)
         ax.set(xticks=[0, 1], xticklabels=["student alone", "distilled"], xlim=(-0.3, 1.3))
-        if i == 0:
-            ax.legend(fontsize=8)
+    key = fig.add_subplot(grid[0, :])
+    key.axis("off")
+    key.legend(handles=[Line2D([], [], color=colour[1], marker="o", ms=3, label="one seed: distilled better"),
+                        Line2D([], [], color=colour[-1], marker="o", ms=3, label="one seed: distilled worse"),
+                        Line2D([], [], color=colour[0], marker="o", ms=3, label="one seed: tied, or T* (no better side)"),
+                        Line2D([], [], color="k", marker="s", lw=2, ms=6, label="mean over seeds"),
+                        Line2D([], [], color="0.35", ls=":", lw=1.2, label="teacher (mean over seeds)")],
+               loc="center", ncol=5, frameon=False, fontsize=10)
     for j, m in enumerate(MODEL_KEYS):
-        ax = fig.add_subplot(grid[2, 4 * j:4 * j + 4])
+        ax, count_ax = reliability_axes(fig, grid[3, 4 * j:4 * j + 4])
         rep = meters[m].compute()
         draw_reliability(ax, rep, f"{label(m)}, {len(seeds)} seeds pooled ({rep.count:,} test rows)\n"
-                                  f"ECE {rep.ece:.3f}  acc {rep.accuracy:.3f}")
+                                  f"ECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", count_ax)
         if j == 0:
             ax.set_ylabel("accuracy")
-            ax.legend(loc="upper left")
+            count_ax.set_ylabel("test rows")
+            ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"distilled student vs student alone over seeds {seeds_label(seeds)} "
                  "(Δ = distilled − alone, mean [95% t-interval])")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
+    from .report import save_figure
+
+    save_figure(summary_figure(reports, summary, meters), path, dpi=100)
 
 
 def write_summary(folder: Path, summary_report: dict, reports: dict, meters: dict):

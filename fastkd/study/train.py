@@ -194,7 +194,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
             row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
                    "samples_per_s": n / seconds, "lr": sched.get_last_lr()[0],
-                   "temperature": state["temperature"], "alpha": state["alpha"],
+                   # T and alpha only where the loss used them (not the teacher's or the student alone's)
+                   **({"temperature": state["temperature"], "alpha": state["alpha"]} if distilling else {}),
                    **{f"val_{k}": v for k, v in val.items()}}
             if train_meter is not None:
                 row["train_ece"] = train_meter.all_reduce(device=device).compute().ece
