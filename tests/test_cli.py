@@ -130,6 +130,15 @@ def test_overwrite_leaves_nothing_of_the_earlier_run(capsys, tmp_path, finished)
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1 + 1 + 1
 
 
+def test_overwrite_keeps_a_teacher_checkpoint_it_would_delete(capsys, tmp_path, finished):
+    folder = copy_run(finished, tmp_path)
+    before = snapshot(folder)
+    code, _, err = run_cli(capsys, "--out-dir", str(tmp_path), "--overwrite", "--teacher-ckpt", str(folder / "teacher.pt"))
+    assert code == 2
+    one_line(err, f"--teacher-ckpt {folder / 'teacher.pt'} lies in {folder}, which --overwrite clears first")
+    assert snapshot(folder) == before
+
+
 def test_resume_and_overwrite_exclude_each_other(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--out-dir", str(tmp_path), "--resume", "--overwrite")
     assert code == 2

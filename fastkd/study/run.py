@@ -5,6 +5,9 @@ is then measured on the test split: accuracy, calibration (ECE, MCE, NLL, Brier)
 with the teacher, and the ECE after temperature scaling fitted on the validation split
 (Guo et al. 2017; T* within [0.05, 100], flagged at a bound), plus a per-class precision / recall /
 F1 table for the students.
+
+The run folder starts with config.json, the resolved settings: ``--resume`` continues the run with
+them (and refuses others); a new run refuses a folder an earlier run wrote unless ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -124,6 +127,9 @@ def check_run_folder(cfg: StudyConfig, out: Path):
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
     if not cfg.resume:
         check_new_run(out, cfg.overwrite)
+        if cfg.overwrite and cfg.teacher_ckpt and out.resolve() in Path(cfg.teacher_ckpt).resolve().parents:
+            raise ValueError(f"--teacher-ckpt {cfg.teacher_ckpt} lies in {out}, which --overwrite clears first; "
+                             "copy it elsewhere, or give the new run another --name")
         return
     saved = saved_settings(out)
     if saved is not None:  # (a folder without settings holds nothing to continue: the run starts)

@@ -6,7 +6,8 @@ students' shared initialisation and every batch order drawn from S), written to
 draws the reliability diagrams pooled over seeds); the summary (report.md, report.json, summary.png)
 goes in ``<out-dir>/<name>/``, name by default ``<dataset>-seeds<seeds>``. The data split is the same
 for every seed. ``--resume`` reuses a seed whose report.json is written (its files are left as they
-are) and continues the others from their checkpoints.
+are) and continues the others from their checkpoints, all with the settings the seeds were run with;
+a folder holding an earlier multi-seed run is otherwise refused, or cleared first with ``--overwrite``.
 
 The teacher is retrained per seed unless ``--teacher-ckpt`` names one. The claim under test is
 "distilling from a teacher trained this way helps the student", so the teacher's own variation
