@@ -31,8 +31,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,18 @@ def _save_synced(path: Path, array: np.ndarray):
         os.fsync(f.fileno())
 
 
+def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new folder under a name no other writer has, with the permissions the umask gives (the cache
+    is this folder renamed; tempfile.mkdtemp would make it readable by its owner only)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 def _sync_folder(folder: Path):
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -120,8 +132,7 @@ class TeacherCacheWriter:
         row_bytes = math.prod(self.row_shape) * k * (IDS_DTYPE.itemsize + 2)
         self.shard_rows = max(1, shard_bytes // max(row_bytes, 1))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
-                                         dir=self.path.parent))
+        self.partial = _new_folder(self.path.parent, f".{self.path.name}.", ".partial")
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_rows = 0
         self.shards: list[dict] = []

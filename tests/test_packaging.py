@@ -30,8 +30,8 @@ from packaging.utils import canonicalize_name
 import fastkd
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY_MODULES = ("sklearn", "tqdm", "matplotlib", "tensorboard", "torchvision")
-STUDY_DISTRIBUTIONS = {"scikit-learn", "tqdm", "matplotlib", "tensorboard", "torchvision"}
+STUDY_MODULES = ("sklearn", "scipy", "tqdm", "matplotlib", "tensorboard", "torchvision")
+STUDY_DISTRIBUTIONS = {"scikit-learn", "scipy", "tqdm", "matplotlib", "tensorboard", "torchvision"}
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
 CXX_SUFFIXES = (".cu", ".cuh", ".cpp", ".h", ".hpp")  # what pyproject ships from kernels/
 

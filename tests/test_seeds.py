@@ -11,7 +11,7 @@ import pytest
 from fastkd.study.cli import main
 from fastkd.study.config import StudyConfig
 from fastkd.study.run import run_study
-from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label, t_quantile
+from fastkd.study.seeds import METRICS, MODEL_KEYS, paired_difference, parse_seeds, seeds_label
 
 TINY = ["--no-progress", "--epochs", "1", "--teacher-epochs", "1"]
 
@@ -52,7 +52,9 @@ def test_bad_settings_with_seeds_end_in_one_line(capsys, tmp_path):
 @pytest.mark.parametrize("df,t", [(1, 12.706204736), (2, 4.302652730), (4, 2.776445105), (9, 2.262157163),
                                   (30, 2.042272456)], ids=lambda v: str(v))
 def test_t_quantile_matches_the_tables(df, t):
-    assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-8)
+    """The interval's t(0.975, n - 1) (scipy's) against printed tables, for n = df + 1 seeds."""
+    out = paired_difference([0.0] * (df + 1), [0.1 * i for i in range(df + 1)], direction=1)
+    assert out["t_quantile"] == pytest.approx(t, abs=1e-8)
 
 
 def test_paired_difference_against_a_plain_reference():
@@ -120,7 +122,7 @@ def test_summary_statistics_are_those_of_the_seed_reports(three_seeds):
         assert pooled["count"] == 3 * summary["dataset"]["test"]
         assert pooled["accuracy"] == pytest.approx(summary["metrics"]["accuracy"][model]["mean"], abs=1e-12)
         assert pooled["nll"] == pytest.approx(summary["metrics"]["nll"][model]["mean"], rel=1e-9)
-    assert "| accuracy ↑ |" in stdout and "3 seeds (0 reused)" in stdout and "seed 2:" in stdout
+    assert "| accuracy ↑ |" in stdout and "3 seeds (0-2), none reused;" in stdout and "seed 2:" in stdout
 
 
 def test_summary_report_and_figure(three_seeds):
@@ -135,10 +137,30 @@ def test_summary_report_and_figure(three_seeds):
     import matplotlib.image
 
     height, width = matplotlib.image.imread(folder / "summary.png").shape[:2]
-    assert (width, height) == (1600, 1300)  # 16 x 13 inches at 100 dpi: 8 metric panels, 3 diagrams
+    assert (width, height) == (1600, 1500)  # 16 x 15 inches at 100 dpi: a legend, 8 metric panels, 3 diagrams
     for s in (0, 1, 2):  # each seed is a whole single-seed run, without its figures
         assert (folder / f"s{s}" / "report.json").exists() and not list((folder / f"s{s}").glob("*.png"))
         assert "No figures: one seed of a multi-seed run" in (folder / f"s{s}" / "report.md").read_text()
+
+
+def test_summary_figure_says_what_its_lines_are(three_seeds):
+    from fastkd.study.report import pyplot
+    from fastkd.study.seeds import pooled_meters, summarize_seeds, summary_figure
+
+    reports = _seed_reports(three_seeds[0])
+    fig = summary_figure(reports, summarize_seeds(reports), pooled_meters(reports))
+    (legend,) = [ax.get_legend() for ax in fig.axes if ax.get_legend() and not ax.axison]
+    handles = getattr(legend, "legend_handles", None) or legend.legendHandles  # (the name before matplotlib 3.7)
+    colours = {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), handles)}
+    assert colours["one seed: distilled better"] == "#55a868" and colours["one seed: distilled worse"] == "#c44e52"
+    assert {"mean over seeds", "teacher (mean over seeds)"} <= set(colours)
+    accuracy = fig.axes[0]  # its seed lines are drawn in those colours, by the sign of distilled - alone
+    for s, line in zip(sorted(reports), accuracy.get_lines()):
+        gain = reports[s]["results"]["distilled"]["accuracy"] - reports[s]["results"]["student"]["accuracy"]
+        assert line.get_color() == {1: "#55a868", -1: "#c44e52", 0: "0.6"}[(gain > 0) - (gain < 0)]
+    counts = [ax for ax in fig.axes if ax.get_ylabel() == "test rows"]
+    assert len(counts) == 1 and sum(p.get_height() for p in counts[0].patches) == 3 * 360  # the teacher's, pooled
+    pyplot().close(fig)
 
 
 def test_seed_s_is_the_single_seed_run(three_seeds, tmp_path):
@@ -162,6 +184,7 @@ def test_resume_reuses_finished_seeds(three_seeds, tmp_path):
     assert code == 0, err
     assert all(_snapshot(folder / f"s{s}") == before[s] for s in (0, 1))  # untouched
     assert "seed 0: reused" in stdout and "seed 2: reused" not in stdout
+    assert "3 seeds (0-2), seeds 0-1 reused from the earlier run;" in stdout
     new = json.loads((folder / "report.json").read_text())
     assert new["reused"] == [0, 1] and (folder / "s2" / "report.json").exists()
     assert new["metrics"] == old["metrics"]  # seed 2 continued from its checkpoints to the same result
@@ -171,4 +194,27 @@ def test_resume_refuses_seeds_run_with_other_settings(three_seeds, tmp_path):
     shutil.copytree(three_seeds[0], tmp_path / "digits-seeds0-2")
     code, _, err = run_cli("--out-dir", str(tmp_path), *TINY, "--seeds", "0-2", "--resume", "--epochs", "2")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "was run with epochs = 1, not 2" in err and "--resume" in err
+    assert "was run with --epochs = 1, not 2" in err and "--resume" in err
+
+
+def test_a_second_multi_seed_run_into_the_same_folder_is_refused(three_seeds, tmp_path):
+    folder = tmp_path / "digits-seeds0-2"
+    shutil.copytree(three_seeds[0], folder)
+    before = _snapshot(folder)
+    code, _, err = run_cli("--out-dir", str(tmp_path), *TINY, "--seeds", "0-2")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and _snapshot(folder) == before
+    assert f"{folder} holds an earlier run: pass --resume" in err and "--overwrite" in err and "--out-dir" in err
+
+
+def test_overwrite_replaces_every_seed(three_seeds, tmp_path):
+    folder = tmp_path / "digits-seeds0-2"
+    shutil.copytree(three_seeds[0], folder)
+    (folder / "s1" / "distilled-top2.pt").write_bytes(b"stale")
+    (folder / "s7").mkdir()  # a seed of an earlier run under this --name, not run now
+    (folder / "s7" / "report.json").write_text("{}")
+    code, stdout, err = run_cli("--out-dir", str(tmp_path), "--no-progress", "--epochs", "1", "--teacher-epochs", "2",
+                                "--seeds", "0-1", "--name", folder.name, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["report.json", "report.md", "s0", "s1", "summary.png"]
+    assert not (folder / "s1" / "distilled-top2.pt").exists()
+    assert json.loads((folder / "s1" / "report.json").read_text())["config"]["teacher_epochs"] == 2

@@ -53,6 +53,8 @@ def test_report_has_every_field_in_range(short_run):
         assert {"precision", "recall", "f1-score"} <= set(table["0"])
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 + 3 + 3 and json.loads(lines[-1])["stage"] == "distilled"
+    for row in map(json.loads, lines):  # T and alpha where the loss used them, only
+        assert ({"temperature", "alpha"} <= set(row)) == (row["stage"] == "distilled"), row
     md = (folder / "report.md").read_text()
     assert "distilled student" in md and "precision" in md and "constant" in md
 
@@ -233,3 +235,61 @@ def test_fit_temperature_finds_the_nll_minimum():
     grid = torch.linspace(0.2, 5.0, 4801, dtype=torch.float64)
     nll = torch.stack([torch.nn.functional.cross_entropy(logits.double() / t, labels) for t in grid])
     assert abs(t_star - float(grid[nll.argmin()])) <= 1e-3
+
+
+def _history(temperatures, alphas):
+    """A made-up history: the teacher 4 epochs, the students 3 (the distilled one with these T, alpha)."""
+    rows = lambda stage, n, loss: [{"epoch": e + 1, "train_loss": loss / (e + 1), "val_accuracy": 0.5 + 0.1 * e,
+                                    "val_ece": 0.1 / (e + 1)} for e in range(n)]
+    history = {"teacher": rows("teacher", 4, 2.3), "student": rows("student", 3, 2.2),
+               "distilled": rows("distilled", 3, 30.0)}
+    for r, t, a in zip(history["distilled"], temperatures, alphas):
+        r.update(temperature=t, alpha=a)
+    return history
+
+
+def _lines(ax):
+    return {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+
+
+def test_curves_keep_the_distillation_objective_off_the_cross_entropy_axis():
+    from fastkd.study.report import curves_figure, pyplot
+
+    fig = curves_figure(_history([4.0] * 3, [0.9] * 3), {"divergence": "kl", "policy": "constant"})
+    ce, objective, acc, ece = fig.axes  # a constant policy: no T / alpha panel
+    assert _lines(ce) == {"teacher": [2.3, 1.15, 2.3 / 3, 2.3 / 4], "student alone": [2.2, 1.1, 2.2 / 3]}
+    assert _lines(objective) == {"distilled student": [30.0, 15.0, 10.0]}
+    assert "α·T²·KL + (1−α)·CE" in objective.get_title() and "T = 4, α = 0.9 throughout" in objective.get_title()
+    assert set(_lines(acc)) == set(_lines(ece)) == {"teacher", "student alone", "distilled student"}
+    pyplot().close(fig)
+
+    fig = curves_figure(_history([4.0, 3.0, 1.5], [0.9, 0.9, 0.8]), {"divergence": "jsd", "policy": "anneal"})
+    assert len(fig.axes) == 6  # the four panels, T and alpha on twin axes
+    t_axis, alpha_axis = fig.axes[4:]
+    assert _lines(t_axis) == {"T": [4.0, 3.0, 1.5]} and _lines(alpha_axis) == {"α": [0.9, 0.9, 0.8]}
+    assert "anneal" in t_axis.get_title() and "throughout" not in fig.axes[1].get_title()
+    pyplot().close(fig)
+
+
+def test_reliability_diagram_shows_the_rows_per_bin(gen):
+    """The histogram under each diagram holds the rows per confidence bin, labelled with their number;
+    the bars hold each bin's accuracy: both against numpy on the same confidences."""
+    import numpy as np
+
+    from fastkd.calibration import CalibrationMeter
+    from fastkd.study.report import pyplot, reliability_figure
+
+    logits = torch.randn(257, 7, generator=gen, dtype=torch.float64) * 2.5
+    labels = torch.randint(0, 7, (257,), generator=gen)
+    fig = reliability_figure({"teacher": CalibrationMeter(15).update(logits, labels)})
+    diagram, counts = fig.axes
+    conf, pred = torch.softmax(logits, -1).max(-1)
+    expected, _ = np.histogram(conf.numpy(), bins=15, range=(0, 1))
+    assert [p.get_height() for p in counts.patches] == expected.tolist() and expected.sum() == 257
+    assert [t.get_text() for t in counts.texts] == [str(n) for n in expected if n]
+    which = np.minimum((conf.numpy() * 15).astype(int), 14)
+    correct = (pred == labels).numpy()
+    accuracy = [correct[which == b].mean() for b in range(15) if expected[b]]
+    heights = [p.get_height() for p in diagram.patches[:len(accuracy)]]  # the accuracy bars, then the gaps
+    assert heights == pytest.approx(accuracy, abs=1e-12)
+    pyplot().close(fig)

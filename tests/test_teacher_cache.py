@@ -3,7 +3,9 @@ every refusal (the broken file written here), interrupted writes, the ``fastkd c
 command (digits and a tiny random Hugging Face model over a token file) and the study's
 ``--teacher-cache`` rows."""
 import json
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -339,6 +341,23 @@ def test_cli_bad_arguments_end_in_one_line(capsys, tmp_path, monkeypatch, args, 
     code, out, err = run_cli(capsys, *([] if not args else ["--out", "c"]), *args)
     assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())  # nothing written, not even a partial folder
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_cli_cache_folder_honours_the_umask(capsys, tmp_path, umask):
+    """The cache folder and its files get the permissions the umask gives, as any folder a command
+    makes (a temporary folder renamed into place would be 0700 whatever the umask)."""
+    torch.save({"model": digits_teacher().state_dict()}, tmp_path / "teacher.pt")
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli(capsys, "--out", str(tmp_path / "c"), "--k", "2", "--split", "test",
+                               "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o777 & ~umask
+    for f in (tmp_path / "c").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
 
 
 def test_cli_refuses_to_overwrite_unless_asked(capsys, tmp_path, good_cache):

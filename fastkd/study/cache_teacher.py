@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
-from .config import StudyConfig, resolve_device
+from .config import StudyConfig, check_device, resolve_device
 from .data import load_data
 from .teachers import causal_lm_vocab, load_causal_lm, load_or_train_teacher, progress_bar, write_classifier_rows
 from .train import _autocast
@@ -83,6 +83,7 @@ def validate(args):
         raise ValueError(f"unknown split {args.split!r}; choose from {', '.join(SPLITS)}")
     if args.teacher_ckpt and args.teacher_epochs is not None:
         raise ValueError("--teacher-ckpt and --teacher-epochs exclude each other (load or train)")
+    check_device(args.device)
 
 
 def cache_study_teacher(args) -> Path:

@@ -9,45 +9,59 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
+from pathlib import Path
 
 from .. import __version__
-from .config import StudyConfig
+from .config import StudyConfig, check_device, resolve_device, saved_settings, with_saved_settings
 
 # fastkd[study] by import name (the study runs without tensorboard). What every run of a command
 # needs is checked before it starts (the report's packages among them, not to fail after training);
 # the rest is named when its import fails (torchvision, when CIFAR data or models load).
-STUDY_PACKAGES = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib",
+STUDY_PACKAGES = {"sklearn": "scikit-learn", "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib",
                   "torchvision": "torchvision"}
-EVERY_RUN = {"distill": ("sklearn", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
+EVERY_RUN = {"distill": ("sklearn", "scipy", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
+# what Ctrl-C leaves behind, per command
+INTERRUPTED = {"distill": "each finished epoch is checkpointed: the same command with --resume continues the run",
+               "cache-teacher": "no cache was written (the partial folder is removed); run the command again"}
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser):
-    """One option per StudyConfig field: booleans become flags, the rest take a typed value."""
+def _add_config_arguments(parser: argparse.ArgumentParser, defaults: bool = True):
+    """One option per StudyConfig field: booleans become flags (``--no-x`` for one on by default, its
+    help the field's "off" text), the rest take a typed value; a default that is a value is named in
+    the help (one that depends on other settings is described by the field's own help). Without
+    ``defaults`` an option not given leaves no attribute (what :func:`given_options` reads)."""
     for f in dataclasses.fields(StudyConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
+        if f.type != "bool" and f.default is not None:
+            help_ += f" (default: {f.default})"
+        default = f.default if defaults else argparse.SUPPRESS
         if f.type == "bool":
             if f.default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                    action="store_false", help=f"do not: {help_}")
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, default=default,
+                                    action="store_false", help=f.metadata["off"])
             else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_)
+                parser.add_argument(flag, dest=f.name, default=default, action="store_true", help=help_)
             continue
         if f.type.startswith("list[int]"):
-            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=f.default, help=help_)
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=default, help=help_)
             continue
         kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_)
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def given_options(argv) -> set[str]:
+    """The StudyConfig fields set on ``fastkd distill``'s command line (the rest are defaults)."""
+    return set(vars(build_parser(defaults=False).parse_args(argv))) - {"command", "seeds"}
+
+
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description="fast knowledge distillation")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     distill = sub.add_parser("distill", help="train a teacher, a student alone and a distilled "
-                             "student; report accuracy and calibration",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_config_arguments(distill)
+                             "student; report accuracy and calibration")
+    _add_config_arguments(distill, defaults)
     distill.add_argument("--seeds", help="run the study once per seed (0-9, 0,3,7 or 0-4,8; replaces --seed) "
                          "and summarise: mean ± std, paired differences with 95%% intervals, one figure")
     from .cache_teacher import add_parser as add_cache_teacher
@@ -84,6 +98,19 @@ def validate(cfg: StudyConfig):
     if cfg.batch_size < 1 or cfg.num_bins < 1 or cfg.log_interval < 1:
         raise ValueError("--batch-size, --num-bins and --log-interval must be >= 1")
     _validate_teacher_cache(cfg)
+    check_device(cfg.device)
+    _check_backend(cfg.backend, resolve_device(cfg.device))
+
+
+def _check_backend(backend: str | None, device: str):
+    """A backend asked for by name runs on the run's device (else it would fail after the teacher trained)."""
+    if backend in (None, "auto"):
+        return
+    from .. import available_backends
+
+    info = {b.name: b for b in available_backends(device)}[backend]
+    if not info.available:
+        raise ValueError(f"--backend {backend} cannot run on {device}: {info.reason}")
 
 
 def _validate_teacher_cache(cfg: StudyConfig):
@@ -121,7 +148,10 @@ def main(argv=None) -> int:
             from .cache_teacher import run
 
             return run(args)
-        return distill(args)
+        return distill(args, given_options(argv) if args.resume else set())
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, no traceback
+        print(f"fastkd: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         top = (e.name or "").partition(".")[0]
         if top not in STUDY_PACKAGES:
@@ -129,13 +159,17 @@ def main(argv=None) -> int:
         return _no_study_extra(args.command, [STUDY_PACKAGES[top]])
 
 
-def distill(args) -> int:
+def distill(args, given=frozenset()) -> int:
+    """``fastkd distill``; ``given``: the settings named on the command line (what --resume keeps)."""
     cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "seeds")})
     if args.seeds is not None:  # several seeds and their summary: fastkd/study/seeds.py
         from .seeds import distill_seeds
 
-        return distill_seeds(cfg, args.seeds, validate)
+        return distill_seeds(cfg, args.seeds, validate, given)
     try:
+        if cfg.resume:  # the settings not given are those the run was started with
+            saved = saved_settings(Path(cfg.out_dir) / cfg.resolved().name)
+            cfg = with_saved_settings(cfg, saved, given) if saved is not None else cfg
         validate(cfg)
         from .report import results_table
         from .run import run_study

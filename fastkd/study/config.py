@@ -1,7 +1,10 @@
-"""The study's settings: one dataclass, from which ``fastkd distill``'s command line is built."""
+"""The study's settings: one dataclass, from which ``fastkd distill``'s command line is built; and
+the rule a resumed run follows: the settings it was started with, never others."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -13,15 +16,18 @@ class StudyConfig:
     """Every knob of ``fastkd distill``; the command line is built from these fields."""
 
     dataset: str = field(default="digits", metadata={"help": "digits | cifar10 | cifar100"})
-    data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live"})
+    data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live (required for CIFAR)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
-    teacher: str | None = field(default=None, metadata={"help": "teacher model (default by dataset)"})
-    student: str | None = field(default=None, metadata={"help": "student model (default by dataset)"})
-    teacher_ckpt: str | None = field(default=None, metadata={"help": "reuse a trained teacher"})
-    epochs: int | None = field(default=None, metadata={"help": "student epochs (digits 40, CIFAR 30)"})
-    teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: epochs)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "teacher model (default: mlp-large on digits, resnet18 on CIFAR)"})
+    student: str | None = field(default=None, metadata={
+        "help": "student model (default: mlp-tiny on digits, mobilenet_v2 on CIFAR)"})
+    teacher_ckpt: str | None = field(default=None, metadata={
+        "help": "load the teacher from this checkpoint (an earlier run's teacher.pt) instead of training it"})
+    epochs: int | None = field(default=None, metadata={"help": "student epochs (default: 40 on digits, 30 on CIFAR)"})
+    teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: --epochs)"})
     batch_size: int = field(default=128, metadata={"help": "batch size"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (digits 0.05, CIFAR 0.1)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 0.05 on digits, 0.1 on CIFAR)"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
     alpha: float = field(default=0.9, metadata={"help": "weight of the distillation term in [0, 1]"})
@@ -31,17 +37,24 @@ class StudyConfig:
         "help": "also distil the student from the teacher's top-K log-probabilities, cached once, "
                 "for each K given (e.g. 1 2 3 5 10); one more report row per K"})
     teacher_cache_tail: str = field(default="bucket", metadata={
-        "help": "the cached teacher's missing mass: bucket | renormalize (see sparse_kd_loss)"})
+        "help": "the cached teacher's missing mass (see sparse_kd_loss): bucket | renormalize"})
     num_bins: int = field(default=15, metadata={"help": "calibration bins"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
-    backend: str | None = field(default=None, metadata={"help": "fastkd backend: auto | triton | cuda | torch"})
+    backend: str | None = field(default=None, metadata={
+        "help": "fastkd backend: auto | triton | cuda | torch (default: $FASTKD_BACKEND, else auto)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the models"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of the run"})
-    name: str | None = field(default=None, metadata={"help": "run name (default <dataset>-s<seed>)"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
+    name: str | None = field(default=None, metadata={
+        "help": "run name (default: <dataset>-s<seed>; with --seeds, <dataset>-seeds<seeds>)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --out-dir/--name from its checkpoints, with the settings it was started "
+                "with (an option given that differs from them is refused)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in --out-dir/--name: its checkpoints, reports, figures, logs and teacher "
+                "cache are deleted first"})
     log_interval: int = field(default=50, metadata={"help": "steps between progress updates"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars", "off": "no progress bars"})
 
     def resolved(self) -> StudyConfig:
         """A copy with the dataset-dependent defaults filled in."""
@@ -60,3 +73,62 @@ class StudyConfig:
 
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def check_device(device: str):
+    """A ValueError naming --device, before any work, for a device this machine does not have."""
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: auto, cpu or cuda[:i]") from None
+    if d.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or auto")
+    n = torch.cuda.device_count()
+    if d.index is not None and d.index >= n:
+        raise ValueError(f"--device {device}: this machine has {n} CUDA GPU{'s' if n > 1 else ''} (cuda:0 to cuda:{n - 1})")
+
+
+# What a resumed run (or a finished seed reused by --seeds --resume) may change: where the run lives,
+# how it reports progress, what to do with its folder. Every other setting changes what is computed.
+NOT_COMPARED = ("resume", "overwrite", "progress", "log_interval", "out_dir", "name", "download")
+SETTINGS = "config.json"  # in a run folder: the resolved StudyConfig it was started with
+
+
+def saved_settings(folder: Path) -> dict | None:
+    """The settings the run in ``folder`` was started with (its config.json; before that file existed,
+    a finished run's report.json), or None for a folder holding neither."""
+    for name, key in ((SETTINGS, None), ("report.json", "config")):
+        try:
+            saved = json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        saved = saved.get(key) if key else saved
+        if isinstance(saved, dict):
+            return saved
+    return None
+
+
+def write_settings(folder: Path, cfg: StudyConfig):
+    (Path(folder) / SETTINGS).write_text(json.dumps(asdict(cfg.resolved()), indent=2) + "\n")
+
+
+def check_same_settings(folder: Path, saved: dict, cfg: StudyConfig, hint: str):
+    """A ValueError naming the first setting (and both values) in which ``cfg`` differs from the
+    settings ``saved`` of the run in ``folder``; ``hint`` says what to do instead."""
+    want = json.loads(json.dumps(asdict(cfg.resolved())))  # tuples as lists, as read back from JSON
+    for k, v in want.items():
+        if k not in NOT_COMPARED and saved.get(k) != v:
+            raise ValueError(f"--resume: {folder} was run with --{k.replace('_', '-')} = {saved.get(k)!r}, "
+                             f"not {v!r}; {hint}")
+
+
+def with_saved_settings(cfg: StudyConfig, saved: dict, given) -> StudyConfig:
+    """``cfg`` with every compared setting that was not ``given`` on the command line taken from
+    ``saved``: a plain ``--resume`` continues the run as it was started (its epochs, its T, ...)."""
+    names = {f.name for f in fields(StudyConfig)} - set(NOT_COMPARED) - set(given)
+    return replace(cfg, **{k: v for k, v in saved.items() if k in names})

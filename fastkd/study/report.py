@@ -65,73 +65,139 @@ def per_class_reports(data, preds) -> tuple[dict, dict]:
     return dicts, texts
 
 
-def draw_reliability(ax, rep, title: str):
-    """One reliability diagram of a CalibrationReport on ``ax``: accuracy per confidence bin, the gap
-    to the diagonal shaded."""
-    bins = [b for b in rep.bins if b.upper > b.lower]  # the extra bin of confidence == 1.0
-    last = rep.bins[-1]  # is drawn inside the top bin
-    width = bins[0].upper - bins[0].lower
+def _bins(rep):
+    """(lower edges, width, counts, accuracies, mean confidences) of a report's equal-width bins; a
+    zero-width bin at confidence 1.0 (the meter's exact-1.0 bin, where it keeps one) folds into the top one."""
+    bins = [b for b in rep.bins if b.upper > b.lower]
     counts = [b.count for b in bins]
-    accs = [b.accuracy * b.count for b in bins]
-    confs = [b.confidence * b.count for b in bins]
-    counts[-1] += last.count
-    accs[-1] += last.accuracy * last.count
-    confs[-1] += last.confidence * last.count
-    centers = [b.lower + width / 2 for b in bins]
-    acc = [a / c if c else 0 for a, c in zip(accs, counts)]
-    conf = [s / c if c else 0 for s, c in zip(confs, counts)]
-    ax.bar(centers, acc, width=width, edgecolor="black", color="#4c72b0", label="accuracy")
-    ax.bar(centers, [c - a if n else 0 for a, c, n in zip(acc, conf, counts)], bottom=acc,
-           width=width, color="#dd8452", alpha=0.5, edgecolor="#dd8452", label="gap")
+    correct = [b.accuracy * b.count for b in bins]
+    conf = [b.confidence * b.count for b in bins]
+    for b in rep.bins:
+        if b.upper <= b.lower:
+            counts[-1] += b.count
+            correct[-1] += b.accuracy * b.count
+            conf[-1] += b.confidence * b.count
+    acc = [a / n if n else 0.0 for a, n in zip(correct, counts)]
+    conf = [c / n if n else 0.0 for c, n in zip(conf, counts)]
+    return [b.lower for b in bins], bins[0].upper - bins[0].lower, counts, acc, conf
+
+
+def draw_reliability(ax, rep, title: str, count_ax=None):
+    """One reliability diagram of a CalibrationReport on ``ax``: accuracy per confidence bin (blue),
+    the gap to the bin's mean confidence hatched red (above the bar: over-confident; inside it:
+    under-confident), the diagonal. ``count_ax`` (below it, sharing x) gets the rows per bin, as in
+    Guo et al. 2017, so that a bin of a few rows is seen as one."""
+    lowers, width, counts, acc, conf = _bins(rep)
+    shown = [n > 0 for n in counts]
+    left = [x for x, s in zip(lowers, shown) if s]
+    a = [v for v, s in zip(acc, shown) if s]
+    c = [v for v, s in zip(conf, shown) if s]
+    ax.bar(left, a, width=width, align="edge", color="#4c72b0", edgecolor="black", lw=0.6, label="accuracy")
+    ax.bar(left, [ci - ai for ai, ci in zip(a, c)], bottom=a, width=width, align="edge", facecolor="#c44e5240",
+           edgecolor="#c44e52", hatch="///", lw=0.6, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set(title=title, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+    ax.set(title=title, xlim=(0, 1), ylim=(0, 1))
+    if count_ax is None:
+        ax.set_xlabel("confidence")
+        return
+    ax.tick_params(labelbottom=False)
+    count_ax.bar(lowers, counts, width=width, align="edge", color="0.6", edgecolor="black", lw=0.6)
+    top = max(counts) if any(counts) else 1
+    for x, n in zip(lowers, counts):
+        if n:
+            count_ax.text(x + width / 2, n + 0.03 * top, f"{n:,}", ha="center", va="bottom", fontsize=6.5)
+    count_ax.set(xlim=(0, 1), ylim=(0, 1.3 * top), xlabel="confidence")
+
+
+def reliability_axes(fig, cell):
+    """The axes of one model in a gridspec ``cell``: its diagram, the count histogram close below."""
+    inner = cell.subgridspec(2, 1, height_ratios=[3.4, 1], hspace=0.06)
+    ax = fig.add_subplot(inner[0])
+    return ax, fig.add_subplot(inner[1], sharex=ax)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the study extra; imported when a figure is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, whatever display the machine has
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int):
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def reliability_figure(meters: dict):
+    """Each model's reliability diagram over its count histogram (reliability.png)."""
+    plt = pyplot()
+    cols = min(len(meters), 4)  # the three models in a row; rows of four with cached-teacher students
+    rows = -(-len(meters) // cols)
+    fig = plt.figure(figsize=(4.2 * cols, 5.4 * rows), constrained_layout=True)
+    grid = fig.add_gridspec(rows, cols)
+    for i, (key, meter) in enumerate(meters.items()):
+        rep = meter.compute()
+        ax, count_ax = reliability_axes(fig, grid[i // cols, i % cols])
+        draw_reliability(ax, rep, f"{label(key)}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", count_ax)
+        if i % cols == 0:
+            ax.set_ylabel("accuracy")
+            count_ax.set_ylabel("test rows")
+        if i == 0:
+            ax.legend(loc="upper left", fontsize=8)
+    return fig
 
 
 def plot_reliability(meters: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(len(meters), 4)  # the three models in a row; rows of four with cached-teacher students
-    rows = -(-len(meters) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), sharey=True, squeeze=False)
-    for ax in axes.flat[len(meters):]:
-        ax.set_visible(False)
-    for ax, (key, meter) in zip(axes.flat, meters.items()):
-        rep = meter.compute()
-        draw_reliability(ax, rep, f"{label(key)}\nECE {rep.ece:.3f}  acc {rep.accuracy:.3f}")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy")
-    axes[0, 0].legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(reliability_figure(meters), path, dpi=110)
 
 
-def plot_curves(history: dict, path: Path):
-    import matplotlib
+def _changed(rows, key) -> bool:
+    return len({r[key] for r in rows}) > 1
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = [("train_loss", "training loss"), ("val_accuracy", "validation accuracy"),
-              ("val_ece", "validation ECE"), ("temperature", "distillation T / alpha")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (key, title) in zip(axes, panels):
-        for stage, rows in history.items():
-            if not rows or (key == "temperature" and stage != "distilled"):
-                continue
-            ep = [r["epoch"] for r in rows]
-            ax.plot(ep, [r[key] for r in rows], label=label(stage) if key != "temperature" else "T")
-            if key == "temperature":
-                ax.plot(ep, [r["alpha"] for r in rows], label="alpha")
-        ax.set(title=title, xlabel="epoch")
+def curves_figure(history: dict, config: dict):
+    """Per epoch (curves.png): the training loss, the cross-entropy of the teacher and the student alone
+    apart from the distillation objective (its T²-scaled term lives on another scale), validation
+    accuracy and ECE, and T / alpha of the distilled student when the policy moved them (else the
+    objective's title says where they stayed)."""
+    plt = pyplot()
+    distilled = history.get("distilled") or []
+    moved = _changed(distilled, "temperature") or _changed(distilled, "alpha")
+    divergence = {"kl": "KL", "reverse_kl": "reverse KL", "jsd": "JSD"}.get(config["divergence"], config["divergence"])
+    objective = f"distillation objective\nα·T²·{divergence} + (1−α)·CE"
+    if distilled and not moved:
+        objective += f", T = {distilled[0]['temperature']:g}, α = {distilled[0]['alpha']:g} throughout"
+    panels = [("train_loss", "training cross-entropy", lambda st: st in ("teacher", "student")),
+              ("train_loss", objective, lambda st: st not in ("teacher", "student")),
+              ("val_accuracy", "validation accuracy", None), ("val_ece", "validation ECE", None)]
+    fig, axes = plt.subplots(1, len(panels) + moved, figsize=(4.2 * (len(panels) + moved), 3.8))
+    for ax, (key, title, which) in zip(axes, panels):
+        for j, (stage, rows) in enumerate(history.items()):
+            if rows and (which is None or which(stage)):
+                ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], color=f"C{j}", label=label(stage))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
         if ax.get_legend_handles_labels()[0]:  # no curve with --epochs 0
             ax.legend(fontsize=8)
+    if moved:  # T and alpha on their own scales
+        ax = axes[-1]
+        ep = [r["epoch"] for r in distilled]
+        ax.plot(ep, [r["temperature"] for r in distilled], color="k", label="T")
+        ax.set(xlabel="epoch", ylabel="T")
+        twin = ax.twinx()
+        twin.plot(ep, [r["alpha"] for r in distilled], color="0.5", ls="--", label="α")
+        twin.set(ylabel="α", ylim=(0, 1.05))
+        ax.legend(handles=ax.get_lines() + twin.get_lines(), fontsize=8)
+        ax.set_title(f"distilled student's T and α\n({config['policy']} policy)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(history: dict, config: dict, path: Path):
+    save_figure(curves_figure(history, config), path, dpi=110)
 
 
 def _cache_note(cache: dict | None) -> list[str]:
@@ -149,7 +215,7 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict, figu
     per_class, texts = per_class_reports(data, preds)
     if figures:
         plot_reliability(meters, out / "reliability.png")
-        plot_curves(report["history"], out / "curves.png")
+        plot_curves(report["history"], report["config"], out / "curves.png")
     cfg = report["config"]
     t_range = report["temperature_fit"]["range"]
     traj = report["policy"]["trajectory"]
@@ -185,6 +251,6 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict, figu
     lines += (["![reliability](reliability.png)", "", "![curves](curves.png)", ""] if figures else
               [f"No figures: one seed of a multi-seed run, whose summary draws them pooled. "
                f"`fastkd distill --seed {cfg['seed']} --out-dir {cfg['out_dir']} --name {cfg['name']} --resume` "
-               "(and the run's other options) draws this seed's from its checkpoints.", ""])
+               "draws this seed's from its checkpoints (with the settings it was run with).", ""])
     (out / "report.md").write_text("\n".join(lines))
     return per_class

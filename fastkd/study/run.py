@@ -5,23 +5,29 @@ is then measured on the test split: accuracy, calibration (ECE, MCE, NLL, Brier)
 with the teacher, and the ECE after temperature scaling fitted on the validation split
 (Guo et al. 2017; T* within [0.05, 100], flagged at a bound), plus a per-class precision / recall /
 F1 table for the students.
+
+The run folder starts with config.json, the resolved settings: ``--resume`` continues the run with
+them (and refuses others); a new run refuses a folder an earlier run wrote unless ``--overwrite``.
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import scipy.optimize
 import torch
 
 from ..calibration import CalibrationMeter
 from ..teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
 from . import torchrun
-from .config import StudyConfig
+from .config import StudyConfig, check_same_settings, saved_settings, write_settings
 from .data import load_data
+from .folders import check_new_run, clear
 from .models import count_parameters
 from .policies import make_policy
 from .report import write_outputs
@@ -38,10 +44,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds=TEMPERATU
     """The T in ``bounds`` (default [0.05, 100]) minimising the mean NLL of softmax(logits / T).
 
     With w_i = z_i - z_i,y (row i's logits less its label's), NLL(b) = mean_i logsumexp(b w_i) at
-    b = 1/T: convex in b, its derivative mean_i E_p[w_i] (p = softmax(b w_i)) only grows. Safeguarded
-    Newton steps on that derivative, in float64, keep a bracket and run to machine precision, so T
-    depends on the logits and not on where an optimiser stopped. The answer is a bound when the
-    minimum lies beyond it: at the upper bound the NLL keeps falling as T grows (predictions near
+    b = 1/T: convex in b, its derivative mean_i E_p[w_i] (p = softmax(b w_i)) only grows. T* is the
+    root of that derivative (scipy's Brent method, in float64, to machine precision), so it depends
+    on the logits and not on where an optimiser stopped. The answer is a bound when the minimum lies
+    beyond it: at the upper bound the NLL keeps falling as T grows (predictions near
     uniform, or no better than chance: no confidence to calibrate; exactly flat logits land here
     too); at the lower bound it keeps falling as T shrinks (far less confident than accurate, or a
     split (nearly) perfectly separated). NaN logits give NaN; no rows give 1 (nothing to fit)."""
@@ -53,34 +59,20 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds=TEMPERATU
     w = z - z.gather(1, y[:, None])  # logits relative to the label's: a row of equal logits is all 0
     w_fin = torch.where(w == -math.inf, 0.0, w)  # a -inf logit has p = 0 and adds nothing below
 
-    def slope(b: float) -> tuple[float, float]:
-        """d NLL / d b = mean of E_p[w] and d2 NLL / d b2 = mean of Var_p[w], at b = 1 / T."""
-        p = torch.softmax(w * b, dim=1)
-        mean = (p * w_fin).sum(1)
-        var = (p * (w_fin - mean[:, None]).square()).sum(1)
-        return float(mean.mean()), float(var.mean())
+    def slope(b: float) -> float:
+        """d NLL / d b at b = 1 / T: the mean over rows of E_p[w]."""
+        return float((torch.softmax(w * b, dim=1) * w_fin).sum(1).mean())
 
     lo, hi = 1.0 / t_hi, 1.0 / t_lo  # the bracket, in b
-    g_lo, g_hi = slope(lo)[0], slope(hi)[0]
+    g_lo, g_hi = slope(lo), slope(hi)
     if math.isnan(g_lo) or math.isnan(g_hi):  # NaN logits
         return math.nan
     if g_lo >= 0:  # rising from the smallest b on: the minimum is at T = t_hi or beyond
         return t_hi
     if g_hi <= 0:  # still falling at the largest b: at T = t_lo or below
         return t_lo
-    b = min(max(1.0, lo), hi)
-    for _ in range(100):
-        g, h = slope(b)
-        if g == 0:
-            break
-        lo, hi = (b, hi) if g < 0 else (lo, b)
-        newton = b - g / h if h > 0 else math.nan
-        step = newton if lo < newton < hi else 0.5 * (lo + hi)  # Newton inside the bracket, else bisect
-        done = abs(step - b) <= 1e-13 * b
-        b = step
-        if done:
-            break
-    return 1.0 / b
+    # the slope changes sign once inside the bracket: Brent's method finds where, to float precision
+    return 1.0 / scipy.optimize.brentq(slope, lo, hi, xtol=1e-300, rtol=4 * sys.float_info.epsilon)
 
 
 def temperature_bound(t_star: float, bounds=TEMPERATURE_RANGE) -> str | None:
@@ -128,19 +120,42 @@ def _open_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
+def check_run_folder(cfg: StudyConfig, out: Path):
+    """Before any work: a resumed run holds the settings it was started with; a new run does not
+    write into a folder an earlier run wrote, unless told to replace it."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if not cfg.resume:
+        check_new_run(out, cfg.overwrite)
+        if cfg.overwrite and cfg.teacher_ckpt and out.resolve() in Path(cfg.teacher_ckpt).resolve().parents:
+            raise ValueError(f"--teacher-ckpt {cfg.teacher_ckpt} lies in {out}, which --overwrite clears first; "
+                             "copy it elsewhere, or give the new run another --name")
+        return
+    saved = saved_settings(out)
+    if saved is not None:  # (a folder without settings holds nothing to continue: the run starts)
+        check_same_settings(out, saved, cfg, "drop that option to continue the run as it was started, "
+                            "or pass --overwrite instead of --resume to start it again")
+
+
 def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     """Runs the study (on every rank under torchrun; rank 0 writes) and returns the report.
     ``figures=False`` skips the PNGs (the multi-seed run, whose summary draws them pooled)."""
     cfg = cfg.resolved()
     policy = make_policy(cfg.policy, cfg.temperature, cfg.alpha)  # checks the name early
-    cfg.device = torchrun.init_from_env(cfg.device)
-    main = torchrun.is_main()
     out = Path(cfg.out_dir) / cfg.name
+    check_run_folder(cfg, out)
+    settings = replace(cfg)  # as resolved here: under torchrun each rank's device gets its index below
+    cfg.device = torchrun.init_from_env(cfg.device)
+    torchrun.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    main = torchrun.is_main()
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
     check_teacher_cache(cfg, data)
-    if main:  # only once the data are known good: bad data leave no run folder behind
+    if main:  # only once the data are known good: bad data leave an earlier run as it was
+        if cfg.overwrite:
+            clear(out)
         out.mkdir(parents=True, exist_ok=True)
+        write_settings(out, settings)  # what a later --resume holds its settings to
 
     def new_model(name, seed):
         return build_study_model(cfg, data, name, seed)

@@ -6,7 +6,8 @@ students' shared initialisation and every batch order drawn from S), written to
 draws the reliability diagrams pooled over seeds); the summary (report.md, report.json, summary.png)
 goes in ``<out-dir>/<name>/``, name by default ``<dataset>-seeds<seeds>``. The data split is the same
 for every seed. ``--resume`` reuses a seed whose report.json is written (its files are left as they
-are) and continues the others from their checkpoints.
+are) and continues the others from their checkpoints, all with the settings the seeds were run with;
+a folder holding an earlier multi-seed run is otherwise refused, or cleared first with ``--overwrite``.
 
 The teacher is retrained per seed unless ``--teacher-ckpt`` names one. The claim under test is
 "distilling from a teacher trained this way helps the student", so the teacher's own variation
@@ -24,20 +25,21 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import StudyConfig
+import scipy.stats
+
+from .config import StudyConfig, check_same_settings, resolve_device, saved_settings, with_saved_settings
 
 MODEL_KEYS = ("teacher", "student", "distilled")
 # (results key, name in tables, decimals, direction: +1 higher is better, -1 lower is better, 0 neither)
 METRICS = [("accuracy", "accuracy", 4, 1), ("ece", "ECE", 4, -1), ("mce", "MCE", 4, -1),
            ("nll", "NLL", 4, -1), ("brier", "Brier", 4, -1), ("agreement", "agree w/ teacher", 4, 1),
            ("ece_after_scaling", "ECE after T*", 4, -1), ("fitted_temperature", "T*", 3, 0)]
-# settings a finished seed may differ in and still be reused by --resume
-NOT_COMPARED = ("resume", "progress", "log_interval", "out_dir", "name")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -69,45 +71,9 @@ def seeds_label(seeds: list[int]) -> str:
     return ",".join(runs)
 
 
-def _t_central_mass(x: float, df: int) -> float:
-    """P(|T| <= x) for Student's t with integer ``df``: the closed forms of Abramowitz & Stegun
-    26.7.3 (odd df) and 26.7.4 (even df), with theta = atan(x / sqrt(df))."""
-    theta = math.atan(x / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    term = total = 1.0
-    if df % 2 == 0:  # sin(theta) (1 + 1/2 c2 + 1·3/(2·4) c2^2 + ... up to c2^((df-2)/2))
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        return math.sin(theta) * total
-    if df == 1:
-        return 2 * theta / math.pi
-    for k in range(1, (df - 1) // 2):  # 2/pi (theta + sin cos (1 + 2/3 c2 + 2·4/(3·5) c2^2 + ...))
-        term *= c2 * (2 * k) / (2 * k + 1)
-        total += term
-    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p``-quantile (0.5 < p < 1) of Student's t with ``df`` >= 1 degrees of freedom: bisection
-    on the CDF above, to float precision (t_quantile(0.975, 9) = 2.2622)."""
-    target, lo, hi = 2 * p - 1, 0.0, 1.0
-    while _t_central_mass(hi, df) < target:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        lo, hi = (mid, hi) if _t_central_mass(mid, df) < target else (lo, mid)
-    return (lo + hi) / 2
-
-
 def describe(values: list[float]) -> dict:
     """Mean and sample standard deviation (n - 1; None for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
 def paired_difference(alone: list[float], distilled: list[float], direction: int) -> dict:
@@ -118,7 +84,7 @@ def paired_difference(alone: list[float], distilled: list[float], direction: int
     n = len(d)
     out = {"n": n, **describe(d), "t_quantile": None, "ci95": None}
     if n > 1:
-        t = t_quantile(0.975, n - 1)
+        t = float(scipy.stats.t.ppf(0.975, n - 1))
         half = t * out["std"] / math.sqrt(n)
         out.update(t_quantile=t, ci95=[out["mean"] - half, out["mean"] + half])
     if direction:
@@ -198,30 +164,29 @@ def per_seed_table(summary_report: dict) -> str:
     return "\n".join(rows)
 
 
-def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
-    """The summary figure: per metric the two students' values per seed, joined by a line (green:
-    distilled better, red: worse, grey: tied), their means in black, the teacher's mean dotted;
-    below, each model's reliability diagram pooled over the seeds."""
-    import matplotlib
+def summary_figure(reports: dict, summary: dict, meters: dict):
+    """The summary figure (summary.png): per metric the two students' values per seed, joined by a line (green:
+    distilled better, red: worse, grey: tied or a metric without a better side), their means in black,
+    the teacher's mean dotted, in a legend above; below, each model's reliability diagram pooled over
+    the seeds, with its rows per bin."""
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import pyplot, draw_reliability, label, reliability_axes
 
-    from .report import draw_reliability, label
+    plt = pyplot()
 
     seeds = sorted(reports)
-    fig = plt.figure(figsize=(16, 13))
-    grid = fig.add_gridspec(3, 12, height_ratios=[1, 1, 1.3])
+    colour = {1: "#55a868", -1: "#c44e52", 0: "0.6"}  # distilled better, worse, neither
+    fig = plt.figure(figsize=(16, 15), constrained_layout=True)
+    grid = fig.add_gridspec(4, 12, height_ratios=[0.12, 1, 1, 1.75])
     for i, (key, name, digits, direction) in enumerate(METRICS):
-        ax = fig.add_subplot(grid[i // 4, 3 * (i % 4):3 * (i % 4) + 3])
+        ax = fig.add_subplot(grid[1 + i // 4, 3 * (i % 4):3 * (i % 4) + 3])
         pairs = [(reports[s]["results"]["student"][key], reports[s]["results"]["distilled"][key]) for s in seeds]
         for a, b in pairs:
             gain = direction * (b - a)
-            ax.plot([0, 1], [a, b], "-o", color="#55a868" if gain > 0 else "#c44e52" if gain < 0 else "0.6",
-                    alpha=0.7, lw=1, ms=3)
-        ax.plot([0, 1], [summary[key]["student"]["mean"], summary[key]["distilled"]["mean"]], "k-s", lw=2, ms=6,
-                label="mean")
-        ax.axhline(summary[key]["teacher"]["mean"], color="0.35", ls=":", lw=1.2, label="teacher (mean)")
+            ax.plot([0, 1], [a, b], "-o", color=colour[(gain > 0) - (gain < 0)], alpha=0.7, lw=1, ms=3)
+        ax.plot([0, 1], [summary[key]["student"]["mean"], summary[key]["distilled"]["mean"]], "k-s", lw=2, ms=6)
+        ax.axhline(summary[key]["teacher"]["mean"], color="0.35", ls=":", lw=1.2)
         d = summary[key]["difference"]
         title = f"{name}: Δ {d['mean']:+.{digits}f}"
         if d["ci95"] is not None:
@@ -230,21 +195,32 @@ def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
             title += f"\ndistilled better in {d['better']}/{d['n']} seeds"
         ax.set_title(title, fontsize=10)
         ax.set(xticks=[0, 1], xticklabels=["student alone", "distilled"], xlim=(-0.3, 1.3))
-        if i == 0:
-            ax.legend(fontsize=8)
+    key = fig.add_subplot(grid[0, :])
+    key.axis("off")
+    key.legend(handles=[Line2D([], [], color=colour[1], marker="o", ms=3, label="one seed: distilled better"),
+                        Line2D([], [], color=colour[-1], marker="o", ms=3, label="one seed: distilled worse"),
+                        Line2D([], [], color=colour[0], marker="o", ms=3, label="one seed: tied, or T* (no better side)"),
+                        Line2D([], [], color="k", marker="s", lw=2, ms=6, label="mean over seeds"),
+                        Line2D([], [], color="0.35", ls=":", lw=1.2, label="teacher (mean over seeds)")],
+               loc="center", ncol=5, frameon=False, fontsize=10)
     for j, m in enumerate(MODEL_KEYS):
-        ax = fig.add_subplot(grid[2, 4 * j:4 * j + 4])
+        ax, count_ax = reliability_axes(fig, grid[3, 4 * j:4 * j + 4])
         rep = meters[m].compute()
         draw_reliability(ax, rep, f"{label(m)}, {len(seeds)} seeds pooled ({rep.count:,} test rows)\n"
-                                  f"ECE {rep.ece:.3f}  acc {rep.accuracy:.3f}")
+                                  f"ECE {rep.ece:.3f}  acc {rep.accuracy:.3f}", count_ax)
         if j == 0:
             ax.set_ylabel("accuracy")
-            ax.legend(loc="upper left")
+            count_ax.set_ylabel("test rows")
+            ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"distilled student vs student alone over seeds {seeds_label(seeds)} "
                  "(Δ = distilled − alone, mean [95% t-interval])")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_summary(reports: dict, summary: dict, meters: dict, path: Path):
+    from .report import save_figure
+
+    save_figure(summary_figure(reports, summary, meters), path, dpi=100)
 
 
 def write_summary(folder: Path, summary_report: dict, reports: dict, meters: dict):
@@ -303,19 +279,16 @@ def _bound_note(fits: dict, n: int) -> list[str]:
 def _finished(seed_cfg: StudyConfig) -> dict | None:
     """The report of a seed already run to the end with the same settings, else None (a report
     cut short, or one without reliability bins, runs again: from its checkpoints under --resume)."""
-    path = Path(seed_cfg.out_dir) / seed_cfg.name / "report.json"
+    folder = Path(seed_cfg.out_dir) / seed_cfg.name
     try:
-        report = json.loads(path.read_text())
+        report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
         return None
     if "bins" not in report:
         return None
-    want = json.loads(json.dumps(asdict(seed_cfg.resolved())))
-    have = report.get("config", {})
-    for k in want:
-        if k not in NOT_COMPARED and have.get(k) != want[k]:
-            raise ValueError(f"--resume: {path.parent} was run with {k} = {have.get(k)!r}, not {want[k]!r}; "
-                             "drop --resume to run every seed again, or give another --name")
+    check_same_settings(folder, saved_settings(folder) or {}, seed_cfg,
+                        "drop that option to reuse the seeds as they were run, or pass --overwrite instead of "
+                        "--resume to run every seed again (or give another --name)")
     return report
 
 
@@ -332,9 +305,19 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     from . import torchrun
     from .run import run_study
 
+    from .folders import check_new_run, clear
+
     started = time.perf_counter()
     name = cfg.name or f"{cfg.dataset}-seeds{seeds_label(seeds)}"
     folder = Path(cfg.out_dir) / name
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the runs, or replace them")
+    if not cfg.resume:
+        check_new_run(folder, cfg.overwrite, seeds=True)
+        torchrun.init_from_env(resolve_device(cfg.device))  # (again in each seed's run: a no-op then)
+        if cfg.overwrite and torchrun.is_main():
+            clear(folder, seeds=True)
+        torchrun.barrier()
     reports, reused, seconds = {}, [], {}
     for seed in seeds:
         seed_cfg = replace(cfg, seed=seed, out_dir=str(folder), name=f"s{seed}")
@@ -372,12 +355,17 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     return result
 
 
-def distill_seeds(cfg: StudyConfig, text: str, validate) -> int:
-    """``fastkd distill --seeds``: one line and exit status 2 on bad settings, as the single-seed run."""
+def distill_seeds(cfg: StudyConfig, text: str, validate, given=frozenset()) -> int:
+    """``fastkd distill --seeds``: one line and exit status 2 on bad settings, as the single-seed run.
+    Under --resume the settings not ``given`` are those the seeds were run with."""
     from . import torchrun
 
     try:
         seeds = parse_seeds(text)
+        if cfg.resume:
+            folder = Path(cfg.out_dir) / (cfg.name or f"{cfg.dataset}-seeds{seeds_label(seeds)}")
+            saved = next(filter(None, (saved_settings(folder / f"s{s}") for s in seeds)), None)
+            cfg = with_saved_settings(cfg, saved, {*given, "seed"}) if saved is not None else cfg
         validate(cfg)
         summary = run_seeds(cfg, seeds)
     except (ValueError, OSError) as e:
@@ -389,7 +377,10 @@ def distill_seeds(cfg: StudyConfig, text: str, validate) -> int:
         return 0
     folder = Path(cfg.out_dir) / summary["config"]["name"]
     print(summary_table(summary["metrics"]))
-    print(f"\n{len(seeds)} seeds ({len(summary['reused'])} reused), teacher {summary['teacher']}; "
+    reused = summary["reused"]
+    reuse = (f"seed{'s' if len(reused) > 1 else ''} {seeds_label(reused)} reused from the earlier run" if reused
+             else "none reused")
+    print(f"\n{len(seeds)} seeds ({seeds_label(seeds)}), {reuse}; teacher {summary['teacher']}; "
           f"{summary['timing']['seconds']:.1f} s on {summary['timing']['device']}; summary, figure and "
           f"per-seed runs in {folder}/")
     return 0

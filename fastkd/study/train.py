@@ -142,80 +142,81 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
 
     bar = tqdm(total=n * epochs, initial=n * state["epoch"], desc=stage, unit="img",
                disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-    for epoch in range(state["epoch"], epochs):
-        seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
-        torch.manual_seed(seed)  # dropout and friends
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
-        gen = torch.Generator(device=device).manual_seed(seed)  # augmentation, drawn on the device
-        model.train()
-        total = torch.zeros((), device=device)
-        distilling = teacher is not None or sparse_teacher is not None
-        train_meter = CalibrationMeter(cfg.num_bins) if distilling else None
-        t0 = time.perf_counter()
-        for i, batch in enumerate(perm.split(cfg.batch_size)):
-            # every rank draws the same augmentation, then keeps its slice of the global batch;
-            # DDP averages gradients over ranks, hence sum / global batch * world
-            x = torchrun.shard(data.prepare(data.x_train[batch], gen))
-            idx = torchrun.shard(batch)
-            y = data.y_train[idx]
-            per_rank = len(batch) / world
-            with _autocast(device):
-                out = step_fn(x)
-            if sparse_teacher is not None:
-                ids, logprobs = sparse_teacher[0][idx], sparse_teacher[1][idx]
-                loss = sparse_kd_loss(out, ids, logprobs, y, temperature=state["temperature"],
-                                      alpha=state["alpha"], tail=cfg.teacher_cache_tail, num_items=per_rank,
-                                      meter=train_meter, backend=cfg.backend,
-                                      validate_labels=False)  # labels checked at loading; the cache is log_softmax
-            elif teacher is None:
-                loss = F.cross_entropy(out.float(), y, reduction="sum") / per_rank
-            else:
-                if cached is not None:
-                    t_logits = cached[idx]
+    with bar:  # closed (its line ended) however the loop ends, Ctrl-C included
+        for epoch in range(state["epoch"], epochs):
+            seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
+            torch.manual_seed(seed)  # dropout and friends
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+            gen = torch.Generator(device=device).manual_seed(seed)  # augmentation, drawn on the device
+            model.train()
+            total = torch.zeros((), device=device)
+            distilling = teacher is not None or sparse_teacher is not None
+            train_meter = CalibrationMeter(cfg.num_bins) if distilling else None
+            t0 = time.perf_counter()
+            for i, batch in enumerate(perm.split(cfg.batch_size)):
+                # every rank draws the same augmentation, then keeps its slice of the global batch;
+                # DDP averages gradients over ranks, hence sum / global batch * world
+                x = torchrun.shard(data.prepare(data.x_train[batch], gen))
+                idx = torchrun.shard(batch)
+                y = data.y_train[idx]
+                per_rank = len(batch) / world
+                with _autocast(device):
+                    out = step_fn(x)
+                if sparse_teacher is not None:
+                    ids, logprobs = sparse_teacher[0][idx], sparse_teacher[1][idx]
+                    loss = sparse_kd_loss(out, ids, logprobs, y, temperature=state["temperature"],
+                                          alpha=state["alpha"], tail=cfg.teacher_cache_tail, num_items=per_rank,
+                                          meter=train_meter, backend=cfg.backend,
+                                          validate_labels=False)  # labels checked at loading; the cache is log_softmax
+                elif teacher is None:
+                    loss = F.cross_entropy(out.float(), y, reduction="sum") / per_rank
                 else:
-                    with torch.inference_mode(), _autocast(device):
-                        teacher.eval()
-                        t_logits = teacher(x)
-                loss = kd_loss(out, t_logits, y, temperature=state["temperature"], alpha=state["alpha"],
-                               divergence=cfg.divergence, num_items=per_rank, meter=train_meter,
-                               backend=cfg.backend,  # the scale in the kernel: a backward moving no data
-                               validate_labels=False)  # labels were checked at loading
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * per_rank
-            bar.update(len(batch))
-            if cfg.progress and i % cfg.log_interval == 0:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-        torchrun.all_reduce_sum(total)
-        seconds = time.perf_counter() - t0
-        val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
-        row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
-               "samples_per_s": n / seconds, "lr": sched.get_last_lr()[0],
-               "temperature": state["temperature"], "alpha": state["alpha"],
-               **{f"val_{k}": v for k, v in val.items()}}
-        if train_meter is not None:
-            row["train_ece"] = train_meter.all_reduce(device=device).compute().ece
-        state["history"].append(row)
-        if policy is not None:
-            state["temperature"], state["alpha"] = policy.next(epoch, epochs, val, state["temperature"],
-                                                               state["alpha"], state["best_nll"])
-        state["best_nll"] = min(state["best_nll"], val["nll"])
-        state["epoch"] = epoch + 1
-        state["finished"] = epoch + 1 == epochs
-        if log is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        if writer is not None:
-            for k, v in row.items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
-        if rank == 0:
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "state": state}, ckpt)
-        torchrun.barrier()
-    bar.close()
+                    if cached is not None:
+                        t_logits = cached[idx]
+                    else:
+                        with torch.inference_mode(), _autocast(device):
+                            teacher.eval()
+                            t_logits = teacher(x)
+                    loss = kd_loss(out, t_logits, y, temperature=state["temperature"], alpha=state["alpha"],
+                                   divergence=cfg.divergence, num_items=per_rank, meter=train_meter,
+                                   backend=cfg.backend,  # the scale in the kernel: a backward moving no data
+                                   validate_labels=False)  # labels were checked at loading
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.detach() * per_rank
+                bar.update(len(batch))
+                if cfg.progress and i % cfg.log_interval == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            torchrun.all_reduce_sum(total)
+            seconds = time.perf_counter() - t0
+            val = evaluate(model, data, data.x_val, data.y_val, teacher_val, cfg.num_bins, cfg.backend)
+            row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(total) / n,
+                   "samples_per_s": n / seconds, "lr": sched.get_last_lr()[0],
+                   # T and alpha only where the loss used them (not the teacher's or the student alone's)
+                   **({"temperature": state["temperature"], "alpha": state["alpha"]} if distilling else {}),
+                   **{f"val_{k}": v for k, v in val.items()}}
+            if train_meter is not None:
+                row["train_ece"] = train_meter.all_reduce(device=device).compute().ece
+            state["history"].append(row)
+            if policy is not None:
+                state["temperature"], state["alpha"] = policy.next(epoch, epochs, val, state["temperature"],
+                                                                   state["alpha"], state["best_nll"])
+            state["best_nll"] = min(state["best_nll"], val["nll"])
+            state["epoch"] = epoch + 1
+            state["finished"] = epoch + 1 == epochs
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
+            if rank == 0:
+                atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "state": state}, ckpt)
+            torchrun.barrier()
     if epochs == 0:
         state["finished"] = True
     return state["history"]
