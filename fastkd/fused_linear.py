@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import backends
 from ._core.spec import DIVERGENCES, KDSpec
 from .calibration import CalibrationMeter, _check_labels
-from ._torch_kd import _transform
+from .backends.torch.dense import _transform
 from .loss import (_backward_factor, _check_backend_transforms, _check_logits, _check_meters, _check_objective,
                    _check_real, _check_transforms, _refuse_second_derivative, _row_count, _wide)
 from .sparse import SPARSE_KERNELS, TAILS, sparse_checks
@@ -245,7 +245,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     count of the entropy (nats) of the student's softmax(s / T), detached: a training metric.
     The logit transforms (``*_logit_scale``, ``*_softcap``) are :func:`kd_loss`'s (the entropy is
     of the transformed student). ``group``: column-parallel heads, each rank holding its vocabulary rows of both weights (and
-    biases) and the same hidden states (see :mod:`fastkd.vocab_parallel`).
+    biases) and the same hidden states (see :mod:`fastkd._dispatch.vocab_parallel`).
 
     Second derivatives are not supported: a backward with ``create_graph=True`` raises a RuntimeError
     (the gradients are computed in the forward pass and carry no graph); materialise the logits and use
@@ -253,7 +253,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
     """
     transforms = (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     if group is not None:
-        from .vocab_parallel import fused_linear, refuse_unsupported
+        from ._dispatch.vocab_parallel import fused_linear, refuse_unsupported
 
         refuse_unsupported(**{name: None if value in (1.0, None) else value for name, value in zip(
             ("student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap"), transforms)})

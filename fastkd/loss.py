@@ -34,7 +34,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from . import _ops, backends
+from . import backends
+from ._dispatch import compiled as _ops
 from ._core.spec import DIVERGENCES, KDSpec, count_on_device, inv_count_on_host
 from .calibration import CalibrationMeter, _check_labels
 
@@ -214,7 +215,7 @@ def _fused(s, t, labels, *, temperature, kd_weight, ce_weight, divergence, beta,
     """Validates everything, then runs one fused evaluation on the chosen backend. ``transforms``:
     (student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)."""
     if group is not None or (not torch.compiler.is_compiling() and type(s).__name__ == "DTensor"):
-        from . import vocab_parallel  # the vocabulary sharded over ranks (DTensors: if Shard(-1))
+        from ._dispatch import vocab_parallel  # the vocabulary sharded over ranks (DTensors: if Shard(-1))
 
         if group is not None or vocab_parallel.vocab_sharded_dtensor(s):
             names = ("student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap")
@@ -358,7 +359,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     holding the same rows and its slice ``(..., V_r)`` of both logits (in rank order; labels are
     global class ids); DTensors sharded on the last dimension are recognised without it. The loss,
     each slice's gradient and the meters equal the one-process result, for O(N) floats of
-    communication: see :mod:`fastkd.vocab_parallel`.
+    communication: see :mod:`fastkd._dispatch.vocab_parallel`.
 
     First derivatives only: second derivatives are not supported (a backward with
     ``create_graph=True`` raises a RuntimeError; use plain PyTorch ops for a term you differentiate

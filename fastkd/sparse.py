@@ -36,7 +36,7 @@ from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _r
                    _scaled_grads, _wide)
 
 TAILS = ("bucket", "renormalize")
-SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd._triton_kd": "fastkd._triton_sparse"}
+SPARSE_KERNELS = {"fastkd.backends.torch": "fastkd.backends.torch", "fastkd.backends.triton": "fastkd._triton_sparse"}
 SUM_TOLERANCE = 1e-2  # teacher probabilities may sum above 1 by this much (fp16/bf16 rounding)
 
 
@@ -121,13 +121,13 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
 
     ``group``: the student's vocabulary split over a process group, as in :func:`fastkd.kd_loss`;
     every rank passes the same teacher ids (global class ids) and log-probabilities, and each
-    listed class is its owner's (see :mod:`fastkd.vocab_parallel`).
+    listed class is its owner's (see :mod:`fastkd._dispatch.vocab_parallel`).
 
     Second derivatives are not supported: a backward with ``create_graph=True`` raises (as
     :func:`fastkd.kd_loss`).
     """
     if group is not None or (not torch.compiler.is_compiling() and type(student_logits).__name__ == "DTensor"):
-        from . import vocab_parallel
+        from ._dispatch import vocab_parallel
 
         if group is not None or vocab_parallel.vocab_sharded_dtensor(student_logits):
             vocab_parallel.refuse_unsupported(student_logit_scale=None if student_logit_scale == 1.0 else

@@ -347,7 +347,7 @@ sys.modules["fastkd._C"] = None  # this checkout's JIT build for the arch list, 
 import torch
 
 import fastkd
-from fastkd import _cuda_build
+from fastkd.backends.cuda import build as _cuda_build
 from test_loss import check_against_reference, close, randn, random_labels
 
 _cuda_build.load()
@@ -394,7 +394,7 @@ def test_sm80_build_on_a_cluster_gpu(arch_list, tmp_path):
 
     from torch.utils.cpp_extension import is_ninja_available
 
-    from fastkd import _cuda_build
+    from fastkd.backends.cuda import build as _cuda_build
 
     if _cuda_build.toolkit_root() is None or not is_ninja_available():
         pytest.skip("needs a CUDA toolkit and ninja to build the extension")

@@ -453,7 +453,7 @@ BAD = [
                                   "teacher_softcap"])
 @pytest.mark.parametrize("value,error", BAD)
 def test_bad_transforms_are_named(name, value, error, monkeypatch):
-    from fastkd import _torch_kd
+    import fastkd.backends.torch as _torch_kd
 
     def never(*a, **k):
         raise AssertionError("a kernel ran before the input was rejected")
@@ -486,7 +486,8 @@ def test_cuda_backend_refuses_transforms_before_launching(name, value, monkeypat
     """The cuda backend does not implement the transforms: refused naming the argument, before the
     extension is loaded (here a stand-in that fails), from the public loss and at its kd_forward
     (what fused_linear calls with a spec)."""
-    from fastkd import _cuda_kd, backends
+    from fastkd import backends
+    import fastkd.backends.cuda as _cuda_kd
     from fastkd._core.spec import KDSpec
 
     def never(*a, **k):

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
-from ._core.spec import KDSpec, count_on_device
-from ._torch_kd import scale_grad  # out of place, in fp32 (float64 for float64): traceable tensor ops
+from .. import backends
+from .._core.spec import KDSpec, count_on_device
+from ..backends.torch import scale_grad  # out of place, in fp32 (float64 for float64): traceable tensor ops
 
 EMPTY = (0,)  # the stand-in for an output that is not asked for (custom ops cannot return None)
 
@@ -32,7 +32,7 @@ def kd_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], row_count: Option
                t_cap: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_s, grad_t, student meter delta, teacher meter delta); absent ones are empty.
     ``rows_on_host``: the row count when the host knows it (a count, or a caller's num_items)."""
-    from .calibration import CalibrationMeter
+    from ..calibration import CalibrationMeter
 
     spec = KDSpec(inv_temperature, kd_scale, ce_scale, divergence, beta, ignore_index, grad_unit, s_scale, t_scale,
                   s_cap, t_cap)
@@ -71,7 +71,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    from .loss import _refuse_second_derivative
+    from ..loss import _refuse_second_derivative
 
     _refuse_second_derivative("kl_loss / kd_loss (torch.compile)")
     gs, gt, row_count = ctx.saved_tensors

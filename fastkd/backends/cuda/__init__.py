@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda_build import load
-from ._core.spec import KDSpec, count_on_device, inv_count_on_host, meter_args
+from .build import load
+from ..._core.spec import KDSpec, count_on_device, inv_count_on_host, meter_args
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 

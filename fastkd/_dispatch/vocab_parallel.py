@@ -50,12 +50,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from . import backends
-from ._core.spec import DIVERGENCES, KDSpec
-from ._core.spec import SPARSE_TAIL_FLOOR
-from ._torch_kd import _compute_dtype, _masked, _row_scale, _sparse_teacher
-from .calibration import _check_labels
-from .loss import (_FusedKD, _check_logits, _check_meters, _check_objective, _check_pair, _check_real, _grad_unit,
+from .. import backends
+from .._core.spec import DIVERGENCES, KDSpec
+from .._core.spec import SPARSE_TAIL_FLOOR
+from ..backends.torch.dense import _compute_dtype, _masked, _row_scale, _sparse_teacher
+from ..calibration import _check_labels
+from ..loss import (_FusedKD, _check_logits, _check_meters, _check_objective, _check_pair, _check_real, _grad_unit,
                    _row_count)
 
 # columns of the local statistics (both backends): maxima, then the sums against them
@@ -292,7 +292,7 @@ class TorchKernels:
 
     @staticmethod
     def scale_grad(grad, factor):
-        from ._torch_kd import scale_grad
+        from ..backends.torch.dense import scale_grad
 
         return scale_grad(grad, factor)
 
@@ -363,7 +363,7 @@ class TorchKernels:
 
 def _kernels(name):
     if name == "triton":
-        from . import _triton_vocab
+        from .. import _triton_vocab
 
         return _triton_vocab
     return TorchKernels
@@ -487,7 +487,7 @@ def sparse(s, ids, lp, labels, *, group, temperature, alpha, divergence, tail, i
            backend, validate_labels, num_items=None):
     """sparse.sparse_kd_loss with the student's vocabulary split over ``group`` (or a DTensor
     sharded on the last dimension); teacher ids are global class ids, the same on every rank."""
-    from .sparse import TAILS, _SparseKD, sparse_checks
+    from ..sparse import TAILS, _SparseKD, sparse_checks
 
     refuse_unsupported()
     s, _, group = _from_dtensors(s, s, group)
@@ -545,7 +545,7 @@ def fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight,
     W_s and W_t (and b_s, b_t) of its vocabulary slice; the hidden states are the same on every rank.
     The hidden states' gradient is all-reduced over ``group`` in the backward (N H floats, the
     column-parallel layer's own cost); everything else as :func:`fused`, per chunk of rows."""
-    from . import fused_linear as fl
+    from .. import fused_linear as fl
 
     refuse_unsupported(return_entropy=return_entropy)
     if any(type(x).__name__ == "DTensor" for x in (student_weight, teacher_weight, student_bias, teacher_bias)):

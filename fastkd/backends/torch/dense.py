@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._core.spec import SPARSE_TAIL_FLOOR, KDSpec, count_on_device, inv_count_on_host
+from ..._core.spec import SPARSE_TAIL_FLOOR, KDSpec, count_on_device, inv_count_on_host
 
 CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
 
