@@ -507,7 +507,7 @@ def test_bf16_fused_linear_logits_in_fp32_on_the_device(backend, pair, gen):
     (torch.mm's out_dtype), so the loss is fp32-exact against float64 on the same bf16 operands
     (3e-3 with the logits rounded to bf16 when the student is close to its teacher); the gradients
     through bf16 GEMMs, returned in bf16."""
-    from fastkd import fused_linear
+    from fastkd._dispatch import gemm as fused_linear
 
     if not hasattr(torch.ops.aten.mm, "dtype"):
         pytest.skip("torch.mm has no out_dtype in this torch (< 2.8): the chunk's logits are rounded")

@@ -81,23 +81,36 @@ def available_backends(device: _torch.device | str | None = None) -> list[Backen
             BackendInfo("torch", True, "")]
 
 
-def resolve(backend, device: _torch.device, dtypes):
-    """The backend module for a call (``kd_forward``/``scale_grad``), or a ValueError saying why not."""
-    return module(resolve_name(backend, device, dtypes))
+# what each backend implements: dense (kd_forward), sparse (sparse_kd_forward), vocab (local_stats,
+# jsd_partials, grads: the vocabulary-parallel executor's kernels), scale (scale_grad, INPLACE_BACKWARD)
+CAPABILITIES = {"triton": frozenset({"dense", "sparse", "vocab", "scale"}),
+                "torch": frozenset({"dense", "sparse", "vocab", "scale"}),
+                "cuda": frozenset({"dense", "scale"})}
+_KERNEL = {"dense": "dense-teacher kernel", "sparse": "sparse-teacher kernel",
+           "vocab": "vocabulary-parallel kernel (group=)", "scale": "gradient-scaling kernel"}
 
 
-def module(name: str):
-    """The module of a backend that can run (``resolve_name``'s answer)."""
-    return importlib.import_module(f"fastkd.backends.{name}")
-
-
-def resolve_name(backend, device: _torch.device, dtypes) -> str:
-    """The name of the backend that runs a call, or a ValueError saying why none can."""
+def requested(backend) -> tuple[str, str]:
+    """(name, source): ``backend=`` if given, else ``FASTKD_BACKEND`` (read here only), else auto;
+    source is the argument to name in an error."""
     name = backend if backend is not None else os.environ.get("FASTKD_BACKEND", "auto") or "auto"
     source = "backend" if backend is not None else "FASTKD_BACKEND"
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    name = name.lower()
+    return name.lower(), source
+
+
+def require(name: str, capability: str, source: str = "backend"):
+    """A ValueError naming the backend and the kernel it lacks, if it does not implement ``capability``."""
+    if name in CAPABILITIES and capability not in CAPABILITIES[name]:
+        others = " or ".join(repr(n) for n, caps in CAPABILITIES.items() if capability in caps)
+        raise ValueError(f"{source}={name!r} has no {_KERNEL[capability]}; use backend={others}")
+
+
+def resolve_name(backend, device: _torch.device, dtypes, capability: str = "dense") -> str:
+    """The name of the backend that runs a call needing ``capability``, or a ValueError saying why none can."""
+    name, source = requested(backend)
+    require(name, capability, source)
     if name == "cuda":
         why = _cuda_unusable(device, dtypes)
         if why:
@@ -108,3 +121,17 @@ def resolve_name(backend, device: _torch.device, dtypes) -> str:
             raise ValueError(f"{source}='triton' cannot run: {why}")
         name = "torch" if why else "triton"
     return name
+
+
+def load(name: str):
+    """The module of a backend that can run (``resolve_name``'s answer): fastkd.backends.<name>, which
+    exports the functions of its capabilities. The triton and cuda ones load their kernels here."""
+    return importlib.import_module(f"fastkd.backends.{name}")
+
+
+module = load
+
+
+def resolve(backend, device: _torch.device, dtypes, capability: str = "dense"):
+    """The backend module for a call, or a ValueError saying why not."""
+    return load(resolve_name(backend, device, dtypes, capability))

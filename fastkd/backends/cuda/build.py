@@ -92,7 +92,7 @@ def prepare_environment():
 def load(verbose: bool = False):
     """The extension module: the ahead-of-time build if installed, else a JIT build (cached)."""
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from ... import _C  # type: ignore[attr-defined]  (fastkd._C, built by setup.py)
 
         return _C
     except ImportError:
