@@ -43,6 +43,19 @@ def scaled_grads(ctx, grad_output):
     return tuple(ctx.impl.scale_grad(g, factor) if g is not None else None for g in grads)
 
 
+def _save(ctx, impl, grads, row_count, spec, *dtypes):
+    """What the backward needs: the backend (its scale_grad), the forward's gradients and the factor."""
+    ctx.impl, ctx.grads = impl, grads
+    ctx.factor = backward_factor(row_count, spec, wide(*dtypes))
+
+
+def _backward(ctx, grad_output, loss_name, n_inputs):
+    """The scaled gradients of the first inputs, None for the other ones (``n_inputs`` in all)."""
+    refuse_second_derivative(loss_name)
+    grads = scaled_grads(ctx, grad_output)
+    return grads + (None,) * (n_inputs - len(grads))
+
+
 class FusedKD(torch.autograd.Function):
     """kl_loss / kd_loss: ``impl`` is the backend (or the vocabulary-parallel executor)."""
 
@@ -51,14 +64,12 @@ class FusedKD(torch.autograd.Function):
         loss, gs, gt = impl.kd_forward(s, t, labels, row_count, spec, ctx.needs_input_grad[0],
                                        ctx.needs_input_grad[1], meter, teacher_meter,
                                        reduce=reduce)  # rows come scaled by 1/count
-        ctx.impl, ctx.grads = impl, (gs, gt)
-        ctx.factor = backward_factor(row_count, spec, wide(s.dtype, t.dtype))
+        _save(ctx, impl, (gs, gt), row_count, spec, s.dtype, t.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        refuse_second_derivative("kl_loss / kd_loss")
-        return (*scaled_grads(ctx, grad_output), None, None, None, None, None, None, None)
+        return _backward(ctx, grad_output, "kl_loss / kd_loss", 9)
 
 
 class SparseKD(torch.autograd.Function):
@@ -69,15 +80,12 @@ class SparseKD(torch.autograd.Function):
     def forward(ctx, s, teacher_ids, teacher_logprobs, labels, row_count, spec, bucket, reduce, impl, meter):
         loss, gs = impl.sparse_kd_forward(s, teacher_ids, teacher_logprobs, labels, row_count, spec, bucket,
                                           ctx.needs_input_grad[0], meter, reduce=reduce)
-        ctx.impl, ctx.grads = impl, (gs, None)
-        ctx.factor = backward_factor(row_count, spec, wide(s.dtype, teacher_logprobs.dtype))
+        _save(ctx, impl, (gs,), row_count, spec, s.dtype, teacher_logprobs.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        refuse_second_derivative("sparse_kd_loss")
-        gs, _ = scaled_grads(ctx, grad_output)
-        return (gs,) + (None,) * 9
+        return _backward(ctx, grad_output, "sparse_kd_loss", 10)
 
 
 class FusedLinearKD(torch.autograd.Function):

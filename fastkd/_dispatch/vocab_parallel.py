@@ -256,7 +256,7 @@ class VocabParallel(_Executor):
 
 
 class SparseVocabParallel(_Executor):
-    """sparse.py's kernel interface (``sparse_kd_forward`` / ``scale_grad``) for a top-K teacher with the
+    """The sparse backends' interface (``sparse_kd_forward`` / ``scale_grad``) for a top-K teacher with the
     student's vocabulary split over the group: every rank holds the teacher's K global ids and
     log-probabilities; a listed class is its owner's. The student's statistics come from the
     backend's ``local_stats`` and the dense reductions (steps 1-3), then one more all-reduce SUM of
