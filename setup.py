@@ -16,7 +16,7 @@ def cuda_extension() -> dict:
     if os.environ.get("FASTKD_BUILD_CUDA") != "1":
         return {}
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(here, "fastkd", "_cuda_build.py"))
+    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(here, "fastkd", "backends", "cuda", "build.py"))
     build = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(build)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._core import checks
+
 NORMS = ("l1", "l2", "max")
 
 
@@ -22,12 +24,6 @@ def bin_edges(num_bins: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The ``num_bins + 1`` edges torchmetrics uses, plus a trailing +inf (for the kernels' search)."""
     edges = torch.linspace(0, 1, num_bins + 1, dtype=dtype, device=device)
     return torch.cat([edges, edges.new_full((1,), math.inf)])
-
-
-def _check_num_bins(num_bins) -> int:
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
-    return num_bins
 
 
 @dataclass
@@ -92,14 +88,14 @@ def calibration_error(logits_or_probs: torch.Tensor, labels: torch.Tensor, num_b
     same rule: the input is taken as probabilities when every value lies in [0, 1], else softmax
     is applied). ``norm``: "l1" (ECE), "l2" (RMS calibration error) or "max" (MCE).
     """
-    _check_num_bins(num_bins)
+    checks.positive_int(num_bins, "num_bins")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not isinstance(logits_or_probs, torch.Tensor) or not logits_or_probs.is_floating_point():
         raise TypeError("logits_or_probs must be a floating-point tensor")
     if logits_or_probs.dim() != 2:
         raise ValueError(f"logits_or_probs must be (N, C), got shape {tuple(logits_or_probs.shape)}")
-    _check_labels(labels, logits_or_probs.shape[:1], logits_or_probs.shape[1], None)
+    checks.labels(labels, logits_or_probs.shape[:1], logits_or_probs.shape[1], None)
     p = logits_or_probs.detach()
     if p.dtype in (torch.float16, torch.bfloat16):
         p = p.float()
@@ -109,24 +105,6 @@ def calibration_error(logits_or_probs: torch.Tensor, labels: torch.Tensor, num_b
     hist = _histogram(conf, pred == labels, torch.ones_like(conf, dtype=torch.bool), num_bins)
     gap, prop = _bin_errors(*hist)
     return _norm(gap, prop, norm).to(p.dtype)
-
-
-def _check_labels(labels, shape, num_classes, ignore_index, name="labels", check_range=True):
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class indices, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (the logits without the class "
-                         f"dimension), got {tuple(labels.shape)}")
-    if check_range and labels.numel():  # one host synchronisation
-        bad = (labels < 0) | (labels >= num_classes)
-        if ignore_index is not None:
-            bad &= labels != ignore_index
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            allowed = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-            raise ValueError(f"{name} must lie in [0, {num_classes}){allowed}; found {first}")
 
 
 def row_statistics(x: torch.Tensor, labels: torch.Tensor):
@@ -148,7 +126,7 @@ class CalibrationMeter:
     """
 
     def __init__(self, num_bins: int = 15):
-        self.num_bins = _check_num_bins(num_bins)
+        self.num_bins = checks.positive_int(num_bins, "num_bins")
         self.state: torch.Tensor | None = None  # float64 [3 * (B + 1) + 2], lazily on the data's device
         self._edges: torch.Tensor | None = None  # the bin edges the kernels search, on that device
 
@@ -194,7 +172,7 @@ class CalibrationMeter:
             raise TypeError("logits must be a floating-point tensor")
         if logits.dim() < 1 or logits.shape[-1] < 1:
             raise ValueError(f"logits must be (..., C) with C >= 1, got {tuple(logits.shape)}")
-        _check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+        checks.labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
         x = logits.detach().reshape(-1, logits.shape[-1])
         x = x.double() if x.dtype == torch.float64 else x.float()
         lab = labels.reshape(-1).to(x.device)
@@ -210,7 +188,7 @@ class CalibrationMeter:
         return {"num_bins": self.num_bins, "state": None if self.state is None else self.state.clone()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.num_bins = _check_num_bins(sd["num_bins"])
+        self.num_bins = checks.positive_int(sd["num_bins"], "num_bins")
         self.state = None if sd["state"] is None else sd["state"].to(torch.float64).clone()
 
     def all_reduce(self, group=None, device: torch.device | str | None = None) -> CalibrationMeter:
@@ -242,3 +220,18 @@ class CalibrationMeter:
             confidence=float(conf_sum.sum() / total),
             nll=float(state[3 * nb] / total), brier=float(state[3 * nb + 1] / total),
             count=total, bins=bins)
+
+
+def check_meters(meter, teacher_meter, has_labels: bool, device):
+    """``meter`` / ``teacher_meter`` of a loss call: CalibrationMeters (or None) that hold no statistics
+    on another device, given labels, with one num_bins."""
+    for m, name in ((meter, "meter"), (teacher_meter, "teacher_meter")):
+        if m is None:
+            continue
+        if not isinstance(m, CalibrationMeter):
+            raise TypeError(f"{name} must be a fastkd.CalibrationMeter, got {type(m).__name__}")
+        m._state_on(device)  # raises if it already holds statistics on another device
+        if not has_labels:
+            raise ValueError(f"{name} needs labels (calibration compares predictions with them)")
+    if meter is not None and teacher_meter is not None and meter.num_bins != teacher_meter.num_bins:
+        raise ValueError("meter and teacher_meter must have the same num_bins")

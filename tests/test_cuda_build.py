@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _cuda_build
+from fastkd.backends.cuda import build as _cuda_build
 
 
 def test_toolkit_root_comes_from_nvcc_not_its_folder(monkeypatch):

@@ -103,7 +103,7 @@ def test_torch_compile_refuses_double_backward(gen, monkeypatch):
 
 def test_custom_op_backward_refuses_when_run_eagerly(gen):
     """The op's registered backward itself (what runs when the op is called outside a compiled graph)."""
-    from fastkd import _ops
+    from fastkd._dispatch import compiled as _ops
     from fastkd._core.spec import KDSpec
 
     s, t = randn((N, C), gen, torch.float64).requires_grad_(), randn((N, C), gen, torch.float64)

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fastkd
-import fastkd.fused_linear as fl
+import fastkd._dispatch.gemm as fl
 from conftest import BACKENDS
 from test_fused_linear import make_side, reference
 from test_loss import close
@@ -120,8 +120,8 @@ def test_entropy_of_the_students_tempered_softmax(backend, temperature, gen):
 def test_only_labelled_rows_are_projected(backend, gen, monkeypatch):
     student, teacher, labels = sides(gen, n=23)
     projected = []
-    real = fl._logits
-    monkeypatch.setattr(fl, "_logits", lambda h, w, b: projected.append(h.shape[0]) or real(h, w, b))
+    real = fl.logits
+    monkeypatch.setattr(fl, "logits", lambda h, w, b: projected.append(h.shape[0]) or real(h, w, b))
     leaves = [x.detach().requires_grad_() for x in student]
     out = loss_of(backend, leaves, teacher, labels, temperature=3.0, alpha=0.5)
     assert sum(projected) == 2 * int((labels != -100).sum())  # student and teacher, labelled rows only

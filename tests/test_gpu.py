@@ -347,7 +347,7 @@ sys.modules["fastkd._C"] = None  # this checkout's JIT build for the arch list, 
 import torch
 
 import fastkd
-from fastkd import _cuda_build
+from fastkd.backends.cuda import build as _cuda_build
 from test_loss import check_against_reference, close, randn, random_labels
 
 _cuda_build.load()
@@ -394,7 +394,7 @@ def test_sm80_build_on_a_cluster_gpu(arch_list, tmp_path):
 
     from torch.utils.cpp_extension import is_ninja_available
 
-    from fastkd import _cuda_build
+    from fastkd.backends.cuda import build as _cuda_build
 
     if _cuda_build.toolkit_root() is None or not is_ninja_available():
         pytest.skip("needs a CUDA toolkit and ninja to build the extension")
@@ -507,7 +507,7 @@ def test_bf16_fused_linear_logits_in_fp32_on_the_device(backend, pair, gen):
     (torch.mm's out_dtype), so the loss is fp32-exact against float64 on the same bf16 operands
     (3e-3 with the logits rounded to bf16 when the student is close to its teacher); the gradients
     through bf16 GEMMs, returned in bf16."""
-    from fastkd import fused_linear
+    from fastkd._dispatch import gemm as fused_linear
 
     if not hasattr(torch.ops.aten.mm, "dtype"):
         pytest.skip("torch.mm has no out_dtype in this torch (< 2.8): the chunk's logits are rounded")

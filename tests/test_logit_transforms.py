@@ -333,7 +333,10 @@ def test_fp16_gradient_with_a_large_scale_survives_a_loss_scaler(backend, gen):
     s[:, 0] += 40.0
     t[:, 1] += 40.0
     s, t = s.half(), t.half()
-    unit = fastkd.loss._grad_unit(1.0 * 2.0, 0.0, "kl", (torch.float16,), 8.0)
+    from fastkd._core.enums import Divergence
+    from fastkd._core.spec import grad_unit
+
+    unit = grad_unit(1.0 * 2.0, 0.0, Divergence.KL, (torch.float16,), 8.0)
     assert unit == 2.0**14 / 16.0  # kd_g = alpha T = 2, times the scale 8
     s_ = s.clone().requires_grad_()
     out = fastkd.kd_loss(s_, t, temperature=2.0, alpha=1.0, backend=backend, student_logit_scale=8.0)
@@ -453,7 +456,7 @@ BAD = [
                                   "teacher_softcap"])
 @pytest.mark.parametrize("value,error", BAD)
 def test_bad_transforms_are_named(name, value, error, monkeypatch):
-    from fastkd import _torch_kd
+    import fastkd.backends.torch as _torch_kd
 
     def never(*a, **k):
         raise AssertionError("a kernel ran before the input was rejected")
@@ -486,7 +489,8 @@ def test_cuda_backend_refuses_transforms_before_launching(name, value, monkeypat
     """The cuda backend does not implement the transforms: refused naming the argument, before the
     extension is loaded (here a stand-in that fails), from the public loss and at its kd_forward
     (what fused_linear calls with a spec)."""
-    from fastkd import _cuda_kd, backends
+    from fastkd import backends
+    import fastkd.backends.cuda as _cuda_kd
     from fastkd._core.spec import KDSpec
 
     def never(*a, **k):

@@ -283,14 +283,14 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("override,error,match", BAD_INPUTS)
 def test_bad_input_raises_naming_the_argument(backend, override, error, match, monkeypatch):
-    from fastkd import _torch_kd
+    import fastkd.backends.torch as _torch_kd
 
     def never(*a, **k):
         raise AssertionError("a kernel ran before the input was rejected")
 
     monkeypatch.setattr(_torch_kd, "kd_forward", never)
     if backend == "triton":
-        from fastkd import _triton_kd
+        import fastkd.backends.triton as _triton_kd
 
         monkeypatch.setattr(_triton_kd, "kd_forward", never)
     kw = dict(student_logits=torch.zeros(2, 3), teacher_logits=torch.zeros(2, 3),

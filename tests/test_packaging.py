@@ -165,7 +165,7 @@ CORE_CHECK = r"""
 import importlib.util, json, sys
 import torch
 import fastkd
-from fastkd import _cuda_build
+from fastkd.backends.cuda import build as _cuda_build
 
 g = torch.Generator().manual_seed(0)
 s = torch.randn(6, 11, generator=g, requires_grad=True)
@@ -231,12 +231,12 @@ def test_installed_cuda_sources_are_found_by_the_jit_build(core_venv, core_check
 
 
 def test_sdist_sources_are_found_by_the_setup_py_build(dists, tmp_path):
-    """setup.py (FASTKD_BUILD_CUDA=1) reads SOURCES from fastkd/_cuda_build.py by file, in the
+    """setup.py (FASTKD_BUILD_CUDA=1) reads SOURCES from fastkd/backends/cuda/build.py by file, in the
     unpacked sdist: they must lie in that tree."""
     with tarfile.open(dists[0]) as tf:
         tf.extractall(tmp_path, filter="data")
     (tree,) = tmp_path.iterdir()
-    spec = importlib.util.spec_from_file_location("sdist_cuda_build", tree / "fastkd" / "_cuda_build.py")
+    spec = importlib.util.spec_from_file_location("sdist_cuda_build", tree / "fastkd" / "backends" / "cuda" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     needed = build.SOURCES + build.HEADERS
@@ -320,7 +320,7 @@ def test_installed_extension_compiles_for_sm90(core_venv, tmp_path):
     """The JIT build of the installed copy, as a first backend="cuda" call does it, for sm_90."""
     ninja = shutil.which("ninja") or shutil.which("ninja", path=os.path.dirname(sys.executable))
     assert ninja, "the test extra installs ninja"  # beside this interpreter when its venv is not activated
-    script = ("import os; from fastkd import _cuda_build; ext = _cuda_build.load(); "
+    script = ("import os; from fastkd.backends.cuda import build as _cuda_build; ext = _cuda_build.load(); "
               "assert callable(ext.kd_forward) and callable(ext.scale_grad); "
               "print(ext.__file__); print(os.environ['CUDA_HOME'])")
     done = venv_run(core_venv, [core_venv / "bin" / "python", "-c", script], TORCH_EXTENSIONS_DIR=str(tmp_path),

@@ -259,7 +259,7 @@ def test_group_needs_an_initialised_process_group():
 
 
 def test_unsupported_options_are_refused():
-    from fastkd.vocab_parallel import refuse_unsupported
+    from fastkd._dispatch.vocab_parallel import refuse_unsupported
 
     with pytest.raises(ValueError, match="student_logit_scale is not supported with group="):
         refuse_unsupported(student_logit_scale=2.0, student_softcap=None)

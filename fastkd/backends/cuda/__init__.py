@@ -1,10 +1,12 @@
-"""The CUDA C++ backend (kernels/): the same contract as _triton_kd.kd_forward / scale_grad."""
+"""The CUDA C++ backend (kernels/, built by build.py into fastkd._C): kd_forward and scale_grad, the
+same contract as the other backends' (dense and scale only: no sparse or vocabulary-parallel kernels)."""
 from __future__ import annotations
 
 import torch
 
-from ._cuda_build import load
-from ._core.spec import KDSpec, count_on_device, inv_count_on_host, meter_args
+from .build import load
+from ..._core import checks
+from ..._core.spec import KDSpec, count_on_device, inv_count_on_host, meter_args
 
 INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
 
@@ -18,10 +20,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     transforms (KDSpec.s_scale, ...) are not implemented here: a spec that sets one is refused
     before anything runs. A floating count (a caller's num_items tensor) is applied after the kernel,
     on the device: the extension reads an integer count."""
-    names = spec.transforms_set()
-    if names:
-        raise ValueError(f"{names[0]} needs backend='triton' or 'torch' (the cuda backend does not implement "
-                         "the logit transforms)")
+    checks.transforms_on_backend("cuda", spec)
     float_count = torch.is_tensor(row_count) and row_count.is_floating_point()
     if float_count:
         inv = 1.0 / count_on_device(row_count)
@@ -36,7 +35,7 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                    inv_count_on_host(row_count), edges, loss, gs, gt,
                    meter._state_on(s.device) if meter is not None else None,
                    teacher_meter._state_on(s.device) if teacher_meter is not None else None,
-                   spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, spec.divergence,
+                   spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.beta, int(spec.divergence),
                    spec.ignore_index, spec.has_ce, num_bins, spec.grad_unit)
     if float_count:
         loss.mul_(inv)

@@ -20,7 +20,7 @@ from pathlib import Path
 def _kernels_dir() -> Path:
     """An installed fastkd carries the sources in fastkd/kernels (package data); a source checkout
     keeps them in kernels/ beside the package, which is also where setup.py builds from."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[2]  # fastkd/, above backends/cuda/
     installed = package / "kernels"
     return installed if installed.is_dir() else package.parent / "kernels"
 
@@ -92,7 +92,7 @@ def prepare_environment():
 def load(verbose: bool = False):
     """The extension module: the ahead-of-time build if installed, else a JIT build (cached)."""
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from ... import _C  # type: ignore[attr-defined]  (fastkd._C, built by setup.py)
 
         return _C
     except ImportError:

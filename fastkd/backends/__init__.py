@@ -12,7 +12,7 @@ import importlib.util
 import os
 from typing import NamedTuple
 
-import torch
+import torch as _torch  # not `torch`: the subpackage fastkd.backends.torch takes that attribute
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
@@ -32,7 +32,7 @@ def _triton_import_error() -> str:
     return ""
 
 
-def _triton_unusable(device: torch.device, dtypes=()) -> str:
+def _triton_unusable(device: _torch.device, dtypes=()) -> str:
     """Why the Triton kernels cannot run on this device / these dtypes ("" when they can)."""
     err = _triton_import_error()
     if err:
@@ -41,16 +41,16 @@ def _triton_unusable(device: torch.device, dtypes=()) -> str:
         return "tensors are on the CPU (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
     if device.type not in ("cuda", "cpu"):
         return f"Triton does not run on {device.type} tensors"
-    if torch.float64 in dtypes:
+    if _torch.float64 in dtypes:
         return "the kernels compute in float32; float64 logits need backend='torch'"
     return ""
 
 
-def _cuda_unusable(device: torch.device, dtypes=()) -> str:
+def _cuda_unusable(device: _torch.device, dtypes=()) -> str:
     """Why the CUDA C++ extension cannot run here ("" when it can, built or buildable on first use)."""
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors (got {device.type})"
-    if torch.float64 in dtypes:
+    if _torch.float64 in dtypes:
         return "the kernels compute in float32; float64 logits need backend='torch'"
     return _cuda_unbuildable()
 
@@ -61,7 +61,7 @@ def _cuda_unbuildable() -> str:
         return ""
     from torch.utils.cpp_extension import is_ninja_available
 
-    from ._cuda_build import SOURCES, toolkit_root
+    from .cuda.build import SOURCES, toolkit_root
 
     not_built = "the extension is not built (FASTKD_BUILD_CUDA=1) and cannot be compiled here"
     if toolkit_root() is None or not all(p.is_file() for p in SOURCES):
@@ -71,33 +71,46 @@ def _cuda_unbuildable() -> str:
     return ""
 
 
-def available_backends(device: torch.device | str | None = None) -> list[BackendInfo]:
+def available_backends(device: _torch.device | str | None = None) -> list[BackendInfo]:
     """Each backend with whether it can run on ``device`` (default: CUDA if present, else CPU)."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+        device = "cuda" if _torch.cuda.is_available() else "cpu"
+    device = _torch.device(device)
     triton_why, cuda_why = _triton_unusable(device), _cuda_unusable(device)
     return [BackendInfo("triton", not triton_why, triton_why), BackendInfo("cuda", not cuda_why, cuda_why),
             BackendInfo("torch", True, "")]
 
 
-def resolve(backend, device: torch.device, dtypes):
-    """The backend module for a call (``kd_forward``/``scale_grad``), or a ValueError saying why not."""
-    return module(resolve_name(backend, device, dtypes))
+# what each backend implements: dense (kd_forward), sparse (sparse_kd_forward), vocab (local_stats,
+# jsd_partials, grads: the vocabulary-parallel executor's kernels), scale (scale_grad, INPLACE_BACKWARD)
+CAPABILITIES = {"triton": frozenset({"dense", "sparse", "vocab", "scale"}),
+                "torch": frozenset({"dense", "sparse", "vocab", "scale"}),
+                "cuda": frozenset({"dense", "scale"})}
+_KERNEL = {"dense": "dense-teacher kernel", "sparse": "sparse-teacher kernel",
+           "vocab": "vocabulary-parallel kernel (group=)", "scale": "gradient-scaling kernel"}
 
 
-def module(name: str):
-    """The module of a backend that can run (``resolve_name``'s answer)."""
-    return importlib.import_module(f"fastkd._{name}_kd")
-
-
-def resolve_name(backend, device: torch.device, dtypes) -> str:
-    """The name of the backend that runs a call, or a ValueError saying why none can."""
+def requested(backend) -> tuple[str, str]:
+    """(name, source): ``backend=`` if given, else ``FASTKD_BACKEND`` (read here only), else auto;
+    source is the argument to name in an error."""
     name = backend if backend is not None else os.environ.get("FASTKD_BACKEND", "auto") or "auto"
     source = "backend" if backend is not None else "FASTKD_BACKEND"
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    name = name.lower()
+    return name.lower(), source
+
+
+def require(name: str, capability: str, source: str = "backend"):
+    """A ValueError naming the backend and the kernel it lacks, if it does not implement ``capability``."""
+    if name in CAPABILITIES and capability not in CAPABILITIES[name]:
+        others = " or ".join(repr(n) for n, caps in CAPABILITIES.items() if capability in caps)
+        raise ValueError(f"{source}={name!r} has no {_KERNEL[capability]}; use backend={others}")
+
+
+def resolve_name(backend, device: _torch.device, dtypes, capability: str = "dense") -> str:
+    """The name of the backend that runs a call needing ``capability``, or a ValueError saying why none can."""
+    name, source = requested(backend)
+    require(name, capability, source)
     if name == "cuda":
         why = _cuda_unusable(device, dtypes)
         if why:
@@ -108,3 +121,17 @@ def resolve_name(backend, device: torch.device, dtypes) -> str:
             raise ValueError(f"{source}='triton' cannot run: {why}")
         name = "torch" if why else "triton"
     return name
+
+
+def load(name: str):
+    """The module of a backend that can run (``resolve_name``'s answer): fastkd.backends.<name>, which
+    exports the functions of its capabilities. The triton and cuda ones load their kernels here."""
+    return importlib.import_module(f"fastkd.backends.{name}")
+
+
+module = load
+
+
+def resolve(backend, device: _torch.device, dtypes, capability: str = "dense"):
+    """The backend module for a call, or a ValueError saying why not."""
+    return load(resolve_name(backend, device, dtypes, capability))

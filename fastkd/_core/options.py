@@ -1,0 +1,67 @@
+"""The options of one loss call, checked once at the public entry: below it, functions take this
+object instead of the public keyword lists."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import checks
+from .enums import REDUCTIONS, TAILS, Divergence
+from .spec import transform_names
+
+
+@dataclass(frozen=True, eq=False)
+class Options:
+    temperature: float
+    kd_weight: float  # the divergence's weight: alpha (kd_loss and the others), 1 (kl_loss)
+    ce_weight: float  # the hard-label cross-entropy's: 1 - alpha (0 for kl_loss)
+    t_squared: bool  # the divergence times T^2 (kd_loss and the others; not kl_loss, as F.kl_div)
+    divergence: Divergence
+    beta: float
+    ignore_index: int
+    reduction: str
+    backend: str | None  # None: FASTKD_BACKEND, else auto (backends.resolve_name)
+    validate_labels: bool
+    num_items: object  # None, a float > 0 or a one-element tensor (its device is checked with the logits)
+    transforms: tuple  # (s_scale, t_scale, s_cap, t_cap) of KDSpec; a cap of 0 means none
+    group: object  # a torch.distributed process group (vocabulary-parallel), or None
+    tail: str  # a sparse teacher's missing mass: "bucket" or "renormalize"
+    chunk_size: int | None  # the fused-linear losses' rows per chunk (None: about 2^25 logits)
+    return_entropy: bool
+
+    @classmethod
+    def build(cls, *, temperature, alpha=None, divergence="kl", beta=0.5, ignore_index=-100,
+              reduction="batchmean", reductions=REDUCTIONS, has_labels=False, backend=None, validate_labels=True,
+              num_items=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+              teacher_softcap=None, group=None, tail="bucket", sparse=False, chunk_size=None,
+              return_entropy=False) -> Options:
+        """Every scalar argument checked once. ``alpha`` None: kl_loss's objective (the divergence
+        alone, without T^2); else alpha T^2 D + (1 - alpha) CE. ``sparse``: a top-K teacher (KL only)."""
+        if alpha is None:
+            kd_weight, ce_weight, t_squared = 1.0, 0.0, False
+        else:
+            kd_weight = checks.real(alpha, "alpha", 0.0, 1.0, False, False)
+            ce_weight, t_squared = 1.0 - kd_weight, True
+        temperature = checks.positive(temperature, "temperature")
+        checks.choice(reduction, "reduction", reductions)
+        if sparse and divergence != "kl":
+            raise ValueError(f"divergence must be 'kl' for a sparse teacher (its unlisted classes make reverse KL "
+                             f"and JSD undefined), got {divergence!r}")
+        divergence = Divergence.parse(divergence)
+        beta = checks.real(beta, "beta", 0.0, 1.0, True, True) if divergence == Divergence.JSD else float(beta)
+        checks.integer(ignore_index, "ignore_index")
+        if not has_labels and ce_weight != 0:
+            raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
+        checks.choice(tail, "tail", TAILS)
+        return cls(temperature, kd_weight, ce_weight, t_squared, divergence, beta, ignore_index, reduction, backend,
+                   validate_labels, checks.num_items(num_items, reduction),
+                   checks.transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap),
+                   group, tail, checks.positive_int(chunk_size, "chunk_size", optional=True),
+                   checks.flag(return_entropy, "return_entropy"))
+
+    def transforms_set(self) -> list[str]:
+        """The public arguments of the logit transforms this call sets (not at their defaults)."""
+        return transform_names(*self.transforms)
+
+    @property
+    def bucket(self) -> bool:
+        return self.tail == "bucket"

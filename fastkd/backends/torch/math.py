@@ -1,0 +1,99 @@
+"""The torch backend's shared math: logit transforms, the divergences' terms, row weights, the
+sparse teacher; also what the vocabulary-parallel executor computes with plain tensor ops."""
+from __future__ import annotations
+
+import torch
+
+from ..._core.enums import Divergence
+from ..._core.spec import KDSpec, wide
+
+
+def compute_dtype(*tensors):
+    """fp32, or float64 when a tensor is float64."""
+    return wide(*(x.dtype for x in tensors))
+
+
+def transform(x, scale, cap):
+    """A model's logits as it outputs them: cap tanh(scale x / cap) with a softcap (cap > 0), else
+    scale x; -inf stays -inf (a masked class keeps no mass)."""
+    if cap > 0:
+        return torch.where(x == -torch.inf, x, cap * torch.tanh(x * (scale / cap)))
+    return x * scale if scale != 1.0 else x
+
+
+def slope(z, scale, cap):
+    """d z' / d x from the transformed logits z': scale (1 - tanh^2) = scale (1 - (z' / cap)^2) with a
+    softcap (0 where z' = -inf: a masked class), else the scale (None when 1: nothing to multiply)."""
+    if cap > 0:
+        return scale * (1 - (z / cap) ** 2).clamp(min=0)
+    return scale if scale != 1.0 else None
+
+
+def chain(g, slope):
+    return g if slope is None else g * slope
+
+
+def masked(p, v):
+    """p * v where p > 0, else 0: the convention 0 * log 0 = 0 (masked classes, -inf logits)."""
+    return torch.where(p > 0, p * v, 0.0)
+
+
+def divergence_terms(la, lb, spec: KDSpec, grad_t: bool):
+    """Per-row divergence and its gradients w.r.t. the tempered logits a = s/T and b = t/T
+    (the teacher's only when ``grad_t``); only the terms a divergence needs are computed."""
+    ps, pt = la.exp(), lb.exp()
+    if spec.divergence == Divergence.KL:  # KL(p_t || p_s)
+        ref_t = lb - la
+        d_t = masked(pt, ref_t).sum(-1, keepdim=True)
+        return d_t, ps - pt, masked(pt, ref_t - d_t) if grad_t else None
+    if spec.divergence == Divergence.REVERSE_KL:  # KL(p_s || p_t)
+        ref_s = la - lb
+        d_s = masked(ps, ref_s).sum(-1, keepdim=True)
+        return d_s, masked(ps, ref_s - d_s), pt - ps
+    b = spec.beta  # generalised JSD against M = beta p_t + (1 - beta) p_s
+    lm = torch.log(b * pt + (1 - b) * ps)
+    ref_s, ref_t = la - lm, lb - lm
+    d_s = masked(ps, ref_s).sum(-1, keepdim=True)
+    d_t = masked(pt, ref_t).sum(-1, keepdim=True)
+    gb = b * masked(pt, ref_t - d_t) if grad_t else None
+    return b * d_t + (1 - b) * d_s, (1 - b) * masked(ps, ref_s - d_s), gb
+
+
+def row_weights(keep, bad, scale, spec: KDSpec, cd):
+    """(w, w_grad) per row: its weight in the loss (``scale``, 1 / rows that count, where it counts;
+    else 0) and in the saved gradient (the same, or spec.grad_unit when the backward applies the row
+    scale); NaN on rows flagged ``bad`` (a label or id out of range, unchecked)."""
+    w = torch.where(keep, scale, 0.0)
+    # a python number times a mask in cd (torch.where(keep, number, 0.0) would be fp32)
+    w_grad = w if spec.row_scaled_grad else keep.to(cd) * spec.grad_unit
+    if bad is not None:
+        w, w_grad = torch.where(bad, torch.nan, w), torch.where(bad, torch.nan, w_grad)
+    return w, w_grad
+
+
+def finite(m):
+    """A row maximum with -inf (an empty or all-masked row) as 0, to subtract safely."""
+    return torch.where(m == -torch.inf, 0.0, m)
+
+
+def rescale(m_from, m_to, k):
+    """exp((m_from - m_to) k), 0 from an empty (all -inf) row."""
+    return torch.where(m_from == -torch.inf, 0.0, torch.exp((finite(m_from) - finite(m_to)) * k))
+
+
+def sparse_teacher(lp, valid, n_cols, spec: KDSpec, bucket: bool):
+    """Tempered teacher over its K listed classes (+ the tail bucket): (log p_k, log p_tail).
+
+    The teacher's log-probabilities at T = 1 are tempered as the full teacher would be,
+    p ~ q^(1/T); its missing mass m = 1 - sum q_k is taken as spread evenly over the V - K
+    unlisted classes, so the tail bucket holds (V - K) (m / (V - K))^(1/T) before normalisation.
+    "renormalize" drops the tail."""
+    u = torch.where(valid, lp * spec.inv_temperature, -torch.inf)
+    u_tail = torch.full_like(u[:, 0], -torch.inf)
+    if bucket:
+        missing = (1 - torch.where(valid, lp.exp(), 0.0).sum(-1)).clamp(min=0)
+        free = (n_cols - valid.sum(-1)).to(u.dtype)
+        spread = free.log() + (missing.log() - free.log()) * spec.inv_temperature
+        u_tail = torch.where((missing > 0) & (free > 0), spread, u_tail)
+    norm = torch.logsumexp(torch.cat([u, u_tail[:, None]], -1), -1, keepdim=True)
+    return u - norm, u_tail - norm[:, 0]
