@@ -36,7 +36,7 @@ from .loss import (REDUCTIONS, _backward_factor, _check_logits, _check_meter, _r
                    _scaled_grads, _wide)
 
 TAILS = ("bucket", "renormalize")
-SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd._triton_kd": "fastkd._triton_sparse"}
+SPARSE_KERNELS = {"fastkd._torch_kd": "fastkd._torch_kd", "fastkd.backends.triton": "fastkd.backends.triton"}
 SUM_TOLERANCE = 1e-2  # teacher probabilities may sum above 1 by this much (fp16/bf16 rounding)
 
 

@@ -283,7 +283,7 @@ class VocabParallel:
         return (loss.sum() if reduce else loss), gs, gt
 
 
-# --- the torch kernels (the Triton ones are in _triton_vocab) -------------------------------------
+# --- the torch kernels (the Triton ones are in backends/triton/vocab.py) -------------------------------------
 
 class TorchKernels:
     """Local statistics, JSD partials and gradients of a slice in plain tensor ops."""
@@ -363,9 +363,9 @@ class TorchKernels:
 
 def _kernels(name):
     if name == "triton":
-        from . import _triton_vocab
+        from .backends import triton as triton_backend
 
-        return _triton_vocab
+        return triton_backend
     return TorchKernels
 
 

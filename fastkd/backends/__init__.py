@@ -6,6 +6,7 @@ backend asked for by name that cannot run raises with the reason; nothing falls 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -88,11 +89,30 @@ def resolve(backend, device: torch.device, dtypes):
 
 def module(name: str):
     """The module of a backend that can run (``resolve_name``'s answer)."""
-    return importlib.import_module(f"fastkd._{name}_kd")
+    return importlib.import_module("fastkd.backends.triton" if name == "triton" else f"fastkd._{name}_kd")
+
+
+_OVERRIDE: list = []  # the active override()'s backend names, innermost last
+
+
+@contextlib.contextmanager
+def override(name: str):
+    """A tools' and tests' hook: while active, every call resolves to backend ``name`` whatever the
+    device and ``backend=`` say (bench/tools/sm90.py records the Triton launches of calls on CPU
+    tensors without the interpreter). Not for users: nothing is checked."""
+    if name not in BACKENDS[1:]:
+        raise ValueError(f"override: name must be one of {BACKENDS[1:]}, got {name!r}")
+    _OVERRIDE.append(name)
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
 
 
 def resolve_name(backend, device: torch.device, dtypes) -> str:
     """The name of the backend that runs a call, or a ValueError saying why none can."""
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
     name = backend if backend is not None else os.environ.get("FASTKD_BACKEND", "auto") or "auto"
     source = "backend" if backend is not None else "FASTKD_BACKEND"
     if not isinstance(name, str) or name.lower() not in BACKENDS:
