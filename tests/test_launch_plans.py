@@ -249,3 +249,27 @@ def test_cooperative_grid_is_sized_by_the_kernel_it_launches():
     with pytest.raises(L._SplitRefused, match="do not fit") as refused:
         L._fitting_groups(20, 200, compiled_for, resident_of)
     assert not refused.value.by_driver  # the launcher's own check: not a reason to give up the device
+
+
+def test_tool_hooks_record_every_launch_and_restore_the_plan():
+    """The hooks bench/tools use instead of patching attributes (issue 25): under recorded_launches a call
+    on CPU tensors launches nothing (outputs stay as allocated) and records the dense kernel and the
+    backward's scale; plan_override sets a knob for its block only and refuses a name that is not one;
+    backends.override sends a CPU call to the Triton backend."""
+    import fastkd
+    from fastkd import backends
+    from fastkd.backends import triton as T
+
+    with pytest.raises(ValueError, match="not a plan knob: SPLIT_STATICK"):
+        with T.plan_override(SPLIT_STATICK=True):
+            pass
+    assert backends.resolve_name(None, torch.device("cpu"), (torch.float32,)) in ("torch", "triton")
+    s = torch.randn(3, 70, requires_grad=True)
+    with backends.override("triton"), T.plan_override(SPLIT_STATIC=True), T.recorded_launches() as launches:
+        assert P.SPLIT_STATIC is True and backends.resolve_name("torch", s.device, (s.dtype,)) == "triton"
+        loss = fastkd.kl_loss(s, torch.randn(3, 70), 2.0)
+        torch.autograd.grad(loss, [s])
+    assert P.SPLIT_STATIC is False
+    assert [launch.kernel.fn.__name__ for launch in launches] == ["_kd_fwd_kernel", "_scale_grad_kernel"]
+    assert launches[1].args[0].shape == s.shape  # the gradient the backward scales in place
+    assert launches[0].grid == (1,) and launches[0].kwargs["DIVERGENCE"] == 0
