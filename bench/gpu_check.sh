@@ -15,8 +15,8 @@ if [[ $parts == *tests* ]]; then
   timeout 150 python -m pytest -q -x -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 if [[ $parts == *tune* ]]; then
-  timeout 150 python bench/tune_triton.py --write 2>&1 | tee "$OUT/tune.txt" | grep -v '^ '
-  cp fastkd/triton_configs.json "$OUT/"
+  timeout 150 python bench/tools/tune_triton.py --write 2>&1 | tee "$OUT/tune.txt" | grep -v '^ '
+  cp fastkd/backends/triton/triton_configs.json "$OUT/"
 fi
 if [[ $parts == *bench* ]]; then
   timeout 240 python -m pytest bench -q -p no:cacheprovider 2>&1 | tee "$OUT/bench.txt" \

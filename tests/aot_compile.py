@@ -7,7 +7,7 @@ turns an integer argument equal to 1 into a Python constant, marks integers divi
 each constexpr branch taken. So here the public API (kl_loss, kd_loss, sparse_kd_loss, the
 vocabulary-parallel losses; forward and backward with a random upstream gradient) runs on CPU tensors
 (allocated, never read) while every kernel of the Triton backend records its launches
-(bench/sm90.py); each launch is bound and specialised by Triton's own binder and compiled for sm_90:
+(bench/tools/sm90.py); each launch is bound and specialised by Triton's own binder and compiled for sm_90:
 what a GPU would compile for that call, whatever path the launcher takes. Long rows run twice: with
 the split-row path where an H100 takes it (``SPLIT_STATIC``), and on the looping path.
 
@@ -45,9 +45,9 @@ from typing import Callable
 os.environ.pop("TRITON_INTERPRET", None)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's fastkd, not an installed one
-sys.path.insert(1, str(ROOT / "bench"))
+sys.path.insert(1, str(ROOT / "bench" / "tools"))
 
-import sm90  # noqa: E402  (bench/sm90.py: the launch recorder, Triton's binder, the sm_90 target)
+import sm90  # noqa: E402  (bench/tools/sm90.py: the launch recorder, Triton's binder, the sm_90 target)
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402

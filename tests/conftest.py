@@ -37,8 +37,9 @@ def gen(request):
 
 
 def force_triton_path(monkeypatch, K, path):
-    """Makes small rows take a path of the Triton kernel (module K): "one-pass" as is; "looping" (tiles of
-    32 columns); "split" (parts of 32 columns, its two halves as two launches under the interpreter)."""
+    """Makes small rows take a path of the Triton kernel (K: fastkd.backends.triton.plan, whose knobs
+    these are): "one-pass" as is; "looping" (tiles of 32 columns); "split" (parts of 32 columns, its two
+    halves as two launches under the interpreter)."""
     if path != "one-pass":
         monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
         monkeypatch.setattr(K, "LOOP_BLOCK_C", 32)

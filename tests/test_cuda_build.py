@@ -119,11 +119,11 @@ def _compile_host(tmp_path, source, name, *flags):
 def test_layouts_hold_each_row_once_and_the_counting_tool_agrees(tmp_path):
     """Every row length gets a layout whose threads hold the whole row (K per thread), several rows
     per warp for short rows, a cluster of at most 16 CTAs for long ones on Hopper (the loop
-    elsewhere); kernels/cuda_sass_count.py, which counts exactly these layouts, mirrors the C++ rules."""
+    elsewhere); bench/tools/cuda_sass_count.py, which counts exactly these layouts, mirrors the C++ rules."""
     import subprocess
     import sys
 
-    sys.path.insert(0, str(_cuda_build.KERNELS))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "tools"))
     import cuda_sass_count as sass_count
 
     cases = [(c, v, m) for c in (1, 2, 10, 16, 17, 100, 512, 513, 1000, 1024, 1025, 2000, 8192, 8193, 32000,
@@ -275,10 +275,10 @@ def test_light_kernel_issue_below_its_memory_time(tmp_path, rows, cols, dtype, b
     """The static model on the CUDA backend's light variant (kl_loss, student gradient), compiled for
     sm_90 as launched: no spills, and warp instructions per element within 0.8 of what the memory
     floor allows (12 bytes an element in fp32, 6 in bf16: 83 and 42 instructions at 4.27 TB/s against
-    132 SMs x 4 issue x 1.755 GHz). The counting method is in kernels/cuda_sass_count.py."""
+    132 SMs x 4 issue x 1.755 GHz). The counting method is in bench/tools/cuda_sass_count.py."""
     import sys
 
-    sys.path.insert(0, str(_cuda_build.KERNELS))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "tools"))
     import cuda_sass_count as sass_count
 
     m = sass_count.measure(rows, cols, dtype, "kl", tmp_path)

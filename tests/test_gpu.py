@@ -540,13 +540,14 @@ def test_split_rows_with_a_meter_beyond_the_packing_limit(monkeypatch, gen):
     """The split-row path with a student meter and more rows per group than a program's packed counters
     hold (item 2): one SM's worth of groups, so 4100 rows of 16384 bf16 columns (4 parts a row) are
     4100 rows per group; loss, gradient and every bin count equal the torch backend's."""
-    from fastkd import _triton_kd as K
+    from fastkd._core.spec import KDSpec
+    from fastkd.backends.triton import launch as K, plan as P
 
     monkeypatch.setattr(K, "_sm_count", lambda device: 1)
     shape = (4100, 16384)
     s, t = on_gpu(randn(shape, gen, torch.bfloat16), randn(shape, gen, torch.bfloat16))
     (labels,) = on_gpu(random_labels(shape[:1], shape[1], gen, ignore_every=9))
-    plan = K._plan(shape[0], shape[1], s.dtype, t.dtype, K.KDSpec(0.5, 4.0, 0.5, 0, 0.5, -100), True, False, True,
+    plan = P._plan(shape[0], shape[1], s.dtype, t.dtype, KDSpec(0.5, 4.0, 0.5, 0, 0.5, -100), True, False, True,
                    True, False, True, sms=1)
     assert plan["path"] == "split-row" and plan["ints"]["rows_per_group"] >= 4096
     results = {}

@@ -13,7 +13,10 @@ import torch
 
 from fastkd._core.spec import KDSpec
 
-K = pytest.importorskip("fastkd._triton_kd")
+pytest.importorskip("triton")
+from fastkd.backends.triton import helpers as H  # noqa: E402  (the meters' packing constants)
+from fastkd.backends.triton import launch as L  # noqa: E402  (the launch state, the split path's fit)
+from fastkd.backends.triton import plan as P  # noqa: E402  (the plans and their knobs)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMS = (16, 58, 114, 132)
@@ -82,26 +85,26 @@ def check_plan(case, plan):
 
     meters = case["meter_s"] or case["meter_t"]
     if meters:  # the packed counts (count + PACK * correct per bin) are exact up to PACK_ROWS rows
-        assert 1 <= plan["meter_rows"] <= K.PACK_ROWS.value
+        assert 1 <= plan["meter_rows"] <= H.PACK_ROWS.value
 
     if plan["path"] == "split-row":
         parts, groups = consts["PARTS"], ints["n_groups"]
         spec = case["spec"]
         # what the split kernel implements: KL or reverse KL with a gradient, the student's meter only
         assert spec.divergence in (0, 1) and (case["grad_s"] or case["grad_t"]) and not case["meter_t"]
-        assert case["split_ok"] and c > K.ONE_PASS_MAX["light"][4]
-        assert consts["LANES"] == 32 * plan["num_warps"] and plan["kernel"] is K._kd_split_kernel
-        assert 1 <= parts <= K.SPLIT_MAX_PARTS and consts["PARTS_P2"] == 1 << (parts - 1).bit_length()
+        assert case["split_ok"] and c > P.ONE_PASS_MAX["light"][4]
+        assert consts["LANES"] == 32 * plan["num_warps"] and plan["kernel"] is P._kd_split_kernel
+        assert 1 <= parts <= P.SPLIT_MAX_PARTS and consts["PARTS_P2"] == 1 << (parts - 1).bit_length()
         assert (parts - 1) * chunk < c <= parts * chunk  # every part holds columns, together the row
         assert 1 <= groups <= n and plan["programs"] == groups * parts
-        assert groups * parts <= case["sms"] * K.SPLIT_PROGRAMS_PER_SM  # all resident at once
+        assert groups * parts <= case["sms"] * P.SPLIT_PROGRAMS_PER_SM  # all resident at once
         assert ints["rows_per_group"] * groups >= n and (ints["rows_per_group"] - 1) * groups < n
         assert ints["rows_per_group"] * groups < 2**31  # the kernel's int32 row index
-        assert plan["meter_rows"] == min(ints["rows_per_group"], K.PACK_ROWS.value)
+        assert plan["meter_rows"] == min(ints["rows_per_group"], H.PACK_ROWS.value)
         return
 
     block_n, per_program = consts["BLOCK_N"], ints["blocks_per_program"]
-    assert plan["kernel"] is K._kd_fwd_kernel and is_pow2(block_n) and per_program >= 1
+    assert plan["kernel"] is P._kd_fwd_kernel and is_pow2(block_n) and per_program >= 1
     rows_per_program = block_n * per_program
     assert plan["meter_rows"] == rows_per_program
     # every row has a program, no program is idle, the int32 row index does not overflow
@@ -125,7 +128,7 @@ def test_launch_plan_invariants_over_random_calls():
     paths = {}
     for i in range(600):
         case = random_case(rng)
-        plan = K._plan(**case)
+        plan = P._plan(**case)
         try:
             check_plan(case, plan)
         except AssertionError:
@@ -140,16 +143,16 @@ def test_split_path_with_a_meter_at_scale(sms, dtype):
     """Issue 24: 32768 x 128256 fp32 with a meter on 132 SMs gives 4096 rows per group (8 groups of
     63 parts); the split kernel flushes the packed counts every PACK_ROWS rows, so no program's
     counts take more; and the packing itself is exact there (PACK_ROWS (PACK + 1) < 2^24)."""
-    assert K.PACK.value == K.PACK_ROWS.value + 1 and K.PACK_ROWS.value * (K.PACK.value + 1) < 2**24
+    assert H.PACK.value == H.PACK_ROWS.value + 1 and H.PACK_ROWS.value * (H.PACK.value + 1) < 2**24
     spec = KDSpec(0.5, 1.0, 0.5, 0, 0.5, -100)
     case = dict(n=32768, c=128256, s_dtype=dtype, t_dtype=dtype, spec=spec, grad_s=True, grad_t=False,
                 has_labels=True, meter_s=True, meter_t=False, reduce=True, rows=(1, None, 0, None, 0),
                 addresses=(1 << 20, 1 << 21), split_ok=True, sms=sms, fast_math=True)
-    plan = K._plan(**case)
+    plan = P._plan(**case)
     assert plan["path"] == "split-row"
     check_plan(case, plan)
     if sms == 132 and dtype == torch.float32:
-        assert plan["ints"]["rows_per_group"] == 4096 and plan["meter_rows"] == K.PACK_ROWS.value
+        assert plan["ints"]["rows_per_group"] == 4096 and plan["meter_rows"] == H.PACK_ROWS.value
 
 
 @pytest.mark.parametrize("shape", [(8192, 32000), (4096, 128256), (262144, 16384), (1, 32000), (3000, 9000)],
@@ -165,15 +168,15 @@ def test_looping_path_with_a_meter_takes_several_rows_per_program(shape):
         case = dict(n=n, c=c, s_dtype=bf16, t_dtype=bf16, spec=spec, grad_s=True, grad_t=False, has_labels=True,
                     meter_s=True, meter_t=meter_t, reduce=True, rows=(1, None, 0, None, 0),
                     addresses=(1 << 20, 1 << 21), split_ok=False, sms=132, fast_math=True)
-        plan = K._plan(**case)
+        plan = P._plan(**case)
         check_plan(case, plan)
         assert plan["path"] == "2-sweep"
         per_program = plan["ints"]["blocks_per_program"]
-        assert per_program == max(1, min(n // K.LOOP_METER_PROGRAMS, K.PACK_ROWS.value))
-        assert plan["programs"] >= min(n, K.LOOP_METER_PROGRAMS)
-        if n >= 2 * K.LOOP_METER_PROGRAMS:
+        assert per_program == max(1, min(n // P.LOOP_METER_PROGRAMS, H.PACK_ROWS.value))
+        assert plan["programs"] >= min(n, P.LOOP_METER_PROGRAMS)
+        if n >= 2 * P.LOOP_METER_PROGRAMS:
             assert per_program > 1
-        no_meter = K._plan(**dict(case, meter_s=False, meter_t=False))
+        no_meter = P._plan(**dict(case, meter_s=False, meter_t=False))
         assert no_meter["ints"]["blocks_per_program"] == 1 and no_meter["programs"] == n
 
 
@@ -186,13 +189,13 @@ H100 = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
 def test_occupancy_from_registers_threads_and_shared_memory():
     """Blocks per SM: registers by warp in units of 256, threads, shared memory with the driver's 1 KB
     per block, at most 32; times the SMs."""
-    assert K._occupancy(168, 0, 4, H100) == 132 * 3  # 5376 registers a warp: 21504 a block
-    assert K._occupancy(255, 0, 4, H100) == 132 * 2  # 8192 a warp
-    assert K._occupancy(32, 0, 4, H100) == 132 * 16  # by threads: 2048 / 128
-    assert K._occupancy(16, 0, 1, H100) == 132 * 32  # the block limit
-    assert K._occupancy(64, 100 * 1024, 4, H100) == 132 * 2  # shared memory: 233472 // (101 KB)
-    assert K._occupancy(255, 0, 32, H100) == 0  # a block that does not fit at all
-    assert K._occupancy(96, 0, 4, SimpleNamespace(multi_processor_count=16)) == 16 * 5  # defaults
+    assert P._occupancy(168, 0, 4, H100) == 132 * 3  # 5376 registers a warp: 21504 a block
+    assert P._occupancy(255, 0, 4, H100) == 132 * 2  # 8192 a warp
+    assert P._occupancy(32, 0, 4, H100) == 132 * 16  # by threads: 2048 / 128
+    assert P._occupancy(16, 0, 1, H100) == 132 * 32  # the block limit
+    assert P._occupancy(64, 100 * 1024, 4, H100) == 132 * 2  # shared memory: 233472 // (101 KB)
+    assert P._occupancy(255, 0, 32, H100) == 0  # a block that does not fit at all
+    assert P._occupancy(96, 0, 4, SimpleNamespace(multi_processor_count=16)) == 16 * 5  # defaults
 
 
 class StandInKernel:
@@ -210,14 +213,14 @@ def test_resident_programs_are_those_of_the_compiled_kernel(monkeypatch):
     """The estimate is cached per compiled kernel (Triton compiles one per specialisation of the
     arguments: n_groups or rows_per_group divisible by 16 or equal to 1 give another binary), not per
     constants: two binaries of the same constants with other registers get their own counts."""
-    monkeypatch.setattr(K, "_RESIDENT", {})
+    monkeypatch.setattr(L, "_RESIDENT", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H100)
     device = torch.device("cuda", 0)
     light, heavy = StandInKernel("a", 128), StandInKernel("b", 255)
-    assert K._resident_programs(device, light, 4) == 132 * 4
-    assert K._resident_programs(device, heavy, 4) == 132 * 2
-    assert K._resident_programs(device, light, 4) == 132 * 4
-    assert K._resident_programs(torch.device("cuda", 1), heavy, 4) == 132 * 2
+    assert L._resident_programs(device, light, 4) == 132 * 4
+    assert L._resident_programs(device, heavy, 4) == 132 * 2
+    assert L._resident_programs(device, light, 4) == 132 * 4
+    assert L._resident_programs(torch.device("cuda", 1), heavy, 4) == 132 * 2
 
 
 def test_cooperative_grid_is_sized_by_the_kernel_it_launches():
@@ -237,12 +240,36 @@ def test_cooperative_grid_is_sized_by_the_kernel_it_launches():
         return kernel
 
     def resident_of(kernel):
-        return K._occupancy(kernel.n_regs, 0, 4, SimpleNamespace(multi_processor_count=86))
+        return P._occupancy(kernel.n_regs, 0, 4, SimpleNamespace(multi_processor_count=86))
 
-    groups = K._fitting_groups(20, parts, compiled_for, resident_of)  # 205 rows per group: 168 registers
+    groups = L._fitting_groups(20, parts, compiled_for, resident_of)  # 205 rows per group: 168 registers
     assert compiled == [20, 8, 5] and groups == 5
     assert groups * parts <= resident_of(compiled_for(groups))
-    assert K._fitting_groups(2, parts, compiled_for, resident_of) == 2  # fits at once: one check
-    with pytest.raises(K._SplitRefused, match="do not fit") as refused:
-        K._fitting_groups(20, 200, compiled_for, resident_of)
+    assert L._fitting_groups(2, parts, compiled_for, resident_of) == 2  # fits at once: one check
+    with pytest.raises(L._SplitRefused, match="do not fit") as refused:
+        L._fitting_groups(20, 200, compiled_for, resident_of)
     assert not refused.value.by_driver  # the launcher's own check: not a reason to give up the device
+
+
+def test_tool_hooks_record_every_launch_and_restore_the_plan():
+    """The hooks bench/tools use instead of patching attributes (issue 25): under recorded_launches a call
+    on CPU tensors launches nothing (outputs stay as allocated) and records the dense kernel and the
+    backward's scale; plan_override sets a knob for its block only and refuses a name that is not one;
+    backends.override sends a CPU call to the Triton backend."""
+    import fastkd
+    from fastkd import backends
+    from fastkd.backends import triton as T
+
+    with pytest.raises(ValueError, match="not a plan knob: SPLIT_STATICK"):
+        with T.plan_override(SPLIT_STATICK=True):
+            pass
+    assert backends.resolve_name(None, torch.device("cpu"), (torch.float32,)) in ("torch", "triton")
+    s = torch.randn(3, 70, requires_grad=True)
+    with backends.override("triton"), T.plan_override(SPLIT_STATIC=True), T.recorded_launches() as launches:
+        assert P.SPLIT_STATIC is True and backends.resolve_name("torch", s.device, (s.dtype,)) == "triton"
+        loss = fastkd.kl_loss(s, torch.randn(3, 70), 2.0)
+        torch.autograd.grad(loss, [s])
+    assert P.SPLIT_STATIC is False
+    assert [launch.kernel.fn.__name__ for launch in launches] == ["_kd_fwd_kernel", "_scale_grad_kernel"]
+    assert launches[1].args[0].shape == s.shape  # the gradient the backward scales in place
+    assert launches[0].grid == (1,) and launches[0].kwargs["DIVERGENCE"] == 0

@@ -67,7 +67,9 @@ def imports_of(path: Path):
             subs = [f"{target}.{n}" for n in names if (PACKAGE.parent / f"{target}.{n}".replace(".", "/")).exists()
                     or (PACKAGE.parent / (f"{target}.{n}".replace(".", "/") + ".py")).exists()]
             found += [(sub, [], node.lineno) for sub in subs]
-            found.append((target, [n for n in names if f"{target}.{n}" not in subs], node.lineno))
+            rest = [n for n in names if f"{target}.{n}" not in subs]
+            if rest:  # `from . import submodule` alone imports the submodule, not the package's names
+                found.append((target, rest, node.lineno))
         elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
               == "import_module" and node.args and isinstance(node.args[0], ast.Constant)
               and isinstance(node.args[0].value, str)):

@@ -190,7 +190,7 @@ def test_defaults_change_nothing(backend, gen):
 def triton_path(request, monkeypatch):
     """Forces a path of the Triton kernel on small rows: one-pass as is; looping (tiles of 32 columns);
     split (parts of 32 columns, its two halves as two launches under the interpreter)."""
-    K = pytest.importorskip("fastkd._triton_kd")
+    K = pytest.importorskip("fastkd.backends.triton.plan")
     path = request.param
     force_triton_path(monkeypatch, K, path)
     return K, path
@@ -226,7 +226,7 @@ def test_triton_paths(triton_path, divergence, gen):
 
 def test_default_spec_compiles_no_transform(gen):
     """The constexprs that compile the transforms in are set by value: off for scale 1, no softcap."""
-    K = pytest.importorskip("fastkd._triton_kd")
+    K = pytest.importorskip("fastkd.backends.triton.plan")
     spec = KDSpec(0.5, 1.0, 0.0, 0, 0.5, -100)
     for split_ok, c in ((False, 100), (True, 100000)):
         consts = K._plan(8, c, torch.bfloat16, torch.bfloat16, spec, True, False, False, False, False, True,
@@ -361,7 +361,7 @@ def test_sparse_student_transforms(backend, path, tail, transforms, gen, monkeyp
     from reference import sparse_kd_objective
 
     if path == "looping":
-        S = pytest.importorskip("fastkd._triton_sparse")
+        S = pytest.importorskip("fastkd.backends.triton.sparse")
         monkeypatch.setattr(S, "ONE_PASS_MAX", {1: 16, 2: 16, 4: 16})
         monkeypatch.setattr(S, "LOOP_BLOCK_C", 32)
     scale, cap = transforms

@@ -117,10 +117,10 @@ def test_temperatures(backend, temperature, gen):
 def test_triton_looping_path(monkeypatch, divergence, teacher_grad, gen):
     """Rows longer than the one-pass limit take the 2-3 sweep path; shrink the limit to test it
     on a row of several tiles with a ragged last tile."""
-    from fastkd import _triton_kd
+    from fastkd.backends.triton import plan
 
-    monkeypatch.setattr(_triton_kd, "ONE_PASS_MAX", {v: {1: 64, 2: 64, 4: 64} for v in ("light", "heavy")})
-    monkeypatch.setattr(_triton_kd, "LOOP_BLOCK_C", 32)
+    monkeypatch.setattr(plan, "ONE_PASS_MAX", {v: {1: 64, 2: 64, 4: 64} for v in ("light", "heavy")})
+    monkeypatch.setattr(plan, "LOOP_BLOCK_C", 32)
     shape = (5, 203)
     s, t = randn(shape, gen), randn(shape, gen)
     s[1, :40] = float("-inf")  # a first tile entirely masked: the online max starts at -inf
@@ -344,23 +344,23 @@ def test_import_touches_no_gpu_and_not_triton():
 
 
 def test_measured_launch_configurations_take_precedence(tmp_path, monkeypatch, gen):
-    """bench/tune_triton.py stores per-card configurations; the launcher uses them (and stays right)."""
+    """bench/tools/tune_triton.py stores per-card configurations; the launcher uses them (and stays right)."""
     import json
 
-    from fastkd import _triton_kd
+    from fastkd.backends.triton import plan
 
     table = tmp_path / "configs.json"
     table.write_text(json.dumps({"": {"4:256:heavy": {"block_n": 1, "block_c": 64, "one_pass": False, "num_warps": 4}}}))
-    monkeypatch.setattr(_triton_kd, "TUNED_CONFIGS", table)
-    _triton_kd._tuned_configs.cache_clear()
+    monkeypatch.setattr(plan, "TUNED_CONFIGS", table)
+    plan._tuned_configs.cache_clear()
     try:
-        assert _triton_kd._launch_config(203, 4, "", heavy=True) == (1, 64, False, 4)
-        assert _triton_kd._launch_config(203, 4, "", heavy=False)[2]  # the light variant: defaults
+        assert plan._launch_config(203, 4, "", heavy=True) == (1, 64, False, 4)
+        assert plan._launch_config(203, 4, "", heavy=False)[2]  # the light variant: defaults
         s, t = randn((5, 203), gen), randn((5, 203), gen)
         check_against_reference("triton", s, t, random_labels((5,), 203, gen), 1e-5, teacher_grad=True,
                                 temperature=2.0, alpha=0.5, divergence="jsd")
     finally:
-        _triton_kd._tuned_configs.cache_clear()
+        plan._tuned_configs.cache_clear()
 
 
 def test_scalar_loss_is_summed_in_the_same_launch_across_calls(gen):

@@ -92,7 +92,7 @@ def test_wheel_and_sdist_carry_the_kernels_and_every_module(dists):
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastkd").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert modules <= in_wheel, f"not in the wheel: {sorted(modules - in_wheel)}"
-    assert {"fastkd/py.typed", "fastkd/triton_configs.json"} <= in_wheel
+    assert {"fastkd/py.typed", "fastkd/backends/triton/triton_configs.json"} <= in_wheel
     assert {"LICENSE", "CHANGELOG.md", "setup.py", "tests/conftest.py"} <= in_sdist
 
 

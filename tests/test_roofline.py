@@ -1,4 +1,4 @@
-"""bench/roofline.py, the static sm_90 performance model: it runs without a GPU, its numbers are
+"""bench/tools/roofline.py, the static sm_90 performance model: it runs without a GPU, its numbers are
 consistent with each other, and its dynamic instruction count follows the loops' trip counts."""
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "tools"
 sys.path.insert(0, str(BENCH))
 
 import sass_count  # noqa: E402
@@ -37,7 +37,7 @@ def test_every_row_has_the_keys_and_positive_numbers(model):
     backends = {r["backend"] for r in rows}
     assert "triton" in backends
     # the CUDA C++ kernel was rewritten after roofline.py mirrored its launches: it says so on
-    # stderr and models Triton only; kernels/cuda_sass_count.py counts the new kernel
+    # stderr and models Triton only; bench/tools/cuda_sass_count.py counts the new kernel
     assert backends <= {"triton", "cuda"}
     for r in rows:
         assert KEYS <= r.keys()

@@ -10,7 +10,11 @@ import fastkd
 from conftest import force_triton_path
 from fastkd._core.spec import KDSpec
 
-K = pytest.importorskip("fastkd._triton_kd")
+K = pytest.importorskip("fastkd.backends.triton")  # the backend: kd_forward, scale_grad
+from fastkd.backends.triton import helpers as H  # noqa: E402  (the meters' packing constants)
+from fastkd.backends.triton import launch as L  # noqa: E402  (the launch state)
+from fastkd.backends.triton import plan as P  # noqa: E402  (the plans and their knobs)
+from fastkd.backends.triton import split as SP  # noqa: E402  (the split-row kernel)
 
 NAN = float("nan")
 
@@ -111,10 +115,10 @@ def test_scale_grad_per_row_factor(shape, gen):
 def test_captured_launch_owns_its_reduction_state(monkeypatch, capturing, gen):
     """Under CUDA-graph capture (mocked here) the launch takes a zeroed counter of its own, tied to
     the returned loss; eagerly it shares the per-(device, stream) counter, left at 0 after each call."""
-    monkeypatch.setattr(K, "_capturing", lambda device: capturing)
-    monkeypatch.setattr(K, "_TICKETS", {})
-    seen, make = [], K._reduction_state
-    monkeypatch.setattr(K, "_reduction_state", lambda device: seen.append(make(device)) or seen[-1])
+    monkeypatch.setattr(L, "_capturing", lambda device: capturing)
+    monkeypatch.setattr(L, "_TICKETS", {})
+    seen, make = [], L._reduction_state
+    monkeypatch.setattr(L, "_reduction_state", lambda device: seen.append(make(device)) or seen[-1])
     for n in (3000, 17, 1):
         s, t = randn((n, 10), gen), randn((n, 10), gen)
         row, _, _ = rows_reference(s, t, None, 3.0, 1.0, 0.0)
@@ -125,10 +129,10 @@ def test_captured_launch_owns_its_reduction_state(monkeypatch, capturing, gen):
         counter, _ = seen[-1]
         assert counter.item() == 0
         if capturing:  # a counter per launch, in one allocation with the total it returns
-            assert K._TICKETS == {} and len({c.data_ptr() for c, _ in seen}) == len(seen)
+            assert L._TICKETS == {} and len({c.data_ptr() for c, _ in seen}) == len(seen)
             assert counter.untyped_storage().data_ptr() == total.untyped_storage().data_ptr()
         else:
-            (counter,) = K._TICKETS.values()
+            (counter,) = L._TICKETS.values()
             assert counter.item() == 0
 
 
@@ -180,8 +184,8 @@ def test_calibration_edge_rows_land_in_the_last_bin(monkeypatch, path, gen):
     """A labelled row of all -inf (confidence inf before) or with a NaN has a NaN confidence: it
     counts in bin NUM_BINS, as CalibrationMeter.update puts it; the count equals the labelled rows."""
     if path == "looping":
-        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
-        monkeypatch.setattr(K, "LOOP_BLOCK_C", 16)
+        monkeypatch.setattr(P, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(P, "LOOP_BLOCK_C", 16)
     n, c = 12, 40
     s, t = randn((n, c), gen), randn((n, c), gen)
     s[1] = float("-inf")
@@ -210,8 +214,8 @@ def test_out_of_range_labels_give_nan_rows_and_read_nothing(monkeypatch, path, o
     with NaN NLL / Brier; the other rows are exact. The logits are a window of a larger buffer whose
     other elements would be finite if read."""
     if path == "looping":
-        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
-        monkeypatch.setattr(K, "LOOP_BLOCK_C", 16)
+        monkeypatch.setattr(P, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(P, "LOOP_BLOCK_C", 16)
     n, c = 9, 37
     big_s, big_t = randn((n + 2, c + 8), gen), randn((n + 2, c + 8), gen)
     s, t = big_s[1:-1, 4:4 + c].contiguous(), big_t[1:-1, 4:4 + c].contiguous()
@@ -264,8 +268,8 @@ def test_three_dim_views_are_read_in_place(monkeypatch, path, gen):
     """(B, T, C) views such as logits[:, :-1] (no single row stride) go to the kernel as they are:
     rows r -> (r // T, r % T) with two strides; the gradients come back contiguous, of the same shape."""
     if path == "looping":
-        monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
-        monkeypatch.setattr(K, "LOOP_BLOCK_C", 16)
+        monkeypatch.setattr(P, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+        monkeypatch.setattr(P, "LOOP_BLOCK_C", 16)
     b, t_len, c = 3, 6, 40
     s_full, t_full = randn((b, t_len + 1, c), gen), randn((b, t_len + 1, c + 4), gen)
     s, t = s_full[:, :-1], t_full[:, 1:, 2:2 + c]  # two views, neither a (N, C) matrix
@@ -302,15 +306,15 @@ def test_misaligned_views_and_mixed_dtypes(gen):
 def test_several_row_blocks_per_program(monkeypatch, divergence, gen):
     """A program reads several blocks of rows when blocks are small (its loss partial and meter
     atomics shared): forced here on a small input, with a ragged last block, ignored rows, meters."""
-    monkeypatch.setattr(K, "MIN_PROGRAMS", 4)
-    monkeypatch.setattr(K, "PROGRAM_ELEMENTS_PER_THREAD", 1 << 12)
+    monkeypatch.setattr(P, "MIN_PROGRAMS", 4)
+    monkeypatch.setattr(P, "PROGRAM_ELEMENTS_PER_THREAD", 1 << 12)
     n, c = 1001, 7
     s, t = randn((n, c), gen), randn((n, c), gen)
     labels = torch.randint(0, c, (n,), generator=gen)
     labels[::7] = -100
     kept = int((labels != -100).sum())
     spec = spec_for(2.0, 0.5, 0.5, divergence=divergence)  # = kd_objective(alpha=0.5, no T^2)
-    plan = K._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
+    plan = P._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
     assert plan["ints"]["blocks_per_program"] > 1 and plan["programs"] > 1
     meter, teacher_meter = fastkd.CalibrationMeter(6), fastkd.CalibrationMeter(6)
     for m in (meter, teacher_meter):  # loss.py does this before a kernel sees a fresh meter
@@ -333,10 +337,10 @@ def test_several_row_blocks_per_program(monkeypatch, divergence, gen):
 def split_rows(monkeypatch):
     """Rows beyond one pass take the split-row path, here as the interpreter runs it (its two halves
     as two launches), in parts of 32 * VEC columns."""
-    monkeypatch.setattr(K, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
-    monkeypatch.setattr(K, "SPLIT_INTERPRETED", True)
-    monkeypatch.setattr(K, "SPLIT_WARPS", 1)
-    monkeypatch.setattr(K, "SPLIT_VECS", 1)
+    monkeypatch.setattr(P, "ONE_PASS_MAX", {v: {1: 16, 2: 16, 4: 16} for v in ("light", "heavy")})
+    monkeypatch.setattr(P, "SPLIT_INTERPRETED", True)
+    monkeypatch.setattr(P, "SPLIT_WARPS", 1)
+    monkeypatch.setattr(P, "SPLIT_VECS", 1)
 
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
@@ -352,7 +356,7 @@ def test_split_rows_equal_the_reference(split_rows, divergence, temperature, gen
     t[2, :70] = float("-inf")
     labels = torch.randint(70, c, (n,), generator=gen)
     labels[4] = -100
-    plan = K._plan(n, c, s.dtype, t.dtype, spec_for(temperature, 1.0, 0.5), True, True, True, True, False, True,
+    plan = P._plan(n, c, s.dtype, t.dtype, spec_for(temperature, 1.0, 0.5), True, True, True, True, False, True,
                    split_ok=True, sms=1)
     assert plan["path"] == "split-row" and plan["consts"]["PARTS"] == 7
     s.requires_grad_()
@@ -400,17 +404,17 @@ def test_split_rows_path_is_chosen_where_it_applies():
     gradient, no teacher meter), else the looping path; it says which."""
     spec = spec_for(2.0, 1.0, 0.0)
     bf16 = torch.bfloat16
-    split = K._plan(4096, 128256, bf16, bf16, spec, True, False, False, False, False, True, split_ok=True)
+    split = P._plan(4096, 128256, bf16, bf16, spec, True, False, False, False, False, True, split_ok=True)
     assert split["path"] == "split-row" and split["consts"]["PARTS"] == 32
-    assert split["programs"] % 32 == 0 and split["programs"] <= 132 * K.SPLIT_PROGRAMS_PER_SM
-    jsd = K._plan(4096, 128256, bf16, bf16, spec_for(2.0, 1.0, 0.0, divergence=2), True, False, False, False,
+    assert split["programs"] % 32 == 0 and split["programs"] <= 132 * P.SPLIT_PROGRAMS_PER_SM
+    jsd = P._plan(4096, 128256, bf16, bf16, spec_for(2.0, 1.0, 0.0, divergence=2), True, False, False, False,
                   False, True, split_ok=True)
     assert jsd["path"] == "3-sweep"
-    assert K._plan(4096, 128256, bf16, bf16, spec, True, False, False, False, False, True,
+    assert P._plan(4096, 128256, bf16, bf16, spec, True, False, False, False, False, True,
                    split_ok=False)["path"] == "2-sweep"
-    assert K._plan(4096, 128256, bf16, bf16, spec, False, False, False, False, False, True,
+    assert P._plan(4096, 128256, bf16, bf16, spec, False, False, False, False, False, True,
                    split_ok=True)["path"] == "1-sweep"  # no gradient: one read anyway
-    assert K._plan(4096, 1000, torch.float32, torch.float32, spec, True, False, False, False, False, True,
+    assert P._plan(4096, 1000, torch.float32, torch.float32, spec, True, False, False, False, False, True,
                    split_ok=True)["path"] == "one-pass"
 
 
@@ -420,8 +424,9 @@ def scaled_packing(monkeypatch, rows):
     seconds (4096 rows of one program take it minutes); the arithmetic is the same at 4095."""
     import triton.language as tl
 
-    monkeypatch.setattr(K, "PACK_ROWS", tl.constexpr(rows))
-    monkeypatch.setattr(K, "PACK", tl.constexpr(float(rows + 1)))
+    for module in (H, SP, P):  # the meters read it, and the split kernel and the plans
+        monkeypatch.setattr(module, "PACK_ROWS", tl.constexpr(rows))
+    monkeypatch.setattr(H, "PACK", tl.constexpr(float(rows + 1)))
 
 
 def test_split_rows_meter_flushes_its_packed_counts(split_rows, monkeypatch, gen):
@@ -433,16 +438,16 @@ def test_split_rows_meter_flushes_its_packed_counts(split_rows, monkeypatch, gen
     from reference import kd_objective
 
     scaled_packing(monkeypatch, 3)
-    monkeypatch.setattr(K, "_sm_count", lambda device: 1)  # one group of programs takes every row
-    monkeypatch.setattr(K, "SPLIT_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(L, "_sm_count", lambda device: 1)  # one group of programs takes every row
+    monkeypatch.setattr(P, "SPLIT_PROGRAMS_PER_SM", 1)
     n, c = 17, 45
     s, t = randn((n, c), gen, scale=1.0), randn((n, c), gen, scale=1.0)
     s[::2, 3] += 6.0  # confident rows, most of them right: many rows and correct ones in few bins
     labels = torch.randint(0, c, (n,), generator=gen)
     labels[::2] = 3
     labels[7] = -100
-    plan = K._plan(n, c, s.dtype, t.dtype, spec_for(2.0, 1.0, 0.5), True, False, True, True, False, True,
-                   split_ok=True, sms=K._sm_count(s.device))
+    plan = P._plan(n, c, s.dtype, t.dtype, spec_for(2.0, 1.0, 0.5), True, False, True, True, False, True,
+                   split_ok=True, sms=L._sm_count(s.device))
     assert plan["path"] == "split-row" and plan["ints"]["n_groups"] == 1 and plan["ints"]["rows_per_group"] == n
     assert plan["meter_rows"] == 3
     meter = fastkd.CalibrationMeter(4)
@@ -467,8 +472,8 @@ def test_looping_path_meters_share_a_program_over_rows(monkeypatch, divergence, 
     program, ignored rows, two column tiles with a ragged one."""
     from reference import kd_objective
 
-    force_triton_path(monkeypatch, K, "looping")
-    monkeypatch.setattr(K, "LOOP_METER_PROGRAMS", 3)
+    force_triton_path(monkeypatch, P, "looping")
+    monkeypatch.setattr(P, "LOOP_METER_PROGRAMS", 3)
     if pack_rows:
         scaled_packing(monkeypatch, pack_rows)
     n, c = 17, 45
@@ -477,7 +482,7 @@ def test_looping_path_meters_share_a_program_over_rows(monkeypatch, divergence, 
     labels[::6] = -100
     kept = int((labels != -100).sum())
     spec = spec_for(2.0, 0.5, 0.5, divergence=divergence)
-    plan = K._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
+    plan = P._plan(n, c, s.dtype, t.dtype, spec, True, False, True, True, True, True)
     per_program = pack_rows or n // 3
     assert plan["path"].endswith("-sweep") and plan["ints"]["blocks_per_program"] == per_program > 1
     assert plan["programs"] == -(-n // per_program)
@@ -520,8 +525,8 @@ def _split_call(gen):
 def test_a_refused_cooperative_launch_falls_back(split_rows, monkeypatch, gen):
     """The driver refusing the split path's cooperative launch (too many blocks) sends the call, and
     later ones on that device, to the looping path: the same numbers, the meter counted once."""
-    monkeypatch.setattr(K, "_SPLIT_REFUSED", set())
-    monkeypatch.setattr(K, "_kd_split_kernel",
+    monkeypatch.setattr(L, "_SPLIT_REFUSED", set())
+    monkeypatch.setattr(L, "_kd_split_kernel",
                         _RefusedLaunch(RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")))
     s, t, labels, meter = _split_call(gen)
     loss, gs, _ = K.kd_forward(s, t, labels, 5, spec_for(2.0, 1.0, 0.5), True, False, meter, None)
@@ -529,7 +534,7 @@ def test_a_refused_cooperative_launch_falls_back(split_rows, monkeypatch, gen):
     torch.testing.assert_close(loss.double(), row / 5, rtol=1e-5, atol=1e-6)
     assert rel_err(gs, ref_gs / 5) < 1e-5
     _check_meter(meter, _meter_reference(s, labels, 6))
-    assert K._SPLIT_REFUSED == {s.device}
+    assert L._SPLIT_REFUSED == {s.device}
 
 
 @pytest.mark.parametrize("failure", ["out-of-memory", "launch-error"])
@@ -537,28 +542,28 @@ def test_other_errors_of_the_split_path_propagate(split_rows, monkeypatch, failu
     """Issue 24: an out-of-memory error of the statistics buffer, or a launch failing for another reason
     than the cooperative grid, is the caller's error: raised, not taken for a refused launch (before,
     any RuntimeError sent the device to the looping path for the process, silently)."""
-    monkeypatch.setattr(K, "_SPLIT_REFUSED", set())
+    monkeypatch.setattr(L, "_SPLIT_REFUSED", set())
     if failure == "out-of-memory":
         empty = torch.empty
 
         def failing_empty(*args, **kwargs):
             shape = args[0] if args else kwargs.get("size")
-            if isinstance(shape, tuple) and len(shape) == 3 and shape[-1] == K.NSTAT.value:
+            if isinstance(shape, tuple) and len(shape) == 3 and shape[-1] == SP.NSTAT.value:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return empty(*args, **kwargs)
 
         monkeypatch.setattr(torch, "empty", failing_empty)
         expected = torch.OutOfMemoryError
     else:
-        monkeypatch.setattr(K, "_kd_split_kernel",
+        monkeypatch.setattr(L, "_kd_split_kernel",
                             _RefusedLaunch(RuntimeError("Triton Error [CUDA]: an illegal memory access was "
                                                         "encountered")))
         expected = RuntimeError
     s, t, labels, meter = _split_call(gen)
     with pytest.raises(expected) as raised:
         K.kd_forward(s, t, labels, 5, spec_for(2.0, 1.0, 0.5), True, False, meter, None)
-    assert not isinstance(raised.value, K._SplitRefused)
-    assert K._SPLIT_REFUSED == set()
+    assert not isinstance(raised.value, L._SplitRefused)
+    assert L._SPLIT_REFUSED == set()
 
 
 @pytest.mark.parametrize("path", ["one-pass", "looping", "split"])
@@ -569,7 +574,7 @@ def test_large_logits_keep_their_digits(monkeypatch, path, gen):
     offset's rounding; the interpreter has no FMA, a GPU does)."""
     from reference import kd_objective
 
-    force_triton_path(monkeypatch, K, path)
+    force_triton_path(monkeypatch, P, path)
     s, t = randn((5, 100), gen) + 80.0, randn((5, 100), gen) + 80.0
     labels = torch.randint(0, 100, (5,), generator=gen)
     meter = fastkd.CalibrationMeter(10)

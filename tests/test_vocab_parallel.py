@@ -270,7 +270,7 @@ COMPILE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import aot_compile as A
-from fastkd import _triton_vocab as TV
+from fastkd.backends.triton import vocab as TV
 P = {"s_ptr": "*bf16", "t_ptr": "*bf16", "stats_ptr": "*fp32", "idx_ptr": "*i32", "gs_ptr": "*bf16",
      "gt_ptr": "*bf16", "rows_ptr": "*fp32", "label_ptr": "*i64", "part_ptr": "*fp32"}
 A.SCALARS.update({"stride_t": "i64", "stride_gt": "i64", "kd_g": "fp32"})

@@ -6,6 +6,7 @@ backend asked for by name that cannot run raises with the reason; nothing falls 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -107,8 +108,27 @@ def require(name: str, capability: str, source: str = "backend"):
         raise ValueError(f"{source}={name!r} has no {_KERNEL[capability]}; use backend={others}")
 
 
+_OVERRIDE: list = []  # the active override()'s backend names, innermost last
+
+
+@contextlib.contextmanager
+def override(name: str):
+    """A tools' and tests' hook: while active, every call resolves to backend ``name`` whatever the
+    device and ``backend=`` say (bench/tools/sm90.py records the Triton launches of calls on CPU
+    tensors without the interpreter). Not for users: nothing is checked."""
+    if name not in BACKENDS[1:]:
+        raise ValueError(f"override: name must be one of {BACKENDS[1:]}, got {name!r}")
+    _OVERRIDE.append(name)
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
 def resolve_name(backend, device: _torch.device, dtypes, capability: str = "dense") -> str:
     """The name of the backend that runs a call needing ``capability``, or a ValueError saying why none can."""
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
     name, source = requested(backend)
     require(name, capability, source)
     if name == "cuda":

@@ -1,9 +1,10 @@
 """Measures launch configurations of the fused Triton kernel on this GPU and stores the fastest per
-shape class in fastkd/triton_configs.json (keyed by card name, element size and C rounded up to a
+shape class in fastkd/backends/triton/triton_configs.json (keyed by card name, element size and C rounded up to a
 power of two), which the launcher then prefers over its defaults. Each candidate is checked
-against the PyTorch backend before it is timed.
+against the PyTorch backend before it is timed. A candidate runs as a stored configuration would: a
+one-entry table handed to the launcher through its hook (``plan_override(TUNED_CONFIGS=...)``).
 
-    python bench/tune_triton.py [--write]      (on a GPU; bench/gpu_check.sh runs it)
+    python bench/tools/tune_triton.py [--write]      (on a GPU; bench/gpu_check.sh runs it)
 """
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import fastkd  # noqa: E402
-from fastkd import _triton_kd as K  # noqa: E402
+from fastkd.backends.triton import plan, plan_override  # noqa: E402
 
 SHAPES = [(8192, 1000, torch.float32), (262144, 10, torch.float32), (65536, 100, torch.float32),
           (8192, 32000, torch.bfloat16), (4096, 128256, torch.bfloat16)]
@@ -43,14 +45,15 @@ def candidates(n_cols: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="update fastkd/triton_configs.json")
+    parser.add_argument("--write", action="store_true", help="update fastkd/backends/triton/triton_configs.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("tune_triton: needs a CUDA device")
         return 1
     name = torch.cuda.get_device_name()
-    default = K._launch_config
     best_all = {}
+    table_dir = tempfile.TemporaryDirectory()
+    one_entry = Path(table_dir.name, "candidate.json")
     for n, c, dtype in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         s = (torch.randn(n, c, device="cuda", generator=g) * 3).to(dtype).requires_grad_()
@@ -64,17 +67,18 @@ def main() -> int:
 
         timings = []
         for cfg in candidates(c):
-            K._launch_config = lambda *a, cfg=cfg: (cfg["block_n"], cfg["block_c"], cfg["one_pass"], cfg["num_warps"])
+            # this candidate for this card and shape class, both variants, as the launcher reads a stored one
+            size_class = f"{s.element_size()}:{triton.next_power_of_2(c)}"
+            one_entry.write_text(json.dumps({name: {f"{size_class}:{v}": cfg for v in ("light", "heavy")}}))
             try:
-                got = fastkd.kd_loss(s, t, labels, backend="triton").item()
-                if abs(got - want) > 1e-4 * abs(want) + 1e-6:
-                    print(f"  wrong result {got} != {want} with {cfg}; skipped")
-                    continue
-                timings.append((triton.testing.do_bench(step, warmup=10, rep=40), cfg))
+                with plan_override(TUNED_CONFIGS=one_entry):
+                    got = fastkd.kd_loss(s, t, labels, backend="triton").item()
+                    if abs(got - want) > 1e-4 * abs(want) + 1e-6:
+                        print(f"  wrong result {got} != {want} with {cfg}; skipped")
+                        continue
+                    timings.append((triton.testing.do_bench(step, warmup=10, rep=40), cfg))
             except Exception as e:  # out of resources and the like: not a candidate
                 print(f"  {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
-            finally:
-                K._launch_config = default
         base = triton.testing.do_bench(step, warmup=10, rep=40)
         ms, cfg = min(timings, key=lambda x: x[0])
         print(f"{n}x{c} {str(dtype)[6:]}: default {base:.4f} ms, best {ms:.4f} ms with {cfg}")
@@ -85,9 +89,9 @@ def main() -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "triton_configs.json").write_text(json.dumps(out, indent=1))
     if args.write:
-        table = json.loads(K.TUNED_CONFIGS.read_text()) if K.TUNED_CONFIGS.exists() else {}
+        table = json.loads(plan.TUNED_CONFIGS.read_text()) if plan.TUNED_CONFIGS.exists() else {}
         table[name] = best_all
-        K.TUNED_CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        plan.TUNED_CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return 0
 
 

@@ -523,7 +523,7 @@ def max_pending_load_bytes(fn: Function, spans: Optional[list[tuple[int, int]]] 
 # Triton loops: the trip count of the Python ``for`` a SASS loop came from
 
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def this_checkout(path: str) -> Path:

@@ -1,5 +1,5 @@
 """The Triton kernel of the sparse-teacher loss (``fastkd.sparse_kd_loss``); see fastkd/sparse.py
-for the objective and _torch_kd.sparse_kd_forward for the same math in tensor ops.
+for the objective and the torch backend's sparse_kd_forward for the same math in tensor ops.
 
 One program per row. The student's row is read once when it fits in registers (``ONE_PASS``),
 twice otherwise (statistics, then the gradient); the teacher is K ids and K log-probabilities.
@@ -7,7 +7,7 @@ The gradient is written densely as p_s,j (1 - p_tail / p_s,tail) — the value o
 the teacher's list — then, after a barrier, the K listed classes are overwritten with
 p_s,k - p_k: no membership test per element, K scattered stores per row. Traffic per row:
 read s + write grad (+ one more read of s on the looping path) + 12 K bytes of teacher.
-The student's logit transforms (KDSpec.s_scale, s_cap) are _triton_kd's, gated the same way.
+The student's logit transforms (KDSpec.s_scale, s_cap) are the dense kernels', gated the same way.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._core.spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
-from ._triton_kd import (NEG_INF, _cap_constants, _cap_slope, _interpreted, _inv_count, _meter_flush,
-                         _meter_rows, _meter_zeros, _on, _transform)
+from ..._core.spec import SPARSE_TAIL_FLOOR, KDSpec, inv_count_on_host, meter_args
+from .helpers import (NEG_INF, _cap_constants, _cap_slope, _inv_count, _meter_flush, _meter_rows, _meter_zeros,
+                      _transform)
+from .launch import _interpreted, _launch, _on
 
 ONE_PASS_MAX = {1: 16384, 2: 16384, 4: 8192}  # longest row kept in registers, by element size
 LOOP_BLOCK_C = 4096
@@ -192,7 +193,8 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
     one_pass = c <= ONE_PASS_MAX.get(s.element_size(), 8192)
     block_c = triton.next_power_of_2(c) if one_pass else LOOP_BLOCK_C
     with _on(s.device):
-        _sparse_kd_fwd_kernel[(n,)](
+        _launch(
+            _sparse_kd_fwd_kernel, (n,),
             s, ids, lp, labels if labels is not None else dummy, loss, gs if grad_s else dummy,
             row_count if torch.is_tensor(row_count) else dummy, edges,
             meter._state_on(s.device) if meter is not None else dummy,

@@ -17,31 +17,16 @@ and statistic). Imported lazily; runs on CPU tensors under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._core.spec import KDSpec
-from ._triton_kd import scale_grad  # noqa: F401  (the backward: the dense backend's in-place scale)
+from ..._core.spec import KDSpec
+from .helpers import LOG2E, NEG_INF, _rescale, _safe
+from .launch import _launch, _on
 
-INPLACE_BACKWARD = True  # scale_grad reuses the saved gradient
-NEG_INF = tl.constexpr(float("-inf"))
-LOG2E = tl.constexpr(1.4426950408889634)
 MAX_BLOCK = 4096
 N_STATS = 9  # columns of the statistics, as vocab_parallel's M_S .. Q_T
-
-
-@triton.jit
-def _safe(m):
-    return tl.where(m == NEG_INF, 0.0, m)
-
-
-@triton.jit
-def _rescale(m_from, m_to, k):
-    """exp2((m_from - m_to) k); 0 from a max of -inf (an empty sum)."""
-    return tl.where(m_from == NEG_INF, 0.0, tl.math.exp2((_safe(m_from) - _safe(m_to)) * k))
 
 
 @triton.jit
@@ -76,8 +61,8 @@ def _vocab_stats_kernel(
         i_t = tl.where(bm_t > m_t, tl.min(tl.where(y == bm_t, cols, 2147483647), axis=0).to(tl.int32), i_t)
         mn_s = tl.maximum(m_s, bm_s)
         mn_t = tl.maximum(m_t, bm_t)
-        r_s = _rescale(m_s, mn_s, k)
-        r_t = _rescale(m_t, mn_t, k)
+        r_s = _rescale(m_s, mn_s, k, True)
+        r_t = _rescale(m_t, mn_t, k, True)
         e_a = tl.math.exp2((x - _safe(mn_s)) * k)
         e_b = tl.math.exp2((y - _safe(mn_t)) * k)
         z_a = z_a * r_s + tl.sum(e_a, axis=0)
@@ -87,12 +72,12 @@ def _vocab_stats_kernel(
         elif DIVERGENCE == 1:
             w = w * r_s + tl.sum(tl.where(e_a > 0, e_a * (x * inv_temp - y * inv_temp), 0.0), axis=0)
         if NEED_S1:
-            r1 = _rescale(m_s, mn_s, LOG2E)
+            r1 = _rescale(m_s, mn_s, LOG2E, True)
             e1 = tl.math.exp2((x - _safe(mn_s)) * LOG2E)
             z1_s = z1_s * r1 + tl.sum(e1, axis=0)
             q_s = q_s * r1 * r1 + tl.sum(e1 * e1, axis=0)
         if NEED_T1:
-            r1t = _rescale(m_t, mn_t, LOG2E)
+            r1t = _rescale(m_t, mn_t, LOG2E, True)
             e1t = tl.math.exp2((y - _safe(mn_t)) * LOG2E)
             z1_t = z1_t * r1t + tl.sum(e1t, axis=0)
             q_t = q_t * r1t * r1t + tl.sum(e1t * e1t, axis=0)
@@ -175,10 +160,6 @@ def _vocab_grad_kernel(
         tl.store(part_ptr + row * 2 + 1, acc_s)
 
 
-def _on(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _block(n_cols):
     return min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
 
@@ -195,9 +176,9 @@ def local_stats(s, t, spec: KDSpec, cd, need_s1: bool = True, need_t1: bool = Tr
     if n:
         block = _block(c)
         with _on(s.device):
-            _vocab_stats_kernel[(n,)](s, t, stats, idx, c, s.stride(0), t.stride(0), spec.inv_temperature,
-                                      DIVERGENCE=spec.divergence, NEED_S1=need_s1, NEED_T1=need_t1,
-                                      BLOCK_C=block, num_warps=_warps(block))
+            _launch(_vocab_stats_kernel, (n,), s, t, stats, idx, c, s.stride(0), t.stride(0), spec.inv_temperature,
+                    DIVERGENCE=int(spec.divergence), NEED_S1=need_s1, NEED_T1=need_t1, BLOCK_C=block,
+                    num_warps=_warps(block))
     return stats, idx.to(torch.int64)
 
 
@@ -210,20 +191,19 @@ def _row_globals(g, w_grad, spec: KDSpec):
     return torch.stack([g.lse_a, g.lse_b, lse_1, d, d_t, w_grad.to(g.lse_a.dtype)], 1).float().contiguous()
 
 
-def _launch(s, t, gs, gt, rows, label_local, part, spec: KDSpec, jsd_partials):
+def _grad_launch(s, t, gs, gt, rows, label_local, part, spec: KDSpec, jsd_partials):
     n, c = s.shape
     if not n:
         return
     block = _block(c)
     kd_g = spec.kd_scale * spec.inv_temperature
     with _on(s.device):
-        _vocab_grad_kernel[(n,)](s, t, gs if gs is not None else s, gt if gt is not None else t, rows,
-                                 label_local, part, c, s.stride(0), t.stride(0),
-                                 gs.stride(0) if gs is not None else 0, gt.stride(0) if gt is not None else 0,
-                                 spec.inv_temperature, kd_g, spec.ce_scale, spec.beta,
-                                 DIVERGENCE=spec.divergence, HAS_CE=spec.has_ce, GRAD_S=gs is not None,
-                                 GRAD_T=gt is not None, JSD_PARTIALS=jsd_partials, BLOCK_C=block,
-                                 num_warps=_warps(block))
+        _launch(_vocab_grad_kernel, (n,), s, t, gs if gs is not None else s, gt if gt is not None else t, rows,
+                label_local, part, c, s.stride(0), t.stride(0),
+                gs.stride(0) if gs is not None else 0, gt.stride(0) if gt is not None else 0,
+                spec.inv_temperature, kd_g, spec.ce_scale, spec.beta,
+                DIVERGENCE=int(spec.divergence), HAS_CE=spec.has_ce, GRAD_S=gs is not None,
+                GRAD_T=gt is not None, JSD_PARTIALS=jsd_partials, BLOCK_C=block, num_warps=_warps(block))
 
 
 def jsd_partials(s, t, g, spec: KDSpec, cd):
@@ -232,7 +212,7 @@ def jsd_partials(s, t, g, spec: KDSpec, cd):
     part = torch.empty((n, 2), dtype=torch.float32, device=s.device)
     rows = _row_globals(g, g.lse_a.new_zeros(n), spec)
     label = torch.full((n,), -1, dtype=torch.int64, device=s.device)
-    _launch(s, t, None, None, rows, label, part, spec, True)
+    _grad_launch(s, t, None, None, rows, label, part, spec, True)
     return part
 
 
@@ -242,5 +222,5 @@ def grads(s, t, g, label_local, w_grad, spec: KDSpec, grad_s, grad_t, cd):
     gs = torch.empty_like(s) if grad_s else None
     gt = torch.empty_like(t) if grad_t else None
     rows = _row_globals(g, w_grad, spec)
-    _launch(s, t, gs, gt, rows, label_local.contiguous(), rows, spec, False)
+    _grad_launch(s, t, gs, gt, rows, label_local.contiguous(), rows, spec, False)
     return gs, gt

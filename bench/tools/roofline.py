@@ -1,9 +1,9 @@
 """Static performance model of fastkd's kernels on Hopper (sm_90), without a GPU.
 
-    python bench/roofline.py                      # every DESIGN shape and variant, a table
-    python bench/roofline.py --json               # one JSON object per (backend, shape, dtype, variant, path)
-    python bench/roofline.py --shape 8192x1000:fp32 --variant kl --cubin-dir /tmp/cubins
-    python bench/roofline.py --looping            # long rows on the looping path only
+    python bench/tools/roofline.py                # every DESIGN shape and variant, a table
+    python bench/tools/roofline.py --json         # one JSON object per (backend, shape, dtype, variant, path)
+    python bench/tools/roofline.py --shape 8192x1000:fp32 --variant kl --cubin-dir /tmp/cubins
+    python bench/tools/roofline.py --looping      # long rows on the looping path only
 
 For each case the public API (``fastkd.kl_loss`` / ``kd_loss`` and the backward) runs on CPU
 tensors of the real shape (allocated, never touched) while every Triton kernel of the backend
@@ -11,7 +11,7 @@ is replaced by a recorder: what is compiled is exactly what the launcher asked f
 constexprs, num_warps, grid), specialised by Triton's own binder for sm_90. Long rows take the
 path the launcher takes on an H100: split-row where it applies (a cooperative launch; its wait for
 the other parts of a row counted once per row), and those calls are modelled on the looping path
-too (what runs under CUDA graph capture). The SASS is then read (bench/sass_count.py) and three
+too (what runs under CUDA graph capture). The SASS is then read (bench/tools/sass_count.py) and three
 times are compared, per forward + backward:
 
     memory floor  bytes moved / 4.27 TB/s          (copy bandwidth measured on an H200)
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's fastkd, not an installed one
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
@@ -311,7 +311,7 @@ def model_cuda_launch(binary: CudaBinary, launch: CudaLaunch) -> KernelModel:
     matches = [name for name in binary.functions if f"{launch.kernel}(" in name]
     if len(matches) != 1:
         raise RuntimeError(f"kernel {launch.kernel} not found once in kernels/kd_kernels.cu's cubin "
-                           f"({len(matches)} matches): update cuda_launches() in bench/roofline.py")
+                           f"({len(matches)} matches): update cuda_launches() in bench/tools/roofline.py")
     name = matches[0]
     fn = binary.functions[name]
     usage = binary.usage.get(name, {})
@@ -468,7 +468,7 @@ def model_cuda(cases: list[Case]) -> list[dict]:
         try:
             kernels = [model_cuda_launch(binary, launch) for launch in cuda_launches(case)]
         except RuntimeError as e:  # the kernel changed under the mirrored launch rules
-            print(f"the CUDA C++ backend is not modelled: {e}; kernels/cuda_sass_count.py counts the "
+            print(f"the CUDA C++ backend is not modelled: {e}; bench/tools/cuda_sass_count.py counts the "
                   "rewritten kernel", file=sys.stderr)
             return []
         per_row = "block" if kernels[0].name.endswith("true>") else "warp"

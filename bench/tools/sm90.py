@@ -28,7 +28,7 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # cuobjdump, nvdisasm
@@ -36,69 +36,31 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastkd
 
 
 # ---------------------------------------------------------------------------------------------
-# recording the Triton launchers
-
-TRITON_MODULES = ("fastkd._triton_kd", "fastkd._triton_sparse", "fastkd._triton_vocab")
-
-
-@dataclass
-class Launch:
-    kernel: JITFunction
-    grid: tuple
-    args: tuple
-    kwargs: dict
-
-
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
-
-    def __init__(self, kernel: JITFunction, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def record(*args, **kwargs):
-            self.launches.append(Launch(self.kernel, grid, args, kwargs))
-        return record
+# recording the Triton launchers, through the hooks the library offers (no attribute is patched)
 
 
 @contextlib.contextmanager
-def recorded_launches(modules=TRITON_MODULES):
-    """Every ``@triton.jit`` kernel of ``modules`` (the Triton backend's: dense, sparse, vocabulary-
-    parallel) records its launches instead of running, and fastkd's dispatch resolves every call to
-    the Triton backend: the real launchers run on CPU tensors (allocated, never read: outputs stay
-    as torch.empty left them). Yields the list of ``Launch`` in launch order."""
+def recorded_launches():
+    """Every launch of the Triton backend (dense, split-row, scale, sparse, vocabulary-parallel) is
+    recorded instead of run (``fastkd.backends.triton.recorded_launches``), and fastkd's dispatch
+    resolves every call to the Triton backend (``fastkd.backends.override``): the real launchers run
+    on CPU tensors (allocated, never read: outputs stay as torch.empty left them). Yields the list of
+    launches (``kernel``, ``grid``, ``args``, ``kwargs``) in launch order."""
     from fastkd import backends
+    from fastkd.backends import triton as triton_backend
 
-    launches: list[Launch] = []
-    modules = [importlib.import_module(m) for m in modules]
-    kernels = [(m, name, obj) for m in modules for name, obj in vars(m).items() if isinstance(obj, JITFunction)]
-    real = {name: getattr(backends, name) for name in ("resolve", "resolve_name", "module")}
-    try:
-        for m, name, kernel in kernels:
-            setattr(m, name, _Recorder(kernel, launches))
-        backends.resolve_name = lambda *args, **kwargs: "triton"
-        backends.module = lambda name: importlib.import_module("fastkd._triton_kd")
-        backends.resolve = lambda *args, **kwargs: backends.module("triton")
+    with backends.override("triton"), triton_backend.recorded_launches() as launches:
         yield launches
-    finally:
-        for m, name, kernel in kernels:
-            setattr(m, name, kernel)
-        for name, fn in real.items():
-            setattr(backends, name, fn)
 
 
 @contextlib.contextmanager
 def split_path(allowed: bool):
     """The launcher's switch for static models: calls on CPU tensors take the split-row path (as on a
     GPU with cooperative launches) only with it; else long rows take the looping path."""
-    from fastkd import _triton_kd
+    from fastkd.backends import triton as triton_backend
 
-    saved = _triton_kd.SPLIT_STATIC
-    _triton_kd.SPLIT_STATIC = allowed
-    try:
+    with triton_backend.plan_override(SPLIT_STATIC=allowed):
         yield
-    finally:
-        _triton_kd.SPLIT_STATIC = saved
 
 
 @dataclass(frozen=True)
@@ -199,7 +161,7 @@ def nvcc_command(source: Path, out: Path) -> list[str]:
     """nvcc for one translation unit of the extension, with torch's flags and include paths."""
     from torch.utils import cpp_extension
 
-    from fastkd import _cuda_build
+    from fastkd.backends.cuda import build as _cuda_build
 
     root = _cuda_build.toolkit_root()
     includes = [f"-I{p}" for p in cpp_extension.include_paths("cuda")] + [f"-I{root}/include"]

@@ -9,14 +9,13 @@ instructions of the per-tile loop once, inner loops times their trip counts (the
 sweeps), summed over the CTA's warps; per element = that * 32 / the elements a CTA handles per
 tile. Code once per CTA (prologue, final flush) is left out: the grid is persistent.
 
-    python kernels/cuda_sass_count.py --rows 262144 --cols 10 --dtype float32
-    python kernels/cuda_sass_count.py --rows 4096 --cols 128256 --dtype bfloat16 --variant kd_meter
-    python kernels/cuda_sass_count.py --table      # the five DESIGN shapes, markdown
+    python bench/tools/cuda_sass_count.py --rows 262144 --cols 10 --dtype float32
+    python bench/tools/cuda_sass_count.py --rows 4096 --cols 128256 --dtype bfloat16 --variant kd_meter
+    python bench/tools/cuda_sass_count.py --table      # the five DESIGN shapes, markdown
 """
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -25,8 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-KERNELS = Path(__file__).resolve().parent
-sys.path.insert(0, str(KERNELS.parent))
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "kernels"  # the CUDA C++ sources
+sys.path.insert(0, str(ROOT))
 
 # the host's layout rules, mirrored from launch_limits.h (checked against it by tests/test_cuda_build.py)
 BLOCK = 256
