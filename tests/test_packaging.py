@@ -331,3 +331,43 @@ def test_installed_extension_compiles_for_sm90(core_venv, tmp_path):
     build_file = next(tmp_path.rglob("build.ninja")).read_text()
     assert str(core_venv) in build_file and "sm_90" in build_file  # the installed sources, for sm_90
     assert (Path(cuda_home) / "bin").is_dir() and Path(library).is_file()
+
+
+# --- the README's first command: the study extra and nothing else -------------------------------
+
+TEST_ONLY = {"transformers", "trl", "torchdistill", "datasets", "pytest", "torchmetrics"}  # what [all] adds
+
+
+@pytest.fixture(scope="module")
+def study_venv(dists, tmp_path_factory) -> Path:
+    """A fresh venv (outside the tree) holding the core and the study extra, with the wheel installed
+    as ``pip install "fastkd[study]"`` installs it: the README's first command."""
+    meta = wheel_metadata(dists[1])
+    study = [Requirement(r) for r in meta.get_all("Requires-Dist") if 'extra == "study"' in r]
+    for r in study:  # pip asked for the extra, so its requirements hold
+        r.marker = None
+    needed = distributions_needed(core_requirements(meta) + study)
+    assert not TEST_ONLY & set(needed), "the study extra pulls in the test suite's packages"
+    venv = tmp_path_factory.mktemp("study") / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", venv])
+    python = venv / "bin" / "python"
+    site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    link_distributions(site, needed)
+    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--no-cache-dir",
+         "--disable-pip-version-check", "-q", f"{dists[1]}[study]"], env=clean_env())
+    return venv
+
+
+def test_readme_first_command_the_study_extra_is_all_fastkd_distill_needs(study_venv, tmp_path):
+    """`pip install -e ".[study]" && fastkd distill`: with the core and the study extra alone (none of
+    transformers, TRL, torchdistill, pytest), the study runs (one epoch of each model) and reports."""
+    python = study_venv / "bin" / "python"
+    absent = venv_run(study_venv, [python, "-c", "import importlib.util, sys; "
+                                   "print([m for m in sys.argv[1:] if importlib.util.find_spec(m)])", *TEST_ONLY])
+    assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr
+    done = venv_run(study_venv, [study_venv / "bin" / "fastkd", "distill", "--epochs", "1", "--teacher-epochs", "1",
+                                 "--no-progress", "--out-dir", tmp_path], OMP_NUM_THREADS="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distilled student" in done.stdout
+    report = json.loads((tmp_path / "digits-s0" / "report.json").read_text())
+    assert set(report["results"]) == {"teacher", "student", "distilled"}

@@ -11,6 +11,15 @@ replaces ``KDLoss`` by changing the key. The config imports this module through 
     dependencies:
       - name: fastkd.integrations.torchdistill
     train:
+      num_epochs: 20
+      teacher:
+        forward_proc: forward_batch_only   # torchdistill has no default: each model needs one
+        requires_grad: False
+      student:
+        forward_proc: forward_batch_only
+      optimizer:
+        key: SGD
+        kwargs: {lr: 0.1, momentum: 0.9}
       criterion:
         key: WeightedSumLoss
         kwargs:
