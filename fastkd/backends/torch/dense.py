@@ -15,7 +15,7 @@ import torch
 
 from ..._core.enums import Divergence
 from ..._core.spec import KDSpec, row_scale
-from .math import chain, compute_dtype, divergence_terms, masked, meter_statistics, row_weights, slope, transform
+from .math import chain, compute_dtype, divergence_terms, meter_statistics, row_weights, slope, transform
 
 # elements of one chunk's row block (about five fp32 temporaries of it live at once). Measured on the
 # shared 2-core CPU (issue 29, interleaved with the eager recipe): chunks sized for L2 (1 << 16, a few
