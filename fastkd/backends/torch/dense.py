@@ -3,17 +3,47 @@
 It mirrors the Triton kernel (loss and gradients in one forward, fp32 arithmetic, float64 for
 float64 inputs), so the two backends give the same numbers. Rows are processed in chunks so the
 temporaries stay a bounded multiple of one chunk, not of N x C.
+
+On a CPU each tensor op is one sweep over the chunk, so the op count is the cost: one log-softmax
+per side per temperature, the gradient built in place in a temporary and written once into the
+output (cast to the logits' dtype on that write), the meter fed from the log-probabilities the loss
+already has. Ops, not bytes, are what a chunk pays for (see CHUNK_ELEMENTS).
 """
 from __future__ import annotations
 
 import torch
 
+from ..._core.enums import Divergence
 from ..._core.spec import KDSpec, row_scale
-from .math import chain, compute_dtype, divergence_terms, row_weights, slope, transform
+from .math import chain, compute_dtype, divergence_terms, meter_statistics, row_weights, slope, transform
 
-CHUNK_ELEMENTS = 1 << 22  # temporaries: about ten fp32 tensors of this many elements
+# elements of one chunk's row block (about five fp32 temporaries of it live at once). Measured on the
+# shared 2-core CPU (issue 29, interleaved with the eager recipe): chunks sized for L2 (1 << 16, a few
+# rows of a 32k vocabulary) were slower, up to 5x with a meter, since every op is a parallel region
+# whose fixed cost (and, on a busy machine, its barrier) is paid per chunk; 1 << 20 was no better
+# than 1 << 22 on the 1000- and 10-class cases and worse on 64 x 32000. Kept at 1 << 22.
+CHUNK_ELEMENTS = 1 << 22
 
 INPLACE_BACKWARD = False  # scale_grad allocates; backward may run again
+
+
+def _tempered(x, inv_t, fresh):
+    """x / T (in place when ``fresh``: x is this chunk's own copy, needed no more)."""
+    if inv_t == 1.0:
+        return x
+    return x.mul_(inv_t) if fresh else x * inv_t
+
+
+def _kl(la, lb, on_host):
+    """KL(p_t || p_s) per row and p_t, from the tempered log-probabilities; masked (0 log 0 = 0) as
+    math.masked, which only changes a row whose unmasked sum is not finite: checked on the host where
+    that is free (a CPU), else always masked."""
+    pt = lb.exp()
+    prod = (lb - la).mul_(pt)
+    d = prod.sum(-1)
+    if not on_host or not bool(d.isfinite().all()):
+        d = torch.where(pt > 0, prod, 0.0).sum(-1)
+    return d, pt
 
 
 def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
@@ -27,10 +57,16 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     """
     n, c = s.shape
     cd = compute_dtype(s, t)
-    loss = torch.empty(n, dtype=cd, device=s.device)
+    dev = s.device
+    on_host = dev.type == "cpu" and not torch.compiler.is_compiling()
+    loss = torch.empty(n, dtype=cd, device=dev)
     gs = torch.empty_like(s) if grad_s else None
     gt = torch.empty_like(t) if grad_t else None
-    scale = row_scale(row_count, cd, s.device)
+    scale = row_scale(row_count, cd, dev)
+    inv_t = spec.inv_temperature
+    kd_g = spec.kd_scale * inv_t
+    fast_kl = spec.divergence == Divergence.KL and not grad_t
+    s_slope_free = spec.s_cap == 0  # the student's d z'/d z is a number (its scale), not a tensor
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -42,36 +78,69 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
             bad = keep & ((lab < 0) | (lab >= c))  # only with validate_labels=False: NaN rows
             lab = torch.where(keep & ~bad, lab, 0)
         else:
-            lab, keep, bad = None, torch.ones(hi - lo, dtype=torch.bool, device=s.device), None
-        la = (x * spec.inv_temperature).log_softmax(-1)
-        lb = (y * spec.inv_temperature).log_softmax(-1)
-        div, ga, gb = divergence_terms(la, lb, spec, grad_t)
-        row = spec.kd_scale * div.squeeze(-1)
+            lab, keep, bad = None, torch.ones(hi - lo, dtype=torch.bool, device=dev), None
+        # x is needed again at T = 1 (CE, meter) or for the softcap's slope; else a = x / T in place
+        x_again = (spec.has_ce or meter is not None) and inv_t != 1.0 or not s_slope_free
+        x_own = s.dtype != cd or spec.s_scale != 1.0 or spec.s_cap > 0  # x is a copy, not s's rows
+        y_own = t.dtype != cd or spec.t_scale != 1.0 or spec.t_cap > 0
+        la = _tempered(x, inv_t, x_own and not x_again).log_softmax(-1)
+        lb = _tempered(y, inv_t, y_own and teacher_meter is None and spec.t_cap == 0).log_softmax(-1)
+        if fast_kl:
+            div, pt = _kl(la, lb, on_host)
+        else:
+            div, ga, gb = divergence_terms(la, lb, spec, grad_t)
+        row = spec.kd_scale * div.reshape(-1)
+        l1 = p1 = None
+        if spec.has_ce or meter is not None:
+            l1 = la if inv_t == 1.0 else x.log_softmax(-1)
         if spec.has_ce:
-            l1 = la if spec.inv_temperature == 1.0 else x.log_softmax(-1)
             row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
+        if meter is not None:
+            p1 = l1.exp()
+            meter._add_statistics(*meter_statistics(l1, p1, lab), keep, bad)
+        if teacher_meter is not None:
+            lt = lb if inv_t == 1.0 else y.log_softmax(-1)
+            teacher_meter._add_statistics(*meter_statistics(lt, lt.exp(), lab), keep, bad)
         w, w_grad = row_weights(keep, bad, scale, spec, cd)
         loss[lo:hi] = torch.where(keep, row * w, 0.0)
-        w = w_grad[:, None]
-        kd_g = spec.kd_scale * spec.inv_temperature
         if grad_s:
-            g = kd_g * ga
-            if spec.has_ce:  # + ce_scale (softmax(s) - onehot(label))
-                g = (g + spec.ce_scale * l1.exp()).scatter_add_(
-                    -1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=s.device))
-            gs[lo:hi] = torch.where(w != 0, chain(g, slope(x, spec.s_scale, spec.s_cap)) * w, 0.0)
+            if fast_kl and spec.has_ce and inv_t == 1.0:  # (kd_g + ce) p_s - kd_g p_t - ce onehot
+                p1 = p1 if p1 is not None else la.exp_()  # la: read for the last time above
+                g = (p1 * (kd_g + spec.ce_scale)).sub_(pt, alpha=kd_g)
+            elif fast_kl:  # kd_g (p_s - p_t) (+ ce p1 below), in the buffer of p_s
+                g = (p1 if p1 is not None and inv_t == 1.0 else la.exp_()).sub_(pt)
+                if spec.has_ce:
+                    g = g.mul_(kd_g).add_(p1 if p1 is not None else l1.exp(), alpha=spec.ce_scale)
+            else:
+                g = ga.mul_(kd_g) if spec.has_ce else ga
+                if spec.has_ce:
+                    g = g.add_(p1 if p1 is not None else l1.exp(), alpha=spec.ce_scale)
+            factor = w_grad if spec.has_ce else w_grad * kd_g
+            if spec.has_ce:  # the onehot of ce_scale (softmax(s) - onehot(label))
+                g = g.scatter_add_(-1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=dev))
+            if s_slope_free:
+                if spec.s_scale != 1.0:
+                    factor = factor * spec.s_scale
+            else:
+                g = g.mul_(slope(x, spec.s_scale, spec.s_cap))
+            out = gs[lo:hi]
+            torch.mul(g, factor.reshape(-1, 1), out=out)  # written once, cast on this write
+            if labels is not None:  # ignored rows: 0 even where their terms are not finite
+                out.masked_fill_((w_grad == 0)[:, None], 0)
         if grad_t:
-            gt[lo:hi] = torch.where(w != 0, chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap)) * w, 0.0)
-        for m, logits in ((meter, x), (teacher_meter, y)):
-            if m is not None:
-                m._add_rows(logits, lab, keep, bad)
+            gt[lo:hi] = torch.where(w_grad[:, None] != 0,
+                                    chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap)) * w_grad[:, None], 0.0)
     return loss.sum() if reduce else loss, gs, gt
 
 
 def scale_grad(grad, factor):
     """The backward: the gradient from the forward times ``factor`` (0-d, or one per row), out of
-    place. The product is taken in fp32 (float64 for float64): a loss scaler's 2^16 is inf in fp16."""
+    place. The product is taken in fp32 (float64 for float64): a loss scaler's 2^16 is inf in fp16.
+    A factor of 1 on a CPU (read there without a device sync; not under a trace) is a copy: a bf16 gradient is not
+    widened and narrowed again for nothing."""
     if factor.dim():
         factor = factor.reshape(-1, 1)
+    elif grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(factor == 1):
+        return grad.clone()
     cd = compute_dtype(grad)
     return (grad.to(cd) * factor.to(cd)).to(grad.dtype)

@@ -97,3 +97,14 @@ def sparse_teacher(lp, valid, n_cols, spec: KDSpec, bucket: bool):
         u_tail = torch.where((missing > 0) & (free > 0), spread, u_tail)
     norm = torch.logsumexp(torch.cat([u, u_tail[:, None]], -1), -1, keepdim=True)
     return u - norm, u_tail - norm[:, 0]
+
+
+def meter_statistics(l1, p1, labels):
+    """Per-row (confidence, correct, NLL, Brier) at T = 1 from the log-probabilities ``l1`` and the
+    probabilities ``p1`` the loss already has (calibration.row_statistics' values, without a second
+    softmax): confidence = exp(max log p)."""
+    top, pred = l1.max(dim=-1)
+    lab = labels.unsqueeze(-1)
+    p_lab = p1.gather(-1, lab).squeeze(-1)
+    brier = (p1 * p1).sum(-1) - 2 * p_lab + 1
+    return top.exp(), pred == labels, -l1.gather(-1, lab).squeeze(-1), brier
