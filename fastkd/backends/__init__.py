@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch as _torch  # not `torch`: the subpackage fastkd.backends.torch takes that attribute
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+from .._core.enums import BACKENDS
 
 
 class BackendInfo(NamedTuple):
