@@ -2,6 +2,8 @@
 numbers, modules that check their arguments when built, KLLoss (KLDivLoss deprecated: it is not
 torch.nn.KLDivLoss), labels on another device named before any host read, and no Dynamo or numpy
 warnings in the user's script."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,30 @@ def test_labels_on_another_device_are_named_before_they_are_read(gen):
     for call in calls:
         with pytest.raises(ValueError, match=r"labels \(meta\) must be on the .* device \(cpu\)"):
             call()
+
+
+# --- no warnings in the user's script -----------------------------------------------------------------
+
+def test_torch_compile_gives_no_lru_cache_warning(gen):
+    s, t, labels = tensors(gen)
+    s.requires_grad_()
+    compiled = torch.compile(lambda a, b, y: fastkd.kd_loss(a, b, y, temperature=2.0), backend="eager",
+                             fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = compiled(s, t, labels)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+    torch.testing.assert_close(loss, fastkd.kd_loss(s, t, labels, temperature=2.0))
+
+
+def test_interpreted_kernels_give_no_numpy_warnings(gen):
+    """Padding lanes (a row of 7 classes in a tile of 8, a one-row batch) compute on -inf under the
+    interpreter; its numpy warnings stay inside the launch (the suite's filter is not the user's)."""
+    s, t, labels = tensors(gen, n=1)
+    s.requires_grad_()
+    meter = fastkd.CalibrationMeter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastkd.kd_loss(s, t, labels, backend="triton", meter=meter).backward(torch.tensor(0.5))
+        fastkd.kl_loss(s, t, 2.0, backend="triton")
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
