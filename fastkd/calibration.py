@@ -3,10 +3,12 @@
 Confidence is the largest softmax probability of a row at T = 1, the prediction its argmax.
 Bins are equal-width over [0, 1] with torchmetrics' edge convention: ``bucketize(conf,
 linspace(0, 1, B + 1), right=True) - 1``, so bins are closed on the left and a confidence of
-exactly 1.0 falls into an extra bin ``B`` of its own. The meter keeps a histogram (count, sum of
-confidence, sum of correct per bin, plus NLL and Brier totals) in one float64 tensor: counts are
-exact integers below 2**53, sums keep their precision over millions of rows, and memory does not
-grow with the rows seen.
+exactly 1.0 (a saturated softmax, common in fp32) falls into a slot ``B`` of its own, which
+torchmetrics' ECE, RMS-CE and MCE weigh as one more bin; ours do the same, so they equal
+torchmetrics'. A report's ``bins`` are the B bins of a reliability diagram: that slot is folded
+into the last, [1 - 1/B, 1]. The meter keeps the histogram (count, sum of confidence, sum of
+correct per slot, plus NLL and Brier totals) in one float64 tensor: counts are exact integers below
+2**53, sums keep their precision over millions of rows, and memory does not grow with the rows seen.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def bin_edges(num_bins: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 @dataclass
 class Bin:
-    lower: float
+    lower: float  # the bin is [lower, upper); the last one [lower, 1.0], closed
     upper: float
     count: int
     confidence: float  # mean confidence of the rows in the bin (0 when empty)
@@ -45,7 +47,7 @@ class CalibrationReport:
     nll: float  # mean negative log-likelihood at T = 1
     brier: float  # mean of sum_c (p_c - onehot_c)^2
     count: int
-    bins: list[Bin] = field(default_factory=list)
+    bins: list[Bin] = field(default_factory=list)  # num_bins of them (none when count is 0)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "bins"} | {
@@ -130,7 +132,8 @@ class CalibrationMeter:
         self.state: torch.Tensor | None = None  # float64 [3 * (B + 1) + 2], lazily on the data's device
         self._edges: torch.Tensor | None = None  # the bin edges the kernels search, on that device
 
-    # layout of ``state``: counts, confidence sums, correct sums (B + 1 each), NLL sum, Brier sum
+    # layout of ``state``: counts, confidence sums, correct sums (B + 1 each: the B bins, then the slot of
+    # confidence exactly 1.0, as torchmetrics bins it), NLL sum, Brier sum
     def _state_on(self, device) -> torch.Tensor:
         size = 3 * (self.num_bins + 1) + 2
         device = torch.device(device)
@@ -209,11 +212,12 @@ class CalibrationMeter:
         if total == 0:
             nan = float("nan")
             return CalibrationReport(nan, nan, nan, nan, nan, nan, nan, 0, [])
-        gap, prop = _bin_errors(count, conf_sum, correct_sum)
+        gap, prop = _bin_errors(count, conf_sum, correct_sum)  # the exactly-1.0 slot apart, as torchmetrics
         edges = bin_edges(self.num_bins, dtype=torch.float64)[:nb].tolist()
-        safe = count.clamp(min=1)
-        bins = [Bin(lo, edges[i + 1] if i + 1 < nb else 1.0, int(c), float(cs / s), float(ks / s))
-                for i, (lo, c, cs, ks, s) in enumerate(zip(edges, count, conf_sum, correct_sum, safe))]
+        folded = state[: 3 * nb].reshape(3, nb)[:, :-1].clone()
+        folded[:, -1] += state[: 3 * nb].reshape(3, nb)[:, -1]  # that slot shown in the top bin, [1 - 1/B, 1]
+        bins = [Bin(edges[i], edges[i + 1], int(c), float(cs / max(c, 1)), float(ks / max(c, 1)))
+                for i, (c, cs, ks) in enumerate(folded.T.tolist())]
         return CalibrationReport(
             ece=float(_norm(gap, prop, "l1")), rms_ce=float(_norm(gap, prop, "l2")),
             mce=float(_norm(gap, prop, "max")), accuracy=float(correct_sum.sum() / total),

@@ -27,10 +27,10 @@ never 0), so the student is taught to put no mass there.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._core.enums import LINEAR_REDUCTIONS
-from ._core.options import Options
+from ._core.options import Options, OptionsModule
 from ._dispatch import fused_linear as dispatch
 from .calibration import CalibrationMeter
 
@@ -106,24 +106,25 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
     return (loss, entropy_sum) if return_entropy else loss
 
 
-class FusedLinearKDLoss(nn.Module):
-    """Module form of :func:`fused_linear_kd_loss`."""
+class FusedLinearKDLoss(OptionsModule):
+    """Module form of :func:`fused_linear_kd_loss`; its arguments are checked at construction (and
+    again when one is assigned, e.g. ``loss.temperature = 2.0``), ``num_items`` at each call."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "batchmean", chunk_size: int | None = None,
                  backend: str | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
-        super().__init__()
-        self.kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                       ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                       backend=backend, student_logit_scale=student_logit_scale,
-                       teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
-                       teacher_softcap=teacher_softcap, group=group)
+        super().__init__(dict(reductions=LINEAR_REDUCTIONS), temperature=temperature, alpha=alpha,
+                         divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+                         chunk_size=chunk_size, backend=backend, student_logit_scale=student_logit_scale,
+                         teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                         teacher_softcap=teacher_softcap, group=group)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, labels: Tensor | None = None, student_bias: Tensor | None = None,
                 teacher_bias: Tensor | None = None, *, num_items: float | Tensor | None = None,
                 meter: CalibrationMeter | None = None, teacher_meter: CalibrationMeter | None = None) -> Tensor:
-        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                    student_bias=student_bias, teacher_bias=teacher_bias, num_items=num_items,
-                                    meter=meter, teacher_meter=teacher_meter, **self.kw)
+        self.options.require_labels(labels is not None)
+        loss, _ = dispatch.run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                               teacher_bias, labels, self.options.with_num_items(num_items), meter, teacher_meter)
+        return loss

@@ -1,4 +1,5 @@
-"""The public losses: ``kl_loss``, ``kd_loss`` and their ``nn.Module`` wrappers.
+"""The public losses: ``kl_loss``, ``kd_loss`` and their ``nn.Module`` wrappers ``KLLoss``, ``KDLoss``
+(``KLDivLoss``: ``KLLoss``'s deprecated name; both take logits, unlike ``torch.nn.KLDivLoss``).
 
 Shapes: logits ``(..., C)`` are flattened to rows ``(N, C)``; labels ``(...)``. Per row, with
 p_s = softmax(s / T), p_t = softmax(t / T):
@@ -14,6 +15,11 @@ Reductions: "batchmean" = sum / rows that count, "sum", "mean" = F.kl_div's (the
 also divided by C; the CE part is a mean over rows, as F.cross_entropy's), "none" = per row.
 Rows whose label is ``ignore_index`` add nothing and do not count.
 
+Scalar arguments (temperature, alpha, beta, the logit transforms) are real numbers; a 0-d CPU tensor
+that does not require grad counts as one (read once, on the host). Any other tensor in their place
+raises a TypeError naming the argument: the losses give their scalars no gradient, and a tensor on
+a GPU would synchronise the host in every call (pass ``float(T)`` once instead).
+
 Logit transforms (per model, before the temperature; the hard-label CE and the meters see them
 too): z' = cap tanh(scale z / cap) with a softcap, else scale z — ``logit_scale`` (Cohere; Granite's
 1 / logits_scaling) and Gemma's final-logit softcapping, in TRL's order (scale, softcap, then 1/T).
@@ -28,10 +34,12 @@ with plain PyTorch ops.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+import warnings
+
+from torch import Tensor
 
 from ._core.enums import DIVERGENCES, REDUCTIONS  # noqa: F401  (the public choices, read by the study's CLI)
-from ._core.options import Options
+from ._core.options import Options, OptionsModule
 from ._dispatch import dense
 from .calibration import CalibrationMeter
 
@@ -49,9 +57,12 @@ def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     ``(N, C)`` logits, in value and gradient (the ``T^2`` factor is the caller's, as there); second
     derivatives are not supported (a backward with ``create_graph=True`` raises: use the recipe itself
     for a term you differentiate twice).
-    ``labels`` only masks rows equal to ``ignore_index``. ``validate_labels=False`` skips the
-    range check of labels (its one host synchronisation). ``num_items``, the logit transforms
-    (``*_logit_scale``, ``*_softcap``) and ``group``: see :func:`kd_loss`.
+    ``temperature`` and ``reduction`` may be passed by position, as to ``F.kl_div``; the rest is
+    keyword-only, and a tensor in their place raises a TypeError naming them (``kl_loss(s, t, labels)``
+    is refused: labels go in ``labels=``). ``labels`` only masks rows equal to ``ignore_index``.
+    ``validate_labels=False`` skips the range check of labels (its one host synchronisation).
+    ``num_items``, the logit transforms (``*_logit_scale``, ``*_softcap``) and ``group``: see
+    :func:`kd_loss`.
     """
     options = Options.build(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                             has_labels=labels is not None, backend=backend, validate_labels=validate_labels,
@@ -103,43 +114,59 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
     return dense.run(student_logits, teacher_logits, labels, options, meter, teacher_meter)
 
 
-class KLDivLoss(nn.Module):
-    """Module form of :func:`kl_loss`."""
+class KLLoss(OptionsModule):
+    """Module form of :func:`kl_loss`: ``forward(student_logits, teacher_logits, labels=None)``.
+
+    It takes *logits* of both models and applies the tempered softmaxes itself; it is not
+    ``torch.nn.KLDivLoss``, which takes the student's log-probabilities and the teacher's
+    probabilities. The arguments are checked here, at construction (assigning one, e.g.
+    ``loss.temperature = 2.0``, checks it again)."""
+
+    def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", *, ignore_index: int = -100,
+                 backend: str | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
+        super().__init__({}, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+                         backend=backend, student_logit_scale=student_logit_scale,
+                         teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                         teacher_softcap=teacher_softcap, group=group)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
+        return dense.run(student_logits, teacher_logits, labels, self.options)
+
+
+class KLDivLoss(KLLoss):
+    """Deprecated: :class:`KLLoss` under its old name, which invited swapping it with
+    ``torch.nn.KLDivLoss`` (log-probabilities and probabilities in: fed to this module they give
+    another number, silently). Warns at construction; removed in the next release."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100,
                  backend: str | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
-        super().__init__()
-        self.temperature, self.reduction = temperature, reduction
-        self.ignore_index, self.backend, self.group = ignore_index, backend, group
-        self.student_logit_scale, self.teacher_logit_scale = student_logit_scale, teacher_logit_scale
-        self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
-        return kl_loss(student_logits, teacher_logits, self.temperature, self.reduction,
-                       ignore_index=self.ignore_index, labels=labels, backend=self.backend,
-                       student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
-                       student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap, group=self.group)
+        warnings.warn("fastkd.KLDivLoss is deprecated and will be removed in the next release: use fastkd.KLLoss, "
+                      "the same module under a name that does not promise torch.nn.KLDivLoss's inputs. It takes "
+                      "the student's and the teacher's logits (it applies the tempered softmaxes), not "
+                      "log-probabilities and probabilities as torch.nn.KLDivLoss does.",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(temperature, reduction, ignore_index=ignore_index, backend=backend,
+                         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                         student_softcap=student_softcap, teacher_softcap=teacher_softcap, group=group)
 
 
-class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`; ``forward(s, t, labels, meter=None, teacher_meter=None)``."""
+class KDLoss(OptionsModule):
+    """Module form of :func:`kd_loss`; ``forward(s, t, labels, meter=None, teacher_meter=None)``. The
+    arguments are checked here, at construction (assigning one, e.g. ``loss.temperature = 2.0``,
+    checks it again)."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, divergence: str = "kl", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None,
                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None, group=None):
-        super().__init__()
-        self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
-        self.ignore_index, self.reduction, self.backend, self.group = ignore_index, reduction, backend, group
-        self.student_logit_scale, self.teacher_logit_scale = student_logit_scale, teacher_logit_scale
-        self.student_softcap, self.teacher_softcap = student_softcap, teacher_softcap
+        super().__init__({}, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                         ignore_index=ignore_index, reduction=reduction, backend=backend,
+                         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                         student_softcap=student_softcap, teacher_softcap=teacher_softcap, group=group)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
                 meter: CalibrationMeter | None = None, teacher_meter: CalibrationMeter | None = None) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
-                       alpha=self.alpha, divergence=self.divergence, beta=self.beta,
-                       ignore_index=self.ignore_index, reduction=self.reduction, meter=meter,
-                       teacher_meter=teacher_meter, backend=self.backend,
-                       student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
-                       student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap, group=self.group)
+        self.options.require_labels(labels is not None)
+        return dense.run(student_logits, teacher_logits, labels, self.options, meter, teacher_meter)

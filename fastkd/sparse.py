@@ -23,10 +23,10 @@ the teacher has none here: its log-probabilities are already its output distribu
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._core.enums import TAILS  # noqa: F401  (the public choices, read by the study's CLI)
-from ._core.options import Options
+from ._core.options import Options, OptionsModule
 from ._dispatch import sparse as dispatch
 from .calibration import CalibrationMeter
 
@@ -66,17 +66,18 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     return dispatch.run(student_logits, teacher_ids, teacher_logprobs, labels, options, meter)
 
 
-class SparseKDLoss(nn.Module):
-    """Module form of :func:`sparse_kd_loss`."""
+class SparseKDLoss(OptionsModule):
+    """Module form of :func:`sparse_kd_loss`; its arguments are checked at construction (and again
+    when one is assigned, e.g. ``loss.temperature = 2.0``)."""
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket", ignore_index: int = -100,
                  reduction: str = "batchmean", backend: str | None = None, student_logit_scale: float = 1.0,
                  student_softcap: float | None = None, group=None):
-        super().__init__()
-        self.kw = dict(temperature=temperature, alpha=alpha, tail=tail, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend, student_logit_scale=student_logit_scale,
-                       student_softcap=student_softcap, group=group)
+        super().__init__(dict(sparse=True), temperature=temperature, alpha=alpha, tail=tail,
+                         ignore_index=ignore_index, reduction=reduction, backend=backend,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap, group=group)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 labels: Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:
-        return sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs, labels, meter=meter, **self.kw)
+        self.options.require_labels(labels is not None)
+        return dispatch.run(student_logits, teacher_ids, teacher_logprobs, labels, self.options, meter)

@@ -37,11 +37,14 @@ def reference_report(x, labels, num_bins):
         gaps.append((correct[sel].mean() - conf32[sel].double().mean()).abs() if sel.any() else torch.tensor(0.0))
     gap, prop = torch.stack(gaps), torch.stack(props)
     onehot = torch.nn.functional.one_hot(labels, x.shape[1]).double()
+    shown = idx.clamp(max=num_bins - 1)  # the reliability diagram's bins: the last is [1 - 1/B, 1], closed
+    bins = [(int((shown == b).sum()), conf32[shown == b].double().mean().nan_to_num().item(),
+             correct[shown == b].mean().nan_to_num().item()) for b in range(num_bins)]
     return dict(ece=float((gap * prop).sum()), rms_ce=float(((gap**2) * prop).sum().sqrt()),
                 mce=float(gap.max()), accuracy=float(correct.mean()),
                 nll=float(-p.log().gather(1, labels[:, None]).mean()),
-                brier=float(((p - onehot) ** 2).sum(1).mean()), count=len(labels),
-                bin_counts=torch.bincount(idx, minlength=num_bins + 1).tolist())
+                brier=float(((p - onehot) ** 2).sum(1).mean()), count=len(labels), bins=bins,
+                exactly_one=int((idx == num_bins).sum()))
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2", "max"])
@@ -77,8 +80,13 @@ def test_meter_report_matches_formulas_and_torchmetrics(num_bins, gen):
     for key in ("ece", "rms_ce", "mce", "accuracy", "nll", "brier"):
         assert getattr(rep, key) == pytest.approx(ref[key], abs=1e-6), key
     assert rep.count == ref["count"]
-    assert [b.count for b in rep.bins] == ref["bin_counts"]
-    assert rep.bins[-1].lower == 1.0 and rep.bins[-1].count >= 7  # the exactly-1.0 bin
+    # num_bins bins (not one more, [1.0, 1.0]): the rows at confidence exactly 1.0 are in the last
+    assert len(rep.bins) == num_bins and ref["exactly_one"] >= 7
+    assert [b.lower for b in rep.bins] == pytest.approx([i / num_bins for i in range(num_bins)], abs=1e-15)
+    assert [b.upper for b in rep.bins[:-1]] == [b.lower for b in rep.bins[1:]] and rep.bins[-1].upper == 1.0
+    for b, (count, conf, acc) in zip(rep.bins, ref["bins"]):
+        assert b.count == count and b.confidence == pytest.approx(conf, abs=1e-9)
+        assert b.accuracy == pytest.approx(acc, abs=1e-12)
     for norm, key in (("l1", "ece"), ("l2", "rms_ce"), ("max", "mce")):
         tm = multiclass_calibration_error(x, labels, num_classes=10, n_bins=num_bins, norm=norm)
         assert getattr(rep, key) == pytest.approx(float(tm), abs=1e-6)

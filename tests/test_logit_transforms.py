@@ -161,7 +161,7 @@ def test_modules_pass_the_transforms_on(backend, gen):
     labels = torch.randint(0, 19, (6,), generator=gen)
     transforms = (0.5, 1.5, 6.0, 4.0)
     kd = fastkd.KDLoss(temperature=2.0, alpha=0.4, divergence="jsd", backend=backend, **kwargs_of(transforms))
-    kl = fastkd.KLDivLoss(temperature=2.0, backend=backend, **kwargs_of(transforms))
+    kl = fastkd.KLLoss(temperature=2.0, backend=backend, **kwargs_of(transforms))
     check(backend, s, t, labels, transforms, loss=lambda a, b: kd(a, b, labels), temperature=2.0, alpha=0.4,
           divergence="jsd")
     check(backend, s, t, None, transforms, loss=kl, temperature=2.0, alpha=1.0, t_squared=False)
@@ -467,7 +467,7 @@ def test_bad_transforms_are_named(name, value, error, monkeypatch):
     calls = [lambda **kw: fastkd.kd_loss(s, s, labels, backend="torch", **kw),
              lambda **kw: fastkd.kl_loss(s, s, backend="torch", **kw),
              lambda **kw: fastkd.KDLoss(backend="torch", **kw)(s, s, labels),
-             lambda **kw: fastkd.KLDivLoss(backend="torch", **kw)(s, s)]
+             lambda **kw: fastkd.KLLoss(backend="torch", **kw)(s, s)]
     if name.startswith("student"):
         ids, lp = torch.tensor([[0], [1]]), torch.full((2, 1), -0.5)
         calls += [lambda **kw: fastkd.sparse_kd_loss(s, ids, lp, labels, backend="torch", **kw),

@@ -242,7 +242,7 @@ def test_modules_wrap_the_functions(backend, gen):
     s, t = randn((6, 11), gen), randn((6, 11), gen)
     labels = random_labels((6,), 11, gen)
     kd = fastkd.KDLoss(temperature=2.0, alpha=0.3, divergence="jsd", backend=backend)
-    kl = fastkd.KLDivLoss(temperature=2.0, backend=backend)
+    kl = fastkd.KLLoss(temperature=2.0, backend=backend)
     close(kd(s, t, labels), kd_objective(s, t, labels, 2.0, 0.3, "jsd"), 1e-5)
     close(kl(s, t), kd_objective(s, t, None, 2.0, 1.0, t_squared=False), 1e-5)
 

@@ -179,7 +179,7 @@ for backend in ("torch", "triton"):
     calls = {
         "kl_loss": lambda: fastkd.kl_loss(s, t, temperature=2.0, backend=backend),
         "kd_loss": lambda: fastkd.kd_loss(s, t, y, meter=meter, backend=backend),
-        "KLDivLoss": lambda: fastkd.KLDivLoss(backend=backend)(s, t),
+        "KLLoss": lambda: fastkd.KLLoss(backend=backend)(s, t),
         "KDLoss": lambda: fastkd.KDLoss(backend=backend)(s, t, y),
         "fused_linear_kd_loss": lambda: fastkd.fused_linear_kd_loss(h, w_s, h, w_t, y, backend=backend),
         "FusedLinearKDLoss": lambda: fastkd.FusedLinearKDLoss(backend=backend)(h, w_s, h, w_t, y),

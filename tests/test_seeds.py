@@ -74,6 +74,46 @@ def test_paired_difference_against_a_plain_reference():
     assert one["std"] is None and one["ci95"] is None and one["better"] == 1
 
 
+def test_pooled_meters_hold_every_seeds_rows():
+    """The pooled meter of three seeds' reports (one written before the bins were folded): the per-bin
+    counts, accuracy, NLL and Brier of one meter fed every seed's rows, and the ECE of that histogram
+    (rows at confidence exactly 1.0 in the top bin) from a plain float64 formula."""
+    from dataclasses import asdict
+
+    import torch
+
+    from fastkd import CalibrationMeter
+    from fastkd.study.seeds import pooled_meters
+
+    gen = torch.Generator().manual_seed(27)
+    xs = [torch.randn(n, 6, generator=gen) * 4 for n in (37, 1)]
+    xs[0][:5, 2] = 300.0  # softmax exactly 1.0 in fp32
+    ys = [torch.randint(0, 6, (x.shape[0],), generator=gen) for x in xs]
+    reports = {}
+    for seed, (x, y) in enumerate(zip(xs, ys)):
+        rep = CalibrationMeter(7).update(x, y).compute()
+        reports[seed] = {"bins": {m: [asdict(b) for b in rep.bins] for m in MODEL_KEYS},
+                         "results": {m: {"nll": rep.nll, "brier": rep.brier} for m in MODEL_KEYS}}
+    # a third seed as reports kept bins before: the exactly-1.0 rows in a bin [1.0, 1.0] of their own
+    older = CalibrationMeter(7).update(xs[0], ys[0]).state[:24].reshape(3, 8).T.tolist()
+    edges = [i / 7 for i in range(8)] + [1.0]
+    bins = [dict(lower=edges[i], upper=edges[i + 1], count=int(c), confidence=cs / max(c, 1), accuracy=ks / max(c, 1))
+            for i, (c, cs, ks) in enumerate(older)]
+    assert bins[-1]["count"] == 5
+    reports[2] = {"bins": {m: bins for m in MODEL_KEYS}, "results": reports[0]["results"]}
+    pooled = pooled_meters(reports)["student"].compute()
+    xs, ys = xs + xs[:1], ys + ys[:1]
+    both = CalibrationMeter(7).update(torch.cat(xs), torch.cat(ys)).compute()
+    assert [b.count for b in pooled.bins] == [b.count for b in both.bins] and len(pooled.bins) == 7
+    assert pooled.count == 75 and pooled.accuracy == pytest.approx(both.accuracy, abs=1e-12)
+    assert pooled.nll == pytest.approx(both.nll, rel=1e-12) and pooled.brier == pytest.approx(both.brier, rel=1e-12)
+    conf, pred = torch.cat(xs).softmax(-1).max(-1)
+    shown = (conf.double() * 7).floor().clamp(max=6).long()  # fp32 confidences, 7 bins, the last closed
+    correct = (pred == torch.cat(ys)).double()
+    ece = sum(abs(correct[shown == b].sum() - conf[shown == b].double().sum()) for b in range(7)) / 75
+    assert pooled.ece == pytest.approx(float(ece), abs=1e-12)
+
+
 def run_cli(*args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

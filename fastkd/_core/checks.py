@@ -14,8 +14,30 @@ SUM_TOLERANCE = 1e-2  # a sparse teacher's probabilities may sum above 1 by this
 
 # --- scalars --------------------------------------------------------------------------------------
 
-def real(value, name, low, high, low_open, high_open) -> float:
-    """A finite real number in the interval, as a float."""
+def _tensor_scalar(value, name, hint=""):
+    """A 0-d real tensor on the CPU that does not require grad, read as a Python number: it is a
+    number in all but type (``torch.tensor(4.0)``, a schedule's output). Any other tensor raises,
+    naming the argument: several elements (often a tensor passed in the wrong place), one on a GPU
+    (reading it would synchronise the host in every call: pass ``float()`` of it once), or one that
+    requires grad (the losses give no gradient to their scalar arguments)."""
+    if value.dim() != 0:
+        raise TypeError(f"{name} must be a finite real number, got a Tensor of shape {tuple(value.shape)}{hint}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a finite real number, got a {value.dtype} tensor")
+    if value.device.type != "cpu":
+        raise TypeError(f"{name} must be a finite real number or a 0-d CPU tensor, got a 0-d tensor on "
+                        f"{value.device} (reading it would synchronise the host in every call: pass float({name}))")
+    if value.requires_grad:
+        raise TypeError(f"{name} gets no gradient from the loss, got a tensor that requires grad (pass "
+                        f"float({name}) or {name}.detach())")
+    return value.item()
+
+
+def real(value, name, low, high, low_open, high_open, hint="") -> float:
+    """A finite real number in the interval, as a float (a 0-d CPU tensor counts as a number).
+    ``hint``: added to the error when the value is a tensor of several elements."""
+    if isinstance(value, torch.Tensor):
+        value = _tensor_scalar(value, name, hint)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
     below = value <= low if low_open else value < low
@@ -26,12 +48,14 @@ def real(value, name, low, high, low_open, high_open) -> float:
     return float(value)
 
 
-def positive(value, name) -> float:
+def positive(value, name, hint="") -> float:
     """A finite real number > 0."""
-    return real(value, name, 0.0, math.inf, True, True)
+    return real(value, name, 0.0, math.inf, True, True, hint)
 
 
-def choice(value, name, choices):
+def choice(value, name, choices, hint=""):
+    if isinstance(value, torch.Tensor):  # (`tensor in choices` would just be False)
+        raise TypeError(f"{name} must be one of {choices}, got a Tensor{hint}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
@@ -118,13 +142,17 @@ def on_device(x, name, device, whose="the logits'"):
         raise ValueError(f"{name} ({x.device}) must be on {whose} device ({device})")
 
 
-def labels(value, shape, num_classes, ignore_index, name="labels", check_range=True):
-    """Class indices: an integer tensor of ``shape`` (the logits without the class dimension), with
-    ``check_range`` in [0, num_classes) or ``ignore_index`` (one host synchronisation)."""
+def labels(value, shape, num_classes, ignore_index, name="labels", check_range=True, device=None,
+           whose="the logits'"):
+    """Class indices: an integer tensor of ``shape`` (the logits without the class dimension), on
+    ``device`` when given (checked before the range is read), with ``check_range`` in
+    [0, num_classes) or ``ignore_index`` (one host synchronisation)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor of class indices, got {value.dtype}")
+    if device is not None:
+        on_device(value, name, device, whose)
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (the logits without the class "
                          f"dimension), got {tuple(value.shape)}")

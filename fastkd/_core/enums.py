@@ -1,4 +1,4 @@
-"""The names a call chooses among: divergences, reductions, sparse-teacher tails."""
+"""The names a call chooses among: divergences, reductions, sparse-teacher tails, backends."""
 from __future__ import annotations
 
 import enum
@@ -26,3 +26,4 @@ DIVERGENCES = tuple(d.name.lower() for d in Divergence)  # the public names, in 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 LINEAR_REDUCTIONS = REDUCTIONS[:3]  # the fused-linear losses: "none" would need a weight gradient per row
 TAILS = ("bucket", "renormalize")  # a sparse teacher's missing mass: one more class, or dropped
+BACKENDS = ("auto", "triton", "cuda", "torch")  # backend= and FASTKD_BACKEND, in any case (fastkd.backends)

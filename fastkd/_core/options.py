@@ -2,11 +2,17 @@
 object instead of the public keyword lists."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from torch import nn
+
 from . import checks
-from .enums import REDUCTIONS, TAILS, Divergence
+from .enums import BACKENDS, REDUCTIONS, TAILS, Divergence
 from .spec import transform_names
+
+# what a tensor in kl_loss's third or fourth place most often is (its labels are keyword-only)
+LABELS_HINT = " (labels go in labels=...)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,33 +36,49 @@ class Options:
 
     @classmethod
     def build(cls, *, temperature, alpha=None, divergence="kl", beta=0.5, ignore_index=-100,
-              reduction="batchmean", reductions=REDUCTIONS, has_labels=False, backend=None, validate_labels=True,
+              reduction="batchmean", reductions=REDUCTIONS, has_labels=None, backend=None, validate_labels=True,
               num_items=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
               teacher_softcap=None, group=None, tail="bucket", sparse=False, chunk_size=None,
               return_entropy=False) -> Options:
         """Every scalar argument checked once. ``alpha`` None: kl_loss's objective (the divergence
-        alone, without T^2); else alpha T^2 D + (1 - alpha) CE. ``sparse``: a top-K teacher (KL only)."""
+        alone, without T^2); else alpha T^2 D + (1 - alpha) CE. ``sparse``: a top-K teacher (KL only).
+        ``has_labels``: whether the call has labels; None when not known yet (a module's constructor:
+        its forward calls ``require_labels``)."""
         if alpha is None:
             kd_weight, ce_weight, t_squared = 1.0, 0.0, False
         else:
             kd_weight = checks.real(alpha, "alpha", 0.0, 1.0, False, False)
             ce_weight, t_squared = 1.0 - kd_weight, True
-        temperature = checks.positive(temperature, "temperature")
-        checks.choice(reduction, "reduction", reductions)
+        temperature = checks.positive(temperature, "temperature", LABELS_HINT)
+        checks.choice(reduction, "reduction", reductions, LABELS_HINT)
         if sparse and divergence != "kl":
             raise ValueError(f"divergence must be 'kl' for a sparse teacher (its unlisted classes make reverse KL "
                              f"and JSD undefined), got {divergence!r}")
         divergence = Divergence.parse(divergence)
         beta = checks.real(beta, "beta", 0.0, 1.0, True, True) if divergence == Divergence.JSD else float(beta)
         checks.integer(ignore_index, "ignore_index")
-        if not has_labels and ce_weight != 0:
-            raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
         checks.choice(tail, "tail", TAILS)
-        return cls(temperature, kd_weight, ce_weight, t_squared, divergence, beta, ignore_index, reduction, backend,
-                   validate_labels, checks.num_items(num_items, reduction),
-                   checks.transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap),
-                   group, tail, checks.positive_int(chunk_size, "chunk_size", optional=True),
-                   checks.flag(return_entropy, "return_entropy"))
+        if backend is not None and (not isinstance(backend, str) or backend.lower() not in BACKENDS):
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")  # (as backends.requested)
+        options = cls(temperature, kd_weight, ce_weight, t_squared, divergence, beta, ignore_index, reduction,
+                      backend, validate_labels, checks.num_items(num_items, reduction),
+                      checks.transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap),
+                      group, tail, checks.positive_int(chunk_size, "chunk_size", optional=True),
+                      checks.flag(return_entropy, "return_entropy"))
+        if has_labels is not None:
+            options.require_labels(has_labels)
+        return options
+
+    def require_labels(self, has_labels: bool) -> None:
+        """Labels are needed when the hard-label cross-entropy has a weight (alpha < 1)."""
+        if not has_labels and self.ce_weight != 0:
+            raise ValueError("labels are required when alpha < 1 (the hard-label cross-entropy term)")
+
+    def with_num_items(self, num_items) -> Options:
+        """These options with a call's own ``num_items`` (a module's forward argument), checked."""
+        if num_items is None:
+            return self
+        return dataclasses.replace(self, num_items=checks.num_items(num_items, self.reduction))
 
     def transforms_set(self) -> list[str]:
         """The public arguments of the logit transforms this call sets (not at their defaults)."""
@@ -65,3 +87,32 @@ class Options:
     @property
     def bucket(self) -> bool:
         return self.tail == "bucket"
+
+
+class OptionsModule(nn.Module):
+    """The base of the public loss modules: the constructor's arguments are checked once, into
+    ``self.options``, so a bad one fails at construction and forward checks no scalar again. Each
+    argument stays readable as an attribute (``loss.temperature``); assigning one (a temperature
+    schedule) checks it and rebuilds the options, and a refused value changes nothing."""
+
+    def __init__(self, fixed: dict, **arguments):
+        """``fixed``: Options.build's keywords that are the class's, not the caller's (``sparse=True``)."""
+        super().__init__()
+        self.__dict__.update(_fixed=fixed, _arguments=arguments, options=Options.build(**fixed, **arguments))
+
+    def __getattr__(self, name):
+        arguments = self.__dict__.get("_arguments", {})
+        if name in arguments:
+            return arguments[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        arguments = self.__dict__.get("_arguments", {})
+        if name not in arguments:
+            return super().__setattr__(name, value)
+        changed = {**arguments, name: value}
+        options = Options.build(**self._fixed, **changed)  # raises, naming the argument, before anything changes
+        self.__dict__.update(_arguments=changed, options=options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._arguments.items())

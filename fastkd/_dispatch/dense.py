@@ -25,8 +25,7 @@ def run(s, t, labels, options: Options, meter=None, teacher_meter=None):
         # under torch.compile the range check would sync the host: a label out of range gives a
         # NaN loss and NaN gradients for its row instead (as with validate_labels=False)
         checks.labels(labels, s.shape[:-1], c, options.ignore_index,
-                      check_range=options.validate_labels and not compiling)
-        checks.on_device(labels, "labels", s.device)
+                      check_range=options.validate_labels and not compiling, device=s.device)
     checks.on_device(options.num_items, "num_items", s.device)
     check_meters(meter, teacher_meter, labels is not None, s.device)
     dtypes = (s.dtype, t.dtype)

@@ -19,8 +19,8 @@ def _device_type(hidden):
 
 
 def _check_labels(labels, hidden, n_classes, options: Options, check_range=True):
-    checks.on_device(labels, "labels", hidden.device, "the hidden states'")
-    checks.labels(labels, hidden.shape[:-1], n_classes, options.ignore_index, check_range=check_range)
+    checks.labels(labels, hidden.shape[:-1], n_classes, options.ignore_index, check_range=check_range,
+                  device=hidden.device, whose="the hidden states'")
 
 
 def run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,

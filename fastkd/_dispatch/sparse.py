@@ -22,8 +22,8 @@ def run(s, teacher_ids, teacher_logprobs, labels, options: Options, meter=None):
     c = s.shape[-1]
     checks.teacher(teacher_ids, teacher_logprobs, s.shape[:-1], c, s.device, options.validate_labels)
     if labels is not None:
-        checks.labels(labels, s.shape[:-1], c, options.ignore_index, check_range=options.validate_labels)
-        checks.on_device(labels, "labels", s.device)
+        checks.labels(labels, s.shape[:-1], c, options.ignore_index, check_range=options.validate_labels,
+                      device=s.device)
     checks.on_device(options.num_items, "num_items", s.device)
     check_meters(meter, None, labels is not None, s.device)
     impl = backends.resolve(options.backend, s.device, (s.dtype, teacher_logprobs.dtype), "sparse")

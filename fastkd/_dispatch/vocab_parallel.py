@@ -337,8 +337,7 @@ def _executor_parts(options: Options, group, x, n_local, labels, device, dtypes,
     then the labels' global range checked. Returns (layout, kernels, int64 label rows)."""
     checks.group(group)
     if labels is not None:
-        checks.labels(labels, x.shape[:-1], n_local, options.ignore_index, check_range=False)
-        checks.on_device(labels, "labels", device)
+        checks.labels(labels, x.shape[:-1], n_local, options.ignore_index, check_range=False, device=device)
     checks.on_device(options.num_items, "num_items", device)
     kernels = backends.load(backends.resolve_name(options.backend, device, dtypes, "vocab"))
     labels2 = label_rows(labels)

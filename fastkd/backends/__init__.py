@@ -7,7 +7,6 @@ backend asked for by name that cannot run raises with the reason; nothing falls 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -15,7 +14,7 @@ from typing import NamedTuple
 
 import torch as _torch  # not `torch`: the subpackage fastkd.backends.torch takes that attribute
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+from .._core.enums import BACKENDS
 
 
 class BackendInfo(NamedTuple):
@@ -24,13 +23,27 @@ class BackendInfo(NamedTuple):
     reason: str  # why it cannot run here ("" when it can)
 
 
-@functools.lru_cache(maxsize=None)
+_PROBED: dict = {}  # the answers of the two probes below, found once per process
+
+
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result``'s mark, set without calling it: that call imports Dynamo,
+    and with it Triton, at ``import fastkd``. torch.compile then calls ``fn`` while tracing and takes
+    its answer as a constant, instead of tracing into it (through an lru_cache, Dynamo warned)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def _triton_import_error() -> str:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install raising anything else
-        return f"triton does not import ({type(e).__name__}: {e})"
-    return ""
+    if "triton" not in _PROBED:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install raising anything else
+            _PROBED["triton"] = f"triton does not import ({type(e).__name__}: {e})"
+        else:
+            _PROBED["triton"] = ""
+    return _PROBED["triton"]
 
 
 def _triton_unusable(device: _torch.device, dtypes=()) -> str:
@@ -56,8 +69,14 @@ def _cuda_unusable(device: _torch.device, dtypes=()) -> str:
     return _cuda_unbuildable()
 
 
-@functools.lru_cache(maxsize=None)
+@_constant_under_compile
 def _cuda_unbuildable() -> str:
+    if "cuda" not in _PROBED:
+        _PROBED["cuda"] = _cuda_build_problem()
+    return _PROBED["cuda"]
+
+
+def _cuda_build_problem() -> str:
     if importlib.util.find_spec("fastkd._C") is not None:
         return ""
     from torch.utils.cpp_extension import is_ninja_available

@@ -109,7 +109,9 @@ def summarize_seeds(reports: dict) -> dict:
 
 def pooled_meters(reports: dict) -> dict:
     """Per model, a CalibrationMeter holding every seed's test predictions at once: the seeds' bins
-    (count, mean confidence, accuracy) and NLL / Brier summed into the meter's state."""
+    (count, mean confidence, accuracy) and NLL / Brier summed into the meter's state. The reports'
+    bins hold the rows at confidence exactly 1.0 in their top bin, so the pooled ECE is that of the
+    histogram the diagrams show (a single run's ECE, torchmetrics', weighs those rows as a bin apart)."""
     import torch
 
     from ..calibration import CalibrationMeter
@@ -120,15 +122,19 @@ def pooled_meters(reports: dict) -> dict:
         for r in reports.values():
             bins = r["bins"][m]
             count = torch.tensor([b["count"] for b in bins], dtype=torch.float64)
-            conf = torch.tensor([b["confidence"] for b in bins], dtype=torch.float64)
-            acc = torch.tensor([b["accuracy"] for b in bins], dtype=torch.float64)
-            rows = count.sum()
-            # the meter's layout: counts, confidence sums, correct sums (one per bin), NLL sum, Brier sum
-            part = torch.cat([count, conf * count, (acc * count).round(),
+            conf = torch.tensor([b["confidence"] for b in bins], dtype=torch.float64) * count
+            correct = (torch.tensor([b["accuracy"] for b in bins], dtype=torch.float64) * count).round()
+            if bins[-1]["upper"] <= bins[-1]["lower"]:  # an older report (reused by --resume): its 1.0 bin apart
+                count, conf, correct = (torch.cat([x[:-2], x[-2:].sum(0, keepdim=True)])
+                                        for x in (count, conf, correct))
+            rows, zero = count.sum(), count.new_zeros(1)
+            # the meter's layout: counts, confidence sums, correct sums (the bins, then the empty exactly-1.0
+            # slot: the bins hold those rows), NLL sum, Brier sum
+            part = torch.cat([count, zero, conf, zero, correct, zero,
                               torch.stack([r["results"][m]["nll"] * rows, r["results"][m]["brier"] * rows])])
             state = part if state is None else state + part
-        meters[m] = CalibrationMeter(len(bins) - 1)
-        meters[m].load_state_dict({"num_bins": len(bins) - 1, "state": state})
+        meters[m] = CalibrationMeter(len(count))
+        meters[m].load_state_dict({"num_bins": len(count), "state": state})
     return meters
 
 
