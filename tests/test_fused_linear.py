@@ -74,6 +74,18 @@ def test_matches_materialised_reference(backend, dtype, rtol_loss, rtol_grad, vo
     check(backend, student, teacher, labels, rtol_loss, rtol_grad, chunk_size=8, temperature=2.0, alpha=0.6)
 
 
+def bf16_linear_pair(pair, gen, n, h, v):
+    """(h_s, w_s, h_t, w_t, labels): bf16 hidden states and heads of a student "close" to its teacher
+    (late in distillation) or a "random" pair, and labels."""
+    h_t, w_t = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
+    if pair == "close":
+        h_s = h_t + 0.1 * torch.randn(n, h, generator=gen)
+        w_s = w_t + 0.1 * torch.randn(v, h, generator=gen) * 2 / h**0.5
+    else:
+        h_s, w_s = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
+    return (*(x.bfloat16() for x in (h_s, w_s, h_t, w_t)), torch.randint(0, v, (n,), generator=gen))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pair", ["close", "random"])
 def test_bf16_logits_are_not_rounded_before_the_softmax(backend, pair, gen):
@@ -82,14 +94,7 @@ def test_bf16_logits_are_not_rounded_before_the_softmax(backend, pair, gen):
     chunk logits) and a random pair (5e-5 rounded; 3e-8): the dense and the sparse (top-K) losses
     against float64 on the same bf16 operands."""
     n, h, v = 64, 256, 4000
-    h_t, w_t = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
-    if pair == "close":
-        h_s = h_t + 0.1 * torch.randn(n, h, generator=gen)
-        w_s = w_t + 0.1 * torch.randn(v, h, generator=gen) * 2 / h**0.5
-    else:
-        h_s, w_s = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
-    h_s, w_s, h_t, w_t = (x.bfloat16() for x in (h_s, w_s, h_t, w_t))
-    labels = torch.randint(0, v, (n,), generator=gen)
+    h_s, w_s, h_t, w_t, labels = bf16_linear_pair(pair, gen, n, h, v)
     leaves = [x.requires_grad_() for x in (h_s, w_s)]
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     t64 = h_t.double() @ w_t.double().t()

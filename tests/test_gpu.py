@@ -511,15 +511,10 @@ def test_bf16_fused_linear_logits_in_fp32_on_the_device(backend, pair, gen):
 
     if not hasattr(torch.ops.aten.mm, "dtype"):
         pytest.skip("torch.mm has no out_dtype in this torch (< 2.8): the chunk's logits are rounded")
+    from test_fused_linear import bf16_linear_pair
+
     n, h, v = 64, 256, 4000
-    h_t, w_t = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
-    if pair == "close":
-        h_s = h_t + 0.1 * torch.randn(n, h, generator=gen)
-        w_s = w_t + 0.1 * torch.randn(v, h, generator=gen) * 2 / h**0.5
-    else:
-        h_s, w_s = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 2 / h**0.5
-    h_s, w_s, h_t, w_t = (x.bfloat16().cuda() for x in (h_s, w_s, h_t, w_t))
-    labels = torch.randint(0, v, (n,), generator=gen).cuda()
+    h_s, w_s, h_t, w_t, labels = (x.cuda() for x in bf16_linear_pair(pair, gen, n, h, v))
     leaves = [x.requires_grad_() for x in (h_s, w_s)]
     out = fastkd.fused_linear_kd_loss(*leaves, h_t, w_t, labels, temperature=1.0, alpha=1.0, chunk_size=24,
                                       backend=backend)
