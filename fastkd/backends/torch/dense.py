@@ -140,7 +140,8 @@ def scale_grad(grad, factor):
     widened and narrowed again for nothing."""
     if factor.dim():
         factor = factor.reshape(-1, 1)
-    elif grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(factor == 1):
+    elif grad.device.type == "cpu" and type(factor) is torch.Tensor and not torch.compiler.is_compiling() \
+            and bool(factor == 1):  # a fake or functional tensor (a trace: torch 2.4 says not compiling) has no value
         return grad.clone()
     cd = compute_dtype(grad)
     return (grad.to(cd) * factor.to(cd)).to(grad.dtype)
