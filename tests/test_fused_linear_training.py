@@ -170,7 +170,10 @@ def _free_port() -> int:
 
 def _dtensor_worker(rank, world, port, backend):
     import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    try:
+        from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    except ImportError:  # torch 2.4: public as torch.distributed._tensor
+        from torch.distributed._tensor import DeviceMesh, Shard, distribute_tensor
 
     if backend == "triton":
         os.environ["TRITON_INTERPRET"] = "1"

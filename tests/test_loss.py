@@ -1,4 +1,5 @@
 """kl_loss / kd_loss on both backends against float64 references written in tests/reference.py."""
+import re
 import subprocess
 import sys
 
@@ -336,6 +337,26 @@ def test_available_backends_reports_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert {b.name: b for b in fastkd.available_backends("cpu")}["triton"].available
 
+
+@pytest.mark.parametrize("version, usable", [("3.0.0", False), ("3.3.1", False), ("3.4.0", True),
+                                             ("3.10.0+git1a2b", True)])
+def test_triton_too_old_to_compile_the_kernels_is_not_used_on_cuda(monkeypatch, version, usable):
+    """On CUDA a Triton older than 3.4 cannot compile the kernels (torch 2.4-2.7 pin 3.0-3.3): auto takes
+    the torch backend, backend='triton' names the version; the interpreter (CPU) compiles nothing."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    cuda = torch.device("cuda")  # no GPU needed: only the dispatch is asked
+    info = {b.name: b for b in fastkd.available_backends(cuda)}["triton"]
+    assert info.available == usable
+    assert fastkd.backends.resolve_name(None, cuda, (torch.float32,)) == ("triton" if usable else "torch")
+    if not usable:
+        assert info.reason == (f"triton {version} cannot compile the kernels (they need Triton >= 3.4, "
+                               "as torch >= 2.8 has)")
+        with pytest.raises(ValueError, match=rf"backend='triton' cannot run: triton {re.escape(version)} cannot"):
+            fastkd.backends.resolve_name("triton", cuda, (torch.float32,))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fastkd.backends.resolve_name(None, torch.device("cpu"), (torch.float32,)) == "triton"
 
 def test_import_touches_no_gpu_and_not_triton():
     code = ("import sys, fastkd; assert 'triton' not in sys.modules, 'triton imported';"

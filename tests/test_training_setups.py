@@ -225,6 +225,27 @@ def test_torch_compile_fullgraph_fp16_and_reduction_none(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_takes_the_backend_from_the_environment(backend, gen, monkeypatch):
+    """Without backend=, FASTKD_BACKEND is read inside the compiled region without a graph break (torch
+    2.4's Dynamo cannot trace os.environ), and the backend it names is the one that runs."""
+    torch._dynamo.reset()
+    monkeypatch.setenv("FASTKD_BACKEND", backend)
+    ran = []
+    module = fastkd.backends.load
+    monkeypatch.setattr(fastkd.backends, "load", lambda name: ran.append(name) or module(name))
+    s, t = randn((5, 37), gen), randn((5, 37), gen)
+    labels = random_labels((5,), 37, gen, ignore_every=2)
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    f = torch.compile(lambda x: fastkd.kd_loss(x, t, labels, temperature=2.0, alpha=0.5), fullgraph=True,
+                      backend="aot_eager")
+    x = s.clone().requires_grad_()
+    loss = f(x)
+    (loss * upstream.float()).backward()
+    assert set(ran) == {backend}
+    close(loss, kd_objective(s.double(), t.double(), labels, 2.0, 0.5), 1e-5)
+    close(x.grad, reference_grad(s, t, labels, upstream, temperature=2.0, alpha=0.5), 1e-5)
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_fp16_autocast_with_grad_scaler(backend, gen):
     """A language-model head under fp16 autocast with GradScaler: fp32 weights, one scaled step;
     the unscaled weight gradient equals float64's on the same fp16-cast operands."""

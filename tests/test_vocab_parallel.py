@@ -171,7 +171,10 @@ def _check_errors(rank, world, group):
 
 
 def _check_dtensor(rank, world, backend, seed):
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    try:
+        from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    except ImportError:  # torch 2.4: public as torch.distributed._tensor
+        from torch.distributed._tensor import DeviceMesh, Shard, distribute_tensor
 
     mesh = DeviceMesh("cpu", list(range(world)))
     s, t, labels, upstream = _inputs(seed, torch.float32)
@@ -183,9 +186,8 @@ def _check_dtensor(rank, world, backend, seed):
     close(out, ref, 1e-5)
     out.backward(torch.tensor(0.7))
     ref.backward(torch.tensor(0.7, dtype=torch.float64))
-    local = d_s.grad.to_local()
-    lo = sum(c.numel() for c in torch.arange(V).chunk(world)[:rank])
-    close(local, s64.grad[:, lo:lo + local.shape[1]], 1e-5)
+    # the whole gradient: torch 2.4 gives uneven shards' leaf gradient back replicated, later torch sharded
+    close(d_s.grad.full_tensor(), s64.grad, 1e-5)
 
 
 def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32):

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 from typing import NamedTuple
 
 import torch as _torch  # not `torch`: the subpackage fastkd.backends.torch takes that attribute
@@ -35,6 +36,31 @@ def _constant_under_compile(fn):
 
 
 @_constant_under_compile
+def _env(name: str, default: str) -> str:
+    """An environment variable, read at trace time under torch.compile (torch 2.4's Dynamo cannot
+    trace os.environ)."""
+    return os.environ.get(name, default)
+
+
+# The oldest Triton that compiles the kernels: they pass tuples between @triton.jit functions (Triton
+# 3.0 cannot) and chain `or` over constexprs (3.3 cannot); 3.4 (torch 2.8's) compiles every variant.
+# With an older Triton the kernels cannot run on a GPU: auto takes torch (the interpreter is unaffected).
+TRITON_COMPILES_FROM = (3, 4)
+
+
+@_constant_under_compile
+def _triton_too_old() -> str:
+    """Why the installed Triton cannot compile the kernels ("" when it can)."""
+    import triton
+
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version >= TRITON_COMPILES_FROM:
+        return ""
+    need = ".".join(map(str, TRITON_COMPILES_FROM))
+    return f"triton {triton.__version__} cannot compile the kernels (they need Triton >= {need}, as torch >= 2.8 has)"
+
+
+@_constant_under_compile
 def _triton_import_error() -> str:
     if "triton" not in _PROBED:
         try:
@@ -51,10 +77,12 @@ def _triton_unusable(device: _torch.device, dtypes=()) -> str:
     err = _triton_import_error()
     if err:
         return err
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and _env("TRITON_INTERPRET", "") != "1":
         return "tensors are on the CPU (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
     if device.type not in ("cuda", "cpu"):
         return f"Triton does not run on {device.type} tensors"
+    if device.type == "cuda" and _triton_too_old():  # the interpreter (CPU) compiles nothing
+        return _triton_too_old()
     if _torch.float64 in dtypes:
         return "the kernels compute in float32; float64 logits need backend='torch'"
     return ""
@@ -113,7 +141,7 @@ _KERNEL = {"dense": "dense-teacher kernel", "sparse": "sparse-teacher kernel",
 def requested(backend) -> tuple[str, str]:
     """(name, source): ``backend=`` if given, else ``FASTKD_BACKEND`` (read here only), else auto;
     source is the argument to name in an error."""
-    name = backend if backend is not None else os.environ.get("FASTKD_BACKEND", "auto") or "auto"
+    name = backend if backend is not None else _env("FASTKD_BACKEND", "auto") or "auto"
     source = "backend" if backend is not None else "FASTKD_BACKEND"
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")

@@ -1,5 +1,6 @@
 """The dense kernel, one-pass and looping paths (``_kd_fwd_kernel``): see the package's docstring."""
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter spots constexpr parameters
+# only by the annotation object, not by the string "tl.constexpr".
 
 import triton
 import triton.language as tl

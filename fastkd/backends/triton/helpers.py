@@ -2,7 +2,8 @@
 vocabulary-parallel): tiles and loads, per-thread and per-row reductions, the max offsets and
 rescales of online softmax, the logit transforms, the gradient of a tile, the calibration meter's
 rows and flush, the in-launch sum of the loss, row offsets and labels. Defined once here."""
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter spots constexpr parameters
+# only by the annotation object, not by the string "tl.constexpr".
 
 import triton
 import triton.language as tl

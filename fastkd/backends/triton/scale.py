@@ -1,5 +1,6 @@
 """The backward's in-place scale of a saved gradient (``scale_grad``)."""
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter spots constexpr parameters
+# only by the annotation object, not by the string "tl.constexpr".
 
 import torch
 import triton

@@ -9,7 +9,8 @@ p_s,k - p_k: no membership test per element, K scattered stores per row. Traffic
 read s + write grad (+ one more read of s on the looping path) + 12 K bytes of teacher.
 The student's logit transforms (KDSpec.s_scale, s_cap) are the dense kernels', gated the same way.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter spots constexpr parameters
+# only by the annotation object, not by the string "tl.constexpr".
 
 import torch
 import triton

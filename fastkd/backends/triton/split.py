@@ -1,5 +1,6 @@
 """The split-row kernel (``_kd_split_kernel``): a long row kept on chip over several programs."""
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter spots constexpr parameters
+# only by the annotation object, not by the string "tl.constexpr".
 
 import triton
 import triton.language as tl

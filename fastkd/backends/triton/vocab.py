@@ -15,7 +15,8 @@ dense one-pass kernel's 3 b would need the row on chip across the all-reduces. S
 tuned: one row per program, a 0-d running max per row (one rescale per block, one exp2 per element
 and statistic). Imported lazily; runs on CPU tensors under TRITON_INTERPRET=1.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: Triton 3.0's interpreter spots constexpr parameters
+# only by the annotation object, not by the string "tl.constexpr".
 
 import torch
 import triton
