@@ -11,6 +11,7 @@ import torch
 import fastkd.study.cache_teacher
 import fastkd.study.train
 from fastkd.study.cli import main
+from test_study import strip_timing
 
 TINY = ["--epochs", "2", "--teacher-epochs", "1"]
 
@@ -33,11 +34,9 @@ def snapshot(folder):
 
 
 def without_timing(report):
-    report.pop("timing")
+    """strip_timing's report, also without the resume flag (a resumed run differs in it only)."""
+    report = strip_timing(report)
     report["config"].pop("resume")
-    for rows in report["history"].values():
-        for r in rows:
-            r.pop("samples_per_s")
     return report
 
 
