@@ -62,6 +62,44 @@ def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return ids.to(torch.int32), logprobs
 
 
+def sample_teacher(logits: torch.Tensor, samples: int, temperature: float,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws ``samples`` classes per row from ``softmax(logits / temperature)`` (with replacement)
+    and keeps each distinct class once with its count: ``(ids int32 (..., S), counts int32 (..., S))``
+    with S = ``samples``, ids sorted by count (highest first; ties by id), padded with id -1 and
+    count 0 where a row drew fewer than S distinct classes. Every row's counts sum to S.
+
+    ``counts / S`` is an unbiased estimate of the tempered teacher's probabilities, so a student
+    trained on ``log(counts / S)`` with ``teacher_temperature=temperature`` gets gradients unbiased
+    for the dense teacher's at that temperature. Computed in fp32 whatever the logits' dtype."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise CacheError(f"samples must be a positive integer, got {samples!r}")
+    if torch.is_tensor(temperature) and temperature.dim() == 0 and temperature.is_floating_point():
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise CacheError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not torch.is_tensor(logits) or not logits.dtype.is_floating_point or logits.dim() < 1 \
+            or logits.shape[-1] < 1:
+        raise CacheError("logits must be a floating-point tensor (..., vocab) with vocab >= 1")
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    probs = (logits.detach().float() / temperature).softmax(-1).reshape(-1, vocab)
+    rows = probs.shape[0]
+    if rows == 0:
+        empty = torch.empty(*lead, samples, dtype=torch.int32, device=logits.device)
+        return empty.fill_(PAD_ID), torch.zeros_like(empty)
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator).sort(-1).values
+    # runs of equal ids in each sorted row are the distinct classes; run r goes to column r
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    run = starts.long().cumsum(-1) - 1
+    counts = torch.zeros_like(draws).scatter_add_(1, run, torch.ones_like(draws))
+    ids = torch.full_like(draws, PAD_ID).scatter_(1, run, draws)  # every member of a run writes its id
+    counts, order = counts.sort(dim=-1, descending=True, stable=True)  # padding (count 0) goes last
+    ids = ids.gather(1, order)
+    return (ids.to(torch.int32).reshape(*lead, samples), counts.to(torch.int32).reshape(*lead, samples))
+
+
 def fingerprint(inputs) -> str:
     """sha256 of an array's dtype, shape and bytes: ties a cache to the inputs it was computed on."""
     a = inputs.detach().cpu().numpy() if torch.is_tensor(inputs) else np.asarray(inputs)

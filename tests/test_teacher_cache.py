@@ -5,13 +5,14 @@ command (digits and a tiny random Hugging Face model over a token file) and the 
 import json
 import os
 import pickle
+import re
 import stat
 
 import numpy as np
 import pytest
 import torch
 
-from fastkd.teacher_cache import CacheError, TeacherCache, TeacherCacheWriter, fingerprint
+from fastkd.teacher_cache import CacheError, TeacherCache, TeacherCacheWriter, fingerprint, sample_teacher
 
 # storage dtype, its relative rounding (half an ulp) for the log-probabilities
 DTYPES = [pytest.param("float16", torch.float16, 2.0**-11, id="fp16"),
@@ -41,6 +42,76 @@ def assert_matches_reference(ids, logprobs, logits, k, rel):
     assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_ids)
     err = (logprobs.double() - ref_lp).abs()
     assert (err <= rel * ref_lp.abs() + 1e-6).all(), float(err.max())
+
+
+def dense_counts(ids, counts, vocab):
+    """(rows, vocab) counts from sampled rows (ids padded with -1, counts 0 there)."""
+    ids, counts = ids.reshape(-1, ids.shape[-1]).long(), counts.reshape(-1, counts.shape[-1]).long()
+    dense = torch.zeros(len(ids), vocab + 1, dtype=torch.long)  # column vocab takes the padding
+    return dense.scatter_add_(1, ids.where(ids >= 0, vocab), counts)[:, :vocab]
+
+
+@pytest.mark.parametrize("lead", [(1,), (3, 5)], ids=["one-row", "rows-x-positions"])
+@pytest.mark.parametrize("samples", [1, 7, 64])
+def test_sample_teacher_rows_are_distinct_ids_with_counts(gen, lead, samples):
+    logits = torch.randn(*lead, 13, generator=gen) * 2
+    ids, counts = sample_teacher(logits.to(torch.bfloat16), samples, 1.5, generator=gen)
+    assert ids.dtype == counts.dtype == torch.int32 and ids.shape == counts.shape == (*lead, samples)
+    ids, counts = ids.reshape(-1, samples), counts.reshape(-1, samples)
+    assert (counts.sum(-1) == samples).all()
+    listed = ids >= 0
+    assert torch.equal(listed, counts > 0) and (ids < 13).all() and (ids[~listed] == -1).all()
+    assert (listed[:, :-1] >= listed[:, 1:]).all()  # padding only at the end
+    assert (counts[:, :-1] >= counts[:, 1:]).all()  # highest count first
+    tie = (counts[:, :-1] == counts[:, 1:]) & listed[:, 1:]
+    assert (ids[:, :-1][tie] < ids[:, 1:][tie]).all()  # ties by id: rows are reproducible
+    for row_ids, row_listed in zip(ids, listed):
+        assert len(set(row_ids[row_listed].tolist())) == int(row_listed.sum())
+
+
+def test_sample_teacher_is_reproducible_and_computed_in_fp32(gen):
+    logits = torch.randn(9, 40, generator=gen).to(torch.bfloat16)
+    seed = int(torch.randint(1 << 30, (1,), generator=gen))
+    first = sample_teacher(logits, 16, 2.0, generator=torch.Generator().manual_seed(seed))
+    again = sample_teacher(logits.float(), 16, torch.tensor(2.0), generator=torch.Generator().manual_seed(seed))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_sample_teacher_counts_estimate_the_tempered_teacher(gen, temperature):
+    """The mean of counts / S over N rows of one teacher is within 5 standard errors
+    (sqrt(p (1 - p) / (S N)) per class) of softmax(z / T) computed in float64."""
+    rows, samples = 3000, 8
+    z = torch.randn(11, generator=gen, dtype=torch.float64) * 3
+    z[4] = -float("inf")  # a class the teacher rules out is never drawn
+    ids, counts = sample_teacher(z.float().expand(rows, 11), samples, temperature, generator=gen)
+    estimate = dense_counts(ids, counts, 11).double().sum(0) / (rows * samples)
+    p = (z / temperature).exp() / (z / temperature).exp().sum()
+    tolerance = 5 * (p * (1 - p) / (rows * samples)).sqrt()
+    assert (estimate - p).abs().le(tolerance).all() and estimate[4] == 0, (estimate - p).abs().max()
+
+
+def test_sample_teacher_of_a_certain_teacher_lists_one_class(gen):
+    logits = torch.full((2, 6), -float("inf"))
+    logits[0, 3], logits[1, 0] = 0.0, 5.0
+    ids, counts = sample_teacher(logits, 5, 1.0, generator=gen)
+    assert ids.tolist() == [[3, -1, -1, -1, -1], [0, -1, -1, -1, -1]]
+    assert counts.tolist() == [[5, 0, 0, 0, 0], [5, 0, 0, 0, 0]]
+    ids, counts = sample_teacher(torch.randn(0, 3, 6), 4, 1.0)
+    assert ids.shape == counts.shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((torch.randn(2, 5), 0, 1.0), "samples must be a positive integer, got 0"),
+    ((torch.randn(2, 5), 2.0, 1.0), "samples must be a positive integer, got 2.0"),
+    ((torch.randn(2, 5), 4, 0.0), "temperature must be a positive finite number, got 0.0"),
+    ((torch.randn(2, 5), 4, float("nan")), "temperature must be a positive finite number, got nan"),
+    ((torch.randn(2, 5), 4, "2"), "temperature must be a positive finite number, got '2'"),
+    ((torch.arange(10).reshape(2, 5), 4, 1.0), "logits must be a floating-point tensor"),
+])
+def test_sample_teacher_refuses_bad_arguments(args, message):
+    with pytest.raises(CacheError, match=re.escape(message)):
+        sample_teacher(*args)
 
 
 @pytest.mark.parametrize("dtype,torch_dtype,rel", DTYPES)
