@@ -243,11 +243,17 @@ def _edit_index(edit):
     (lambda f: (f / "index.json").write_text('{"format": "fastkd-teacher-cache", "rows": 1'),
      "index.json: not valid JSON"),
     (_edit_index(lambda i: i.update(format="something-else")), "not a fastkd teacher cache index"),
-    (_edit_index(lambda i: i.update(version=99)), "format version 99; this fastkd reads 1"),
+    (_edit_index(lambda i: i.update(version=99)),
+     "format version 99; this fastkd reads versions 1, 2; a newer fastkd wrote it"),
+    (_edit_index(lambda i: i.update(version="2")), "format version '2'; this fastkd reads versions 1, 2"),
+    (_edit_index(lambda i: i.update(kind="dense")), "corrupt (kind must be one of top_k, sampled, got 'dense')"),
+    (_edit_index(lambda i: i.update(temperature=2.0)),
+     "corrupt (temperature of a top_k cache must be 1.0 (log-probabilities at T = 1), got 2.0)"),
     (_edit_index(lambda i: i.update(rows=11)), "corrupt (the shards hold 12 rows, rows says 11)"),
     (_edit_index(lambda i: i.pop("k")), "corrupt (no field 'k')"),
     (_edit_index(lambda i: i["shards"][0].update(ids="../elsewhere.npy")), "is not a plain file name"),
-], ids=["missing", "bad-json", "format", "version", "row-count", "missing-field", "path-escape"])
+], ids=["missing", "bad-json", "format", "version-too-new", "version-unknown", "kind", "top-k-temperature",
+        "row-count", "missing-field", "path-escape"])
 def test_refuses_a_missing_or_corrupt_index(good_cache, damage, message):
     damage(good_cache)
     with pytest.raises(CacheError) as err:
@@ -284,6 +290,193 @@ def test_writer_refuses_to_replace_without_overwrite(good_cache, gen):
     write_cache(good_cache, logits, 2, overwrite=True)
     assert len(TeacherCache(good_cache, k=2, row_shape=())) == 6
     assert sorted(p.name for p in good_cache.parent.iterdir()) == ["c", "notes"]
+
+
+# ---- format versions, and sampled caches ----
+
+def test_writes_version_2_and_reads_a_version_1_cache(tmp_path, gen):
+    """A cache written the way fastkd wrote them before sampled caches (version 1, no kind or
+    temperature) reads as a top-K cache at T = 1, with the same rows."""
+    logits = torch.randn(7, 3, 12, generator=gen)
+    ids, lp = reference_top_k(logits, 4)
+    old = tmp_path / "v1"
+    old.mkdir()
+    np.save(old / "shard-00000-ids.npy", ids.numpy().astype(np.int32))
+    np.save(old / "shard-00000-logprobs.npy", lp.numpy().astype(np.float16))
+    (old / "index.json").write_text(json.dumps({
+        "format": "fastkd-teacher-cache", "version": 1, "rows": 7, "row_shape": [3], "k": 4, "vocab": 12,
+        "ids_dtype": "int32", "logprobs_dtype": "float16", "inputs_sha256": None, "source": {},
+        "shards": [{"ids": "shard-00000-ids.npy", "logprobs": "shard-00000-logprobs.npy", "rows": 7}]}))
+    cache = TeacherCache(old, rows=7, vocab=12, k=4, row_shape=(3,))
+    assert (cache.kind, cache.temperature, cache.samples) == ("top_k", 1.0, None)
+    assert_matches_reference(*cache.batch(range(7)), logits, 4, 2.0**-11)
+    index = json.loads((write_cache(tmp_path / "v2", logits, 4) / "index.json").read_text())
+    assert (index["version"], index["kind"], index["temperature"]) == (2, "top_k", 1.0) and "samples" not in index
+
+
+def write_sampled(path, logits, samples, temperature, *, seed, batch=8, shard_rows=None, **kw):
+    """Writes S draws per row of ``logits`` through the writer, in batches, from a seeded generator."""
+    row_shape = tuple(logits.shape[1:-1])
+    shard_bytes = shard_rows * max(1, int(np.prod(row_shape))) * samples * 6 if shard_rows else 256 << 20
+    with TeacherCacheWriter(path, samples=samples, temperature=temperature, vocab=logits.shape[-1],
+                            row_shape=row_shape, rows=len(logits), shard_bytes=shard_bytes,
+                            generator=torch.Generator().manual_seed(seed), **kw) as w:
+        for part in logits.split(batch):
+            w.add_logits(part)
+    return path
+
+
+@pytest.mark.parametrize("row_shape", [(), (5,)], ids=["rows", "rows-x-positions"])
+def test_sampled_round_trip_returns_log_count_over_s(tmp_path, gen, row_shape):
+    logits = torch.randn(23, *row_shape, 30, generator=gen) * 2
+    write_sampled(tmp_path / "c", logits, 6, 2.5, seed=11, shard_rows=7)  # 4 shards, the last short
+    cache = TeacherCache(tmp_path / "c", rows=23, vocab=30, k=6, row_shape=row_shape)
+    assert (cache.kind, cache.temperature, cache.samples, cache.dtype) == ("sampled", 2.5, 6, "float32")
+    assert len(list((tmp_path / "c").glob("shard-*-counts.npy"))) == 4
+    assert np.load(tmp_path / "c" / "shard-00000-counts.npy").dtype == np.uint16
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert {k: index[k] for k in ("version", "kind", "temperature", "samples", "k", "counts_dtype")} == \
+        {"version": 2, "kind": "sampled", "temperature": 2.5, "samples": 6, "k": 6, "counts_dtype": "uint16"}
+    # the same draws, made here batch by batch from the same seed
+    g = torch.Generator().manual_seed(11)
+    want = [sample_teacher(part, 6, 2.5, generator=g) for part in logits.split(8)]
+    want_ids, want_counts = torch.cat([w[0] for w in want]), torch.cat([w[1] for w in want])
+    ids, lp = cache.batch(torch.arange(23))
+    assert torch.equal(ids, want_ids) and lp.dtype == torch.float32
+    assert torch.equal(lp, (want_counts.double() / 6).log().float())  # log(c/S) rounded once; -inf on padding
+    picked = [22, 0, 7, 7]
+    assert torch.equal(cache.batch(picked)[1], lp[picked]) and torch.equal(cache[-1][0], ids[22])
+    assert "sampled, samples=6, temperature=2.5" in repr(cache)
+
+
+def test_sampled_rows_from_a_serving_engine_are_stored_in_order(tmp_path):
+    """add_samples(): ids and counts in any order come back highest count first, ties by id."""
+    ids = torch.tensor([[2, -1, 0, 5, -1], [3, 1, 4, -1, 0]])
+    counts = torch.tensor([[1, 0, 3, 1, 0], [1, 2, 1, 0, 1]])
+    with TeacherCacheWriter(tmp_path / "c", samples=5, temperature=1.0, vocab=6) as w:
+        w.add_samples(ids, counts)
+    got_ids, lp = TeacherCache(tmp_path / "c").batch([0, 1])
+    assert got_ids.tolist() == [[0, 2, 5, -1, -1], [1, 0, 3, 4, -1]]
+    assert torch.equal(lp, (torch.tensor([[3, 1, 1, 0, 0], [2, 1, 1, 1, 0]]).double() / 5).log().float())
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda w: w.add_samples(torch.tensor([[1, 2, -1]]), torch.tensor([[2, 0, 0]])),
+     "counts must be >= 1 on a listed id and 0 on padding (id -1)"),
+    (lambda w: w.add_samples(torch.tensor([[1, -1, -1]]), torch.tensor([[2, 1, 0]])),
+     "counts must be >= 1 on a listed id and 0 on padding (id -1)"),
+    (lambda w: w.add_samples(torch.tensor([[1, 2, -1]]), torch.tensor([[2, 2, 0]])),
+     "every row's counts must sum to samples=3, got 4"),
+    (lambda w: w.add_samples(torch.tensor([[1, 1, -1]]), torch.tensor([[2, 1, 0]])), "a row lists an id twice"),
+    (lambda w: w.add_samples(torch.tensor([[1, 9, -1]]), torch.tensor([[2, 1, 0]])), "ids must lie in [-1, 9)"),
+    (lambda w: w.add_samples(torch.tensor([[1, 2, -1]]), torch.tensor([[2.0, 1.0, 0.0]])),
+     "counts must be integers"),
+    (lambda w: w.add(torch.tensor([[1, 2, -1]]), -torch.ones(1, 3)), "a sampled cache takes add_samples"),
+], ids=["zero-count", "count-on-padding", "sum", "twice", "id-range", "float-counts", "add"])
+def test_sampled_writer_refuses_bad_rows(tmp_path, call, message):
+    with pytest.raises(CacheError, match=re.escape(message)), \
+            TeacherCacheWriter(tmp_path / "c", samples=3, temperature=2.0, vocab=9) as w:
+        call(w)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(samples=0, temperature=1.0), "samples must be an integer in [1, 65535], got 0"),
+    (dict(samples=65536, temperature=1.0), "samples must be an integer in [1, 65535], got 65536"),
+    (dict(samples=4), "temperature must be a positive finite number, got None"),
+    (dict(samples=4, temperature=-2.0), "temperature must be a positive finite number, got -2.0"),
+    (dict(samples=4, temperature=float("inf")), "temperature must be a positive finite number, got inf"),
+    (dict(samples=4, temperature=1.0, k=3), "a sampled cache keeps all S = 4 columns per row, got k=3"),
+    (dict(samples=4, temperature=1.0, dtype="float16"), "a sampled cache stores counts (uint16)"),
+    (dict(k=3, temperature=4.0), "a top-K cache holds log-probabilities at T = 1, got temperature=4.0"),
+], ids=["zero", "above-uint16", "no-temperature", "negative-T", "inf-T", "k", "dtype", "top-k-T"])
+def test_writer_refuses_bad_settings(tmp_path, kw, message):
+    with pytest.raises(CacheError, match=re.escape(message)):
+        TeacherCacheWriter(tmp_path / "c", vocab=9, **kw)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def sampled_cache(tmp_path, gen):
+    logits = torch.randn(12, 4, 10, generator=gen) * 2  # 12 rows of 4 positions, vocab 10
+    return write_sampled(tmp_path / "s", logits, 5, 4.0, seed=3, shard_rows=5)
+
+
+def _edit_shard(name, edit):
+    def apply(folder):
+        a = np.load(folder / name)
+        edit(a)
+        np.save(folder / name, a)
+    return apply
+
+
+def _zero_a_listed_count(a):
+    a[1, 2, 0] = 0  # the first column of a row is always listed
+
+
+def _add_a_count(a):
+    a[1, 2, 0] += 1
+
+
+def _id_out_of_range(a):
+    a[1, 2, 0] = 10
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    (lambda f: (f / "shard-00001-counts.npy").unlink(), "shard-00001-counts.npy",
+     "missing (listed in index.json)"),
+    (_edit_index(lambda i: i["shards"][1].pop("counts")), "index.json", "corrupt (no field 'counts')"),
+    (_edit_index(lambda i: i.update(temperature=-1.0)), "index.json",
+     "corrupt (temperature must be a positive finite number, got -1.0)"),
+    (_edit_index(lambda i: i.update(temperature="4")), "index.json",
+     "corrupt (temperature must be a positive finite number, got '4')"),
+    (_edit_index(lambda i: i.update(temperature=0)), "index.json",
+     "corrupt (temperature must be a positive finite number, got 0)"),
+    (_edit_index(lambda i: i.pop("temperature")), "index.json", "corrupt (no field 'temperature')"),
+    (_edit_index(lambda i: i.update(samples=6)), "index.json",
+     "corrupt (k of a sampled cache must equal samples (6), got 5)"),
+    (_edit_index(lambda i: i.update(version=3)), "index.json",
+     "format version 3; this fastkd reads versions 1, 2; a newer fastkd wrote it"),
+], ids=["missing-counts", "no-counts-field", "negative-T", "string-T", "zero-T", "no-T", "samples", "version"])
+def test_refuses_a_bad_sampled_cache_on_opening(sampled_cache, damage, file, message):
+    damage(sampled_cache)
+    with pytest.raises(CacheError) as err:
+        TeacherCache(sampled_cache)
+    text = str(err.value)
+    assert text.startswith(str(sampled_cache / file)) and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    (_edit_shard("shard-00001-counts.npy", _zero_a_listed_count), "shard-00001-counts.npy",
+     "row 6: counts must be >= 1 on a listed id, got 0"),
+    (_edit_shard("shard-00001-counts.npy", _add_a_count), "shard-00001-counts.npy",
+     "row 6: counts sum to 6, not samples = 5 (index.json)"),
+    (_edit_shard("shard-00001-ids.npy", _id_out_of_range), "shard-00001-ids.npy",
+     "row 6: ids outside [-1, 10) (the vocabulary), e.g. 10"),
+], ids=["zero-count", "sum", "id-range"])
+def test_refuses_bad_sampled_rows_when_read(sampled_cache, damage, file, message):
+    damage(sampled_cache)
+    cache = TeacherCache(sampled_cache)
+    assert cache.batch([0, 11])[0].shape == (2, 4, 5)  # the good rows still read
+    for read in (lambda: cache.batch(range(12)), lambda: cache[6]):
+        with pytest.raises(CacheError) as err:
+            read()
+        assert str(err.value) == f"{sampled_cache / file}: {message}"
+
+
+def test_refuses_top_k_ids_out_of_range_when_read(good_cache):
+    _edit_shard("shard-00002-ids.npy", lambda a: a.__setitem__((0, 3, 2), -2))(good_cache)
+    with pytest.raises(CacheError) as err:
+        TeacherCache(good_cache).batch(range(12))
+    assert str(err.value) == f"{good_cache / 'shard-00002-ids.npy'}: row 10: ids outside [-1, 10) " \
+                             "(the vocabulary), e.g. -2"
+
+
+def test_a_sampled_cache_is_read_whole(sampled_cache):
+    with pytest.raises(CacheError, match=re.escape("holds S = 5 samples per row (all needed), expected k=3")):
+        TeacherCache(sampled_cache, k=3, allow_larger_k=True)
+    with pytest.raises(CacheError, match="the cache's logprobs dtype is float32, expected float16"):
+        TeacherCache(sampled_cache, dtype="float16")
 
 
 # ---- interrupted writes ----
