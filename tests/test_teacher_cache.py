@@ -585,8 +585,36 @@ def test_cli_trains_the_teacher_when_given_none(capsys, tmp_path, digits):
     assert cache.source["teacher_epochs"] == 1 and not [p for p in tmp_path.iterdir() if p.name != "c"]
 
 
+def test_cli_samples_a_study_teacher_checkpoint(capsys, tmp_path, digits):
+    """--sample S --temperature T: the draws sample_teacher makes from the teacher's logits with a
+    generator seeded from --sample-seed (the same rows, the same order)."""
+    from fastkd.study.train import predict
+
+    teacher = digits_teacher()
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pt")
+    code, out, err = run_cli(capsys, "--out", str(tmp_path / "c"), "--sample", "8", "--temperature", "2",
+                             "--sample-seed", "5", "--split", "val", "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+    assert code == 0 and "sampled, samples=8, temperature=2" in out and "rows=359" in out, err
+    cache = TeacherCache(tmp_path / "c", rows=359, vocab=10, k=8, inputs_sha256=fingerprint(digits.x_val))
+    assert (cache.kind, cache.temperature, cache.samples) == ("sampled", 2.0, 8)
+    assert cache.source["split"] == "val" and cache.source["sample_seed"] == 5
+    want_ids, want_counts = sample_teacher(predict(teacher, digits, digits.x_val), 8, 2.0,
+                                           generator=torch.Generator().manual_seed(5))
+    ids, lp = cache.batch(range(359))
+    assert torch.equal(ids, want_ids) and torch.equal(lp, (want_counts.double() / 8).log().float())
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "--out is required"),
+    (["--dtype", "float16"], "--k K (the top-K kept per row) or --sample S (draws per row) is required"),
+    (["--sample", "0"], "--sample must be an integer in [1, 65535] (draws per row), got 0"),
+    (["--sample", "65536"], "--sample must be an integer in [1, 65535] (draws per row), got 65536"),
+    (["--sample", "4", "--k", "3"], "--k and --sample exclude each other"),
+    (["--sample", "4", "--temperature", "0"], "--temperature must be a positive finite number, got 0.0"),
+    (["--sample", "4", "--temperature", "nan"], "--temperature must be a positive finite number, got nan"),
+    (["--sample", "4", "--dtype", "bfloat16"], "--dtype is for top-K caches; a sampled cache stores counts"),
+    (["--k", "3", "--temperature", "2"], "--temperature goes with --sample (a top-K cache is at T = 1)"),
+    (["--k", "3", "--sample-seed", "2"], "--sample-seed goes with --sample"),
     (["--k", "0"], "--k must be an integer >= 1"),
     (["--k", "3", "--dtype", "fp8"], "--dtype must be one of float16, bfloat16"),
     (["--k", "3", "--model", "m"], "--model and --tokens go together"),
@@ -598,7 +626,8 @@ def test_cli_trains_the_teacher_when_given_none(capsys, tmp_path, digits):
     (["--k", "11", "--teacher-ckpt", "x.pt"], "k must lie in [1, vocab=10], got 11"),
     (["--k", "3", "--teacher-ckpt", "missing.pt"], "cannot read checkpoint missing.pt"),
     (["--k", "3", "--model", "nowhere", "--tokens", "t.npy"], "--tokens t.npy: no such file"),
-], ids=["no-out", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
+], ids=["no-out", "neither", "sample-0", "sample-above-uint16", "k-and-sample", "zero-T", "nan-T",
+        "dtype-sampled", "T-top-k", "seed-top-k", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
         "ckpt", "tokens"])
 def test_cli_bad_arguments_end_in_one_line(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -662,6 +691,25 @@ def test_cli_caches_a_causal_lm_over_a_token_file(capsys, tmp_path, gen, suffix)
     assert_matches_reference(*cache.batch(range(5)), logits, 5, 2.0**-8)
     ids, logprobs = cache[3]  # one sequence: (positions, K)
     assert ids.shape == logprobs.shape == (7, 5)
+
+
+def test_cli_samples_a_causal_lm_over_a_token_file(capsys, tmp_path, gen):
+    """--sample without --temperature: fastkd distill's default T; S draws at every position."""
+    teacher = save_tiny_llama(tmp_path / "teacher", 32, 2)
+    tokens = torch.randint(0, 96, (5, 7), generator=gen, dtype=torch.int32)
+    np.save(tmp_path / "tokens.npy", tokens.numpy())
+    code, out, err = run_cli(capsys, "--model", str(tmp_path / "teacher"), "--tokens", str(tmp_path / "tokens.npy"),
+                             "--sample", "6", "--batch-size", "2", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    cache = TeacherCache(tmp_path / "c", rows=5, row_shape=(7,), vocab=96, k=6,
+                         inputs_sha256=fingerprint(tokens.numpy()))
+    assert (cache.kind, cache.temperature, cache.samples) == ("sampled", 4.0, 6)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        want = [sample_teacher(teacher(input_ids=part.long()).logits, 6, 4.0, generator=g) for part in tokens.split(2)]
+    ids, lp = cache.batch(range(5))
+    assert ids.shape == (5, 7, 6) and torch.equal(ids, torch.cat([w[0] for w in want]))
+    assert torch.equal(lp, (torch.cat([w[1] for w in want]).double() / 6).log().float())
 
 
 @pytest.mark.parametrize("tokens,message", [
