@@ -102,7 +102,8 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
                             reductions=LINEAR_REDUCTIONS, has_labels=labels is not None, backend=backend,
                             validate_labels=validate_labels, num_items=num_items,
                             student_logit_scale=student_logit_scale, student_softcap=student_softcap, tail=tail,
-                            teacher_temperature=teacher_temperature, sparse=True, chunk_size=chunk_size, return_entropy=return_entropy)
+                            teacher_temperature=teacher_temperature, sparse=True, chunk_size=chunk_size,
+                            return_entropy=return_entropy)
     loss, entropy_sum = dispatch.run_sparse(student_hidden, student_weight, student_bias, teacher_ids,
                                             teacher_logprobs, labels, options, meter)
     return (loss, entropy_sum) if return_entropy else loss

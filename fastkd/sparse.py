@@ -79,8 +79,8 @@ class SparseKDLoss(OptionsModule):
                  reduction: str = "batchmean", backend: str | None = None, student_logit_scale: float = 1.0,
                  student_softcap: float | None = None, group=None, teacher_temperature: float = 1.0):
         super().__init__(dict(sparse=True), temperature=temperature, alpha=alpha, tail=tail,
-                         teacher_temperature=teacher_temperature, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                         student_logit_scale=student_logit_scale, student_softcap=student_softcap, group=group)
+                         teacher_temperature=teacher_temperature, ignore_index=ignore_index, reduction=reduction,
+                         backend=backend, student_logit_scale=student_logit_scale, student_softcap=student_softcap, group=group)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 labels: Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:

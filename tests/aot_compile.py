@@ -400,7 +400,8 @@ NOT_ON_THE_PATH = {("_kd_fwd_kernel", "ONE_PASS=True"): {"THIRD_SWEEP"},
 def uncovered_branches(jobs) -> list[str]:
     """The constexpr branches a user reaches that no job compiled: every boolean constexpr of every
     kernel both ways (the dense kernel per path: one pass, looping), every divergence each kernel
-    handles, every tail of the sparse kernel, the one-pass dense kernel with the row length compiled in (N_COLS > 0) and without."""
+    handles, every tail of the sparse kernel, the one-pass dense kernel with the row length compiled
+    in (N_COLS > 0) and without."""
     seen: dict = {}  # (kernel, path) -> constexpr -> values
     for job in jobs:
         consts = declared_constants(job)
