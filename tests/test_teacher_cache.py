@@ -350,6 +350,38 @@ def test_sampled_round_trip_returns_log_count_over_s(tmp_path, gen, row_shape):
     assert "sampled, samples=6, temperature=2.5" in repr(cache)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampled_rows_are_the_count_estimate_at_t_in_sparse_kd_loss(tmp_path, gen, backend):
+    """A sampled cache's rows with teacher_temperature = the cache's T are the target
+    q_k = count_k / S as given: loss and gradient equal a float64 KL(q || softmax(s / T)) written here
+    (missing mass 0: every tail the same)."""
+    import fastkd
+
+    rows, vocab, samples, temperature = 23, 37, 7, 3.0
+    write_sampled(tmp_path / "c", torch.randn(rows, vocab, generator=gen) * 3, samples, temperature, seed=1)
+    cache = TeacherCache(tmp_path / "c")
+    ids, lp = cache.batch(range(rows))
+    student = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    listed = ids >= 0
+    q = torch.zeros(rows, vocab, dtype=torch.float64).scatter_add_(
+        1, ids.long().clamp(min=0), torch.where(listed, lp.double().exp(), 0.0))
+    assert torch.allclose(q.sum(-1), torch.ones(rows, dtype=torch.float64))
+    s64 = student.clone().requires_grad_()
+    log_p = (s64 / temperature).log_softmax(-1)
+    kl = torch.where(q > 0, q * (q.log() - log_p), 0.0).sum(-1)
+    ref = (0.9 * temperature**2 * kl + 0.1 * torch.nn.functional.cross_entropy(s64, labels, reduction="none")).mean()
+    (ref * upstream).backward()
+    for tail in ("bucket", "renormalize", "lumped"):
+        s = student.float().requires_grad_()
+        loss = fastkd.sparse_kd_loss(s, ids, lp, labels, temperature=temperature, alpha=0.9, tail=tail,
+                                     teacher_temperature=cache.temperature, backend=backend)
+        (loss * upstream.float()).backward()
+        assert abs(loss.item() - ref.item()) < 1e-5 * (1 + ref.item()), tail
+        assert torch.allclose(s.grad.double(), s64.grad, atol=1e-7, rtol=1e-5), tail
+
+
 def test_sampled_rows_from_a_serving_engine_are_stored_in_order(tmp_path):
     """add_samples(): ids and counts in any order come back highest count first, ties by id."""
     ids = torch.tensor([[2, -1, 0, 5, -1], [3, 1, 4, -1, 0]])

@@ -45,7 +45,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, defaults: bool = True
             continue
         if f.type.startswith("list["):
             parser.add_argument(flag, dest=f.name, type=f.metadata.get("type", int), nargs="+", default=default,
-                                help=help_)
+                                metavar=f.metadata.get("metavar"), help=help_)
             continue
         kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
         parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_)

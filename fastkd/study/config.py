@@ -50,11 +50,11 @@ class StudyConfig:
     divergence: str = field(default="kl", metadata={"help": "kl | reverse_kl | jsd"})
     policy: str = field(default="constant", metadata={"help": "constant | anneal | calibration"})
     teacher_cache: list[int | str] | None = field(default=None, metadata={
-        "type": teacher_cache_value,
+        "type": teacher_cache_value, "metavar": "K|DIR",
         "help": "also distil the student from sparse teachers, one more report row each: an integer K is "
                 "the teacher's top-K, cached by the run (e.g. 1 2 3 5 10); a folder is a cache fastkd "
-                "cache-teacher wrote over the training split, top-K (row \"topK-<tail>\") or sampled "
-                "(--sample S, row \"sampled-SS\"; its temperature must be --temperature, with --policy "
+                "cache-teacher wrote over the training split, top-K (row \"top<K>-<tail>\") or sampled "
+                "(--sample S, row \"sampled-S<S>\"; its temperature must be --temperature, with --policy "
                 "constant). Integers and folders mix; write ./16 for a folder named 16"})
     teacher_cache_tail: str = field(default="bucket", metadata={
         "help": "a top-K teacher's missing mass (see sparse_kd_loss): bucket | renormalize | lumped"})
