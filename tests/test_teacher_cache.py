@@ -660,8 +660,8 @@ def test_cli_samples_a_study_teacher_checkpoint(capsys, tmp_path, digits):
     (["--k", "3", "--teacher-ckpt", "missing.pt"], "cannot read checkpoint missing.pt"),
     (["--k", "3", "--model", "nowhere", "--tokens", "t.npy"], "--tokens t.npy: no such file"),
 ], ids=["no-out", "neither", "sample-0", "sample-above-uint16", "k-and-sample", "zero-T", "nan-T",
-        "dtype-sampled", "T-top-k", "seed-top-k", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
-        "ckpt", "tokens"])
+        "dtype-sampled", "T-top-k", "seed-top-k", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs",
+        "dataset", "k-above-vocab", "ckpt", "tokens"])
 def test_cli_bad_arguments_end_in_one_line(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, *([] if not args else ["--out", "c"]), *args)
@@ -841,7 +841,8 @@ def test_study_distils_from_cache_folders_named_by_their_cache(capsys, tmp_path,
 
     torch.save({"model": digits_teacher().state_dict()}, tmp_path / "teacher.pt")
     for name, kind in (("s8", ["--sample", "8", "--temperature", "4"]), ("k5", ["--k", "5"])):
-        code, _, err = run_cli(capsys, "--out", str(tmp_path / name), *kind, "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+        code, _, err = run_cli(capsys, "--out", str(tmp_path / name), *kind,
+                               "--teacher-ckpt", str(tmp_path / "teacher.pt"))
         assert code == 0, err
     seen = []  # (K, teacher_temperature, logprobs dtype) of every sparse step
     real = fastkd.study.train.sparse_kd_loss
