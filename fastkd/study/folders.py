@@ -13,7 +13,7 @@ from pathlib import Path
 # what `fastkd distill` writes into a run folder (fnmatch patterns; *.tmp: a checkpoint being written,
 # .teacher-cache.*.partial: a teacher cache being written)
 RUN_FILES = ("config.json", "metrics.jsonl", "report.md", "report.json", "reliability.png", "curves.png",
-             "teacher.pt", "student.pt", "distilled.pt", "distilled-top*.pt", "*.pt.tmp", "tensorboard",
+             "teacher.pt", "student.pt", "distilled.pt", "distilled-*.pt", "*.pt.tmp", "tensorboard",
              "teacher-cache", ".teacher-cache.*.partial")
 # what `fastkd distill --seeds` writes into its summary folder, besides one run folder s<S> per seed
 SUMMARY_FILES = ("report.md", "report.json", "summary.png")
