@@ -21,8 +21,8 @@ from trl import DistillationConfig  # noqa: E402
 from trl.trainer import distillation_trainer as trl_dt  # noqa: E402
 
 from fastkd.integrations import trl as fastkd_trl  # noqa: E402
-from fastkd.integrations.trl import (FastKDDistillationTrainer, check_trl_version, chunked_divergence_loss,  # noqa: E402
-                                     trl_divergence)
+from fastkd.integrations.trl import (  # noqa: E402
+    FastKDDistillationTrainer, check_trl_version, chunked_divergence_loss, trl_divergence)
 
 TRL_LOSS = trl_dt._chunked_divergence_loss
 VOCAB = 40

@@ -268,6 +268,10 @@ def test_trainer_padded_student_head_and_refusal(tmp_path, tokenizer, fake_serve
     trainer.teacher_client = FakeTeacherClient(big_teacher)  # its padding row 55 is everyone's top-1
     with pytest.raises(ValueError, match=rf"listed token id {VOCAB + 15}, but the student's head has {VOCAB + 8} rows"):
         trainer.compute_loss(student, batch())
+    short = tiny_model("Llama", 16, {}, seed=0, vocab=VOCAB - 4)  # a head missing tokens: not padding
+    with pytest.raises(ValueError, match=r"head has 36 rows and the tokenizer 40 tokens: token ids 36\.\.39"):
+        FastKDServerDistillationTrainer(model=short, train_dataset=PROMPTS, processing_class=tokenizer,
+                                        args=server_args(tmp_path, beta=0.0))
 
 
 @pytest.mark.filterwarnings("ignore:.is_gradient_checkpointing. is deprecated:FutureWarning")  # transformers', via TRL

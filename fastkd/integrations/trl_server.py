@@ -41,10 +41,11 @@ What stays TRL's (the trainer calls TRL's ``compute_loss`` for these configs):
   forward KL: the teacher's off-list mass has no per-class values, so its reverse KL and JSD over
   the vocabulary are undefined, and TRL's partition into at most three classes is another objective.
 
-Padded vocabularies: the server's teacher has no head here; each id it lists must be a row of the
-student's head (the student may have padding rows beyond the tokenizer's tokens, and a teacher with
-more rows than the student is fine as long as it lists no id beyond them). An id beyond is refused,
-naming it and the sizes (TRL's gather would fail with an index error, on CUDA a device assert).
+Padded vocabularies: the server's teacher has no head here. The student's head must have a row for
+each of the tokenizer's tokens (rows beyond are padding; checked when the trainer is made), and each
+id the teacher lists must be a row of the student's head: a teacher with more (padding) rows than
+the student is fine as long as it lists none of them. An id beyond is refused, naming it and the
+sizes (TRL's gather would fail with an index error, on CUDA a device assert).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import functools
 import torch
 
 from ..fused_linear import fused_linear_sparse_kd_loss
-from .trl import IGNORE_INDEX, _compute_dtype, check_trl_version
+from .trl import IGNORE_INDEX, _compute_dtype, check_trl_version, check_vocabularies, tokenizer_size
 
 try:
     from trl.experimental.server_distillation import server_distillation_trainer as _trl_server
@@ -127,6 +128,10 @@ class FastKDServerDistillationTrainer(_trl_server.ServerDistillationTrainer):
     def __init__(self, *args, fastkd_backend: str | None = None, fastkd_chunk_size: int | None = None, **kwargs):
         check_trl_version()
         super().__init__(*args, **kwargs)
+        # the student's head must cover the tokenizer (rows beyond it are padding); the teacher's ids
+        # are checked as they arrive
+        check_vocabularies(self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0], None,
+                           tokenizer_size(self.processing_class))
         self.fastkd_tail = fastkd_tail(self.beta, self.loss_add_tail)
         self.fastkd_loss = functools.partial(server_forward_kl_loss, backend=fastkd_backend,
                                              chunk_size=fastkd_chunk_size)
