@@ -66,7 +66,8 @@ def check_trl_version(version: str | None = None) -> None:
 
 try:
     from trl.trainer import distillation_trainer as _trl
-except ImportError as exc:  # pragma: no cover - the message is the point
+except (ImportError, RuntimeError) as exc:  # pragma: no cover - the message is the point (TRL's lazy
+    # modules wrap a failed import in a RuntimeError)
     try:
         import trl as _installed
     except ImportError:
