@@ -43,9 +43,9 @@ import inspect
 
 import torch
 
-# The TRL releases this module supports: from 1.15 (before it, _chunked_divergence_loss took chunk_size
-# positionally, and DistillationTrainer had no backbone/head split); the seam check below catches a newer
-# release that changes the function. scripts/check_trl_matrix.sh runs the tests against each of TRL_TESTED.
+# The TRL releases this module supports: from 1.15 (in 1.14, _chunked_divergence_loss took chunk_size as
+# its 7th positional argument); the seam check below catches a newer release that changes the function.
+# scripts/check_trl_matrix.sh runs the tests against each of TRL_TESTED.
 TRL_MIN = "1.15"
 TRL_TESTED = ("1.15.0", "1.16.0")
 
@@ -196,11 +196,10 @@ def _check_trl_seam():
 class FastKDDistillationTrainer(_trl.DistillationTrainer):
     """TRL's ``DistillationTrainer`` whose loss is :func:`fastkd.fused_linear_kd_loss`.
 
-    Takes TRL's arguments, plus ``fastkd_backend`` (None = ``FASTKD_BACKEND``
-    or auto: Triton on CUDA) and ``fastkd_chunk_size`` (rows per chunk; None = about 32M logits per
-    chunk and side). Accepts a teacher whose head differs from the student's by padding rows (module
-    docstring) when both models are passed as loaded models (given as names, TRL loads them and its
-    own check applies).
+    Takes TRL's arguments, plus ``fastkd_backend`` (None = ``FASTKD_BACKEND`` or auto: Triton on CUDA)
+    and ``fastkd_chunk_size`` (rows per chunk; None = about 32M logits per chunk and side). Accepts a
+    teacher whose head differs from the student's by padding rows (module docstring) when both models
+    are passed as loaded models (given as names, TRL loads them and its own check applies).
     """
 
     def __init__(self, *args, fastkd_backend: str | None = None, fastkd_chunk_size: int | None = None, **kwargs):
