@@ -21,7 +21,8 @@ from trl import DistillationConfig  # noqa: E402
 from trl.trainer import distillation_trainer as trl_dt  # noqa: E402
 
 from fastkd.integrations import trl as fastkd_trl  # noqa: E402
-from fastkd.integrations.trl import FastKDDistillationTrainer, chunked_divergence_loss, trl_divergence  # noqa: E402
+from fastkd.integrations.trl import (  # noqa: E402
+    FastKDDistillationTrainer, check_trl_version, chunked_divergence_loss, trl_divergence)
 
 TRL_LOSS = trl_dt._chunked_divergence_loss
 VOCAB = 40
@@ -39,6 +40,14 @@ def test_same_signature_as_trl_and_beta_mapping():
     fastkd_trl._check_trl_seam()  # raises when TRL's function takes other arguments
     assert trl_divergence(0.0) == ("kl", 0.5) and trl_divergence(1.0) == ("reverse_kl", 0.5)
     assert trl_divergence(0.3) == ("jsd", 0.3)  # M = 0.3 p_t + 0.7 p_s in both: the parity tests check it
+
+
+def test_trl_version_range():
+    check_trl_version()  # the installed one
+    for version in fastkd_trl.TRL_TESTED:
+        check_trl_version(version)
+    with pytest.raises(RuntimeError, match=r"supports TRL >= 1\.15 \(tested: 1\.15\.0, 1\.16\.0\); TRL 1\.14\.2 is "):
+        check_trl_version("1.14.2")
 
 
 # --- the loss function ------------------------------------------------------------------------
@@ -147,10 +156,10 @@ def tokenizer():
                                                 unk_token="<unk>", padding_side="left")
 
 
-def tiny_model(family, hidden, config, seed):
+def tiny_model(family, hidden, config, seed, vocab=VOCAB):
     """A randomly initialised one-layer causal LM; heads of unit scale so that logits reach the curved
     part of a softcap's tanh (the default initialisation gives logits of about 0.1)."""
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=None,
                   tie_word_embeddings=False, **config)
     if family == "Gemma2":
@@ -236,3 +245,84 @@ def test_trainer_trains_two_steps_like_trl(tmp_path, tokenizer, monkeypatch):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4)
         assert ours["entropy"] == pytest.approx(ref["entropy"], rel=1e-5)
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+
+
+# --- padded vocabularies ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("padded", ["teacher", "student"])
+@pytest.mark.parametrize("beta", [pytest.param(0.0, id="forward-kl"), pytest.param(1.0, id="reverse-kl")])
+def test_padded_heads_are_compared_over_the_shared_rows(gen, padded, beta):
+    """Heads of 40 and 47 rows equal TRL's loss on the first 40 rows of both (TRL refuses unequal heads);
+    the larger student's padding rows get no gradient."""
+    hs, ht, ws, wt, mask, bs, bt = loss_inputs(gen, bias=True)
+    extra = torch.randn(7, ws.shape[1] if padded == "student" else wt.shape[1], generator=gen)
+    big_w = torch.cat([ws if padded == "student" else wt, 3 * extra])
+    big_b = torch.cat([bs if padded == "student" else bt, torch.randn(7, generator=gen)])
+    g = torch.rand((), generator=gen) + 0.5
+    kwargs = dict(beta=beta, temperature=2.0)
+    if padded == "student":
+        w = big_w.clone().requires_grad_()
+        ours = chunked_divergence_loss(hs, ht, w, wt, mask, student_lm_head_bias=big_b, teacher_lm_head_bias=bt,
+                                       backend="torch", **kwargs)
+        (grad_w,) = torch.autograd.grad(ours[0], w, g)
+        assert grad_w[VOCAB:].abs().max().item() == 0.0
+        ours = run_loss(chunked_divergence_loss, (hs, ht, big_w, wt, mask, big_b, bt), g, backend="torch", **kwargs)
+        ours = ours[:3] + ([ours[3][0], ours[3][1][:VOCAB], ours[3][2][:VOCAB]],)
+    else:
+        ours = run_loss(chunked_divergence_loss, (hs, ht, ws, big_w, mask, bs, big_b), g, backend="torch", **kwargs)
+    assert_same(ours, run_loss(TRL_LOSS, (hs, ht, ws, wt, mask, bs, bt), g, **kwargs))
+
+
+def padded_copy(model, vocab):
+    """The same model with its embedding and head grown to ``vocab`` rows of padding (random rows: the
+    rule is about which rows a token can reach, not their values)."""
+    bigger = tiny_model("Llama", model.config.hidden_size, {}, seed=5, vocab=vocab)
+    state = model.state_dict()
+    for name, value in bigger.state_dict().items():
+        if value.shape != state[name].shape:
+            state[name] = torch.cat([state[name], value[state[name].shape[0]:]])
+    bigger.load_state_dict(state)
+    return bigger
+
+
+@pytest.mark.parametrize("padded", ["teacher", "student"])
+def test_trainer_accepts_heads_padded_beyond_the_tokenizer(tmp_path, tokenizer, padded):
+    """A teacher (or student) of 48 rows beside one of 40, the tokenizer's 40 tokens: TRL refuses the
+    pair; fastkd's trainer gives TRL's loss and gradients for the unpadded pair."""
+    student, teacher = tiny_model("Llama", 16, {}, seed=0), tiny_model("Llama", 24, {}, seed=1)
+    args = trainer_args(tmp_path, beta=0.5, temperature=2.0)
+    reference = trl_dt.DistillationTrainer(model=student, teacher_model=teacher, train_dataset=PROMPTS,
+                                           processing_class=tokenizer, args=args)
+    big_student = padded_copy(student, 48) if padded == "student" else student
+    big_teacher = padded_copy(teacher, 48) if padded == "teacher" else teacher
+    with pytest.raises(ValueError, match="vocab_size"):
+        trl_dt.DistillationTrainer(model=big_student, teacher_model=big_teacher, train_dataset=PROMPTS,
+                                   processing_class=tokenizer, args=args)
+    trainer = FastKDDistillationTrainer(big_student, big_teacher, args, train_dataset=PROMPTS,  # positional too
+                                        processing_class=tokenizer, fastkd_backend="torch")
+    assert big_teacher.config.vocab_size == (48 if padded == "teacher" else VOCAB)  # restored after TRL's check
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"prompt_ids": torch.randint(3, VOCAB, (2, 3), generator=gen), "prompt_mask": torch.ones(2, 3),
+              "completion_ids": torch.randint(3, VOCAB, (2, 4), generator=gen),
+              "completion_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    outs = []
+    for model, run in ((big_student, trainer._compute_loss), (student, reference._compute_loss)):
+        model.zero_grad(set_to_none=True)
+        loss, entropy_sum, n_valid = run(model, inputs, None)
+        loss.backward()
+        grads = [p.grad[:VOCAB] if p.shape[0] == 48 else p.grad for p in model.parameters()]
+        outs.append((loss.detach(), entropy_sum, n_valid, grads))
+    assert_same(*outs)
+
+
+@pytest.mark.parametrize("short", ["student", "teacher"])
+def test_trainer_refuses_heads_that_miss_tokens(tmp_path, tokenizer, short):
+    """A head with fewer rows than the tokenizer has tokens is not padding: refused, the sizes named."""
+    sizes = dict(student=VOCAB, teacher=VOCAB + 8)
+    sizes[short] = VOCAB - 4
+    student = tiny_model("Llama", 16, {}, seed=0, vocab=sizes["student"])
+    teacher = tiny_model("Llama", 24, {}, seed=1, vocab=sizes["teacher"])
+    with pytest.raises(ValueError, match=rf"token ids 36\.\.39 have no row in the {short}'s head"):
+        FastKDDistillationTrainer(model=student, teacher_model=teacher, train_dataset=PROMPTS,
+                                  processing_class=tokenizer, args=trainer_args(tmp_path))
+    assert teacher.config.vocab_size == sizes["teacher"]
