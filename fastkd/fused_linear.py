@@ -143,3 +143,25 @@ class FusedLinearKDLoss(OptionsModule):
         loss, _ = dispatch.run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                teacher_bias, labels, self.options.with_num_items(num_items), meter, teacher_meter)
         return loss
+
+
+class FusedLinearSparseKDLoss(OptionsModule):
+    """Module form of :func:`fused_linear_sparse_kd_loss`; its arguments are checked at construction
+    (and again when one is assigned, e.g. ``loss.tail = "lumped"``), ``num_items`` at each call."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket",
+                 teacher_temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean",
+                 chunk_size: int | None = None, backend: str | None = None, student_logit_scale: float = 1.0,
+                 student_softcap: float | None = None):
+        super().__init__(dict(sparse=True, reductions=LINEAR_REDUCTIONS), temperature=temperature, alpha=alpha,
+                         tail=tail, teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                         reduction=reduction, chunk_size=chunk_size, backend=backend,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                labels: Tensor | None = None, student_bias: Tensor | None = None, *,
+                num_items: float | Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:
+        self.options.require_labels(labels is not None)
+        loss, _ = dispatch.run_sparse(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs,
+                                      labels, self.options.with_num_items(num_items), meter)
+        return loss

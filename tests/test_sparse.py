@@ -254,6 +254,49 @@ def test_module_wraps_the_function(gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_sparse_module_wraps_the_function(backend, gen):
+    """FusedLinearSparseKDLoss: the function's loss, gradients (hidden states, weight, bias) and meter,
+    bit for bit, with num_items per call; an assigned argument is checked (a refused one changes
+    nothing) and used by the next call; bad arguments are refused at construction, naming them."""
+    h, w, b = randn((2, 5, 16), gen, scale=1.0), randn((83, 16), gen, scale=0.5), randn((83,), gen, scale=0.5)
+    ids, lp, _ = top_k_teacher((2, 5, 83), 6, gen, pad_every=3)
+    labels = random_labels((2, 5), 83, gen, ignore_every=4)
+    kw = dict(temperature=2.0, alpha=0.6, tail="conditional", teacher_temperature=2.0, chunk_size=3,
+              backend=backend, student_logit_scale=0.5)
+    module = fastkd.FusedLinearSparseKDLoss(**kw)
+    assert "FusedLinearSparseKDLoss" in fastkd.__all__
+
+    def run(f, **call):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        meter = fastkd.CalibrationMeter(5)
+        out = f(leaves, meter, **call)
+        out.backward()
+        return out.detach(), [x.grad for x in leaves], meter.compute().count
+
+    def by_function(leaves, meter, **options):
+        return fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], ids, lp, labels, student_bias=leaves[2],
+                                                  meter=meter, num_items=7.0, **(kw | options))
+
+    def by_module(leaves, meter):
+        return module(leaves[0], leaves[1], ids, lp, labels, leaves[2], num_items=7.0, meter=meter)
+
+    for options in ({}, dict(tail="lumped")):
+        if options:
+            module.tail = "lumped"
+        want, got = run(by_function, **options), run(by_module)
+        assert torch.equal(got[0], want[0]) and got[2] == want[2]
+        assert all(torch.equal(a, e) for a, e in zip(got[1], want[1]))
+    for name, value in (("tail", "drop"), ("teacher_temperature", 0.0), ("reduction", "none"), ("chunk_size", 0)):
+        with pytest.raises(ValueError, match=name):
+            setattr(module, name, value)
+        with pytest.raises(ValueError, match=name):
+            fastkd.FusedLinearSparseKDLoss(**{name: value})
+    assert module.tail == "lumped" and module.reduction == "batchmean"
+    with pytest.raises(ValueError, match="labels are required"):
+        module(h, w, ids, lp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 1.0), ("renormalize", 1.0), ("lumped", 1.0),
                                                       ("bucket", 0.5), ("lumped", 2.0), ("conditional", 2.0)])
 def test_fused_linear_sparse_equals_the_loss_on_materialised_logits(backend, tail, teacher_temperature, gen):
