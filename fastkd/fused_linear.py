@@ -27,10 +27,14 @@ probabilities q_k, computed at T0 = ``teacher_temperature``, tempered to T as q_
 r = T0 / T, and the missing mass m = 1 - sum q_k, with K' classes listed of V, as one more target
 class of weight (V - K') (m / (V - K'))^r (``tail="bucket"``, an upper bound on the full teacher's
 tempered off-list weight for r < 1), m^r (``"lumped"``, a lower bound) or 0 (``"renormalize"``);
-both bounds are the truth at r = 1 and every mode is the dense loss at K' = V. Sampled rows
-(log(count / S) of S draws at T, ``teacher_temperature = temperature``): the weights' gradients
-are unbiased for the dense teacher's at T (the logits' gradient is linear in the target, and the
-projections are linear in it), the loss value is biased upward by the sample's entropy gap.
+both bounds are the truth at r = 1 and every mode is the dense loss at K' = V. ``"conditional"``:
+the teacher as "renormalize", p_k = q_k^r / sum_k q_k^r, and the student conditioned on the list
+too, p~_k = exp(s_k / T) / sum_k exp(s_k / T) over the K' listed classes, D = sum_k p_k log(p_k /
+p~_k), whose gradient w.r.t. s / T is p~_k - p_k on the list and 0 off it (TRL's server loss
+without its tail). Sampled rows (log(count / S) of S draws at T, ``teacher_temperature =
+temperature``; any tail but "conditional"): the weights' gradients are unbiased for the dense
+teacher's at T (the logits' gradient is linear in the target, and the projections are linear in
+it), the loss value is biased upward by the sample's entropy gap.
 
 Vocabularies of different sizes: the distributions are compared over the student's classes.
 Teacher classes beyond the student's vocabulary are dropped (the teacher's softmax is taken over
