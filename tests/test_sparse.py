@@ -337,6 +337,27 @@ def test_a_row_listing_nothing_has_finite_gradients(backend, tail, gen):
     close(out[1], 0.4 * torch.nn.functional.cross_entropy(s[1:2].double(), labels[1:2]), 1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tail", ["renormalize", "conditional"])
+def test_a_row_whose_listed_classes_the_student_masks(backend, tail, gen):
+    """Every listed class at -inf for the student (row 1): the divergence is inf, the gradient finite
+    (-T alpha p_k on the list, the CE's elsewhere), as for the other tails; "conditional" must not turn
+    its empty listed mass into -inf - -inf = NaN. The other rows are untouched."""
+    s = torch.randn(3, 9, generator=gen)
+    s[1, [2, 6]] = -torch.inf
+    s.requires_grad_()
+    ids = torch.tensor([[1, 2], [2, 6], [3, -1]])
+    lp = torch.log(torch.tensor([[0.3, 0.2], [0.5, 0.1], [0.5, 1.0]]))
+    labels = torch.tensor([0, 5, 7])
+    out = fastkd.sparse_kd_loss(s, ids, lp, labels, alpha=0.6, temperature=2.0, tail=tail, backend=backend,
+                                reduction="none", teacher_temperature=2.0)  # r = 1: p_k = q_k / sum q
+    assert out[1] == torch.inf and torch.isfinite(out[[0, 2]]).all()
+    (grad,) = torch.autograd.grad(out, s, torch.tensor([0.5, 1.5, 1.0]))
+    assert torch.isfinite(grad).all()
+    p_k = torch.tensor([0.5, 0.1], dtype=torch.float64) / 0.6
+    close(grad[1, [2, 6]], 1.5 * 0.6 * 2.0 * -p_k, 1e-5)
+
+
 # --- a sampled teacher: S draws per row from softmax(t / T), kept as unique ids and log(count / S) --------
 
 def sampled_teacher(p, samples, gen):

@@ -293,7 +293,7 @@ class SparseVocabParallel(_Executor):
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=lay.group)
         # the log-normaliser of the student's listed log-probabilities: lse_a, or for the conditioned
         # student the listed classes' own log-sum-exp (p_s,k / sum_listed p_s = exp(a_k - lse_listed))
-        lse = ref + parts[:, 0].log() if conditional else g.lse_a
+        lse = finite(ref + parts[:, 0].log()) if conditional else g.lse_a  # (finite: as conditioned())
         # D = sum_k p_k (log p_k - (a_k - lse)) + p_tail (log p_tail - log ps_tail)
         d = masked(p_k, lp_k).sum(1) - parts[:, 1] + lse * torch.where(valid, p_k, 0.0).sum(1)
         if not conditional:  # (conditional: no tail on either side)

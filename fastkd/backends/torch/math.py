@@ -108,8 +108,9 @@ def sparse_teacher(lp, valid, n_cols, spec: KDSpec, tail: int):
 def conditioned(lps_k, valid):
     """The student's listed log-probabilities ``lps_k`` (N, K) conditioned on the listed classes,
     log p~_k = log p_s,k - log sum_listed p_s (Tail.CONDITIONAL), in log space: no 1 - sum to cancel.
-    A row listing nothing gets +inf on its padding (masked by its caller)."""
-    return lps_k - torch.logsumexp(torch.where(valid, lps_k, -torch.inf), -1, keepdim=True)
+    A row whose listed classes the student masks (-inf) all keeps -inf there, as the other tails
+    (the divergence is inf, the gradient finite), not -inf - -inf."""
+    return lps_k - finite(torch.logsumexp(torch.where(valid, lps_k, -torch.inf), -1, keepdim=True))
 
 
 def meter_statistics(l1, p1, labels):

@@ -132,7 +132,8 @@ def _sparse_kd_fwd_kernel(
         a_k = tl.where(listed, x_k * inv_temp, NEG_INF)
         a_max = tl.max(a_k, axis=1)
         a_max = tl.where(a_max == NEG_INF, 0.0, a_max)
-        lps_k = x_k * inv_temp - (a_max + tl.log(tl.sum(tl.exp(a_k - a_max[:, None]), axis=1)))[:, None]
+        lse_k = a_max + tl.log(tl.sum(tl.exp(a_k - a_max[:, None]), axis=1))
+        lps_k = x_k * inv_temp - tl.where(lse_k == NEG_INF, 0.0, lse_k)[:, None]  # every listed logit -inf: -inf
     ps_k = tl.where(listed, tl.exp(lps_k), 0.0)
     lq = tl.load(lp_ptr + rows[:, None] * stride_k + ks[None, :], mask=listed, other=0.0).to(tl.float32)
     u = tl.where(listed, lq * t_power, NEG_INF)
