@@ -264,8 +264,8 @@ class SparseVocabParallel(_Executor):
     mass) and of p_k a_k (the divergence's cross term). ``tail="conditional"`` (the student
     conditioned on the list, normalised by its listed mass) takes the listed mass against the
     listed classes' own maximum instead of M/T, so that it cannot underflow: one all-reduce MAX of
-    N floats more. The gradient of the slice is written by
-    tensor ops on either backend (one read of the slice and a write)."""
+    N floats more. The gradient of the slice is written by tensor ops on either backend (one read of
+    the slice and a write)."""
 
     def sparse_kd_forward(self, s, ids, lp, labels, row_count, spec: KDSpec, tail: int, grad_s: bool, meter,
                           reduce: bool = False):

@@ -20,8 +20,9 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, gr
 
     with p_s,tail = max(1 - sum_k p_s,k, SPARSE_TAIL_FLOOR) (the student's mass off the list, to
     fp32's resolution). Tail.CONDITIONAL: p_s,k is the student conditioned on the list,
-    p_s,k / sum_listed p_s, there is no tail, and the unlisted classes get no divergence gradient. A row whose ids leave [-1, V) (unchecked input) is NaN. The student's logits
-    are transformed first (spec.s_scale, s_cap); the gradient is w.r.t. the raw logits."""
+    p_s,k / sum_listed p_s, there is no tail, and the unlisted classes get no divergence gradient.
+    A row whose ids leave [-1, V) (unchecked input) is NaN. The student's logits are transformed
+    first (spec.s_scale, s_cap); the gradient is w.r.t. the raw logits."""
     n, c = s.shape
     cd = compute_dtype(s, lp)
     loss = torch.empty(n, dtype=cd, device=s.device)
