@@ -27,10 +27,14 @@ probabilities q_k, computed at T0 = ``teacher_temperature``, tempered to T as q_
 r = T0 / T, and the missing mass m = 1 - sum q_k, with K' classes listed of V, as one more target
 class of weight (V - K') (m / (V - K'))^r (``tail="bucket"``, an upper bound on the full teacher's
 tempered off-list weight for r < 1), m^r (``"lumped"``, a lower bound) or 0 (``"renormalize"``);
-both bounds are the truth at r = 1 and every mode is the dense loss at K' = V. Sampled rows
-(log(count / S) of S draws at T, ``teacher_temperature = temperature``): the weights' gradients
-are unbiased for the dense teacher's at T (the logits' gradient is linear in the target, and the
-projections are linear in it), the loss value is biased upward by the sample's entropy gap.
+both bounds are the truth at r = 1 and every mode is the dense loss at K' = V. ``"conditional"``:
+the teacher as "renormalize", p_k = q_k^r / sum_k q_k^r, and the student conditioned on the list
+too, p~_k = exp(s_k / T) / sum_k exp(s_k / T) over the K' listed classes, D = sum_k p_k log(p_k /
+p~_k), whose gradient w.r.t. s / T is p~_k - p_k on the list and 0 off it (TRL's server loss
+without its tail). Sampled rows (log(count / S) of S draws at T, ``teacher_temperature =
+temperature``; any tail but "conditional"): the weights' gradients are unbiased for the dense
+teacher's at T (the logits' gradient is linear in the target, and the projections are linear in
+it), the loss value is biased upward by the sample's entropy gap.
 
 Vocabularies of different sizes: the distributions are compared over the student's classes.
 Teacher classes beyond the student's vocabulary are dropped (the teacher's softmax is taken over
@@ -142,4 +146,26 @@ class FusedLinearKDLoss(OptionsModule):
         self.options.require_labels(labels is not None)
         loss, _ = dispatch.run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                teacher_bias, labels, self.options.with_num_items(num_items), meter, teacher_meter)
+        return loss
+
+
+class FusedLinearSparseKDLoss(OptionsModule):
+    """Module form of :func:`fused_linear_sparse_kd_loss`; its arguments are checked at construction
+    (and again when one is assigned, e.g. ``loss.tail = "lumped"``), ``num_items`` at each call."""
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket",
+                 teacher_temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean",
+                 chunk_size: int | None = None, backend: str | None = None, student_logit_scale: float = 1.0,
+                 student_softcap: float | None = None):
+        super().__init__(dict(sparse=True, reductions=LINEAR_REDUCTIONS), temperature=temperature, alpha=alpha,
+                         tail=tail, teacher_temperature=teacher_temperature, ignore_index=ignore_index,
+                         reduction=reduction, chunk_size=chunk_size, backend=backend,
+                         student_logit_scale=student_logit_scale, student_softcap=student_softcap)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                labels: Tensor | None = None, student_bias: Tensor | None = None, *,
+                num_items: float | Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:
+        self.options.require_labels(labels is not None)
+        loss, _ = dispatch.run_sparse(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs,
+                                      labels, self.options.with_num_items(num_items), meter)
         return loss

@@ -11,7 +11,7 @@ teacher log-probabilities l_k computed at the temperature T0 = ``teacher_tempera
 (q_k = exp l_k, missing mass m = 1 - sum_k q_k), the training temperature T and the power
 r = T0 / T:
 
-    student      p_s = softmax(s / T) over all V classes (never renormalised);
+    student      p_s = softmax(s / T) over all V classes (renormalised only by "conditional", below);
                  p_s,tail = 1 - sum_k p_s,k, its mass off the list (at least 2^-23, fp32's resolution)
     target       p_k = q_k^r / Z over the listed classes and p_tail = w / Z, Z = sum_k q_k^r + w, with
                    tail="bucket"        w = (V - K') (m / (V - K'))^r   m spread evenly over the unlisted
@@ -22,6 +22,20 @@ r = T0 / T:
     divergence   D = sum_k p_k log(p_k / p_s,k) + p_tail log(p_tail / p_s,tail)
     gradient     dD/d(s_j / T) = p_s,j - p_j (listed j),  p_s,j (1 - p_tail / p_s,tail) (unlisted j)
     objective    alpha T^2 D + (1 - alpha) CE(s, label), as ``kd_loss``
+
+``tail="conditional"`` conditions both sides on the listed classes: the teacher as "renormalize"
+(p_k = q_k^r / sum_k q_k^r), the student's softmax over all V divided by its listed mass,
+p~_s,k = p_s,k / sum_k p_s,k = exp(s_k / T - logsumexp_k s_k / T) (the log-sum-exp over the K'
+listed logits only), and no tail on either side:
+
+    divergence   D = sum_k p_k log(p_k / p~_s,k)
+    gradient     dD/d(s_j / T) = p~_s,j - p_j (listed j),  0 (unlisted j)
+
+It is the KL between the two distributions given that the class is one of the listed ones (TRL's
+server loss without its tail): it says nothing about the mass the student puts off the list, which
+only the CE term (alpha < 1) then trains, and it stays exact however small the listed mass is (log
+space, no 1 - sum to floor). At K' = V it is ``kd_loss`` too; with a sampled teacher it conditions
+the student on the drawn classes, so the sampled gradient is no longer unbiased for the dense one.
 
 Why q^r: a listed log-probability at T0 is z_k / T0 - log Z_T0 (z the teacher's logits), so
 l_k T0 / T = z_k / T - const: q_k^r is the full teacher's tempered probability up to the
@@ -45,11 +59,12 @@ both equal m, the true tail; at K' = V every mode is ``kd_loss`` on the dense te
 A sampled teacher (``fastkd.teacher_cache.sample_teacher``): per row, S draws from
 p_T = softmax(z / T) at the training temperature, kept as unique ids with counts c_k (sum S);
 pass ``teacher_logprobs = log(c_k / S)`` with ``teacher_temperature = temperature``. Then the
-target is q_hat = c / S (m = 0 up to rounding: every tail is the same), E[q_hat] = p_T, and the
-gradient, T (p_s - q_hat) per row times alpha (plus the CE's), is linear in q_hat: an unbiased
-estimate of ``kd_loss``'s gradient for the dense teacher at T, its variance falling as 1/S. The
-loss VALUE is biased: E[sum q_hat log q_hat] >= sum p_T log p_T (x log x is convex), so it
-overestimates the dense divergence by the expected entropy gap (compare values only at equal S).
+target is q_hat = c / S (m = 0 up to rounding: every tail but "conditional" is the same),
+E[q_hat] = p_T, and the gradient, T (p_s - q_hat) per row times alpha (plus the CE's), is linear
+in q_hat: an unbiased estimate of ``kd_loss``'s gradient for the dense teacher at T, its variance
+falling as 1/S. The loss VALUE is biased: E[sum q_hat log q_hat] >= sum p_T log p_T (x log x is
+convex), so it overestimates the dense divergence by the expected entropy gap (compare values only
+at equal S).
 Draws from another proposal, with importance weights w_k in place of c_k / S: pass log w_k with
 ``tail="renormalize"``, which divides by their sum (the self-normalised estimator: consistent,
 biased at O(1/S)).
@@ -85,13 +100,15 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     (``temperature`` itself: rows already at T, used as given). ``tail``: the missing mass in the
     target, matched by the student's mass off the list: "bucket" (spread evenly over the unlisted
     classes and tempered with them), "lumped" (one class tempered as a whole) or "renormalize"
-    (dropped). See the module docstring for the exact objective, the bounds the two tails put on
-    the full teacher's and the sampled estimator (unbiased gradient, biased value); the
-    reductions, ``ignore_index``, ``meter`` (the student's calibration), ``num_items`` and the
-    student's logit transforms (``student_logit_scale``, ``student_softcap``) are
-    :func:`fastkd.kd_loss`'s. ``validate_labels=True`` also checks the teacher: ids in range, no
-    class listed twice, probabilities summing to at most 1 (one host synchronisation for all);
-    unchecked, a row with an id out of range is NaN and a duplicated id is undefined.
+    (dropped); or "conditional" (dropped, and the student too conditioned on the listed classes:
+    the KL between both distributions given the list). See the module docstring for the exact
+    objective, the bounds the two tails put on the full teacher's and the sampled estimator
+    (unbiased gradient, biased value); the reductions, ``ignore_index``, ``meter`` (the student's
+    calibration), ``num_items`` and the student's logit transforms (``student_logit_scale``,
+    ``student_softcap``) are :func:`fastkd.kd_loss`'s. ``validate_labels=True`` also checks the
+    teacher: ids in range, no class listed twice, probabilities summing to at most 1 (one host
+    synchronisation for all); unchecked, a row with an id out of range is NaN and a duplicated id
+    is undefined.
 
     ``group``: the student's vocabulary split over a process group, as in :func:`fastkd.kd_loss`;
     every rank passes the same teacher ids (global class ids) and log-probabilities, and each

@@ -270,6 +270,9 @@ def sparse_cases() -> list[Case]:
     # the third tail (TAIL = 2) with a teacher already at T (teacher_power 1): one call
     cases.append(Case("sparse", Rows((64, 4000)), Variant("lumped+ce sampled", _sparse(
         alpha=0.5, tail="lumped", teacher_temperature=2.0)), k=64))
+    # the fourth (TAIL = 3, the student conditioned on the list too: its log-sum-exp over K): one call
+    cases.append(Case("sparse", Rows((64, 4000)), Variant("conditional+ce", _sparse(alpha=0.5, tail="conditional")),
+                      k=64))
     return cases
 
 
@@ -415,8 +418,8 @@ def uncovered_branches(jobs) -> list[str]:
         for name, got in sorted(values.items()):
             if name == "DIVERGENCE":
                 want = {0, 1} if kernel == "_kd_split_kernel" else {0, 1, 2}
-            elif name == "TAIL":  # the sparse kernel's Tail codes: bucket, renormalize, lumped
-                want = {0, 1, 2}
+            elif name == "TAIL":  # the sparse kernel's Tail codes: bucket, renormalize, lumped, conditional
+                want = {0, 1, 2, 3}
             elif name in skip or not all(isinstance(v, bool) for v in got):
                 continue
             else:

@@ -59,8 +59,10 @@ def sparse_divergence(s, ids, logprobs, temperature, tail="bucket", teacher_temp
     log-probabilities, computed at ``teacher_temperature``, are tempered to ``temperature`` as
     q^r, r = teacher_temperature / temperature. The missing mass m = 1 - sum q: "bucket", spread
     evenly over the unlisted classes, each tempered the same way, then summed into one tail;
-    "lumped", one extra class m^r; "renormalize", dropped. The student's full softmax, its
-    unlisted mass summed the same way. With every class listed there is no tail."""
+    "lumped", one extra class m^r; "renormalize" and "conditional", dropped. The student's full
+    softmax, its unlisted mass summed the same way; "conditional": the student's softmax restricted
+    to the listed classes and divided by its sum there, no tail. With every class listed there is
+    no tail."""
     n, v = s.shape
     r = teacher_temperature / temperature
     ps = torch.softmax(s.double() / temperature, -1)
@@ -87,7 +89,10 @@ def sparse_divergence(s, ids, logprobs, temperature, tail="bucket", teacher_temp
                 tail_weight = missing**r
         total = weights.sum() + tail_weight
         p = weights / total
-        d = (p[listed[row]] * (p[listed[row]].log() - ps[row][listed[row]].log())).sum()
+        student = ps[row][listed[row]]
+        if tail == "conditional":
+            student = student / student.sum()
+        d = (p[listed[row]] * (p[listed[row]].log() - student.log())).sum()
         p_tail, ps_tail = tail_weight / total, ps[row][~listed[row]].sum()
         if p_tail > 0:
             d = d + p_tail * (p_tail.log() - ps_tail.log())

@@ -125,7 +125,8 @@ def test_fused_linear_keeps_float64(divergence, gen):
     check_grads(out, ref, leaves, leaves, gen)
 
 
-@pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 1.0), ("lumped", 0.5), ("renormalize", 2.0)])
+@pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 1.0), ("lumped", 0.5), ("renormalize", 2.0),
+                                                      ("conditional", 1.0)])
 def test_fused_linear_sparse_keeps_float64(tail, teacher_temperature, gen):
     hs, ws, bs = (x.requires_grad_() for x in make_side(11, 8, 30, gen, F64))
     ids, lp, _ = top_k_teacher((11, 30), 5, gen, F64, pad_every=4, teacher_temperature=teacher_temperature)
@@ -152,6 +153,8 @@ def test_gradcheck_every_loss_with_an_upstream_factor(gen):
                                                          reduction="none", backend="torch"), (s, t)),
         "sparse_kd_loss": (lambda a: 1.37 * fastkd.sparse_kd_loss(a, ids, lp, labels, temperature=2.0, alpha=0.3,
                                                                   backend="torch"), (s,)),
+        "sparse_kd_loss conditional": (lambda a: 1.37 * fastkd.sparse_kd_loss(
+            a, ids, lp, labels, temperature=2.0, alpha=0.3, tail="conditional", backend="torch"), (s,)),
         "fused_linear_kd_loss": (lambda h, w_s, b: 1.37 * fastkd.fused_linear_kd_loss(
             h, w_s, ht, wt, labels, student_bias=b, temperature=2.0, alpha=0.3, chunk_size=2, backend="torch"),
             (hs, ws, bs)),

@@ -86,9 +86,9 @@ def test_sparse_student_transforms_compiled(backend, shape, gen):
 @pytest.mark.parametrize("backend", [_gpu_backend("triton")])
 @pytest.mark.parametrize("shape", [(64, 4000), (16, 32000)], ids=["one-pass", "looping"])
 @pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 0.5), ("lumped", 1.0), ("lumped", 2.0),
-                                                      ("renormalize", 3.0)])
+                                                      ("renormalize", 3.0), ("conditional", 1.0)])
 def test_sparse_tails_and_teacher_temperatures_compiled(backend, shape, tail, teacher_temperature, gen):
-    """The TAIL constexpr's three codes and the runtime power, compiled (T = 2: r = 0.25 to 1.5)."""
+    """The TAIL constexpr's four codes and the runtime power, compiled (T = 2: r = 0.25 to 1.5)."""
     from reference import sparse_kd_objective
 
     s = randn(shape, gen).cuda().requires_grad_()

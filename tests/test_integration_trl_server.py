@@ -2,11 +2,13 @@
 answers ``get_sequence_logprobs`` with the top-k log-probabilities of a tiny local teacher at the
 requested temperature, in the client's own format (sorted, padded with -inf). Checked:
 ``server_forward_kl_loss`` equals a float64 evaluation of TRL's formula and TRL's own
-``_compute_server_forward_kl_loss`` (value and the student's gradients; k = 1, 3; T = 1, 2; entries
-the server did not return; logit transforms); the trainer's ``compute_loss`` equals TRL's on tiny
-Llama / Gemma 2 / Cohere / Granite students (loss and every parameter's gradient), keeps TRL's loss
-where fastkd has no equal mode, refuses teacher ids beyond the student's head and accepts padding
-rows; and it trains two steps like TRL."""
+``_compute_server_forward_kl_loss`` (value and the student's gradients; k = 1, 3, 4; T = 1, 2;
+entries the server did not return; logit transforms), with TRL's tail (fastkd's "lumped") and
+without it (both sides renormalised over the listed ids: "conditional"); the trainer's
+``compute_loss`` equals TRL's on tiny Llama / Gemma 2 / Cohere / Granite students (loss and every
+parameter's gradient), with and without the tail, keeps TRL's loss where fastkd has no equal mode
+(beta > 0), refuses teacher ids beyond the student's head and accepts padding rows; and it trains
+two steps like TRL."""
 from __future__ import annotations
 
 import math
@@ -77,10 +79,11 @@ def server_inputs(gen, k, b=3, c=6, h=16, v=VOCAB, spread=3.0):
     return hidden, weight, bias, ids, lps, labels
 
 
-def float64_reference(hidden, weight, bias, ids, lps, labels, temperature, scale=1.0, softcap=None):
-    """TRL's server forward KL with the tail, in float64: D = sum_k q_k (log q_k - log p_k)
-    + m (log m - log(1 - sum_k p_k)), m = 1 - sum_k q_k, p = softmax(z / T), averaged over the counted
-    positions."""
+def float64_reference(hidden, weight, bias, ids, lps, labels, temperature, scale=1.0, softcap=None, add_tail=True):
+    """TRL's server forward KL, in float64, averaged over the counted positions, p = softmax(z / T).
+    With the tail: D = sum_k q_k (log q_k - log p_k) + m (log m - log(1 - sum_k p_k)), m = 1 - sum_k q_k.
+    Without (``add_tail=False``): both sides renormalised over the listed classes,
+    D = sum_k q~_k (log q~_k - log p~_k), q~ = q / sum_k q_k, p~ = p_k / sum_k p_k."""
     z = scale * (hidden.double() @ weight.double().T + bias.double())
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -88,20 +91,26 @@ def float64_reference(hidden, weight, bias, ids, lps, labels, temperature, scale
     listed = lps > -math.inf
     q = torch.where(listed, lps.double().exp(), 0.0)
     logp_k = logp.gather(-1, ids)
-    listed_terms = torch.where(listed, q * (lps.double() - logp_k), 0.0).sum(-1)
-    m = 1 - q.sum(-1)
-    m_s = 1 - torch.where(listed, logp_k.exp(), 0.0).sum(-1)
-    d = listed_terms + m * (m.log() - m_s.log())
+    if add_tail:
+        listed_terms = torch.where(listed, q * (lps.double() - logp_k), 0.0).sum(-1)
+        m = 1 - q.sum(-1)
+        m_s = 1 - torch.where(listed, logp_k.exp(), 0.0).sum(-1)
+        d = listed_terms + m * (m.log() - m_s.log())
+    else:
+        q_c = q / q.sum(-1, keepdim=True)
+        # log p~ = log p_k - log sum_listed p, finite off the list (no 0 * inf in the gradient there)
+        logp_c = logp_k - torch.where(listed, logp_k.exp(), 0.0).sum(-1, keepdim=True).log()
+        d = torch.where(listed, q_c * (torch.where(listed, q_c, 1.0).log() - logp_c), 0.0).sum(-1)
     counted = labels != -100
     return d[counted].sum() / counted.sum()
 
 
-def trl_server_loss(hidden, weight, bias, ids, lps, labels, temperature, scale=1.0, softcap=None):
+def trl_server_loss(hidden, weight, bias, ids, lps, labels, temperature, scale=1.0, softcap=None, add_tail=True):
     """TRL's own method, from the student's full log-softmax as its compute_loss builds it."""
     z = scale * (hidden @ weight.T + bias)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    me = types.SimpleNamespace(loss_add_tail=True, _reduce_divergence_loss=TRL_SERVER._reduce_divergence_loss)
+    me = types.SimpleNamespace(loss_add_tail=add_tail, _reduce_divergence_loss=TRL_SERVER._reduce_divergence_loss)
     return TRL_SERVER._compute_server_forward_kl_loss(
         me, {"topk_logprobs": lps, "topk_token_ids": ids}, (z / temperature).log_softmax(-1), labels)
 
@@ -112,34 +121,61 @@ def with_grads(fn, hidden, weight, bias, g, *args, **kwargs):
     return (loss.detach(), *torch.autograd.grad(loss, leaves, g))
 
 
-@pytest.mark.parametrize("k, temperature, transform", [
-    pytest.param(1, 1.0, {}, id="top1-T1"),
-    pytest.param(3, 2.0, {}, id="top3-T2"),
-    pytest.param(3, 2.0, dict(scale=0.5, softcap=2.5), id="top3-T2-scale-softcap"),
+@pytest.mark.parametrize("k, temperature, transform, add_tail", [
+    pytest.param(1, 1.0, {}, True, id="top1-T1"),
+    pytest.param(3, 2.0, {}, True, id="top3-T2"),
+    pytest.param(3, 2.0, dict(scale=0.5, softcap=2.5), True, id="top3-T2-scale-softcap"),
+    pytest.param(3, 1.0, {}, False, id="top3-T1-no-tail"),
+    pytest.param(4, 2.0, dict(scale=0.5, softcap=2.5), False, id="top4-T2-scale-softcap-no-tail"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_equals_trl_and_float64(gen, backend, k, temperature, transform):
+def test_loss_equals_trl_and_float64(gen, backend, k, temperature, transform, add_tail):
+    """With the tail (fastkd's "lumped") and without ("conditional"): padded completions, the
+    window's prompt positions and an entry the server did not return."""
     hidden, weight, bias, ids, lps, labels = server_inputs(gen, k, spread=6.0 if transform else 3.0)
     g = torch.rand((), generator=gen) + 0.5
 
     def ours(h, w, b):
         return server_forward_kl_loss(h, w, ids, lps, labels, temperature, student_lm_head_bias=b,
                                       student_logit_scale=transform.get("scale", 1.0),
-                                      student_final_logit_softcapping=transform.get("softcap"), backend=backend)
+                                      student_final_logit_softcapping=transform.get("softcap"), backend=backend,
+                                      loss_add_tail=add_tail)
 
     got = with_grads(ours, hidden, weight, bias, g)
-    exact = with_grads(float64_reference, hidden, weight, bias, g, ids, lps, labels, temperature, **transform)
-    trl = with_grads(trl_server_loss, hidden, weight, bias, g, ids, lps, labels, temperature, **transform)
+    exact = with_grads(float64_reference, hidden, weight, bias, g, ids, lps, labels, temperature, **transform,
+                       add_tail=add_tail)
+    trl = with_grads(trl_server_loss, hidden, weight, bias, g, ids, lps, labels, temperature, **transform,
+                     add_tail=add_tail)
     for a, b, e in zip(got, trl, exact):
         torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-6 * e.abs().max().item())
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
-def test_loss_with_nothing_counted_is_zero_like_trl(gen):
+@pytest.mark.parametrize("add_tail", [True, False], ids=["tail", "no-tail"])
+def test_loss_with_nothing_counted_is_zero_like_trl(gen, add_tail):
     hidden, weight, bias, ids, lps, labels = server_inputs(gen, 2)
     labels = torch.full_like(labels, -100)
-    assert server_forward_kl_loss(hidden, weight, ids, lps, labels, 2.0, backend="torch").item() == 0.0
-    assert trl_server_loss(hidden, weight, bias, ids, lps, labels, 2.0).item() == 0.0
+    assert server_forward_kl_loss(hidden, weight, ids, lps, labels, 2.0, backend="torch",
+                                  loss_add_tail=add_tail).item() == 0.0
+    assert trl_server_loss(hidden, weight, bias, ids, lps, labels, 2.0, add_tail=add_tail).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tail_position_with_no_entry_adds_zero_like_trl(gen, backend):
+    """A counted position the server answered with no entry: TRL's log-sum-exp over nothing is
+    masked to 0 (the position still counts); fastkd's row has no divergence term. Same value and
+    gradients, finite."""
+    hidden, weight, bias, ids, lps, labels = server_inputs(gen, 3)
+    lps[1, 2] = -math.inf
+    assert labels[1, 2] != -100
+    g = torch.rand((), generator=gen) + 0.5
+    got = with_grads(lambda h, w, b: server_forward_kl_loss(h, w, ids, lps, labels, 2.0, student_lm_head_bias=b,
+                                                            backend=backend, loss_add_tail=False),
+                     hidden, weight, bias, g)
+    trl = with_grads(trl_server_loss, hidden, weight, bias, g, ids, lps, labels, 2.0, add_tail=False)
+    for a, b in zip(got, trl):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
 def test_ids_beyond_the_student_head_are_refused(gen):
@@ -152,8 +188,8 @@ def test_ids_beyond_the_student_head_are_refused(gen):
 
 
 def test_tail_mapping():
-    assert trl_server.fastkd_tail(0.0, True) == "lumped"
-    assert trl_server.fastkd_tail(0.0, False) is None and trl_server.fastkd_tail(0.5, True) is None
+    assert trl_server.fastkd_tail(0.0, True) == "lumped" and trl_server.fastkd_tail(0.0, False) == "conditional"
+    assert trl_server.fastkd_tail(0.5, True) is None and trl_server.fastkd_tail(0.5, False) is None
     assert trl_server.fastkd_tail(1.0, True) is None
 
 
@@ -207,29 +243,32 @@ def assert_same_step(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 + 1e-6 * b.abs().max().item())
 
 
-STUDENTS = [  # student family, config; loss_top_k, temperature
-    pytest.param(("Llama", {}), 1, 1.0, id="llama-top1-T1"),
-    pytest.param(("Gemma2", dict(final_logit_softcapping=3.0)), 4, 2.0, id="gemma2-softcap-top4-T2"),
-    pytest.param(("Cohere", dict(logit_scale=0.5)), 3, 2.0, id="cohere-scale-top3-T2"),
-    pytest.param(("Granite", dict(logits_scaling=0.5)), 2, 1.0, id="granite-scaling-top2-T1"),
+STUDENTS = [  # student family, config; loss_top_k, temperature, loss_add_tail
+    pytest.param(("Llama", {}), 1, 1.0, True, id="llama-top1-T1"),
+    pytest.param(("Gemma2", dict(final_logit_softcapping=3.0)), 4, 2.0, True, id="gemma2-softcap-top4-T2"),
+    pytest.param(("Cohere", dict(logit_scale=0.5)), 3, 2.0, True, id="cohere-scale-top3-T2"),
+    pytest.param(("Granite", dict(logits_scaling=0.5)), 2, 1.0, True, id="granite-scaling-top2-T1"),
+    pytest.param(("Llama", {}), 3, 2.0, False, id="llama-top3-T2-no-tail"),
+    pytest.param(("Gemma2", dict(final_logit_softcapping=3.0)), 4, 1.0, False, id="gemma2-softcap-top4-T1-no-tail"),
 ]
 
 
-@pytest.mark.parametrize("student_spec, top_k, temperature", STUDENTS)
+@pytest.mark.parametrize("student_spec, top_k, temperature, add_tail", STUDENTS)
 def test_trainer_compute_loss_equals_trl(tmp_path, tokenizer, fake_server, monkeypatch, student_spec, top_k,
-                                         temperature):
+                                         temperature, add_tail):
     student, teacher = tiny_model(student_spec[0], 16, student_spec[1], seed=0), tiny_model("Llama", 24, {}, seed=1)
     trainer = FastKDServerDistillationTrainer(model=student, train_dataset=PROMPTS, processing_class=tokenizer,
                                               fastkd_backend="torch",
                                               args=server_args(tmp_path, beta=0.0, loss_top_k=top_k,
-                                                               temperature=temperature))
+                                                               temperature=temperature, loss_add_tail=add_tail))
     assert trainer.teacher_client.base_url == "http://fake:8000"
     trainer.teacher_client = FakeTeacherClient(teacher, short={(1, 2)} if top_k > 1 else ())
     calls = []
     fused = trl_server.fused_linear_sparse_kd_loss
     monkeypatch.setattr(trl_server, "fused_linear_sparse_kd_loss", lambda *a, **k: calls.append(k) or fused(*a, **k))
     ours, ref = both_losses(trainer, student, batch())
-    assert len(calls) == 1 and calls[0]["tail"] == "lumped" and calls[0]["teacher_temperature"] == temperature
+    assert len(calls) == 1 and calls[0]["teacher_temperature"] == temperature
+    assert calls[0]["tail"] == ("lumped" if add_tail else "conditional")
     assert all(c == dict(top_logprobs=top_k, temperature=temperature) for c in trainer.teacher_client.calls)
     assert_same_step(ours, ref)
     trainer.model.eval()  # no gradient-accumulation scaling; compute_loss(return_outputs=True) as TRL's evaluation
@@ -239,8 +278,7 @@ def test_trainer_compute_loss_equals_trl(tmp_path, tokenizer, fake_server, monke
     assert outputs is None
 
 
-@pytest.mark.parametrize("config", [pytest.param(dict(beta=0.0, loss_top_k=3, loss_add_tail=False), id="no-tail"),
-                                    pytest.param(dict(beta=0.5), id="jsd-top1"),
+@pytest.mark.parametrize("config", [pytest.param(dict(beta=0.5), id="jsd-top1"),
                                     pytest.param(dict(beta=1.0), id="reverse-kl-top1")])
 def test_trainer_keeps_trl_loss_where_fastkd_has_no_equal(tmp_path, tokenizer, fake_server, monkeypatch, config):
     student, teacher = tiny_model("Llama", 16, {}, seed=0), tiny_model("Llama", 24, {}, seed=1)

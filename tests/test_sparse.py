@@ -45,7 +45,7 @@ def check(backend, s, ids, lp, labels, rtol_grad, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,rtol_grad", DTYPES)
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "conditional"])
 @pytest.mark.parametrize("shape,k", [((13, 257), 7), ((2, 3, 41), 1), ((5, 9000), 33)],
                          ids=["13x257-K7", "BxT-K1", "5x9000-K33"])
 def test_matches_reference(backend, dtype, rtol_grad, tail, shape, k, gen):
@@ -247,15 +247,58 @@ def test_the_cuda_backend_refuses_sparse_teachers(monkeypatch, gen):
 def test_module_wraps_the_function(gen):
     ids, lp, _ = top_k_teacher((8, 64), 6, gen)
     s, labels = randn((8, 64), gen), random_labels((8,), 64, gen)
-    for kw in (dict(tail="renormalize"), dict(tail="lumped", teacher_temperature=3.0)):
+    for kw in (dict(tail="renormalize"), dict(tail="lumped", teacher_temperature=3.0), dict(tail="conditional")):
         module = fastkd.SparseKDLoss(temperature=3.0, alpha=0.5, backend="torch", **kw)
         assert module(s, ids, lp, labels) == fastkd.sparse_kd_loss(s, ids, lp, labels, temperature=3.0, alpha=0.5,
                                                                    backend="torch", **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_sparse_module_wraps_the_function(backend, gen):
+    """FusedLinearSparseKDLoss: the function's loss, gradients (hidden states, weight, bias) and meter,
+    bit for bit, with num_items per call; an assigned argument is checked (a refused one changes
+    nothing) and used by the next call; bad arguments are refused at construction, naming them."""
+    h, w, b = randn((2, 5, 16), gen, scale=1.0), randn((83, 16), gen, scale=0.5), randn((83,), gen, scale=0.5)
+    ids, lp, _ = top_k_teacher((2, 5, 83), 6, gen, pad_every=3)
+    labels = random_labels((2, 5), 83, gen, ignore_every=4)
+    kw = dict(temperature=2.0, alpha=0.6, tail="conditional", teacher_temperature=2.0, chunk_size=3,
+              backend=backend, student_logit_scale=0.5)
+    module = fastkd.FusedLinearSparseKDLoss(**kw)
+    assert "FusedLinearSparseKDLoss" in fastkd.__all__
+
+    def run(f, **call):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        meter = fastkd.CalibrationMeter(5)
+        out = f(leaves, meter, **call)
+        out.backward()
+        return out.detach(), [x.grad for x in leaves], meter.compute().count
+
+    def by_function(leaves, meter, **options):
+        return fastkd.fused_linear_sparse_kd_loss(leaves[0], leaves[1], ids, lp, labels, student_bias=leaves[2],
+                                                  meter=meter, num_items=7.0, **(kw | options))
+
+    def by_module(leaves, meter):
+        return module(leaves[0], leaves[1], ids, lp, labels, leaves[2], num_items=7.0, meter=meter)
+
+    for options in ({}, dict(tail="lumped")):
+        if options:
+            module.tail = "lumped"
+        want, got = run(by_function, **options), run(by_module)
+        assert torch.equal(got[0], want[0]) and got[2] == want[2]
+        assert all(torch.equal(a, e) for a, e in zip(got[1], want[1]))
+    for name, value in (("tail", "drop"), ("teacher_temperature", 0.0), ("reduction", "none"), ("chunk_size", 0)):
+        with pytest.raises(ValueError, match=name):
+            setattr(module, name, value)
+        with pytest.raises(ValueError, match=name):
+            fastkd.FusedLinearSparseKDLoss(**{name: value})
+    assert module.tail == "lumped" and module.reduction == "batchmean"
+    with pytest.raises(ValueError, match="labels are required"):
+        module(h, w, ids, lp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 1.0), ("renormalize", 1.0), ("lumped", 1.0),
-                                                      ("bucket", 0.5), ("lumped", 2.0)])
+                                                      ("bucket", 0.5), ("lumped", 2.0), ("conditional", 2.0)])
 def test_fused_linear_sparse_equals_the_loss_on_materialised_logits(backend, tail, teacher_temperature, gen):
     """Hidden states and the output layer in, top-K teacher in: the same loss and gradients as
     sparse_kd_loss on h W^T + b, over several chunks."""
@@ -294,6 +337,27 @@ def test_a_row_listing_nothing_has_finite_gradients(backend, tail, gen):
     close(out[1], 0.4 * torch.nn.functional.cross_entropy(s[1:2].double(), labels[1:2]), 1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tail", ["renormalize", "conditional"])
+def test_a_row_whose_listed_classes_the_student_masks(backend, tail, gen):
+    """Every listed class at -inf for the student (row 1): the divergence is inf, the gradient finite
+    (-T alpha p_k on the list, the CE's elsewhere), as for the other tails; "conditional" must not turn
+    its empty listed mass into -inf - -inf = NaN. The other rows are untouched."""
+    s = torch.randn(3, 9, generator=gen)
+    s[1, [2, 6]] = -torch.inf
+    s.requires_grad_()
+    ids = torch.tensor([[1, 2], [2, 6], [3, -1]])
+    lp = torch.log(torch.tensor([[0.3, 0.2], [0.5, 0.1], [0.5, 1.0]]))
+    labels = torch.tensor([0, 5, 7])
+    out = fastkd.sparse_kd_loss(s, ids, lp, labels, alpha=0.6, temperature=2.0, tail=tail, backend=backend,
+                                reduction="none", teacher_temperature=2.0)  # r = 1: p_k = q_k / sum q
+    assert out[1] == torch.inf and torch.isfinite(out[[0, 2]]).all()
+    (grad,) = torch.autograd.grad(out, s, torch.tensor([0.5, 1.5, 1.0]))
+    assert torch.isfinite(grad).all()
+    p_k = torch.tensor([0.5, 0.1], dtype=torch.float64) / 0.6
+    close(grad[1, [2, 6]], 1.5 * 0.6 * 2.0 * -p_k, 1e-5)
+
+
 # --- a sampled teacher: S draws per row from softmax(t / T), kept as unique ids and log(count / S) --------
 
 def sampled_teacher(p, samples, gen):
@@ -306,8 +370,13 @@ def sampled_teacher(p, samples, gen):
     return torch.where(c > 0, order, -1), torch.where(c > 0, (c.double() / samples).log(), 0.0)
 
 
+# the tails that leave the student's softmax over the whole vocabulary ("conditional" conditions it on
+# the listed classes: with unlisted classes it is another objective, and a sampled one is biased)
+TEACHER_TAILS = tuple(t for t in TAILS if t != "conditional")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("tail", TEACHER_TAILS)
 def test_draws_in_exact_proportion_reproduce_kd_loss(backend, tail, gen):
     """A teacher whose tempered probabilities are multiples of 1/S (row 0 over every class, row 1 over
     four, the rest -inf): S draws with counts in exact proportion give q_hat = p_T, and the sampled
@@ -367,7 +436,7 @@ def test_sampled_teacher_gradient_is_unbiased_and_its_value_is_not(gen):
         return g.reshape(-1, n, v).mean(0), value.reshape(-1, n)
 
     ids, lp = sampled_teacher(p.repeat(m, 1), samples, gen)
-    for tail in TAILS:  # a sampled row misses no mass: every tail is the same estimator
+    for tail in TEACHER_TAILS:  # a sampled row misses no mass: every such tail is the same estimator
         got, values = mean_gradient(ids, lp, tail=tail)
         z = ((got - want) / sigma).abs().max().item()
         assert z < z_max, f"{tail}: the mean sampled gradient is {z:.1f} sigma from kd_loss's (bound {z_max:.1f})"

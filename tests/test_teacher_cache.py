@@ -926,7 +926,7 @@ def test_study_refuses_a_cache_folder_that_does_not_fit(capsys, tmp_path, digits
     (["--teacher-cache", "11"], "--teacher-cache 11: more entries than the 10 classes of digits"),
     (["--teacher-cache", "3", "--divergence", "jsd"], "takes --divergence kl only, got 'jsd'"),
     (["--teacher-cache-tail", "spread"],
-     "unknown --teacher-cache-tail 'spread'; choose from bucket, renormalize, lumped"),
+     "unknown --teacher-cache-tail 'spread'; choose from bucket, renormalize, lumped, conditional"),
 ], ids=["zero", "above-classes", "divergence", "tail"])
 def test_study_bad_teacher_cache_arguments(capsys, tmp_path, args, message):
     from fastkd.study.cli import main

@@ -84,7 +84,7 @@ def test_other_tensor_scalars_are_refused_naming_them(value, message, gen):
 # --- modules check at construction ------------------------------------------------------------------
 
 MODULES = {"KLLoss": fastkd.KLLoss, "KDLoss": fastkd.KDLoss, "SparseKDLoss": fastkd.SparseKDLoss,
-           "FusedLinearKDLoss": fastkd.FusedLinearKDLoss}
+           "FusedLinearKDLoss": fastkd.FusedLinearKDLoss, "FusedLinearSparseKDLoss": fastkd.FusedLinearSparseKDLoss}
 BAD = [("KDLoss", dict(temperature=0), ValueError, "temperature"),
        ("KDLoss", dict(alpha=1.5), ValueError, "alpha"),
        ("KDLoss", dict(divergence="kl2"), ValueError, "divergence"),
@@ -93,6 +93,9 @@ BAD = [("KDLoss", dict(temperature=0), ValueError, "temperature"),
        ("SparseKDLoss", dict(tail="drop"), ValueError, "tail"),
        ("FusedLinearKDLoss", dict(chunk_size=0), ValueError, "chunk_size"),
        ("FusedLinearKDLoss", dict(reduction="none"), ValueError, "reduction"),
+       ("FusedLinearSparseKDLoss", dict(tail="drop"), ValueError, "tail"),
+       ("FusedLinearSparseKDLoss", dict(teacher_temperature=-1.0), ValueError, "teacher_temperature"),
+       ("FusedLinearSparseKDLoss", dict(reduction="none"), ValueError, "reduction"),
        ("KDLoss", dict(student_softcap=-1.0), ValueError, "student_softcap")]
 
 

@@ -190,10 +190,12 @@ def _check_dtensor(rank, world, backend, seed):
     close(d_s.grad.full_tensor(), s64.grad, 1e-5)
 
 
-def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32, teacher_temperature=1.0):
+def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32, teacher_temperature=1.0, spread=1.0):
     """A top-K teacher (global ids, some rows padded with -1, one row listing nothing) against the
-    float64 dense objective: loss, this rank's gradient slice, the student's meter."""
+    float64 dense objective: loss, this rank's gradient slice, the student's meter. ``spread``
+    multiplies the student's logits (30: listed classes whose exp(a - max a) underflows fp32)."""
     s, _, labels, upstream = _inputs(seed, dtype)
+    s = s * spread
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
     gen = torch.Generator().manual_seed(seed + 1)
     k = 6
@@ -233,8 +235,9 @@ def _worker(rank, world, port):
                 _check_case(rank, world, group, backend, 1000 * world + i, case)
             _check_fused_linear(rank, world, group, backend, 77 + world)
             for tail, teacher_temperature in (("bucket", 1.0), ("renormalize", 1.0), ("lumped", 1.0),
-                                              ("bucket", 0.5), ("lumped", 2.0)):
+                                              ("bucket", 0.5), ("lumped", 2.0), ("conditional", 2.0)):
                 _check_sparse(rank, world, group, backend, 300 + world, tail, teacher_temperature=teacher_temperature)
+            _check_sparse(rank, world, group, backend, 310 + world, "conditional", spread=30.0)
         _check_dtensor(rank, world, "torch", 5 + world)
         if world == 3:
             _check_case(rank, world, group, "torch", 3, dict(dtype=torch.float64, divergence="jsd", temperature=2.0,

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .._core import checks
-from .._core.enums import Divergence
+from .._core.enums import Divergence, Tail
 from .._core.options import Options
 from .._core.spec import GEMM_PEAK, SPARSE_TAIL_FLOOR, KDSpec, build_spec, row_scale, wide
 from .. import backends
@@ -261,8 +261,11 @@ class SparseVocabParallel(_Executor):
     log-probabilities; a listed class is its owner's. The student's statistics come from the
     backend's ``local_stats`` and the dense reductions (steps 1-3), then one more all-reduce SUM of
     (N, 2) floats: the owners' sum of exp(a_k - M/T) over their listed classes (the student's listed
-    mass) and of p_k a_k (the divergence's cross term). The gradient of the slice is written by
-    tensor ops on either backend (one read of the slice and a write)."""
+    mass) and of p_k a_k (the divergence's cross term). ``tail="conditional"`` (the student
+    conditioned on the list, normalised by its listed mass) takes the listed mass against the
+    listed classes' own maximum instead of M/T, so that it cannot underflow: one all-reduce MAX of
+    N floats more. The gradient of the slice is written by tensor ops on either backend (one read of
+    the slice and a write)."""
 
     def sparse_kd_forward(self, s, ids, lp, labels, row_count, spec: KDSpec, tail: int, grad_s: bool, meter,
                           reduce: bool = False):
@@ -277,14 +280,25 @@ class SparseVocabParallel(_Executor):
         lp_k, lp_tail = sparse_teacher(lp.to(cd), valid, lay.vocab, spec, tail)
         p_k, p_tail = lp_k.exp(), lp_tail.exp()
         a_k = s.gather(1, at).to(cd) * k
-        mass = torch.where(own, torch.exp(a_k - finite(g.max_s)[:, None] * k), 0.0).sum(1)
+        conditional = tail == Tail.CONDITIONAL
+        if conditional:  # the listed mass against the listed classes' own maximum: it must not underflow
+            ref = torch.where(own, a_k, -torch.inf).amax(1) if a_k.shape[1] else a_k.new_full((n,), -torch.inf)
+            dist.all_reduce(ref, op=dist.ReduceOp.MAX, group=lay.group)
+            ref = finite(ref)
+        else:
+            ref = finite(g.max_s) * k
+        mass = torch.where(own, torch.exp(a_k - ref[:, None]), 0.0).sum(1)
         cross = torch.where(own & (p_k > 0), p_k * a_k, 0.0).sum(1)
         parts = torch.stack([mass, cross], 1) if n else st.new_zeros((0, 2))
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=lay.group)
-        ps_tail = (1 - parts[:, 0] / g.z_a).clamp(min=SPARSE_TAIL_FLOOR)
-        # D = sum_k p_k (log p_k - (a_k - lse_a)) + p_tail (log p_tail - log ps_tail)
-        d = (masked(p_k, lp_k).sum(1) - parts[:, 1] + g.lse_a * torch.where(valid, p_k, 0.0).sum(1)
-             + masked(p_tail, lp_tail - ps_tail.log()))
+        # the log-normaliser of the student's listed log-probabilities: lse_a, or for the conditioned
+        # student the listed classes' own log-sum-exp (p_s,k / sum_listed p_s = exp(a_k - lse_listed))
+        lse = finite(ref + parts[:, 0].log()) if conditional else g.lse_a  # (finite: as conditioned())
+        # D = sum_k p_k (log p_k - (a_k - lse)) + p_tail (log p_tail - log ps_tail)
+        d = masked(p_k, lp_k).sum(1) - parts[:, 1] + lse * torch.where(valid, p_k, 0.0).sum(1)
+        if not conditional:  # (conditional: no tail on either side)
+            ps_tail = (1 - parts[:, 0] / g.z_a).clamp(min=SPARSE_TAIL_FLOOR)
+            d = d + masked(p_tail, lp_tail - ps_tail.log())
         listed = valid.any(1)  # a row with no listed teacher class has no divergence term
         keep, bad, label_local = lay.label_rows(labels, spec.ignore_index, n, s.device)
         bad_ids = keep & ((ids < -1) | (ids >= lay.vocab)).any(1)  # only with validate_labels=False
@@ -298,8 +312,11 @@ class SparseVocabParallel(_Executor):
         if grad_s:
             la = s.to(cd) * k - g.lse_a[:, None]
             kd_row = (listed.to(cd) * (spec.kd_scale * k))[:, None]
-            out = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]
-            fix = torch.where(own, kd_row * ((a_k - g.lse_a[:, None]).exp() - p_k) - out.gather(1, at), 0.0)
+            if conditional:  # the conditioned student: an unlisted class has no divergence gradient
+                out = torch.zeros_like(la)
+            else:
+                out = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]
+            fix = torch.where(own, kd_row * ((a_k - lse[:, None]).exp() - p_k) - out.gather(1, at), 0.0)
             out = out.scatter_add(1, at, fix)
             if spec.has_ce:
                 out = out + spec.ce_scale * torch.exp(s.to(cd) - g.lse1_s[:, None])

@@ -29,13 +29,22 @@ clamps the summed listed mass of each side at exp(-1e-7) (a tail of at least ~1e
 the teacher's missing mass as given and floors the student's at 2^-23 (1.2e-7): the two agree
 wherever both tails exceed 1.2e-7.
 
+With ``loss_add_tail=False`` (and ``beta == 0``) TRL renormalises both sides over the listed
+classes (a log-sum-exp over them, subtracted in log space, no clamp or floor)::
+
+    D = sum_k q~_k (log q~_k - log p~_k),   q~_k = q_k / sum_k q_k,   p~_k = p_s,k / sum_k p_s,k
+
+the student's distribution conditioned on the teacher's list: fastkd's ``tail="conditional"``
+(same reduction, divided by T^2 likewise). fastkd conditions in log space too (its Triton kernel
+takes the log-sum-exp over the K gathered logits), so the two agree to fp32 rounding. Where they
+part, at the edges: a counted position for which the server returned no entry adds 0 in both, but
+TRL's log-sum-exp over an empty list is -inf - -inf, masked to 0 with a zero gradient (fastkd's
+row simply has no divergence term); a listed class whose student logit is -inf (a masked
+vocabulary) makes the divergence infinite: fastkd returns inf, TRL's ``nan_to_num`` turns the
+token's term into fp32's largest number (3.4e38) before averaging.
+
 What stays TRL's (the trainer calls TRL's ``compute_loss`` for these configs):
 
-- ``loss_add_tail=False``: TRL renormalises both sides over the listed classes, D = KL(q / sum q ||
-  p_s,k / sum_k p_s,k), the student's distribution conditioned on the teacher's list. fastkd's
-  ``tail="renormalize"`` renormalises the teacher only and keeps the student's softmax over the
-  whole vocabulary (its value is TRL's minus log sum_k p_s,k, and its gradient differs); no fastkd
-  tail is that conditional KL.
 - ``beta > 0`` (top-1 only in TRL): a JSD or reverse KL over the teacher's top-1 token, the
   sampled token (with the teacher's log-probability of it) and the tail. fastkd's sparse loss is a
   forward KL: the teacher's off-list mass has no per-class values, so its reverse KL and JSD over
@@ -66,7 +75,9 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 def fastkd_tail(beta: float, loss_add_tail: bool) -> str | None:
     """fastkd's tail for TRL's server loss with this ``beta`` and ``loss_add_tail``; None where the
     loss stays TRL's (module docstring)."""
-    return "lumped" if beta == 0 and loss_add_tail else None
+    if beta != 0:
+        return None
+    return "lumped" if loss_add_tail else "conditional"
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -89,9 +100,12 @@ def server_forward_kl_loss(student_hidden_states: torch.Tensor, student_lm_head_
                            teacher_token_ids: torch.Tensor, teacher_logprobs: torch.Tensor, labels: torch.Tensor,
                            temperature: float = 1.0, *, student_lm_head_bias: torch.Tensor | None = None,
                            student_logit_scale: float = 1.0, student_final_logit_softcapping: float | None = None,
-                           backend: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """TRL's server forward KL with the tail (``_compute_server_forward_kl_loss`` with
-    ``loss_add_tail=True``) from the student's hidden states ``(B, C, H)`` and head ``(V, H)``.
+                           backend: str | None = None, chunk_size: int | None = None,
+                           loss_add_tail: bool = True) -> torch.Tensor:
+    """TRL's server forward KL (``_compute_server_forward_kl_loss``) from the student's hidden
+    states ``(B, C, H)`` and head ``(V, H)``: with the tail (``loss_add_tail=True``, TRL's default;
+    fastkd's ``tail="lumped"``) or over the listed classes only, both sides renormalised there
+    (``loss_add_tail=False``; ``tail="conditional"``).
 
     ``teacher_token_ids`` / ``teacher_logprobs`` ``(B, C, K)``: the server's top-k at T, a
     log-probability of -inf marking an entry the server did not return (TRL's padding);
@@ -113,16 +127,16 @@ def server_forward_kl_loss(student_hidden_states: torch.Tensor, student_lm_head_
     loss = fused_linear_sparse_kd_loss(
         student_hidden_states.to(dtype), student_lm_head_weight.to(dtype), ids, logprobs,
         torch.where(counted, 0, IGNORE_INDEX), student_bias=student_lm_head_bias, temperature=temperature,
-        teacher_temperature=temperature, tail="lumped", alpha=1.0, ignore_index=IGNORE_INDEX, reduction="batchmean",
-        student_logit_scale=student_logit_scale, student_softcap=student_final_logit_softcapping, backend=backend,
-        chunk_size=chunk_size)
+        teacher_temperature=temperature, tail=fastkd_tail(0.0, loss_add_tail), alpha=1.0, ignore_index=IGNORE_INDEX,
+        reduction="batchmean", student_logit_scale=student_logit_scale,
+        student_softcap=student_final_logit_softcapping, backend=backend, chunk_size=chunk_size)
     return loss / temperature**2
 
 
 class FastKDServerDistillationTrainer(_trl_server.ServerDistillationTrainer):
-    """TRL's ``ServerDistillationTrainer`` whose forward KL with the tail (``beta=0``,
-    ``loss_add_tail=True``) is :func:`fastkd.fused_linear_sparse_kd_loss`; other configs keep TRL's
-    loss (module docstring says why). Takes TRL's arguments, plus ``fastkd_backend`` (None =
+    """TRL's ``ServerDistillationTrainer`` whose forward KL (``beta=0``, with or without
+    ``loss_add_tail``) is :func:`fastkd.fused_linear_sparse_kd_loss`; ``beta > 0`` keeps TRL's loss
+    (module docstring says why). Takes TRL's arguments, plus ``fastkd_backend`` (None =
     ``FASTKD_BACKEND`` or auto: Triton on CUDA) and ``fastkd_chunk_size`` (rows per chunk)."""
 
     def __init__(self, *args, fastkd_backend: str | None = None, fastkd_chunk_size: int | None = None, **kwargs):
@@ -134,7 +148,7 @@ class FastKDServerDistillationTrainer(_trl_server.ServerDistillationTrainer):
                            tokenizer_size(self.processing_class))
         self.fastkd_tail = fastkd_tail(self.beta, self.loss_add_tail)
         self.fastkd_loss = functools.partial(server_forward_kl_loss, backend=fastkd_backend,
-                                             chunk_size=fastkd_chunk_size)
+                                             chunk_size=fastkd_chunk_size, loss_add_tail=self.loss_add_tail)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fastkd_tail is None:

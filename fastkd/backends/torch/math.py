@@ -88,11 +88,12 @@ def sparse_teacher(lp, valid, n_cols, spec: KDSpec, tail: int):
     (teacher_temperature / T), p_k ~ q_k^r, as the full teacher would be. The missing mass
     m = 1 - sum q_k (``tail``, a Tail code): BUCKET, spread evenly over the V - K' unlisted classes
     and tempered with them, (V - K') (m / (V - K'))^r; LUMPED, one class tempered as a whole, m^r;
-    RENORMALIZE, dropped. With no unlisted class (K' = V) there is no tail (m is rounding)."""
+    RENORMALIZE and CONDITIONAL, dropped. With no unlisted class (K' = V) there is no tail (m is
+    rounding)."""
     r = spec.teacher_power
     u = torch.where(valid, lp * r, -torch.inf)
     u_tail = torch.full_like(u[:, 0], -torch.inf)
-    if tail != Tail.RENORMALIZE:
+    if tail in (Tail.BUCKET, Tail.LUMPED):
         missing = (1 - torch.where(valid, lp.exp(), 0.0).sum(-1)).clamp(min=0)
         free = (n_cols - valid.sum(-1)).to(u.dtype)
         if tail == Tail.BUCKET:
@@ -102,6 +103,14 @@ def sparse_teacher(lp, valid, n_cols, spec: KDSpec, tail: int):
         u_tail = torch.where((missing > 0) & (free > 0), mass, u_tail)
     norm = torch.logsumexp(torch.cat([u, u_tail[:, None]], -1), -1, keepdim=True)
     return u - norm, u_tail - norm[:, 0]
+
+
+def conditioned(lps_k, valid):
+    """The student's listed log-probabilities ``lps_k`` (N, K) conditioned on the listed classes,
+    log p~_k = log p_s,k - log sum_listed p_s (Tail.CONDITIONAL), in log space: no 1 - sum to cancel.
+    A row whose listed classes the student masks (-inf) all keeps -inf there, as the other tails
+    (the divergence is inf, the gradient finite), not -inf - -inf."""
+    return lps_k - finite(torch.logsumexp(torch.where(valid, lps_k, -torch.inf), -1, keepdim=True))
 
 
 def meter_statistics(l1, p1, labels):

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..._core.enums import Tail
 from ..._core.spec import SPARSE_TAIL_FLOOR, KDSpec, row_scale
 from .dense import CHUNK_ELEMENTS
-from .math import chain, compute_dtype, masked, row_weights, slope, sparse_teacher, transform
+from .math import chain, compute_dtype, conditioned, masked, row_weights, slope, sparse_teacher, transform
 
 
 def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, grad_s: bool, meter,
@@ -18,8 +19,10 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, gr
         dD/da_j = p_s,j - p_j (listed j);   p_s,j (1 - p_tail / p_s,tail) (unlisted j)
 
     with p_s,tail = max(1 - sum_k p_s,k, SPARSE_TAIL_FLOOR) (the student's mass off the list, to
-    fp32's resolution). A row whose ids leave [-1, V) (unchecked input) is NaN. The student's logits
-    are transformed first (spec.s_scale, s_cap); the gradient is w.r.t. the raw logits."""
+    fp32's resolution). Tail.CONDITIONAL: p_s,k is the student conditioned on the list,
+    p_s,k / sum_listed p_s, there is no tail, and the unlisted classes get no divergence gradient.
+    A row whose ids leave [-1, V) (unchecked input) is NaN. The student's logits are transformed
+    first (spec.s_scale, s_cap); the gradient is w.r.t. the raw logits."""
     n, c = s.shape
     cd = compute_dtype(s, lp)
     loss = torch.empty(n, dtype=cd, device=s.device)
@@ -41,6 +44,8 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, gr
         idx = torch.where(valid, k_ids, 0)
         la = (x * spec.inv_temperature).log_softmax(-1)
         lps_k = la.gather(-1, idx)
+        if tail == Tail.CONDITIONAL:
+            lps_k = conditioned(lps_k, valid)
         ps_k = torch.where(valid, lps_k.exp(), 0.0)
         lp_k, lp_tail = sparse_teacher(k_lp, valid, c, spec, tail)
         p_k, p_tail = lp_k.exp(), lp_tail.exp()
@@ -55,7 +60,10 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, gr
         loss[lo:hi] = torch.where(keep, row * w, 0.0)
         if grad_s:
             kd_row = (listed.to(cd) * kd_g)[:, None]
-            g = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]  # NaN if none listed
+            if tail == Tail.CONDITIONAL:  # the conditioned student: an unlisted class has no divergence gradient
+                g = torch.zeros_like(la)
+            else:
+                g = kd_row * la.exp() * torch.where(listed, 1 - p_tail / ps_tail, 0.0)[:, None]  # NaN if none listed
             listed_fix = torch.where(valid, kd_row * (ps_k - p_k) - g.gather(-1, idx), 0.0)
             g = g.scatter_add(-1, idx, listed_fix)  # padding adds 0 (its index 0 is a stand-in)
             if spec.has_ce:

@@ -4,8 +4,10 @@ for the objective and the torch backend's sparse_kd_forward for the same math in
 One program per row. The student's row is read once when it fits in registers (``ONE_PASS``),
 twice otherwise (statistics, then the gradient); the teacher is K ids and K log-probabilities.
 The gradient is written densely as p_s,j (1 - p_tail / p_s,tail) — the value of every class off
-the teacher's list — then, after a barrier, the K listed classes are overwritten with
-p_s,k - p_k: no membership test per element, K scattered stores per row. Traffic per row:
+the teacher's list (0 for tail="conditional", whose student is conditioned on the list: p_s,k is
+then p_s,k / sum_listed p_s, from a log-sum-exp over the K gathered logits) — then, after a barrier,
+the K listed classes are overwritten with p_s,k - p_k: no membership test per element, K scattered
+stores per row. Traffic per row:
 read s + write grad (+ one more read of s on the looping path) + 12 K bytes of teacher.
 The student's logit transforms (KDSpec.s_scale, s_cap) are the dense kernels', gated the same way.
 """
@@ -126,12 +128,18 @@ def _sparse_kd_fwd_kernel(
     x_k = tl.load(s_ptr + row_off + at, mask=listed, other=0.0).to(tl.float32)
     x_k = _transform(x_k, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
     lps_k = x_k * inv_temp - lse_a[:, None]
+    if TAIL == 3:  # CONDITIONAL: the student conditioned on the list, a_k - logsumexp over the K listed a
+        a_k = tl.where(listed, x_k * inv_temp, NEG_INF)
+        a_max = tl.max(a_k, axis=1)
+        a_max = tl.where(a_max == NEG_INF, 0.0, a_max)
+        lse_k = a_max + tl.log(tl.sum(tl.exp(a_k - a_max[:, None]), axis=1))
+        lps_k = x_k * inv_temp - tl.where(lse_k == NEG_INF, 0.0, lse_k)[:, None]  # every listed logit -inf: -inf
     ps_k = tl.where(listed, tl.exp(lps_k), 0.0)
     lq = tl.load(lp_ptr + rows[:, None] * stride_k + ks[None, :], mask=listed, other=0.0).to(tl.float32)
     u = tl.where(listed, lq * t_power, NEG_INF)
     n_listed = tl.sum(listed.to(tl.float32), axis=1)
     u_tail = zero + NEG_INF
-    if TAIL != 1:  # the missing mass (RENORMALIZE = 1 drops it)
+    if TAIL == 0 or TAIL == 2:  # the missing mass (RENORMALIZE = 1 and CONDITIONAL = 3 drop it)
         missing = tl.maximum(1.0 - tl.sum(tl.where(listed, tl.exp(lq), 0.0), axis=1), 0.0)
         free = n_cols - n_listed
         if TAIL == 0:  # BUCKET: spread evenly over the unlisted classes, tempered like them
@@ -157,7 +165,10 @@ def _sparse_kd_fwd_kernel(
     tl.store(loss_ptr + rows, tl.where(keep, loss * w, 0.0))
 
     if GRAD_S:
-        c_off = tl.where(has_teacher, 1.0 - p_tail / ps_tail, 0.0)  # a row listing nothing: p_tail is NaN
+        if TAIL == 3:  # the conditioned student: an unlisted class has no divergence gradient
+            c_off = zero
+        else:
+            c_off = tl.where(has_teacher, 1.0 - p_tail / ps_tail, 0.0)  # a row listing nothing: p_tail is NaN
         if ONE_PASS:
             g = _dense_grad(x, cols, lse_a, lse_1, label, inv_temp, kd_g, ce_scale, c_off, gw, s_nic2, HAS_CE, S_CAP)
             tl.store(gs_ptr + rows[:, None] * stride_gs + cols[None, :], g.to(gs_ptr.dtype.element_ty), mask=mask)
