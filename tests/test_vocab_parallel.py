@@ -27,8 +27,8 @@ WIDTHS = {2: [20, 17], 3: [15, 9, 13]}  # uneven on purpose; the middle slice is
 N = 11
 
 
-# a rank waits in a collective only for the slower ranks (seconds; under 1 minute on a loaded 2-core
-# machine); one worker takes under 2 minutes there
+# a rank waits in a collective only while slower ranks catch up; both spawns together took 55-93 s on
+# the shared 2-core machine at load 9 (torch 2.4.1), so these limits are far from a slow run
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=3)
 WORKER_LIMIT_S = 600
 
