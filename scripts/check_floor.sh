@@ -51,9 +51,8 @@ TRITON_INTERPRET=1 PYTHONPATH="$PWD" "$PY" -m pytest -q -p no:cacheprovider \
     -k "not test_kernels_compile_for_hopper and not test_cli and not test_study" \
     tests/test_loss.py tests/test_calibration.py tests/test_sparse.py tests/test_teacher_cache.py \
     tests/test_fused_linear.py tests/test_fused_linear_training.py tests/test_logit_transforms.py \
-    tests/test_triton_kernel.py tests/test_launch_plans.py tests/test_training_setups.py
-# tests/test_vocab_parallel.py passed here before the layout move (issue 25); since, its 3-rank case
-# stalls on torch 2.4.1 (one gloo rank left waiting): left out until that is understood
+    tests/test_triton_kernel.py tests/test_launch_plans.py tests/test_training_setups.py \
+    tests/test_vocab_parallel.py
 
 if [[ "$COMPILE" == 1 ]]; then
     "$PY" -m pip install -q --no-deps "triton==3.4.0"

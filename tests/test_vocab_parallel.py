@@ -3,9 +3,15 @@ the vocabulary (uneven widths), against the dense one-process result computed he
 loss, every rank's gradient slice (random upstream gradient), the meters; then the errors.
 
 One spawn per (world size, backend) runs every case, as process start-up dominates; the Triton
-kernels run under the interpreter on small shapes."""
+kernels run under the interpreter on small shapes.
+
+A stall becomes a failure: the ranks meet through a file (no port chosen ahead that another process
+on a shared machine can take before rank 0 binds it), every collective gives up after
+``COLLECTIVE_TIMEOUT`` (gloo's default is 30 minutes, and ``new_group`` does not inherit the world's
+timeout), and a rank still running after ``WORKER_LIMIT_S`` prints every thread's stack and exits."""
+import datetime
+import faulthandler
 import os
-import socket
 
 import pytest
 import torch
@@ -21,10 +27,10 @@ WIDTHS = {2: [20, 17], 3: [15, 9, 13]}  # uneven on purpose; the middle slice is
 N = 11
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# a rank waits in a collective only while slower ranks catch up; both spawns together took 55-93 s on
+# the shared 2-core machine at load 9 (torch 2.4.1), so these limits are far from a slow run
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=3)
+WORKER_LIMIT_S = 600
 
 
 def _slice(rank, world):
@@ -222,14 +228,15 @@ def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32, 
     assert (have.nll, have.brier, have.ece) == pytest.approx((want.nll, want.brier, want.ece), rel=1e-5, abs=1e-6)
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, store_file):
     import torch.distributed as dist
 
+    faulthandler.dump_traceback_later(WORKER_LIMIT_S, exit=True)
     os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
-        group = dist.new_group(list(range(world)))
+        group = dist.new_group(list(range(world)), timeout=COLLECTIVE_TIMEOUT)
         for backend in ("torch", "triton"):
             for i, case in enumerate(CASES):
                 _check_case(rank, world, group, backend, 1000 * world + i, case)
@@ -251,13 +258,14 @@ def _worker(rank, world, port):
             _check_errors(rank, world, group)
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_equals_dense(world):
+def test_vocab_parallel_equals_dense(world, tmp_path):
     """Both backends in one spawn (the processes' start-up is most of the time)."""
     pytest.importorskip("torch.distributed.tensor")
-    mp.spawn(_worker, args=(world, _free_port()), nprocs=world)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world)
 
 
 def test_group_needs_an_initialised_process_group():

@@ -79,14 +79,32 @@ def triton_job(kernel, args, kwargs) -> tuple[TritonJob, dict]:
     backend = make_backend(TARGET)
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "instrumentation_mode"):  # as JITFunction.run: Triton 3.4 has no such knob
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    pack = getattr(kernel, "_pack_args", None) or _pack_args_34.__get__(kernel)
+    options, signature, constexprs, attrs = pack(backend, kwargs, bound, specialization, options)
     job = TritonJob(kernel.fn.__module__, kernel.fn.__name__, tuple(signature.items()),
                     tuple(sorted(constexprs.items())), tuple(sorted((k, _frozen(v)) for k, v in attrs.items())),
                     tuple(sorted((k, _frozen(v)) for k, v in options.__dict__.items())))
     return job, bound
+
+
+def _pack_args_34(kernel, backend, kwargs, bound, specialization, options):
+    """JITFunction._pack_args for Triton 3.4, whose JITFunction.run does this inline (the oldest Triton
+    that compiles the kernels: scripts/check_floor.sh --compile)."""
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [x[0] for x in specialization]
+    signature = dict(zip([p.name for p in kernel.params], sigvals))
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+    attrvals = [x[1] for x in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, x: isinstance(x, str))}
+    return options, signature, constexprs, attrs
 
 
 def _frozen(value):
