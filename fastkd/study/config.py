@@ -18,6 +18,16 @@ class StudyConfig:
     dataset: str = field(default="digits", metadata={"help": "digits | cifar10 | cifar100"})
     data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live (required for CIFAR)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
+    task: str = field(default="classify", metadata={
+        "help": "classify (the digits / CIFAR study) | lm (a causal language model on text: fastkd/study/lm.py)"})
+    text: list[str] | None = field(default=None, metadata={
+        "help": "lm: UTF-8 text files to train on (default: Python's standard-library source, see lm_data.py)"})
+    corpus_chars: int | None = field(default=None, metadata={"help": "lm: characters of text read (default: 500000)"})
+    vocab_size: int | None = field(default=None, metadata={"help": "lm: the BPE vocabulary trained (default: 2048)"})
+    seq_len: int | None = field(default=None, metadata={"help": "lm: tokens per sequence (default: 64)"})
+    sparse_k: list[int] | None = field(default=None, metadata={
+        "help": "lm: K = S of the sparse teachers: per value one student per top-K tail and one sampled "
+                "(default: 4 16)"})
     teacher: str | None = field(default=None, metadata={
         "help": "teacher model (default: mlp-large on digits, resnet18 on CIFAR)"})
     student: str | None = field(default=None, metadata={
@@ -58,6 +68,10 @@ class StudyConfig:
 
     def resolved(self) -> StudyConfig:
         """A copy with the dataset-dependent defaults filled in."""
+        if self.task == "lm":
+            from .lm import resolve_lm
+
+            return resolve_lm(self)
         small = self.dataset == "digits"
         teacher, student = DEFAULTS.get(self.dataset, (None, None))
         epochs = self.epochs if self.epochs is not None else (40 if small else 30)
@@ -121,8 +135,9 @@ def check_same_settings(folder: Path, saved: dict, cfg: StudyConfig, hint: str):
     """A ValueError naming the first setting (and both values) in which ``cfg`` differs from the
     settings ``saved`` of the run in ``folder``; ``hint`` says what to do instead."""
     want = json.loads(json.dumps(asdict(cfg.resolved())))  # tuples as lists, as read back from JSON
+    default = {f.name: f.default for f in fields(StudyConfig)}  # a setting newer than the run: its default
     for k, v in want.items():
-        if k not in NOT_COMPARED and saved.get(k) != v:
+        if k not in NOT_COMPARED and saved.get(k, default[k]) != v:
             raise ValueError(f"--resume: {folder} was run with --{k.replace('_', '-')} = {saved.get(k)!r}, "
                              f"not {v!r}; {hint}")
 
