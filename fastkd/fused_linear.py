@@ -82,7 +82,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
 def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor,
                                 teacher_logprobs: Tensor, labels: Tensor | None = None, *,
                                 student_bias: Tensor | None = None, temperature: float = 4.0, alpha: float = 0.9,
-                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "batchmean",
+                                tail: str = "bucket", teacher_temperature: float = 1.0, ignore_index: int = -100,
+                                reduction: str = "batchmean",
                                 chunk_size: int | None = None, backend: str | None = None,
                                 validate_labels: bool = True, num_items: float | Tensor | None = None,
                                 meter: CalibrationMeter | None = None, return_entropy: bool = False,
@@ -92,7 +93,8 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
     materialising the student's logits (and with no teacher forward at all: its top-K come from a
     cache or a serving engine). Peak memory: one chunk of student logits and its gradient (fp32,
     4 bytes per logit each; 16-bit inputs add the gradient cast for the GEMMs, 2 bytes) plus the
-    gradients (fp32 for the weights).
+    gradients (fp32 for the weights). ``tail`` and ``teacher_temperature``: as in
+    :func:`fastkd.sparse_kd_loss`.
     ``num_items``, ``meter``, ``return_entropy``, the student's logit transforms, the projected
     rows and second derivatives (not supported: a backward with ``create_graph=True`` raises): as in
     :func:`fused_linear_kd_loss`."""
@@ -100,7 +102,8 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
                             reductions=LINEAR_REDUCTIONS, has_labels=labels is not None, backend=backend,
                             validate_labels=validate_labels, num_items=num_items,
                             student_logit_scale=student_logit_scale, student_softcap=student_softcap, tail=tail,
-                            sparse=True, chunk_size=chunk_size, return_entropy=return_entropy)
+                            teacher_temperature=teacher_temperature, sparse=True, chunk_size=chunk_size,
+                            return_entropy=return_entropy)
     loss, entropy_sum = dispatch.run_sparse(student_hidden, student_weight, student_bias, teacher_ids,
                                             teacher_logprobs, labels, options, meter)
     return (loss, entropy_sum) if return_entropy else loss

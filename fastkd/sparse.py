@@ -33,7 +33,8 @@ from .calibration import CalibrationMeter
 
 def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                    labels: Tensor | None = None, *, temperature: float = 4.0, alpha: float = 0.9,
-                   divergence: str = "kl", tail: str = "bucket", ignore_index: int = -100,
+                   divergence: str = "kl", tail: str = "bucket", teacher_temperature: float = 1.0,
+                   ignore_index: int = -100,
                    reduction: str = "batchmean", meter: CalibrationMeter | None = None,
                    backend: str | None = None, validate_labels: bool = True,
                    num_items: float | Tensor | None = None, student_logit_scale: float = 1.0,
@@ -42,9 +43,13 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
 
     ``teacher_ids`` ``(..., K)`` integer (-1 pads a row with fewer classes) and ``teacher_logprobs``
     ``(..., K)``: the teacher's log-probabilities at T = 1 over the whole vocabulary (what
-    ``log_softmax(logits).topk(K)`` or a serving engine returns). ``tail``: "bucket" (the missing
-    mass is one more class, matched by the student's mass off the list) or "renormalize" (the
-    teacher restricted to its K classes). See the module docstring for the exact objective; the
+    ``log_softmax(logits).topk(K)`` or a serving engine returns). ``teacher_temperature``: the
+    temperature those log-probabilities were computed at (1.0: the teacher's own distribution;
+    ``temperature``: rows already at T, used as given, e.g. a sampled teacher's log(count / S)).
+    ``tail``: the missing mass in the target, matched by the student's mass off the list:
+    "bucket" (spread evenly over the unlisted classes and tempered with them), "lumped" (one class
+    tempered as a whole) or "renormalize" (dropped). See the module docstring for the exact
+    objective; the
     reductions, ``ignore_index``, ``meter`` (the student's calibration), ``num_items`` and the
     student's logit transforms (``student_logit_scale``, ``student_softcap``) are
     :func:`fastkd.kd_loss`'s. ``validate_labels=True`` also checks the teacher: ids in range, no
@@ -62,7 +67,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
                             reduction=reduction, has_labels=labels is not None, backend=backend,
                             validate_labels=validate_labels, num_items=num_items,
                             student_logit_scale=student_logit_scale, student_softcap=student_softcap, group=group,
-                            tail=tail, sparse=True)
+                            tail=tail, teacher_temperature=teacher_temperature, sparse=True)
     return dispatch.run(student_logits, teacher_ids, teacher_logprobs, labels, options, meter)
 
 
@@ -72,10 +77,10 @@ class SparseKDLoss(OptionsModule):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, tail: str = "bucket", ignore_index: int = -100,
                  reduction: str = "batchmean", backend: str | None = None, student_logit_scale: float = 1.0,
-                 student_softcap: float | None = None, group=None):
+                 student_softcap: float | None = None, group=None, teacher_temperature: float = 1.0):
         super().__init__(dict(sparse=True), temperature=temperature, alpha=alpha, tail=tail,
-                         ignore_index=ignore_index, reduction=reduction, backend=backend,
-                         student_logit_scale=student_logit_scale, student_softcap=student_softcap, group=group)
+                         teacher_temperature=teacher_temperature, ignore_index=ignore_index, reduction=reduction,
+                         backend=backend, student_logit_scale=student_logit_scale, student_softcap=student_softcap, group=group)
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
                 labels: Tensor | None = None, meter: CalibrationMeter | None = None) -> Tensor:

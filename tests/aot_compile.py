@@ -267,6 +267,9 @@ def sparse_cases() -> list[Case]:
     for rows, k in ((Rows((1, 1000), "fp32"), 20), (Rows((4, 1), "fp32"), 1), (Rows((9, 1271), "fp16"), 7),
                     (Rows((3, 151646), view="[:, :C]"), 33)):
         cases += [Case("sparse", rows, v, k=k) for v in SPARSE_VARIANTS[:2]]
+    # the third tail (TAIL = 2) with a teacher already at T (teacher_power 1): one call
+    cases.append(Case("sparse", Rows((64, 4000)), Variant("lumped+ce sampled", _sparse(
+        alpha=0.5, tail="lumped", teacher_temperature=2.0)), k=64))
     return cases
 
 
@@ -397,7 +400,8 @@ NOT_ON_THE_PATH = {("_kd_fwd_kernel", "ONE_PASS=True"): {"THIRD_SWEEP"},
 def uncovered_branches(jobs) -> list[str]:
     """The constexpr branches a user reaches that no job compiled: every boolean constexpr of every
     kernel both ways (the dense kernel per path: one pass, looping), every divergence each kernel
-    handles, the one-pass dense kernel with the row length compiled in (N_COLS > 0) and without."""
+    handles, every tail of the sparse kernel, the one-pass dense kernel with the row length compiled
+    in (N_COLS > 0) and without."""
     seen: dict = {}  # (kernel, path) -> constexpr -> values
     for job in jobs:
         consts = declared_constants(job)
@@ -411,6 +415,8 @@ def uncovered_branches(jobs) -> list[str]:
         for name, got in sorted(values.items()):
             if name == "DIVERGENCE":
                 want = {0, 1} if kernel == "_kd_split_kernel" else {0, 1, 2}
+            elif name == "TAIL":  # the sparse kernel's Tail codes: bucket, renormalize, lumped
+                want = {0, 1, 2}
             elif name in skip or not all(isinstance(v, bool) for v in got):
                 continue
             else:
@@ -486,7 +492,7 @@ SCALARS = {"n_rows": "i64", "n_cols": "i64", "n_inner": "i64", "stride_so": "i64
            "rows_per_group": "i32", "ignore_index": "i64", "inv_temp": "fp32", "kd_scale": "fp32",
            "ce_scale": "fp32", "beta": "fp32", "inv_count": "fp32", "grad_unit": "fp32",
            "n_elements": "i64", "n_k": "i64", "stride_s": "i64", "stride_k": "i64", "stride_gs": "i64",
-           "tail_floor": "fp32", "s_scale": "fp32", "t_scale": "fp32", "s_cap": "fp32", "t_cap": "fp32"}
+           "tail_floor": "fp32", "s_scale": "fp32", "t_scale": "fp32", "s_cap": "fp32", "t_cap": "fp32", "t_power": "fp32"}
 
 
 def compile_kernel(kernel, pointers: dict, constexprs: dict, num_warps: int, aligned: bool = False):

@@ -21,9 +21,27 @@ class Divergence(enum.IntEnum):
         return _MEMBERS[DIVERGENCES.index(value)]
 
 
+class Tail(enum.IntEnum):
+    """A sparse teacher's missing mass m (1 - the listed probabilities) in the target, tempered with
+    the listed classes' power r (see fastkd/sparse.py); its value is the kernels' TAIL code."""
+
+    BUCKET = 0  # spread evenly over the V - K' unlisted classes, each tempered: (V - K') (m / (V - K'))^r
+    RENORMALIZE = 1  # dropped: the teacher restricted to its listed classes
+    LUMPED = 2  # one extra class tempered as a whole: m^r
+
+    @classmethod
+    def parse(cls, value, name: str = "tail") -> Tail:
+        """The member a public argument names ("bucket", "renormalize", "lumped"), or an error naming it."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, str) or value not in TAILS:
+            raise ValueError(f"{name} must be one of {TAILS}, got {value!r}")
+        return cls[value.upper()]
+
+
 _MEMBERS = tuple(Divergence)
 DIVERGENCES = tuple(d.name.lower() for d in Divergence)  # the public names, in code order
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 LINEAR_REDUCTIONS = REDUCTIONS[:3]  # the fused-linear losses: "none" would need a weight gradient per row
-TAILS = ("bucket", "renormalize")  # a sparse teacher's missing mass: one more class, or dropped
+TAILS = tuple(t.name.lower() for t in Tail)  # the public names, in code order (today's two first)
 BACKENDS = ("auto", "triton", "cuda", "torch")  # backend= and FASTKD_BACKEND, in any case (fastkd.backends)

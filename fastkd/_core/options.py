@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import checks
-from .enums import BACKENDS, REDUCTIONS, TAILS, Divergence
+from .enums import BACKENDS, REDUCTIONS, Divergence, Tail
 from .spec import transform_names
 
 # what a tensor in kl_loss's third or fourth place most often is (its labels are keyword-only)
@@ -30,7 +30,8 @@ class Options:
     num_items: object  # None, a float > 0 or a one-element tensor (its device is checked with the logits)
     transforms: tuple  # (s_scale, t_scale, s_cap, t_cap) of KDSpec; a cap of 0 means none
     group: object  # a torch.distributed process group (vocabulary-parallel), or None
-    tail: str  # a sparse teacher's missing mass: "bucket" or "renormalize"
+    tail: Tail  # a sparse teacher's missing mass (its int value is the kernels' TAIL code)
+    teacher_temperature: float  # the temperature a sparse teacher's log-probabilities were computed at
     chunk_size: int | None  # the fused-linear losses' rows per chunk (None: about 2^25 logits)
     return_entropy: bool
 
@@ -38,8 +39,8 @@ class Options:
     def build(cls, *, temperature, alpha=None, divergence="kl", beta=0.5, ignore_index=-100,
               reduction="batchmean", reductions=REDUCTIONS, has_labels=None, backend=None, validate_labels=True,
               num_items=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-              teacher_softcap=None, group=None, tail="bucket", sparse=False, chunk_size=None,
-              return_entropy=False) -> Options:
+              teacher_softcap=None, group=None, tail="bucket", teacher_temperature=1.0, sparse=False,
+              chunk_size=None, return_entropy=False) -> Options:
         """Every scalar argument checked once. ``alpha`` None: kl_loss's objective (the divergence
         alone, without T^2); else alpha T^2 D + (1 - alpha) CE. ``sparse``: a top-K teacher (KL only).
         ``has_labels``: whether the call has labels; None when not known yet (a module's constructor:
@@ -57,13 +58,14 @@ class Options:
         divergence = Divergence.parse(divergence)
         beta = checks.real(beta, "beta", 0.0, 1.0, True, True) if divergence == Divergence.JSD else float(beta)
         checks.integer(ignore_index, "ignore_index")
-        checks.choice(tail, "tail", TAILS)
+        tail = Tail.parse(tail)
+        teacher_temperature = checks.positive(teacher_temperature, "teacher_temperature")
         if backend is not None and (not isinstance(backend, str) or backend.lower() not in BACKENDS):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")  # (as backends.requested)
         options = cls(temperature, kd_weight, ce_weight, t_squared, divergence, beta, ignore_index, reduction,
                       backend, validate_labels, checks.num_items(num_items, reduction),
                       checks.transforms(student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap),
-                      group, tail, checks.positive_int(chunk_size, "chunk_size", optional=True),
+                      group, tail, teacher_temperature, checks.positive_int(chunk_size, "chunk_size", optional=True),
                       checks.flag(return_entropy, "return_entropy"))
         if has_labels is not None:
             options.require_labels(has_labels)
@@ -83,10 +85,6 @@ class Options:
     def transforms_set(self) -> list[str]:
         """The public arguments of the logit transforms this call sets (not at their defaults)."""
         return transform_names(*self.transforms)
-
-    @property
-    def bucket(self) -> bool:
-        return self.tail == "bucket"
 
 
 class OptionsModule(nn.Module):

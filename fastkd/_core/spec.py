@@ -39,6 +39,9 @@ class KDSpec:
     t_scale: float = 1.0
     s_cap: float = 0.0  # 0: no softcap
     t_cap: float = 0.0
+    # a sparse teacher's power r = teacher_temperature / T: its listed probabilities (and tail) enter
+    # the target as q^r. 1/T for log-probabilities at T = 1 (the default), 1 for rows already at T.
+    teacher_power: float = 1.0
 
     @property
     def has_ce(self) -> bool:
@@ -90,8 +93,10 @@ def build_spec(options, n_classes: int, dtypes, peak=SAVED_PEAK) -> KDSpec:
     kd_scale = o.kd_weight * (temperature**2 if o.t_squared else 1.0) / (n_classes if o.reduction == "mean" else 1)
     s_scale, t_scale, s_cap, t_cap = o.transforms
     unit = grad_unit(kd_scale / temperature, o.ce_weight, o.divergence, dtypes, max(s_scale, t_scale), peak)
+    # teacher_temperature / T, not teacher_temperature * (1 / T): at teacher_temperature = 1 both are
+    # 1 / T exactly, and at teacher_temperature = T only the division gives exactly 1
     return KDSpec(1.0 / temperature, kd_scale, o.ce_weight, o.divergence, o.beta, o.ignore_index, unit,
-                  s_scale, t_scale, s_cap, t_cap)
+                  s_scale, t_scale, s_cap, t_cap, o.teacher_temperature / temperature)
 
 
 def wide(*dtypes):

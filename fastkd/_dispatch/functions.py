@@ -77,8 +77,8 @@ class SparseKD(torch.autograd.Function):
     sparse_kd_forward runs the forward, its scale_grad the backward."""
 
     @staticmethod
-    def forward(ctx, s, teacher_ids, teacher_logprobs, labels, row_count, spec, bucket, reduce, impl, meter):
-        loss, gs = impl.sparse_kd_forward(s, teacher_ids, teacher_logprobs, labels, row_count, spec, bucket,
+    def forward(ctx, s, teacher_ids, teacher_logprobs, labels, row_count, spec, tail, reduce, impl, meter):
+        loss, gs = impl.sparse_kd_forward(s, teacher_ids, teacher_logprobs, labels, row_count, spec, tail,
                                           ctx.needs_input_grad[0], meter, reduce=reduce)
         _save(ctx, impl, (gs,), row_count, spec, s.dtype, teacher_logprobs.dtype)
         return loss
@@ -91,14 +91,14 @@ class SparseKD(torch.autograd.Function):
 class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, teacher_ids, teacher_logprobs, labels, row_count, spec, impl, chunk,
-                bucket, meters, entropy):
-        """The teacher is dense (``ht``, ``wt``, ``bt``: h_t W_t^T + b_t; ``bucket`` None) or sparse
-        (its top-K ``teacher_ids`` and ``teacher_logprobs`` per row, ``bucket`` the tail mode; no
+                tail, meters, entropy):
+        """The teacher is dense (``ht``, ``wt``, ``bt``: h_t W_t^T + b_t; ``tail`` None) or sparse
+        (its top-K ``teacher_ids`` and ``teacher_logprobs`` per row, ``tail`` its Tail code; no
         teacher gradient). ``meters``: (student meter, teacher meter), each None or a CalibrationMeter
         fed by every chunk. ``entropy``: also return the sum of the student's entropies (else an
         empty tensor)."""
         need = ctx.needs_input_grad
-        dense = bucket is None
+        dense = tail is None
         grad_s, grad_t = any(need[0:3]), dense and any(need[3:6])
         n, v_s, v_t = hs.shape[0], ws.shape[0], (wt.shape[0] if dense else 0)
         # sums in fp32, float64 where an input is float64 (the loss: where either side is)
@@ -130,7 +130,7 @@ class FusedLinearKD(torch.autograd.Function):
                                                        reduce=True)
             else:
                 chunk_loss, d_s = impl.sparse_kd_forward(s, teacher_ids[lo:hi], teacher_logprobs[lo:hi], lab,
-                                                         row_count, spec, bucket, grad_s, meters[0], reduce=True)
+                                                         row_count, spec, tail, grad_s, meters[0], reduce=True)
             loss += chunk_loss
             if entropy:
                 entropy_sum += gemm.entropy(s, spec).sum()

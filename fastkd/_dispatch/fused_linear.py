@@ -72,4 +72,4 @@ def run_sparse(student_hidden, student_weight, student_bias, teacher_ids, teache
         spec = build_spec(options, v, (hidden.dtype,), GEMM_PEAK)
         chunk = options.chunk_size or max(1, gemm.CHUNK_LOGITS // v)
         return FusedLinearKD.apply(hs, weight, bias, None, None, None, ids, lp, lab, count, spec, impl, chunk,
-                                   options.bucket, (meter, None), options.return_entropy)
+                                   int(options.tail), (meter, None), options.return_entropy)

@@ -36,5 +36,5 @@ def run(s, teacher_ids, teacher_logprobs, labels, options: Options, meter=None):
     with torch.autocast(s.device.type, enabled=False):
         loss = SparseKD.apply(s2, teacher_ids.reshape(-1, k).to(torch.int64).contiguous(),
                               teacher_logprobs.reshape(-1, k).contiguous(), labels2,
-                              row_count(labels2, options, s2.shape[0]), spec, options.bucket, reduce, impl, meter)
+                              row_count(labels2, options, s2.shape[0]), spec, int(options.tail), reduce, impl, meter)
     return loss if reduce else loss.reshape(s.shape[:-1])

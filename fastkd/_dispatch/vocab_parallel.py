@@ -264,7 +264,7 @@ class SparseVocabParallel(_Executor):
     mass) and of p_k a_k (the divergence's cross term). The gradient of the slice is written by
     tensor ops on either backend (one read of the slice and a write)."""
 
-    def sparse_kd_forward(self, s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool, grad_s: bool, meter,
+    def sparse_kd_forward(self, s, ids, lp, labels, row_count, spec: KDSpec, tail: int, grad_s: bool, meter,
                           reduce: bool = False):
         lay = self.layout
         n, cd, k = s.shape[0], wide(s.dtype, lp.dtype), spec.inv_temperature
@@ -274,7 +274,7 @@ class SparseVocabParallel(_Executor):
         local = ids - lay.offset
         own = valid & (local >= 0) & (local < lay.width)
         at = torch.where(own, local, 0)
-        lp_k, lp_tail = sparse_teacher(lp.to(cd), valid, lay.vocab, spec, bucket)
+        lp_k, lp_tail = sparse_teacher(lp.to(cd), valid, lay.vocab, spec, tail)
         p_k, p_tail = lp_k.exp(), lp_tail.exp()
         a_k = s.gather(1, at).to(cd) * k
         mass = torch.where(own, torch.exp(a_k - finite(g.max_s)[:, None] * k), 0.0).sum(1)
@@ -387,7 +387,7 @@ def sparse(s, teacher_ids, teacher_logprobs, labels, options: Options, meter):
     with torch.autocast(s.device.type, enabled=False):
         loss = SparseKD.apply(s2, teacher_ids.reshape(-1, k).to(torch.int64).contiguous(),
                               teacher_logprobs.reshape(-1, k).contiguous(), labels2,
-                              row_count(labels2, options, s2.shape[0]), spec, options.bucket, reduce,
+                              row_count(labels2, options, s2.shape[0]), spec, int(options.tail), reduce,
                               SparseVocabParallel(lay, kernels), meter)
     return loss if reduce else loss.reshape(s.shape[:-1])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._core.enums import Divergence
+from ..._core.enums import Divergence, Tail
 from ..._core.spec import KDSpec, wide
 
 
@@ -81,20 +81,25 @@ def rescale(m_from, m_to, k):
     return torch.where(m_from == -torch.inf, 0.0, torch.exp((finite(m_from) - finite(m_to)) * k))
 
 
-def sparse_teacher(lp, valid, n_cols, spec: KDSpec, bucket: bool):
-    """Tempered teacher over its K listed classes (+ the tail bucket): (log p_k, log p_tail).
+def sparse_teacher(lp, valid, n_cols, spec: KDSpec, tail: int):
+    """The target over a sparse teacher's K listed classes and its tail: (log p_k, log p_tail).
 
-    The teacher's log-probabilities at T = 1 are tempered as the full teacher would be,
-    p ~ q^(1/T); its missing mass m = 1 - sum q_k is taken as spread evenly over the V - K
-    unlisted classes, so the tail bucket holds (V - K) (m / (V - K))^(1/T) before normalisation.
-    "renormalize" drops the tail."""
-    u = torch.where(valid, lp * spec.inv_temperature, -torch.inf)
+    The listed log-probabilities are tempered with the power r = spec.teacher_power
+    (teacher_temperature / T), p_k ~ q_k^r, as the full teacher would be. The missing mass
+    m = 1 - sum q_k (``tail``, a Tail code): BUCKET, spread evenly over the V - K' unlisted classes
+    and tempered with them, (V - K') (m / (V - K'))^r; LUMPED, one class tempered as a whole, m^r;
+    RENORMALIZE, dropped. With no unlisted class (K' = V) there is no tail (m is rounding)."""
+    r = spec.teacher_power
+    u = torch.where(valid, lp * r, -torch.inf)
     u_tail = torch.full_like(u[:, 0], -torch.inf)
-    if bucket:
+    if tail != Tail.RENORMALIZE:
         missing = (1 - torch.where(valid, lp.exp(), 0.0).sum(-1)).clamp(min=0)
         free = (n_cols - valid.sum(-1)).to(u.dtype)
-        spread = free.log() + (missing.log() - free.log()) * spec.inv_temperature
-        u_tail = torch.where((missing > 0) & (free > 0), spread, u_tail)
+        if tail == Tail.BUCKET:
+            mass = free.log() + (missing.log() - free.log()) * r
+        else:
+            mass = missing.log() * r
+        u_tail = torch.where((missing > 0) & (free > 0), mass, u_tail)
     norm = torch.logsumexp(torch.cat([u, u_tail[:, None]], -1), -1, keepdim=True)
     return u - norm, u_tail - norm[:, 0]
 

@@ -8,10 +8,11 @@ from .dense import CHUNK_ELEMENTS
 from .math import chain, compute_dtype, masked, row_weights, slope, sparse_teacher, transform
 
 
-def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool, grad_s: bool, meter,
+def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, grad_s: bool, meter,
                       reduce: bool = False):
     """Student rows (N, V), teacher top-K ``ids`` (N, K) (-1 = padding) and log-probabilities ``lp``
-    (N, K) -> (loss, grad_s | None). Per row, a = s/T, p_s = softmax(a), teacher p (above):
+    (N, K) -> (loss, grad_s | None); ``tail`` a Tail code. Per row, a = s/T, p_s = softmax(a), the
+    target p over the listed classes and the tail (math.sparse_teacher):
 
         D = sum_k p_k (log p_k - log p_s,k) + p_tail (log p_tail - log p_s,tail)
         dD/da_j = p_s,j - p_j (listed j);   p_s,j (1 - p_tail / p_s,tail) (unlisted j)
@@ -41,7 +42,7 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
         la = (x * spec.inv_temperature).log_softmax(-1)
         lps_k = la.gather(-1, idx)
         ps_k = torch.where(valid, lps_k.exp(), 0.0)
-        lp_k, lp_tail = sparse_teacher(k_lp, valid, c, spec, bucket)
+        lp_k, lp_tail = sparse_teacher(k_lp, valid, c, spec, tail)
         p_k, p_tail = lp_k.exp(), lp_tail.exp()
         ps_tail = (1 - ps_k.sum(-1)).clamp(min=SPARSE_TAIL_FLOOR)
         div = masked(p_k, lp_k - lps_k).sum(-1) + masked(p_tail, lp_tail - ps_tail.log())

@@ -68,8 +68,9 @@ def _sparse_kd_fwd_kernel(
     s_ptr, ids_ptr, lp_ptr, labels_ptr, loss_ptr, gs_ptr, row_count_ptr, edges_ptr, meter_ptr,
     n_cols, n_k, stride_s, stride_k, stride_gs,
     inv_temp, kd_scale, ce_scale, ignore_index, inv_count, grad_unit, tail_floor,
+    t_power,  # the teacher's power r = teacher_temperature / T (KDSpec.teacher_power)
     s_scale, s_cap,  # the student's logit transform (read where S_SCALE, S_CAP)
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, BUCKET: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, TAIL: tl.constexpr,
     HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, GRAD_S: tl.constexpr,
     METER: tl.constexpr, NUM_BINS: tl.constexpr, BINS_P2: tl.constexpr, STUDENT_T1: tl.constexpr,
     S_SCALE: tl.constexpr, S_CAP: tl.constexpr,
@@ -121,20 +122,23 @@ def _sparse_kd_fwd_kernel(
     lse_a = m * inv_temp + tl.log(z_t)
     lse_1 = m + tl.log(z_1)
 
-    # the K listed classes: student (gathered) and teacher (tempered, + the tail bucket)
+    # the K listed classes: student (gathered) and teacher (tempered, + its tail: TAIL is a Tail code)
     x_k = tl.load(s_ptr + row_off + at, mask=listed, other=0.0).to(tl.float32)
     x_k = _transform(x_k, s_scale, s_cap, s_kc, S_SCALE, S_CAP, FAST_MATH)
     lps_k = x_k * inv_temp - lse_a[:, None]
     ps_k = tl.where(listed, tl.exp(lps_k), 0.0)
     lq = tl.load(lp_ptr + rows[:, None] * stride_k + ks[None, :], mask=listed, other=0.0).to(tl.float32)
-    u = tl.where(listed, lq * inv_temp, NEG_INF)
+    u = tl.where(listed, lq * t_power, NEG_INF)
     n_listed = tl.sum(listed.to(tl.float32), axis=1)
     u_tail = zero + NEG_INF
-    if BUCKET:  # the missing mass, spread evenly over the unlisted classes, tempered like them
+    if TAIL != 1:  # the missing mass (RENORMALIZE = 1 drops it)
         missing = tl.maximum(1.0 - tl.sum(tl.where(listed, tl.exp(lq), 0.0), axis=1), 0.0)
         free = n_cols - n_listed
-        u_tail = tl.where((missing > 0) & (free > 0),
-                          tl.log(free) + (tl.log(missing) - tl.log(free)) * inv_temp, NEG_INF)
+        if TAIL == 0:  # BUCKET: spread evenly over the unlisted classes, tempered like them
+            mass = tl.log(free) + (tl.log(missing) - tl.log(free)) * t_power
+        else:  # LUMPED: one class, tempered as a whole
+            mass = tl.log(missing) * t_power
+        u_tail = tl.where((missing > 0) & (free > 0), mass, NEG_INF)
     u_max = tl.maximum(tl.max(u, axis=1), u_tail)
     u_max = tl.where(u_max == NEG_INF, 0.0, u_max)
     lse_t = u_max + tl.log(tl.sum(tl.exp(u - u_max[:, None]), axis=1) + tl.exp(u_tail - u_max))
@@ -180,9 +184,10 @@ def _sparse_kd_fwd_kernel(
         _meter_flush(meter_ptr, acc, NUM_BINS, BINS_P2)
 
 
-def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool, grad_s: bool, meter,
+def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, tail: int, grad_s: bool, meter,
                       reduce: bool = False):
-    """Rows (N, V), ids and log-probabilities (N, K) -> (loss: fp32 per row, or their sum; grad_s)."""
+    """Rows (N, V), ids and log-probabilities (N, K) -> (loss: fp32 per row, or their sum; grad_s);
+    ``tail`` a Tail code."""
     n, c = s.shape
     k = ids.shape[1]
     loss = torch.empty(n, dtype=torch.float32, device=s.device)
@@ -201,8 +206,8 @@ def sparse_kd_forward(s, ids, lp, labels, row_count, spec: KDSpec, bucket: bool,
             meter._state_on(s.device) if meter is not None else dummy,
             c, k, s.stride(0), ids.stride(0), gs.stride(0) if grad_s else 0,
             spec.inv_temperature, spec.kd_scale, spec.ce_scale, spec.ignore_index, inv_count_on_host(row_count),
-            spec.grad_unit, SPARSE_TAIL_FLOOR, spec.s_scale, spec.s_cap,
-            BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(k), ONE_PASS=one_pass, BUCKET=bucket,
+            spec.grad_unit, SPARSE_TAIL_FLOOR, spec.teacher_power, spec.s_scale, spec.s_cap,
+            BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(k), ONE_PASS=one_pass, TAIL=int(tail),
             HAS_LABELS=labels is not None, HAS_CE=spec.has_ce, COUNT_ON_DEVICE=torch.is_tensor(row_count),
             GRAD_S=grad_s, METER=meter is not None, NUM_BINS=num_bins,
             BINS_P2=triton.next_power_of_2(num_bins + 1), STUDENT_T1=spec.has_ce or meter is not None,
