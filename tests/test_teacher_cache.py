@@ -5,13 +5,14 @@ command (digits and a tiny random Hugging Face model over a token file) and the 
 import json
 import os
 import pickle
+import re
 import stat
 
 import numpy as np
 import pytest
 import torch
 
-from fastkd.teacher_cache import CacheError, TeacherCache, TeacherCacheWriter, fingerprint
+from fastkd.teacher_cache import CacheError, TeacherCache, TeacherCacheWriter, fingerprint, sample_teacher
 
 # storage dtype, its relative rounding (half an ulp) for the log-probabilities
 DTYPES = [pytest.param("float16", torch.float16, 2.0**-11, id="fp16"),
@@ -41,6 +42,76 @@ def assert_matches_reference(ids, logprobs, logits, k, rel):
     assert ids.dtype == torch.int32 and torch.equal(ids.long(), ref_ids)
     err = (logprobs.double() - ref_lp).abs()
     assert (err <= rel * ref_lp.abs() + 1e-6).all(), float(err.max())
+
+
+def dense_counts(ids, counts, vocab):
+    """(rows, vocab) counts from sampled rows (ids padded with -1, counts 0 there)."""
+    ids, counts = ids.reshape(-1, ids.shape[-1]).long(), counts.reshape(-1, counts.shape[-1]).long()
+    dense = torch.zeros(len(ids), vocab + 1, dtype=torch.long)  # column vocab takes the padding
+    return dense.scatter_add_(1, ids.where(ids >= 0, vocab), counts)[:, :vocab]
+
+
+@pytest.mark.parametrize("lead", [(1,), (3, 5)], ids=["one-row", "rows-x-positions"])
+@pytest.mark.parametrize("samples", [1, 7, 64])
+def test_sample_teacher_rows_are_distinct_ids_with_counts(gen, lead, samples):
+    logits = torch.randn(*lead, 13, generator=gen) * 2
+    ids, counts = sample_teacher(logits.to(torch.bfloat16), samples, 1.5, generator=gen)
+    assert ids.dtype == counts.dtype == torch.int32 and ids.shape == counts.shape == (*lead, samples)
+    ids, counts = ids.reshape(-1, samples), counts.reshape(-1, samples)
+    assert (counts.sum(-1) == samples).all()
+    listed = ids >= 0
+    assert torch.equal(listed, counts > 0) and (ids < 13).all() and (ids[~listed] == -1).all()
+    assert (listed[:, :-1] >= listed[:, 1:]).all()  # padding only at the end
+    assert (counts[:, :-1] >= counts[:, 1:]).all()  # highest count first
+    tie = (counts[:, :-1] == counts[:, 1:]) & listed[:, 1:]
+    assert (ids[:, :-1][tie] < ids[:, 1:][tie]).all()  # ties by id: rows are reproducible
+    for row_ids, row_listed in zip(ids, listed):
+        assert len(set(row_ids[row_listed].tolist())) == int(row_listed.sum())
+
+
+def test_sample_teacher_is_reproducible_and_computed_in_fp32(gen):
+    logits = torch.randn(9, 40, generator=gen).to(torch.bfloat16)
+    seed = int(torch.randint(1 << 30, (1,), generator=gen))
+    first = sample_teacher(logits, 16, 2.0, generator=torch.Generator().manual_seed(seed))
+    again = sample_teacher(logits.float(), 16, torch.tensor(2.0), generator=torch.Generator().manual_seed(seed))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_sample_teacher_counts_estimate_the_tempered_teacher(gen, temperature):
+    """The mean of counts / S over N rows of one teacher is within 5 standard errors
+    (sqrt(p (1 - p) / (S N)) per class) of softmax(z / T) computed in float64."""
+    rows, samples = 3000, 8
+    z = torch.randn(11, generator=gen, dtype=torch.float64) * 3
+    z[4] = -float("inf")  # a class the teacher rules out is never drawn
+    ids, counts = sample_teacher(z.float().expand(rows, 11), samples, temperature, generator=gen)
+    estimate = dense_counts(ids, counts, 11).double().sum(0) / (rows * samples)
+    p = (z / temperature).exp() / (z / temperature).exp().sum()
+    tolerance = 5 * (p * (1 - p) / (rows * samples)).sqrt()
+    assert (estimate - p).abs().le(tolerance).all() and estimate[4] == 0, (estimate - p).abs().max()
+
+
+def test_sample_teacher_of_a_certain_teacher_lists_one_class(gen):
+    logits = torch.full((2, 6), -float("inf"))
+    logits[0, 3], logits[1, 0] = 0.0, 5.0
+    ids, counts = sample_teacher(logits, 5, 1.0, generator=gen)
+    assert ids.tolist() == [[3, -1, -1, -1, -1], [0, -1, -1, -1, -1]]
+    assert counts.tolist() == [[5, 0, 0, 0, 0], [5, 0, 0, 0, 0]]
+    ids, counts = sample_teacher(torch.randn(0, 3, 6), 4, 1.0)
+    assert ids.shape == counts.shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((torch.randn(2, 5), 0, 1.0), "samples must be a positive integer, got 0"),
+    ((torch.randn(2, 5), 2.0, 1.0), "samples must be a positive integer, got 2.0"),
+    ((torch.randn(2, 5), 4, 0.0), "temperature must be a positive finite number, got 0.0"),
+    ((torch.randn(2, 5), 4, float("nan")), "temperature must be a positive finite number, got nan"),
+    ((torch.randn(2, 5), 4, "2"), "temperature must be a positive finite number, got '2'"),
+    ((torch.arange(10).reshape(2, 5), 4, 1.0), "logits must be a floating-point tensor"),
+])
+def test_sample_teacher_refuses_bad_arguments(args, message):
+    with pytest.raises(CacheError, match=re.escape(message)):
+        sample_teacher(*args)
 
 
 @pytest.mark.parametrize("dtype,torch_dtype,rel", DTYPES)
@@ -172,11 +243,17 @@ def _edit_index(edit):
     (lambda f: (f / "index.json").write_text('{"format": "fastkd-teacher-cache", "rows": 1'),
      "index.json: not valid JSON"),
     (_edit_index(lambda i: i.update(format="something-else")), "not a fastkd teacher cache index"),
-    (_edit_index(lambda i: i.update(version=99)), "format version 99; this fastkd reads 1"),
+    (_edit_index(lambda i: i.update(version=99)),
+     "format version 99; this fastkd reads versions 1, 2; a newer fastkd wrote it"),
+    (_edit_index(lambda i: i.update(version="2")), "format version '2'; this fastkd reads versions 1, 2"),
+    (_edit_index(lambda i: i.update(kind="dense")), "corrupt (kind must be one of top_k, sampled, got 'dense')"),
+    (_edit_index(lambda i: i.update(temperature=2.0)),
+     "corrupt (temperature of a top_k cache must be 1.0 (log-probabilities at T = 1), got 2.0)"),
     (_edit_index(lambda i: i.update(rows=11)), "corrupt (the shards hold 12 rows, rows says 11)"),
     (_edit_index(lambda i: i.pop("k")), "corrupt (no field 'k')"),
     (_edit_index(lambda i: i["shards"][0].update(ids="../elsewhere.npy")), "is not a plain file name"),
-], ids=["missing", "bad-json", "format", "version", "row-count", "missing-field", "path-escape"])
+], ids=["missing", "bad-json", "format", "version-too-new", "version-unknown", "kind", "top-k-temperature",
+        "row-count", "missing-field", "path-escape"])
 def test_refuses_a_missing_or_corrupt_index(good_cache, damage, message):
     damage(good_cache)
     with pytest.raises(CacheError) as err:
@@ -213,6 +290,193 @@ def test_writer_refuses_to_replace_without_overwrite(good_cache, gen):
     write_cache(good_cache, logits, 2, overwrite=True)
     assert len(TeacherCache(good_cache, k=2, row_shape=())) == 6
     assert sorted(p.name for p in good_cache.parent.iterdir()) == ["c", "notes"]
+
+
+# ---- format versions, and sampled caches ----
+
+def test_writes_version_2_and_reads_a_version_1_cache(tmp_path, gen):
+    """A cache written the way fastkd wrote them before sampled caches (version 1, no kind or
+    temperature) reads as a top-K cache at T = 1, with the same rows."""
+    logits = torch.randn(7, 3, 12, generator=gen)
+    ids, lp = reference_top_k(logits, 4)
+    old = tmp_path / "v1"
+    old.mkdir()
+    np.save(old / "shard-00000-ids.npy", ids.numpy().astype(np.int32))
+    np.save(old / "shard-00000-logprobs.npy", lp.numpy().astype(np.float16))
+    (old / "index.json").write_text(json.dumps({
+        "format": "fastkd-teacher-cache", "version": 1, "rows": 7, "row_shape": [3], "k": 4, "vocab": 12,
+        "ids_dtype": "int32", "logprobs_dtype": "float16", "inputs_sha256": None, "source": {},
+        "shards": [{"ids": "shard-00000-ids.npy", "logprobs": "shard-00000-logprobs.npy", "rows": 7}]}))
+    cache = TeacherCache(old, rows=7, vocab=12, k=4, row_shape=(3,))
+    assert (cache.kind, cache.temperature, cache.samples) == ("top_k", 1.0, None)
+    assert_matches_reference(*cache.batch(range(7)), logits, 4, 2.0**-11)
+    index = json.loads((write_cache(tmp_path / "v2", logits, 4) / "index.json").read_text())
+    assert (index["version"], index["kind"], index["temperature"]) == (2, "top_k", 1.0) and "samples" not in index
+
+
+def write_sampled(path, logits, samples, temperature, *, seed, batch=8, shard_rows=None, **kw):
+    """Writes S draws per row of ``logits`` through the writer, in batches, from a seeded generator."""
+    row_shape = tuple(logits.shape[1:-1])
+    shard_bytes = shard_rows * max(1, int(np.prod(row_shape))) * samples * 6 if shard_rows else 256 << 20
+    with TeacherCacheWriter(path, samples=samples, temperature=temperature, vocab=logits.shape[-1],
+                            row_shape=row_shape, rows=len(logits), shard_bytes=shard_bytes,
+                            generator=torch.Generator().manual_seed(seed), **kw) as w:
+        for part in logits.split(batch):
+            w.add_logits(part)
+    return path
+
+
+@pytest.mark.parametrize("row_shape", [(), (5,)], ids=["rows", "rows-x-positions"])
+def test_sampled_round_trip_returns_log_count_over_s(tmp_path, gen, row_shape):
+    logits = torch.randn(23, *row_shape, 30, generator=gen) * 2
+    write_sampled(tmp_path / "c", logits, 6, 2.5, seed=11, shard_rows=7)  # 4 shards, the last short
+    cache = TeacherCache(tmp_path / "c", rows=23, vocab=30, k=6, row_shape=row_shape)
+    assert (cache.kind, cache.temperature, cache.samples, cache.dtype) == ("sampled", 2.5, 6, "float32")
+    assert len(list((tmp_path / "c").glob("shard-*-counts.npy"))) == 4
+    assert np.load(tmp_path / "c" / "shard-00000-counts.npy").dtype == np.uint16
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert {k: index[k] for k in ("version", "kind", "temperature", "samples", "k", "counts_dtype")} == \
+        {"version": 2, "kind": "sampled", "temperature": 2.5, "samples": 6, "k": 6, "counts_dtype": "uint16"}
+    # the same draws, made here batch by batch from the same seed
+    g = torch.Generator().manual_seed(11)
+    want = [sample_teacher(part, 6, 2.5, generator=g) for part in logits.split(8)]
+    want_ids, want_counts = torch.cat([w[0] for w in want]), torch.cat([w[1] for w in want])
+    ids, lp = cache.batch(torch.arange(23))
+    assert torch.equal(ids, want_ids) and lp.dtype == torch.float32
+    assert torch.equal(lp, (want_counts.double() / 6).log().float())  # log(c/S) rounded once; -inf on padding
+    picked = [22, 0, 7, 7]
+    assert torch.equal(cache.batch(picked)[1], lp[picked]) and torch.equal(cache[-1][0], ids[22])
+    assert "sampled, samples=6, temperature=2.5" in repr(cache)
+
+
+def test_sampled_rows_from_a_serving_engine_are_stored_in_order(tmp_path):
+    """add_samples(): ids and counts in any order come back highest count first, ties by id."""
+    ids = torch.tensor([[2, -1, 0, 5, -1], [3, 1, 4, -1, 0]])
+    counts = torch.tensor([[1, 0, 3, 1, 0], [1, 2, 1, 0, 1]])
+    with TeacherCacheWriter(tmp_path / "c", samples=5, temperature=1.0, vocab=6) as w:
+        w.add_samples(ids, counts)
+    got_ids, lp = TeacherCache(tmp_path / "c").batch([0, 1])
+    assert got_ids.tolist() == [[0, 2, 5, -1, -1], [1, 0, 3, 4, -1]]
+    assert torch.equal(lp, (torch.tensor([[3, 1, 1, 0, 0], [2, 1, 1, 1, 0]]).double() / 5).log().float())
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda w: w.add_samples(torch.tensor([[1, 2, -1]]), torch.tensor([[2, 0, 0]])),
+     "counts must be >= 1 on a listed id and 0 on padding (id -1)"),
+    (lambda w: w.add_samples(torch.tensor([[1, -1, -1]]), torch.tensor([[2, 1, 0]])),
+     "counts must be >= 1 on a listed id and 0 on padding (id -1)"),
+    (lambda w: w.add_samples(torch.tensor([[1, 2, -1]]), torch.tensor([[2, 2, 0]])),
+     "every row's counts must sum to samples=3, got 4"),
+    (lambda w: w.add_samples(torch.tensor([[1, 1, -1]]), torch.tensor([[2, 1, 0]])), "a row lists an id twice"),
+    (lambda w: w.add_samples(torch.tensor([[1, 9, -1]]), torch.tensor([[2, 1, 0]])), "ids must lie in [-1, 9)"),
+    (lambda w: w.add_samples(torch.tensor([[1, 2, -1]]), torch.tensor([[2.0, 1.0, 0.0]])),
+     "counts must be integers"),
+    (lambda w: w.add(torch.tensor([[1, 2, -1]]), -torch.ones(1, 3)), "a sampled cache takes add_samples"),
+], ids=["zero-count", "count-on-padding", "sum", "twice", "id-range", "float-counts", "add"])
+def test_sampled_writer_refuses_bad_rows(tmp_path, call, message):
+    with pytest.raises(CacheError, match=re.escape(message)), \
+            TeacherCacheWriter(tmp_path / "c", samples=3, temperature=2.0, vocab=9) as w:
+        call(w)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(samples=0, temperature=1.0), "samples must be an integer in [1, 65535], got 0"),
+    (dict(samples=65536, temperature=1.0), "samples must be an integer in [1, 65535], got 65536"),
+    (dict(samples=4), "temperature must be a positive finite number, got None"),
+    (dict(samples=4, temperature=-2.0), "temperature must be a positive finite number, got -2.0"),
+    (dict(samples=4, temperature=float("inf")), "temperature must be a positive finite number, got inf"),
+    (dict(samples=4, temperature=1.0, k=3), "a sampled cache keeps all S = 4 columns per row, got k=3"),
+    (dict(samples=4, temperature=1.0, dtype="float16"), "a sampled cache stores counts (uint16)"),
+    (dict(k=3, temperature=4.0), "a top-K cache holds log-probabilities at T = 1, got temperature=4.0"),
+], ids=["zero", "above-uint16", "no-temperature", "negative-T", "inf-T", "k", "dtype", "top-k-T"])
+def test_writer_refuses_bad_settings(tmp_path, kw, message):
+    with pytest.raises(CacheError, match=re.escape(message)):
+        TeacherCacheWriter(tmp_path / "c", vocab=9, **kw)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def sampled_cache(tmp_path, gen):
+    logits = torch.randn(12, 4, 10, generator=gen) * 2  # 12 rows of 4 positions, vocab 10
+    return write_sampled(tmp_path / "s", logits, 5, 4.0, seed=3, shard_rows=5)
+
+
+def _edit_shard(name, edit):
+    def apply(folder):
+        a = np.load(folder / name)
+        edit(a)
+        np.save(folder / name, a)
+    return apply
+
+
+def _zero_a_listed_count(a):
+    a[1, 2, 0] = 0  # the first column of a row is always listed
+
+
+def _add_a_count(a):
+    a[1, 2, 0] += 1
+
+
+def _id_out_of_range(a):
+    a[1, 2, 0] = 10
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    (lambda f: (f / "shard-00001-counts.npy").unlink(), "shard-00001-counts.npy",
+     "missing (listed in index.json)"),
+    (_edit_index(lambda i: i["shards"][1].pop("counts")), "index.json", "corrupt (no field 'counts')"),
+    (_edit_index(lambda i: i.update(temperature=-1.0)), "index.json",
+     "corrupt (temperature must be a positive finite number, got -1.0)"),
+    (_edit_index(lambda i: i.update(temperature="4")), "index.json",
+     "corrupt (temperature must be a positive finite number, got '4')"),
+    (_edit_index(lambda i: i.update(temperature=0)), "index.json",
+     "corrupt (temperature must be a positive finite number, got 0)"),
+    (_edit_index(lambda i: i.pop("temperature")), "index.json", "corrupt (no field 'temperature')"),
+    (_edit_index(lambda i: i.update(samples=6)), "index.json",
+     "corrupt (k of a sampled cache must equal samples (6), got 5)"),
+    (_edit_index(lambda i: i.update(version=3)), "index.json",
+     "format version 3; this fastkd reads versions 1, 2; a newer fastkd wrote it"),
+], ids=["missing-counts", "no-counts-field", "negative-T", "string-T", "zero-T", "no-T", "samples", "version"])
+def test_refuses_a_bad_sampled_cache_on_opening(sampled_cache, damage, file, message):
+    damage(sampled_cache)
+    with pytest.raises(CacheError) as err:
+        TeacherCache(sampled_cache)
+    text = str(err.value)
+    assert text.startswith(str(sampled_cache / file)) and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("damage,file,message", [
+    (_edit_shard("shard-00001-counts.npy", _zero_a_listed_count), "shard-00001-counts.npy",
+     "row 6: counts must be >= 1 on a listed id, got 0"),
+    (_edit_shard("shard-00001-counts.npy", _add_a_count), "shard-00001-counts.npy",
+     "row 6: counts sum to 6, not samples = 5 (index.json)"),
+    (_edit_shard("shard-00001-ids.npy", _id_out_of_range), "shard-00001-ids.npy",
+     "row 6: ids outside [-1, 10) (the vocabulary), e.g. 10"),
+], ids=["zero-count", "sum", "id-range"])
+def test_refuses_bad_sampled_rows_when_read(sampled_cache, damage, file, message):
+    damage(sampled_cache)
+    cache = TeacherCache(sampled_cache)
+    assert cache.batch([0, 11])[0].shape == (2, 4, 5)  # the good rows still read
+    for read in (lambda: cache.batch(range(12)), lambda: cache[6]):
+        with pytest.raises(CacheError) as err:
+            read()
+        assert str(err.value) == f"{sampled_cache / file}: {message}"
+
+
+def test_refuses_top_k_ids_out_of_range_when_read(good_cache):
+    _edit_shard("shard-00002-ids.npy", lambda a: a.__setitem__((0, 3, 2), -2))(good_cache)
+    with pytest.raises(CacheError) as err:
+        TeacherCache(good_cache).batch(range(12))
+    assert str(err.value) == f"{good_cache / 'shard-00002-ids.npy'}: row 10: ids outside [-1, 10) " \
+                             "(the vocabulary), e.g. -2"
+
+
+def test_a_sampled_cache_is_read_whole(sampled_cache):
+    with pytest.raises(CacheError, match=re.escape("holds S = 5 samples per row (all needed), expected k=3")):
+        TeacherCache(sampled_cache, k=3, allow_larger_k=True)
+    with pytest.raises(CacheError, match="the cache's logprobs dtype is float32, expected float16"):
+        TeacherCache(sampled_cache, dtype="float16")
 
 
 # ---- interrupted writes ----
@@ -321,8 +585,36 @@ def test_cli_trains_the_teacher_when_given_none(capsys, tmp_path, digits):
     assert cache.source["teacher_epochs"] == 1 and not [p for p in tmp_path.iterdir() if p.name != "c"]
 
 
+def test_cli_samples_a_study_teacher_checkpoint(capsys, tmp_path, digits):
+    """--sample S --temperature T: the draws sample_teacher makes from the teacher's logits with a
+    generator seeded from --sample-seed (the same rows, the same order)."""
+    from fastkd.study.train import predict
+
+    teacher = digits_teacher()
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pt")
+    code, out, err = run_cli(capsys, "--out", str(tmp_path / "c"), "--sample", "8", "--temperature", "2",
+                             "--sample-seed", "5", "--split", "val", "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+    assert code == 0 and "sampled, samples=8, temperature=2" in out and "rows=359" in out, err
+    cache = TeacherCache(tmp_path / "c", rows=359, vocab=10, k=8, inputs_sha256=fingerprint(digits.x_val))
+    assert (cache.kind, cache.temperature, cache.samples) == ("sampled", 2.0, 8)
+    assert cache.source["split"] == "val" and cache.source["sample_seed"] == 5
+    want_ids, want_counts = sample_teacher(predict(teacher, digits, digits.x_val), 8, 2.0,
+                                           generator=torch.Generator().manual_seed(5))
+    ids, lp = cache.batch(range(359))
+    assert torch.equal(ids, want_ids) and torch.equal(lp, (want_counts.double() / 8).log().float())
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "--out is required"),
+    (["--dtype", "float16"], "--k K (the top-K kept per row) or --sample S (draws per row) is required"),
+    (["--sample", "0"], "--sample must be an integer in [1, 65535] (draws per row), got 0"),
+    (["--sample", "65536"], "--sample must be an integer in [1, 65535] (draws per row), got 65536"),
+    (["--sample", "4", "--k", "3"], "--k and --sample exclude each other"),
+    (["--sample", "4", "--temperature", "0"], "--temperature must be a positive finite number, got 0.0"),
+    (["--sample", "4", "--temperature", "nan"], "--temperature must be a positive finite number, got nan"),
+    (["--sample", "4", "--dtype", "bfloat16"], "--dtype is for top-K caches; a sampled cache stores counts"),
+    (["--k", "3", "--temperature", "2"], "--temperature goes with --sample (a top-K cache is at T = 1)"),
+    (["--k", "3", "--sample-seed", "2"], "--sample-seed goes with --sample"),
     (["--k", "0"], "--k must be an integer >= 1"),
     (["--k", "3", "--dtype", "fp8"], "--dtype must be one of float16, bfloat16"),
     (["--k", "3", "--model", "m"], "--model and --tokens go together"),
@@ -334,7 +626,8 @@ def test_cli_trains_the_teacher_when_given_none(capsys, tmp_path, digits):
     (["--k", "11", "--teacher-ckpt", "x.pt"], "k must lie in [1, vocab=10], got 11"),
     (["--k", "3", "--teacher-ckpt", "missing.pt"], "cannot read checkpoint missing.pt"),
     (["--k", "3", "--model", "nowhere", "--tokens", "t.npy"], "--tokens t.npy: no such file"),
-], ids=["no-out", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
+], ids=["no-out", "neither", "sample-0", "sample-above-uint16", "k-and-sample", "zero-T", "nan-T",
+        "dtype-sampled", "T-top-k", "seed-top-k", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
         "ckpt", "tokens"])
 def test_cli_bad_arguments_end_in_one_line(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -398,6 +691,25 @@ def test_cli_caches_a_causal_lm_over_a_token_file(capsys, tmp_path, gen, suffix)
     assert_matches_reference(*cache.batch(range(5)), logits, 5, 2.0**-8)
     ids, logprobs = cache[3]  # one sequence: (positions, K)
     assert ids.shape == logprobs.shape == (7, 5)
+
+
+def test_cli_samples_a_causal_lm_over_a_token_file(capsys, tmp_path, gen):
+    """--sample without --temperature: fastkd distill's default T; S draws at every position."""
+    teacher = save_tiny_llama(tmp_path / "teacher", 32, 2)
+    tokens = torch.randint(0, 96, (5, 7), generator=gen, dtype=torch.int32)
+    np.save(tmp_path / "tokens.npy", tokens.numpy())
+    code, out, err = run_cli(capsys, "--model", str(tmp_path / "teacher"), "--tokens", str(tmp_path / "tokens.npy"),
+                             "--sample", "6", "--batch-size", "2", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    cache = TeacherCache(tmp_path / "c", rows=5, row_shape=(7,), vocab=96, k=6,
+                         inputs_sha256=fingerprint(tokens.numpy()))
+    assert (cache.kind, cache.temperature, cache.samples) == ("sampled", 4.0, 6)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        want = [sample_teacher(teacher(input_ids=part.long()).logits, 6, 4.0, generator=g) for part in tokens.split(2)]
+    ids, lp = cache.batch(range(5))
+    assert ids.shape == (5, 7, 6) and torch.equal(ids, torch.cat([w[0] for w in want]))
+    assert torch.equal(lp, (torch.cat([w[1] for w in want]).double() / 6).log().float())
 
 
 @pytest.mark.parametrize("tokens,message", [

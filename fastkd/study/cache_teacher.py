@@ -1,5 +1,7 @@
-"""``fastkd cache-teacher``: run a teacher once over a data set and keep its top-K log-probabilities
-in a teacher cache (``fastkd.teacher_cache``) for ``sparse_kd_loss``.
+"""``fastkd cache-teacher``: run a teacher once over a data set and keep, per row, its top-K
+log-probabilities (``--k``) or S draws from it at the training temperature (``--sample S
+--temperature T``: ids and counts) in a teacher cache (``fastkd.teacher_cache``) for
+``sparse_kd_loss``.
 
 Two sources:
 
@@ -16,6 +18,7 @@ Bad arguments end in one line on stderr and exit status 2, as ``fastkd distill``
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,26 +26,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..teacher_cache import LOGPROB_DTYPES, TeacherCache, TeacherCacheWriter, fingerprint
+from ..teacher_cache import LOGPROB_DTYPES, MAX_SAMPLES, TeacherCache, TeacherCacheWriter, fingerprint
 from .config import StudyConfig, check_device, resolve_device
 from .data import load_data
 from .teachers import causal_lm_vocab, load_causal_lm, load_or_train_teacher, progress_bar, write_classifier_rows
 from .train import _autocast
 
 SPLITS = ("train", "val", "test")
+DEFAULT_TEMPERATURE = StudyConfig.temperature  # a cache made with the defaults fits fastkd distill's
 STUDY_OPTIONS = ("dataset", "data_dir", "teacher", "teacher_ckpt", "teacher_epochs", "seed", "split")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """The ``cache-teacher`` subcommand, added to the ``fastkd`` parser's subparsers."""
     p = sub.add_parser("cache-teacher", help="run a teacher once and store its top-K log-probabilities "
-                       "for sparse_kd_loss",
+                       "(or S samples from it) for sparse_kd_loss",
                        description="Run a teacher once over a data set and store, per row, its top-K ids and "
-                       "log-probabilities in a teacher cache folder: the study's teacher over its data "
-                       "(default), or a Hugging Face causal LM over a token file (--model, --tokens).")
+                       "log-probabilities (--k), or S draws from it at the training temperature as ids and "
+                       "counts (--sample, --temperature), in a teacher cache folder: the study's teacher over "
+                       "its data (default), or a Hugging Face causal LM over a token file (--model, --tokens).")
     p.add_argument("--out", metavar="DIR", help="the cache folder to write (required)")
-    p.add_argument("--k", type=int, help="entries kept per row: the teacher's top-K (required)")
-    p.add_argument("--dtype", default="float16", help="log-probability storage: float16 (default) | bfloat16")
+    p.add_argument("--k", type=int, help="entries kept per row: the teacher's top-K (this or --sample)")
+    p.add_argument("--sample", type=int, metavar="S", help="instead of the top-K: S draws per row from "
+                   "softmax(logits / --temperature), kept as the classes drawn and their counts")
+    p.add_argument("--temperature", type=float, metavar="T", help="with --sample: the temperature of the "
+                   f"draws, the one the student will be distilled at (default {DEFAULT_TEMPERATURE:g}, "
+                   "fastkd distill's)")
+    p.add_argument("--sample-seed", type=int, metavar="N", help="with --sample: seed of the draws (default 0)")
+    p.add_argument("--dtype", help="top-K log-probability storage: float16 (default) | bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache at --out")
     p.add_argument("--device", default="auto", help="auto (default) | cpu | cuda[:i]")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -67,10 +78,25 @@ def validate(args):
     """Rejects bad combinations before any model is loaded or data read."""
     if not args.out:
         raise ValueError("--out is required: the cache folder to write")
-    if args.k is None or args.k < 1:
-        raise ValueError(f"--k must be an integer >= 1 (the entries kept per row), got {args.k}")
-    if args.dtype not in LOGPROB_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {args.dtype!r}")
+    if args.sample is None:
+        if args.k is None:
+            raise ValueError("--k K (the top-K kept per row) or --sample S (draws per row) is required")
+        if args.k < 1:
+            raise ValueError(f"--k must be an integer >= 1 (the entries kept per row), got {args.k}")
+        for name in ("temperature", "sample_seed"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} goes with --sample (a top-K cache is at T = 1)")
+        if args.dtype is not None and args.dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(LOGPROB_DTYPES)}, got {args.dtype!r}")
+    else:
+        if args.k is not None:
+            raise ValueError("--k and --sample exclude each other: a top-K cache, or a sampled one")
+        if not 1 <= args.sample <= MAX_SAMPLES:
+            raise ValueError(f"--sample must be an integer in [1, {MAX_SAMPLES}] (draws per row), got {args.sample}")
+        if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+            raise ValueError(f"--temperature must be a positive finite number, got {args.temperature}")
+        if args.dtype is not None:
+            raise ValueError("--dtype is for top-K caches; a sampled cache stores counts (uint16)")
     if bool(args.model) != bool(args.tokens):
         raise ValueError("--model and --tokens go together: a causal LM over a token file")
     if args.model:
@@ -86,6 +112,17 @@ def validate(args):
     check_device(args.device)
 
 
+def cache_kind(args, device) -> dict:
+    """The writer's arguments for what is kept per row: the top-K, or S draws (seeded, on the
+    device the logits are on) at the training temperature."""
+    if args.sample is None:
+        return {"k": args.k, "dtype": args.dtype or "float16"}
+    seed = args.sample_seed or 0
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    return {"samples": args.sample, "temperature": temperature,
+            "generator": torch.Generator(device=device).manual_seed(seed)}
+
+
 def cache_study_teacher(args) -> Path:
     """The study's teacher (loaded or trained as ``fastkd distill`` would) over one split."""
     cfg = StudyConfig(dataset=args.dataset or "digits", data_dir=args.data_dir, download=args.download,
@@ -96,12 +133,16 @@ def cache_study_teacher(args) -> Path:
     x = getattr(data, f"x_{split}")
     source = {"kind": "study", "dataset": cfg.dataset, "split": split, "teacher": cfg.teacher,
               "teacher_ckpt": cfg.teacher_ckpt, "seed": cfg.seed,
-              "teacher_epochs": None if cfg.teacher_ckpt else cfg.teacher_epochs}
-    with TeacherCacheWriter(args.out, k=args.k, vocab=data.num_classes, rows=len(x), dtype=args.dtype,
+              "teacher_epochs": None if cfg.teacher_ckpt else cfg.teacher_epochs, **_sample_seed(args)}
+    with TeacherCacheWriter(args.out, vocab=data.num_classes, rows=len(x), **cache_kind(args, x.device),
                             inputs_sha256=fingerprint(x), source=source, overwrite=args.overwrite) as w:
         teacher, _ = load_or_train_teacher(cfg, data, w.partial / "teacher.pt")  # kept with the cache
         write_classifier_rows(w, teacher, data, x, args.progress)
     return w.path
+
+
+def _sample_seed(args) -> dict:
+    return {"sample_seed": args.sample_seed or 0} if args.sample is not None else {}
 
 
 def load_token_file(path: Path) -> np.ndarray:
@@ -142,10 +183,9 @@ def cache_causal_lm(args) -> Path:
                          f"model's vocabulary [0, {vocab})")
     model = load_causal_lm(folder, device, args.progress)
     rows, positions = tokens.shape
-    source = {"kind": "hf-causal-lm", "model": str(args.model), "tokens": str(args.tokens)}
-    with TeacherCacheWriter(args.out, k=args.k, vocab=vocab, row_shape=(positions,), rows=rows,
-                            dtype=args.dtype, inputs_sha256=fingerprint(tokens), source=source,
-                            overwrite=args.overwrite) as w, \
+    source = {"kind": "hf-causal-lm", "model": str(args.model), "tokens": str(args.tokens), **_sample_seed(args)}
+    with TeacherCacheWriter(args.out, vocab=vocab, row_shape=(positions,), rows=rows, **cache_kind(args, device),
+                            inputs_sha256=fingerprint(tokens), source=source, overwrite=args.overwrite) as w, \
             progress_bar(total=rows, desc="teacher cache", unit="seq", disable=not args.progress) as bar:
         for lo in range(0, rows, args.batch_size):
             ids = torch.from_numpy(np.array(tokens[lo:lo + args.batch_size], dtype=np.int64)).to(device)
