@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .lm_models import LM_DEFAULTS
 from .models import DEFAULTS
 
 
@@ -68,10 +69,13 @@ class StudyConfig:
 
     def resolved(self) -> StudyConfig:
         """A copy with the dataset-dependent defaults filled in."""
-        if self.task == "lm":
-            from .lm import resolve_lm
-
-            return resolve_lm(self)
+        if self.task == "lm":  # the language-model study's defaults (fastkd/study/lm.py)
+            given = asdict(self)
+            filled = {k: given[k] if given[k] is not None else v for k, v in LM_DEFAULTS.items()}
+            if self.epochs is not None and self.teacher_epochs is None:
+                filled["teacher_epochs"] = self.epochs  # as below: --teacher-epochs defaults to --epochs
+            return StudyConfig(**{**given, **filled, "sparse_k": sorted(set(filled["sparse_k"])),
+                                  "name": self.name or f"lm-s{self.seed}", "device": resolve_device(self.device)})
         small = self.dataset == "digits"
         teacher, student = DEFAULTS.get(self.dataset, (None, None))
         epochs = self.epochs if self.epochs is not None else (40 if small else 30)

@@ -45,30 +45,18 @@ import torch.nn.functional as F
 from ..calibration import CalibrationMeter
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from ..sparse import TAILS
-from .config import StudyConfig, resolve_device, saved_settings, with_saved_settings, write_settings
+from .config import StudyConfig, saved_settings, with_saved_settings, write_settings
 from .folders import clear
 from .lm_data import LMData, TextError, load_lm_data
 from .lm_models import build_lm, parse_lm_model
 from .models import count_parameters
 from .train import _autocast, atomic_save, load_checkpoint
 
-LM_DEFAULTS = dict(teacher="gpt-4x128", student="gpt-2x64", epochs=4, teacher_epochs=8, lr=3e-3,
-                   corpus_chars=500_000, vocab_size=2048, seq_len=64, sparse_k=[4, 16])
 T_FIT_TOKENS = 8192  # validation tokens the T* fit reads (evenly strided): its cost is tokens x vocabulary
 EVAL_BATCH = 64  # blocks per forward in evaluation and in computing the teacher's rows
 # what each sparse entry would take in a cache (decision 4): an int32 id and a 16-bit log-prob or count
 BYTES_PER_ENTRY = 6
 STUDENT_STAGE = 1  # every student draws the batches of stage 1 (the teacher: 0): paired runs
-
-
-def resolve_lm(cfg: StudyConfig) -> StudyConfig:
-    """``cfg`` with the language-model study's defaults filled in (LM_DEFAULTS)."""
-    d = asdict(cfg)
-    filled = {k: (d[k] if d[k] is not None else v) for k, v in LM_DEFAULTS.items()}
-    if d["epochs"] is not None and d["teacher_epochs"] is None:
-        filled["teacher_epochs"] = d["epochs"]  # as the digits study: --teacher-epochs defaults to --epochs
-    filled["sparse_k"] = sorted(set(filled["sparse_k"]))
-    return StudyConfig(**{**d, **filled, "name": cfg.name or f"lm-s{cfg.seed}", "device": resolve_device(cfg.device)})
 
 
 def validate_lm(cfg: StudyConfig):

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the language-model study's defaults, filled in by StudyConfig.resolved() for --task lm
+LM_DEFAULTS = dict(teacher="gpt-4x128", student="gpt-2x64", epochs=4, teacher_epochs=8, lr=3e-3,
+                   corpus_chars=500_000, vocab_size=2048, seq_len=64, sparse_k=[4, 16])
 NAME = re.compile(r"gpt-([1-9][0-9]*)x([1-9][0-9]*)")
 HEAD_WIDTH = 32
 
