@@ -105,7 +105,7 @@ def validate(cfg: StudyConfig):
     for name in ("epochs", "teacher_epochs"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-    if cfg.batch_size < 1 or cfg.num_bins < 1 or cfg.log_interval < 1:
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.num_bins < 1 or cfg.log_interval < 1:
         raise ValueError("--batch-size, --num-bins and --log-interval must be >= 1")
     _validate_teacher_cache(cfg)
     check_device(cfg.device)

@@ -20,10 +20,12 @@ class StudyConfig:
     data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live (required for CIFAR)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
     task: str = field(default="classify", metadata={
-        "help": "classify (the digits / CIFAR study) | lm (a causal language model on text: fastkd/study/lm.py)"})
+        "help": "classify (the digits or CIFAR study) | lm, a small causal language model on text "
+                "(fastkd/study/lm.py), whose defaults differ: teacher {teacher}, student {student}, {epochs} epochs "
+                "(teacher {teacher_epochs}), lr {lr}, batch {batch_size}".format(**LM_DEFAULTS)})
     text: list[str] | None = field(default=None, metadata={
         "help": "lm: UTF-8 text files to train on (default: Python's standard-library source, see lm_data.py)"})
-    corpus_chars: int | None = field(default=None, metadata={"help": "lm: characters of text read (default: 500000)"})
+    corpus_chars: int | None = field(default=None, metadata={"help": "lm: characters of text read (default: 300000)"})
     vocab_size: int | None = field(default=None, metadata={"help": "lm: the BPE vocabulary trained (default: 2048)"})
     seq_len: int | None = field(default=None, metadata={"help": "lm: tokens per sequence (default: 64)"})
     sparse_k: list[int] | None = field(default=None, metadata={
@@ -37,7 +39,7 @@ class StudyConfig:
         "help": "load the teacher from this checkpoint (an earlier run's teacher.pt) instead of training it"})
     epochs: int | None = field(default=None, metadata={"help": "student epochs (default: 40 on digits, 30 on CIFAR)"})
     teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: --epochs)"})
-    batch_size: int = field(default=128, metadata={"help": "batch size"})
+    batch_size: int | None = field(default=None, metadata={"help": "batch size (default: 128; with --task lm 32 sequences)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 0.05 on digits, 0.1 on CIFAR)"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
@@ -81,7 +83,7 @@ class StudyConfig:
         epochs = self.epochs if self.epochs is not None else (40 if small else 30)
         return StudyConfig(**{**asdict(self),
                               "teacher": self.teacher or teacher, "student": self.student or student,
-                              "epochs": epochs,
+                              "epochs": epochs, "batch_size": self.batch_size if self.batch_size is not None else 128,
                               "teacher_epochs": self.teacher_epochs if self.teacher_epochs is not None else epochs,
                               "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
                               "name": self.name or f"{self.dataset}-s{self.seed}",

@@ -52,7 +52,8 @@ from .lm_models import build_lm, parse_lm_model
 from .models import count_parameters
 from .train import _autocast, atomic_save, load_checkpoint
 
-T_FIT_TOKENS = 8192  # validation tokens the T* fit reads (evenly strided): its cost is tokens x vocabulary
+T_FIT_TOKENS = 2048  # validation tokens the T* fit reads (evenly strided): each step of its root search reads
+# tokens x vocabulary logits (about 3 s per model at 2048 x 2048 on one core; 9 s at 8192)
 EVAL_BATCH = 64  # blocks per forward in evaluation and in computing the teacher's rows
 # what each sparse entry would take in a cache (decision 4): an int32 id and a 16-bit log-prob or count
 BYTES_PER_ENTRY = 6

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 # A fixed, ordered subset of the standard library: plain modules present from Python 3.9 on, varied
-# in style (parsers, data structures, text, numbers, concurrency, typing); about 1.6 MB in 3.11
+# in style (parsers, data structures, text, numbers, concurrency, typing); about 1.6 MB in 3.11, of which
+# the default 300,000 characters take the first 10 files
 STDLIB_FILES = ("argparse", "dataclasses", "functools", "textwrap", "string", "shlex", "fractions", "heapq",
                 "bisect", "enum", "statistics", "random", "csv", "difflib", "pprint", "queue", "sched",
                 "calendar", "contextlib", "copy", "fnmatch", "glob", "numbers", "operator", "tokenize", "types",
