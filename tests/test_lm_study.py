@@ -157,6 +157,15 @@ def test_cli_end_to_end_on_a_tiny_corpus(capsys, tiny_text, tmp_path):
     for key in KEYS:
         for metric in ("nll", "ece", "ece_after_scaling", "agreement", "kl_teacher", "fitted_temperature"):
             assert again["results"][key][metric] == report["results"][key][metric], (key, metric)
+    # a run cut short in its last student: --resume retrains that one from its start, to the same numbers
+    (folder / "distilled-sampled2.pt").unlink()
+    (folder / "report.json").unlink()
+    code, _, err = run_cli(capsys, "--task", "lm", "--resume", "--out-dir", str(out), "--name", "r")
+    assert code == 0, err
+    third = json.loads((folder / "report.json").read_text())["results"]
+    for key in KEYS:
+        for metric in ("nll", "ece", "agreement", "kl_teacher"):
+            assert third[key][metric] == report["results"][key][metric], (key, metric)
     code, _, err = run_cli(capsys, *LM_ARGS, "--text", str(tiny_text), "--out-dir", str(out), "--name", "r")
     assert code == 2 and "holds an earlier run" in err
     code, _, err = run_cli(capsys, "--task", "lm", "--resume", "--seq-len", "8", "--out-dir", str(out), "--name", "r")

@@ -2,9 +2,9 @@
 
 The question: a sparse teacher (a few entries per token instead of the whole vocabulary) saves the
 storage and bandwidth of a teacher's logits; which kind keeps the student calibrated? One run trains
-a teacher (``--teacher``, default gpt-4x128) on the corpus (lm_data.py), then students
-(``--student``, default gpt-2x64) from one shared initialisation, over the same batches, differing
-only in what they learn from:
+a teacher (``--teacher``, default gpt-2x128: lm_models.py) on the corpus (lm_data.py), then
+students (``--student``, default gpt-2x64) from one shared initialisation, over the same batches,
+differing only in what they learn from:
 
 - ``student``: the labels alone (cross-entropy);
 - ``distilled``: the live teacher, dense: ``fastkd.fused_linear_kd_loss`` on both models' hidden
@@ -54,7 +54,7 @@ from .train import _autocast, atomic_save, load_checkpoint
 
 T_FIT_TOKENS = 2048  # validation tokens the T* fit reads (evenly strided): each step of its root search reads
 # tokens x vocabulary logits (about 3 s per model at 2048 x 2048 on one core; 9 s at 8192)
-EVAL_BATCH = 64  # blocks per forward in evaluation and in computing the teacher's rows
+EVAL_BATCH = 64  # blocks per forward in evaluation and in computing the teacher's rows (the draws follow it)
 # what each sparse entry would take in a cache (decision 4): an int32 id and a 16-bit log-prob or count
 BYTES_PER_ENTRY = 6
 STUDENT_STAGE = 1  # every student draws the batches of stage 1 (the teacher: 0): paired runs
