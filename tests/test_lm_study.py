@@ -131,7 +131,7 @@ def test_cli_end_to_end_on_a_tiny_corpus(capsys, tiny_text, tmp_path):
     code, stdout, err = run_cli(capsys, *LM_ARGS, "--text", str(tiny_text), "--out-dir", str(out), "--name", "r")
     assert code == 0, err
     folder = out / "r"
-    for name in ("report.md", "report.json", "metrics.jsonl", "config.json", "tokenizer.json", "teacher.pt"):
+    for name in ("report.md", "report.json", "metrics.jsonl", "config.json", "tokenizer.json", "teacher.pt", "sparse.png"):
         assert (folder / name).stat().st_size > 0, name
     report = json.loads((folder / "report.json").read_text())
     assert list(report["results"]) == KEYS and "top-2, lumped tail" in stdout
@@ -181,6 +181,7 @@ def test_cli_seeds_summary_pairs_each_student_with_the_dense_one(capsys, tiny_te
     d = summary["metrics"]["ece"]["vs_distilled"]["distilled-sampled2"]
     assert d["n"] == 2 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     assert set(summary["metrics"]["ece"]["vs_distilled"]) == set(KEYS[1:]) - {"distilled"}
+    assert (tmp_path / "lm-seeds0-1" / "summary.png").stat().st_size > 0
     assert "Δ ECE" in stdout and "sampled, S = 2" in (tmp_path / "lm-seeds0-1" / "report.md").read_text()
 
 

@@ -443,10 +443,52 @@ NOTES = ("Test tokens. ppl = exp(NLL); ECE with {bins} equal-width bins (the met
 def write_lm_report(out: Path, report: dict):
     cfg, ds = report["config"], report["dataset"]
     bytes_ = ", ".join(f"{v} (K = {k})" for k, v in report["sparse_teachers"]["bytes_per_token"].items())
+    stats = {m: {k: {"mean": r[m], "std": None} for k, r in report["results"].items()} for m, _ in FIGURE_METRICS}
+    plot_sparse(stats, f"students against K = S, seed {cfg['seed']} (test tokens)", out / "sparse.png")
     lines = [f"# fastkd distillation study: language model (seed {cfg['seed']})", "", _setup_line(cfg, ds), "",
              "## Test results", "", lm_results_table(report["results"]), "",
-             NOTES.format(bins=cfg["num_bins"], fit=report["temperature_fit"]["tokens"], bytes=bytes_), ""]
+             NOTES.format(bins=cfg["num_bins"], fit=report["temperature_fit"]["tokens"], bytes=bytes_), "",
+             "![students against K = S](sparse.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+FIGURE_METRICS = (("ece", "ECE"), ("ece_after_scaling", "ECE after T*"), ("perplexity", "perplexity"),
+                  ("kl_teacher", "KL(teacher ‖ student), T = 1"))
+
+
+def sparse_figure(stats: dict, title: str):
+    """Each metric against K = S (log scale): one line per tail and the sampled teacher, the dense-KD
+    student and the student alone as horizontal lines. ``stats``: {metric: {model: {mean, std}}}
+    (std None for one seed: no error bars)."""
+    from .report import pyplot
+
+    plt = pyplot()
+    models = list(stats["ece"])
+    ks = sorted({int(m[len("distilled-sampled"):]) for m in models if m.startswith("distilled-sampled")})
+    kinds = [(t, f"top-K, {t} tail", [f"distilled-top{k}-{t}" for k in ks]) for t in TAILS]
+    kinds.append(("sampled", "sampled (S = K)", [f"distilled-sampled{k}" for k in ks]))
+    fig, axes = plt.subplots(1, len(FIGURE_METRICS), figsize=(4.4 * len(FIGURE_METRICS), 3.9), constrained_layout=True)
+    for ax, (metric, name) in zip(axes, FIGURE_METRICS):
+        for j, (_, kind_label, keys) in enumerate(kinds):
+            mean = [stats[metric][m]["mean"] for m in keys]
+            err = [stats[metric][m]["std"] or 0.0 for m in keys]
+            ax.errorbar(ks, mean, yerr=err, color=f"C{j}", marker="o", ms=4, capsize=3, label=kind_label)
+        for base, style in (("distilled", "-"), ("student", ":")):
+            d = stats[metric][base]
+            ax.axhline(d["mean"], color="k", ls=style, lw=1.2, label=label(base))
+            if d["std"]:
+                ax.axhspan(d["mean"] - d["std"], d["mean"] + d["std"], color="k", alpha=0.08)
+        ax.set_xscale("log", base=2)
+        ax.set(xticks=ks, xticklabels=[str(k) for k in ks], xlabel="K = S (entries per token)", title=name)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_sparse(stats: dict, title: str, path: Path):
+    from .report import save_figure
+
+    save_figure(sparse_figure(stats, title), path, dpi=110)
 
 
 # --- several seeds ------------------------------------------------------------------------------------------
@@ -566,8 +608,11 @@ def write_lm_summary(folder: Path, result: dict):
              "The interval: mean ± t(0.975, n − 1) · sd / √n" + (f" with t = {t:.3f}" if t else " (none for one seed)")
              + "; report.json also holds each student against the student alone (`vs_student`). Seeds vary "
              "training only (the split is fixed).", "",
-             NOTES.format(bins=cfg["num_bins"], fit=T_FIT_TOKENS, bytes="6 K"), ""]
+             NOTES.format(bins=cfg["num_bins"], fit=T_FIT_TOKENS, bytes="6 K"), "",
+             "![students against K = S](summary.png)", ""]
     folder.mkdir(parents=True, exist_ok=True)
+    plot_sparse(result["metrics"], f"students against K = S: mean ± std over seeds {seeds_label(result['seeds'])} "
+                "(test tokens)", folder / "summary.png")
     (folder / "report.md").write_text("\n".join(lines))
     with open(folder / "report.json", "w") as f:
         json.dump(result, f, indent=2)
