@@ -39,7 +39,8 @@ class StudyConfig:
         "help": "load the teacher from this checkpoint (an earlier run's teacher.pt) instead of training it"})
     epochs: int | None = field(default=None, metadata={"help": "student epochs (default: 40 on digits, 30 on CIFAR)"})
     teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: --epochs)"})
-    batch_size: int | None = field(default=None, metadata={"help": "batch size (default: 128; with --task lm 32 sequences)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "batch size (default: 128; with --task lm 32 sequences)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 0.05 on digits, 0.1 on CIFAR)"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
