@@ -99,6 +99,8 @@ def sparse_figure(stats: dict, title: str):
             if d["std"]:
                 ax.axhspan(d["mean"] - d["std"], d["mean"] + d["std"], color="k", alpha=0.08)
         ax.set_xscale("log", base=2)
+        if metric == "perplexity":  # an over-confident student's runs to 10^5
+            ax.set_yscale("log")
         ax.set(xticks=ks, xticklabels=[str(k) for k in ks], xlabel="K = S (entries per token)", title=name)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
