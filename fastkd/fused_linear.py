@@ -20,6 +20,18 @@ fp32 chunk logits from a 16-bit GEMM need ``torch.mm``'s ``out_dtype`` on CUDA (
 without it the CUDA GEMM writes the inputs' dtype, widened afterwards (the logits then carry that
 rounding). Off CUDA the 16-bit operands are widened to fp32 for the GEMM (exact products).
 
+A sparse teacher (``fused_linear_sparse_kd_loss``): the teacher is its listed ids and
+log-probabilities per row, no projection at all, and the loss is ``sparse_kd_loss(h_s W_s^T + b_s,
+ids, logprobs, ...)``, the same target per chunk (fastkd/sparse.py derives it): the listed
+probabilities q_k, computed at T0 = ``teacher_temperature``, tempered to T as q_k^r with
+r = T0 / T, and the missing mass m = 1 - sum q_k, with K' classes listed of V, as one more target
+class of weight (V - K') (m / (V - K'))^r (``tail="bucket"``, an upper bound on the full teacher's
+tempered off-list weight for r < 1), m^r (``"lumped"``, a lower bound) or 0 (``"renormalize"``);
+both bounds are the truth at r = 1 and every mode is the dense loss at K' = V. Sampled rows
+(log(count / S) of S draws at T, ``teacher_temperature = temperature``): the weights' gradients
+are unbiased for the dense teacher's at T (the logits' gradient is linear in the target, and the
+projections are linear in it), the loss value is biased upward by the sample's entropy gap.
+
 Vocabularies of different sizes: the distributions are compared over the student's classes.
 Teacher classes beyond the student's vocabulary are dropped (the teacher's softmax is taken over
 the shared classes); student classes beyond the teacher's get teacher probability 0 (logit -inf,

@@ -54,33 +54,41 @@ def _with_ce_reduced(s, row, labels, alpha, ignore_index, reduction):
     return row.sum() / max(int(keep.sum()), 1)
 
 
-def sparse_divergence(s, ids, logprobs, temperature, tail="bucket"):
-    """Per-row KL of a top-K teacher, float64, built densely from its definition: the listed classes
-    tempered as q^(1/T); the missing mass spread evenly over the unlisted classes, each tempered the
-    same way, then lumped into one bucket (tail="bucket") or dropped ("renormalize"); the student's
-    full softmax, its unlisted mass lumped the same way."""
+def sparse_divergence(s, ids, logprobs, temperature, tail="bucket", teacher_temperature=1.0):
+    """Per-row KL of a top-K teacher, float64, built densely from its definition. The listed
+    log-probabilities, computed at ``teacher_temperature``, are tempered to ``temperature`` as
+    q^r, r = teacher_temperature / temperature. The missing mass m = 1 - sum q: "bucket", spread
+    evenly over the unlisted classes, each tempered the same way, then summed into one tail;
+    "lumped", one extra class m^r; "renormalize", dropped. The student's full softmax, its
+    unlisted mass summed the same way. With every class listed there is no tail."""
     n, v = s.shape
+    r = teacher_temperature / temperature
     ps = torch.softmax(s.double() / temperature, -1)
     listed = torch.zeros(n, v, dtype=torch.bool)
     q = torch.zeros(n, v, dtype=torch.float64)
-    for r in range(n):
-        for i, lp in zip(ids[r].tolist(), logprobs[r].double().tolist()):
+    for row in range(n):
+        for i, lp in zip(ids[row].tolist(), logprobs[row].double().tolist()):
             if i >= 0:
-                listed[r, i] = True
-                q[r, i] = math.exp(lp)
+                listed[row, i] = True
+                q[row, i] = math.exp(lp)
     out = []
-    for r in range(n):
-        if not listed[r].any():
+    for row in range(n):
+        if not listed[row].any():
             out.append(s.new_zeros((), dtype=torch.float64))
             continue
-        weights = torch.where(listed[r], q[r] ** (1 / temperature), 0.0)
-        free = int((~listed[r]).sum())
-        missing = max(1.0 - float(q[r].sum()), 0.0)
-        if tail == "bucket" and free and missing > 0:
-            weights = torch.where(listed[r], weights, (missing / free) ** (1 / temperature))
-        p = weights / weights.sum()
-        d = (p[listed[r]] * (p[listed[r]].log() - ps[r][listed[r]].log())).sum()
-        p_tail, ps_tail = p[~listed[r]].sum(), ps[r][~listed[r]].sum()
+        weights = torch.where(listed[row], q[row] ** r, 0.0)
+        free = int((~listed[row]).sum())
+        missing = max(1.0 - float(q[row].sum()), 0.0)
+        tail_weight = 0.0
+        if free and missing > 0:
+            if tail == "bucket":
+                tail_weight = free * (missing / free) ** r
+            elif tail == "lumped":
+                tail_weight = missing**r
+        total = weights.sum() + tail_weight
+        p = weights / total
+        d = (p[listed[row]] * (p[listed[row]].log() - ps[row][listed[row]].log())).sum()
+        p_tail, ps_tail = tail_weight / total, ps[row][~listed[row]].sum()
         if p_tail > 0:
             d = d + p_tail * (p_tail.log() - ps_tail.log())
         out.append(d)
@@ -88,8 +96,9 @@ def sparse_divergence(s, ids, logprobs, temperature, tail="bucket"):
 
 
 def sparse_kd_objective(s, ids, logprobs, labels, temperature, alpha, tail="bucket", ignore_index=-100,
-                        reduction="batchmean"):
+                        reduction="batchmean", teacher_temperature=1.0):
     """alpha T^2 D_sparse + (1 - alpha) CE per row, reduced as kd_objective does."""
     k = ids.shape[-1]
-    d = sparse_divergence(s.reshape(-1, s.shape[-1]), ids.reshape(-1, k), logprobs.reshape(-1, k), temperature, tail)
+    d = sparse_divergence(s.reshape(-1, s.shape[-1]), ids.reshape(-1, k), logprobs.reshape(-1, k), temperature, tail,
+                          teacher_temperature)
     return _with_ce_reduced(s, alpha * temperature**2 * d, labels, alpha, ignore_index, reduction)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
+from fastkd.sparse import TAILS
 from reference import kd_objective, sparse_kd_objective
 from test_fused_linear import make_side, reference as linear_reference
 from test_loss import close, randn, random_labels
@@ -98,14 +99,15 @@ def test_torch_compile_keeps_float64(reduction, gen):
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_sparse_keeps_float64(reduction, tail, gen):
-    ids, lp, _ = top_k_teacher((7, 45), 6, gen, F64, pad_every=3)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("teacher_temperature", [1.0, 2.0, 5.0])
+def test_sparse_keeps_float64(reduction, tail, teacher_temperature, gen):
+    ids, lp, _ = top_k_teacher((7, 45), 6, gen, F64, pad_every=3, teacher_temperature=teacher_temperature)
     s = randn((7, 45), gen, F64).requires_grad_()
     labels = random_labels((7,), 45, gen, ignore_every=4)
-    out = fastkd.sparse_kd_loss(s, ids, lp, labels, temperature=2.0, alpha=0.3, tail=tail, reduction=reduction,
-                                backend="torch")
-    ref = sparse_kd_objective(s, ids, lp, labels, 2.0, 0.3, tail=tail, reduction=reduction)
+    kw = dict(tail=tail, reduction=reduction, teacher_temperature=teacher_temperature)
+    out = fastkd.sparse_kd_loss(s, ids, lp, labels, temperature=2.0, alpha=0.3, backend="torch", **kw)
+    ref = sparse_kd_objective(s, ids, lp, labels, 2.0, 0.3, **kw)
     check_grads(out, ref, (s,), (s,), gen)
 
 
@@ -123,13 +125,15 @@ def test_fused_linear_keeps_float64(divergence, gen):
     check_grads(out, ref, leaves, leaves, gen)
 
 
-def test_fused_linear_sparse_keeps_float64(gen):
+@pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 1.0), ("lumped", 0.5), ("renormalize", 2.0)])
+def test_fused_linear_sparse_keeps_float64(tail, teacher_temperature, gen):
     hs, ws, bs = (x.requires_grad_() for x in make_side(11, 8, 30, gen, F64))
-    ids, lp, _ = top_k_teacher((11, 30), 5, gen, F64, pad_every=4)
+    ids, lp, _ = top_k_teacher((11, 30), 5, gen, F64, pad_every=4, teacher_temperature=teacher_temperature)
     labels = random_labels((11,), 30, gen, ignore_every=5)
+    kw = dict(tail=tail, teacher_temperature=teacher_temperature)
     out = fastkd.fused_linear_sparse_kd_loss(hs, ws, ids, lp, labels, student_bias=bs, temperature=2.0, alpha=0.3,
-                                             chunk_size=4, backend="torch")
-    ref = sparse_kd_objective(hs @ ws.t() + bs, ids, lp, labels, 2.0, 0.3)
+                                             chunk_size=4, backend="torch", **kw)
+    ref = sparse_kd_objective(hs @ ws.t() + bs, ids, lp, labels, 2.0, 0.3, **kw)
     check_grads(out, ref, (hs, ws, bs), (hs, ws, bs), gen)
 
 

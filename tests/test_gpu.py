@@ -83,6 +83,26 @@ def test_sparse_student_transforms_compiled(backend, shape, gen):
     close(torch.autograd.grad(out, s)[0].cpu(), torch.autograd.grad(want, s64)[0], 1e-5)
 
 
+@pytest.mark.parametrize("backend", [_gpu_backend("triton")])
+@pytest.mark.parametrize("shape", [(64, 4000), (16, 32000)], ids=["one-pass", "looping"])
+@pytest.mark.parametrize("tail,teacher_temperature", [("bucket", 0.5), ("lumped", 1.0), ("lumped", 2.0),
+                                                      ("renormalize", 3.0)])
+def test_sparse_tails_and_teacher_temperatures_compiled(backend, shape, tail, teacher_temperature, gen):
+    """The TAIL constexpr's three codes and the runtime power, compiled (T = 2: r = 0.25 to 1.5)."""
+    from reference import sparse_kd_objective
+
+    s = randn(shape, gen).cuda().requires_grad_()
+    lp, ids = torch.log_softmax(randn(shape, gen) / teacher_temperature, -1).topk(8, -1)
+    labels = random_labels(shape[:1], shape[1], gen, ignore_every=5)
+    kw = dict(tail=tail, teacher_temperature=teacher_temperature)
+    out = fastkd.sparse_kd_loss(s, ids.cuda(), lp.cuda(), labels.cuda(), temperature=2.0, alpha=0.7,
+                                backend=backend, **kw)
+    s64 = s.detach().cpu().double().requires_grad_()
+    want = sparse_kd_objective(s64, ids, lp, labels, 2.0, 0.7, **kw)
+    close(out.cpu(), want, 1e-5)
+    close(torch.autograd.grad(out, s)[0].cpu(), torch.autograd.grad(want, s64)[0], 1e-5)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_mixed_dtypes_noncontiguous_zero_rows_nan(backend, gen):
     s, t = on_gpu(randn((16, 600), gen, torch.bfloat16), randn((600, 16), gen, torch.float32))

@@ -804,7 +804,8 @@ def test_study_adds_one_row_per_cached_k(capsys, tmp_path, monkeypatch):
     (["--teacher-cache", "0"], "--teacher-cache values must be >= 1"),
     (["--teacher-cache", "11"], "--teacher-cache 11: more entries than the 10 classes of digits"),
     (["--teacher-cache", "3", "--divergence", "jsd"], "takes --divergence kl only, got 'jsd'"),
-    (["--teacher-cache-tail", "spread"], "unknown --teacher-cache-tail 'spread'; choose from bucket, renormalize, lumped"),
+    (["--teacher-cache-tail", "spread"],
+     "unknown --teacher-cache-tail 'spread'; choose from bucket, renormalize, lumped"),
 ], ids=["zero", "above-classes", "divergence", "tail"])
 def test_study_bad_teacher_cache_arguments(capsys, tmp_path, args, message):
     from fastkd.study.cli import main

@@ -190,7 +190,7 @@ def _check_dtensor(rank, world, backend, seed):
     close(d_s.grad.full_tensor(), s64.grad, 1e-5)
 
 
-def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32):
+def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32, teacher_temperature=1.0):
     """A top-K teacher (global ids, some rows padded with -1, one row listing nothing) against the
     float64 dense objective: loss, this rank's gradient slice, the student's meter."""
     s, _, labels, upstream = _inputs(seed, dtype)
@@ -205,9 +205,10 @@ def _check_sparse(rank, world, group, backend, seed, tail, dtype=torch.float32):
     local = s[:, lo:hi].clone().requires_grad_()
     meter = fastkd.CalibrationMeter(7)
     out = fastkd.sparse_kd_loss(local, ids, lp, labels, temperature=2.0, alpha=0.7, tail=tail, meter=meter,
-                                group=group, backend=backend, reduction="none")
+                                group=group, backend=backend, reduction="none", teacher_temperature=teacher_temperature)
     s64 = s.double().requires_grad_()
-    ref = sparse_kd_objective(s64, ids, lp, labels, 2.0, 0.7, tail=tail, reduction="none")
+    ref = sparse_kd_objective(s64, ids, lp, labels, 2.0, 0.7, tail=tail, reduction="none",
+                              teacher_temperature=teacher_temperature)
     close(out, ref, rtol)
     out.backward(upstream.to(out.dtype))
     ref.backward(upstream)
@@ -231,8 +232,9 @@ def _worker(rank, world, port):
             for i, case in enumerate(CASES):
                 _check_case(rank, world, group, backend, 1000 * world + i, case)
             _check_fused_linear(rank, world, group, backend, 77 + world)
-            for tail in ("bucket", "renormalize"):
-                _check_sparse(rank, world, group, backend, 300 + world, tail)
+            for tail, teacher_temperature in (("bucket", 1.0), ("renormalize", 1.0), ("lumped", 1.0),
+                                              ("bucket", 0.5), ("lumped", 2.0)):
+                _check_sparse(rank, world, group, backend, 300 + world, tail, teacher_temperature=teacher_temperature)
         _check_dtensor(rank, world, "torch", 5 + world)
         if world == 3:
             _check_case(rank, world, group, "torch", 3, dict(dtype=torch.float64, divergence="jsd", temperature=2.0,
@@ -241,6 +243,7 @@ def _worker(rank, world, port):
                                                              alpha=0.3, reduction="none"))
             _check_fused_linear(rank, world, group, "torch", 80, torch.float64)
             _check_sparse(rank, world, group, "torch", 303, "bucket", torch.float64)
+            _check_sparse(rank, world, group, "torch", 304, "lumped", torch.float64, teacher_temperature=3.0)
         else:
             _check_errors(rank, world, group)
     finally:
