@@ -259,10 +259,10 @@ class TeacherCacheWriter:
         else:
             self.add(*top_k_logprobs(logits, self.k))
 
-    def _check_ids(self, ids: torch.Tensor, other: torch.Tensor, names: str):
+    def _check_ids(self, ids: torch.Tensor, other: torch.Tensor, other_name: str):
         shape = (*self.row_shape, self.k)
         if ids.shape != other.shape or tuple(ids.shape[1:]) != shape:
-            raise CacheError(f"{names} {tuple(ids.shape)} and {tuple(other.shape)} must both "
+            raise CacheError(f"ids {tuple(ids.shape)} and {other_name} {tuple(other.shape)} must both "
                              f"be (rows, {', '.join(map(str, shape))})")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise CacheError(f"ids must be integers, got {ids.dtype}")
@@ -274,7 +274,7 @@ class TeacherCacheWriter:
         at the end of a row) and their log-probabilities at T = 1, highest first."""
         if self.kind != "top_k":
             raise CacheError("add() takes top-K log-probabilities; a sampled cache takes add_samples(ids, counts)")
-        self._check_ids(ids, logprobs, "ids and logprobs")
+        self._check_ids(ids, logprobs, "logprobs")
         if not logprobs.dtype.is_floating_point:
             raise CacheError(f"logprobs must be floats, got {logprobs.dtype}")
         if logprobs.numel() and float(logprobs.nan_to_num(0.0).max()) > 1e-3:
@@ -291,7 +291,7 @@ class TeacherCacheWriter:
         :func:`sample_teacher` returns. Stored sorted by count, highest first, ties by id."""
         if self.kind != "sampled":
             raise CacheError("add_samples() takes sampled rows; a top-K cache takes add(ids, logprobs)")
-        self._check_ids(ids, counts, "ids and counts")
+        self._check_ids(ids, counts, "counts")
         if counts.dtype.is_floating_point or counts.dtype == torch.bool:
             raise CacheError(f"counts must be integers, got {counts.dtype}")
         ids, counts = ids.detach().cpu().long(), counts.detach().cpu().long()

@@ -114,13 +114,14 @@ def test_a_second_run_into_the_same_folder_is_refused(capsys, tmp_path, finished
 def test_overwrite_leaves_nothing_of_the_earlier_run(capsys, tmp_path, finished):
     folder = copy_run(finished, tmp_path)
     (folder / "distilled-top3.pt").write_bytes(b"a stale cached-teacher student")  # --teacher-cache 3 earlier
+    (folder / "distilled-sampled-S8.pt").write_bytes(b"another")  # --teacher-cache DIR, a sampled cache
     (folder / "teacher-cache").mkdir()
     (folder / "teacher-cache" / "index.json").write_text("{}")
     (folder / "tensorboard" / "events.out.tfevents.0.earlier").write_bytes(b"")
     (folder / "notes.txt").write_text("the user's own file")
     code, _, err = run_cli(capsys, "--out-dir", str(tmp_path), "--overwrite", "--epochs", "1", "--teacher-epochs", "1")
     assert code == 0, err
-    assert not list(folder.glob("distilled-top*")) and not (folder / "teacher-cache").exists()
+    assert not list(folder.glob("distilled-*")) and not (folder / "teacher-cache").exists()
     events = list((folder / "tensorboard").iterdir())
     assert len(events) == 1 and events[0].name != "events.out.tfevents.0.earlier"
     assert (folder / "notes.txt").read_text() == "the user's own file"  # not the study's: kept

@@ -3,6 +3,7 @@ every refusal (the broken file written here), interrupted writes, the ``fastkd c
 command (digits and a tiny random Hugging Face model over a token file) and the study's
 ``--teacher-cache`` rows."""
 import json
+import math
 import os
 import pickle
 import re
@@ -349,6 +350,38 @@ def test_sampled_round_trip_returns_log_count_over_s(tmp_path, gen, row_shape):
     assert "sampled, samples=6, temperature=2.5" in repr(cache)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampled_rows_are_the_count_estimate_at_t_in_sparse_kd_loss(tmp_path, gen, backend):
+    """A sampled cache's rows with teacher_temperature = the cache's T are the target
+    q_k = count_k / S as given: loss and gradient equal a float64 KL(q || softmax(s / T)) written here
+    (missing mass 0: every tail the same)."""
+    import fastkd
+
+    rows, vocab, samples, temperature = 23, 37, 7, 3.0
+    write_sampled(tmp_path / "c", torch.randn(rows, vocab, generator=gen) * 3, samples, temperature, seed=1)
+    cache = TeacherCache(tmp_path / "c")
+    ids, lp = cache.batch(range(rows))
+    student = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    upstream = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    listed = ids >= 0
+    q = torch.zeros(rows, vocab, dtype=torch.float64).scatter_add_(
+        1, ids.long().clamp(min=0), torch.where(listed, lp.double().exp(), 0.0))
+    assert torch.allclose(q.sum(-1), torch.ones(rows, dtype=torch.float64))
+    s64 = student.clone().requires_grad_()
+    log_p = (s64 / temperature).log_softmax(-1)
+    kl = torch.where(q > 0, q * (q.log() - log_p), 0.0).sum(-1)
+    ref = (0.9 * temperature**2 * kl + 0.1 * torch.nn.functional.cross_entropy(s64, labels, reduction="none")).mean()
+    (ref * upstream).backward()
+    for tail in ("bucket", "renormalize", "lumped"):
+        s = student.float().requires_grad_()
+        loss = fastkd.sparse_kd_loss(s, ids, lp, labels, temperature=temperature, alpha=0.9, tail=tail,
+                                     teacher_temperature=cache.temperature, backend=backend)
+        (loss * upstream.float()).backward()
+        assert abs(loss.item() - ref.item()) < 1e-5 * (1 + ref.item()), tail
+        assert torch.allclose(s.grad.double(), s64.grad, atol=1e-7, rtol=1e-5), tail
+
+
 def test_sampled_rows_from_a_serving_engine_are_stored_in_order(tmp_path):
     """add_samples(): ids and counts in any order come back highest count first, ties by id."""
     ids = torch.tensor([[2, -1, 0, 5, -1], [3, 1, 4, -1, 0]])
@@ -627,8 +660,8 @@ def test_cli_samples_a_study_teacher_checkpoint(capsys, tmp_path, digits):
     (["--k", "3", "--teacher-ckpt", "missing.pt"], "cannot read checkpoint missing.pt"),
     (["--k", "3", "--model", "nowhere", "--tokens", "t.npy"], "--tokens t.npy: no such file"),
 ], ids=["no-out", "neither", "sample-0", "sample-above-uint16", "k-and-sample", "zero-T", "nan-T",
-        "dtype-sampled", "T-top-k", "seed-top-k", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs", "dataset", "k-above-vocab",
-        "ckpt", "tokens"])
+        "dtype-sampled", "T-top-k", "seed-top-k", "k", "dtype", "model-alone", "mixed", "split", "ckpt-and-epochs",
+        "dataset", "k-above-vocab", "ckpt", "tokens"])
 def test_cli_bad_arguments_end_in_one_line(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, *([] if not args else ["--out", "c"]), *args)
@@ -800,8 +833,96 @@ def test_study_adds_one_row_per_cached_k(capsys, tmp_path, monkeypatch):
     assert stages.count("distilled-top1") == stages.count("distilled-top10") == 1
 
 
+def test_study_distils_from_cache_folders_named_by_their_cache(capsys, tmp_path, monkeypatch, digits):
+    """--teacher-cache 3 SAMPLED TOPK: the run's own top-3 and two folders fastkd cache-teacher wrote;
+    the sampled student is distilled with teacher_temperature = the cache's T, the top-K ones at 1."""
+    import fastkd.study.train
+    from fastkd.study.cli import main
+
+    torch.save({"model": digits_teacher().state_dict()}, tmp_path / "teacher.pt")
+    for name, kind in (("s8", ["--sample", "8", "--temperature", "4"]), ("k5", ["--k", "5"])):
+        code, _, err = run_cli(capsys, "--out", str(tmp_path / name), *kind,
+                               "--teacher-ckpt", str(tmp_path / "teacher.pt"))
+        assert code == 0, err
+    seen = []  # (K, teacher_temperature, logprobs dtype) of every sparse step
+    real = fastkd.study.train.sparse_kd_loss
+    monkeypatch.setattr(fastkd.study.train, "sparse_kd_loss", lambda s, ids, lp, *a, **k: seen.append(
+        (ids.shape[-1], k["teacher_temperature"], lp.dtype)) or real(s, ids, lp, *a, **k))
+    code = main(["distill", "--no-progress", "--out-dir", str(tmp_path), "--epochs", "1", "--backend", "torch",
+                 "--teacher-ckpt", str(tmp_path / "teacher.pt"),
+                 "--teacher-cache", str(tmp_path / "s8"), "3", str(tmp_path / "k5")])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    folder = tmp_path / "digits-s0"
+    report = json.loads((folder / "report.json").read_text())
+    results = report["results"]
+    assert list(results) == ["teacher", "student", "distilled", "distilled-top3", "distilled-sampled-S8",
+                             "distilled-top5-bucket"]
+    assert report["config"]["teacher_cache"] == [3, str(tmp_path / "s8"), str(tmp_path / "k5")]
+    assert sorted(set(seen)) == [(3, 1.0, torch.float16), (5, 1.0, torch.float16), (8, 4.0, torch.float32)]
+    assert len(seen) == 3 * 9  # 3 students x 1 epoch x 9 batches
+    assert all(math.isfinite(results[k]["nll"]) for k in results)
+    caches = report["teacher_caches"]
+    assert caches["distilled-sampled-S8"]["kind"] == "sampled" and caches["distilled-sampled-S8"]["temperature"] == 4.0
+    assert caches["distilled-top5-bucket"]["kind"] == "top_k" and caches["distilled-top5-bucket"]["k"] == 5
+    md = (folder / "report.md").read_text()
+    for text in (printed, md):
+        assert "| distilled, sampled-S8 cache | mlp-tiny |" in text and "| distilled, top5-bucket cache |" in text
+        assert "| distilled, top-3 cache |" in text
+    assert "8 draws per row from the teacher at T = 4" in md and "`teacher_temperature=4`" in md
+
+
+def _cache_for_digits(path, digits, *, vocab=10, row_shape=(), rows=None, sha=None, **kind):
+    """A cache of random logits shaped like the digits training split (or not, as asked)."""
+    rows = len(digits.x_train) if rows is None else rows
+    sha = fingerprint(digits.x_train) if sha is None else sha
+    with TeacherCacheWriter(path, vocab=vocab, row_shape=row_shape, rows=rows, inputs_sha256=sha,
+                            generator=torch.Generator().manual_seed(0) if "samples" in kind else None, **kind) as w:
+        w.add_logits(torch.randn(rows, *row_shape, vocab, generator=torch.Generator().manual_seed(1)))
+    return path
+
+
+def _bump_a_count(folder):
+    _edit_shard("shard-00000-counts.npy", lambda a: a.__setitem__((1, 0), a[1, 0] + 1))(folder)  # row 1: S + 1
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (None, [], "teacher cache {dir}: no such folder"),
+    (dict(samples=8, temperature=2.0), [],
+     "{dir}/index.json: sampled at temperature 2, but --temperature is 4; sample again with fastkd cache-teacher "
+     "--sample 8 --temperature 4, or distil at --temperature 2"),
+    (dict(samples=8, temperature=4.0), ["--policy", "anneal"],
+     "{dir}/index.json: sampled at temperature 4, which --policy anneal would change during training; "
+     "use --policy constant with a sampled cache"),
+    (dict(samples=8, temperature=4.0, rows=359), [], "{dir}/index.json: the cache's rows is 359, expected 1078"),
+    (dict(k=3, vocab=12), [], "{dir}/index.json: the cache's vocab is 12, expected 10"),
+    (dict(k=3, row_shape=(2,)), [], "{dir}/index.json: the cache's row shape is (2,), expected ()"),
+    (dict(samples=8, temperature=4.0, sha="0" * 64), [], "{dir}/index.json: written for other inputs"),
+    (dict(samples=8, temperature=4.0, damage=_bump_a_count), [],
+     "{dir}/shard-00000-counts.npy: row 1: counts sum to 9, not samples = 8 (index.json)"),
+    (dict(samples=8, temperature=4.0, damage=_edit_index(lambda i: i.update(version=3))), [],
+     "{dir}/index.json: format version 3; this fastkd reads versions 1, 2; a newer fastkd wrote it"),
+    (dict(samples=8, temperature=4.0), ["--divergence", "jsd"], "takes --divergence kl only, got 'jsd'"),
+], ids=["missing", "temperature", "policy", "rows", "vocab", "row-shape", "inputs", "counts", "version", "divergence"])
+def test_study_refuses_a_cache_folder_that_does_not_fit(capsys, tmp_path, digits, make, args, message):
+    from fastkd.study.cli import main
+
+    folder = tmp_path / "cache"
+    if make is not None:
+        make = dict(make)
+        damage = make.pop("damage", None)
+        _cache_for_digits(folder, digits, **make)
+        if damage is not None:
+            damage(folder)
+    code = main(["distill", "--no-progress", "--out-dir", str(tmp_path / "runs"), "--teacher-cache", str(folder),
+                 *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message.format(dir=folder) in err, err
+    assert not (tmp_path / "runs").exists()  # refused before the run wrote anything
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--teacher-cache", "0"], "--teacher-cache values must be >= 1"),
+    (["--teacher-cache", "0"], "--teacher-cache values must be >= 1 (entries per row) or cache folders, got 0"),
     (["--teacher-cache", "11"], "--teacher-cache 11: more entries than the 10 classes of digits"),
     (["--teacher-cache", "3", "--divergence", "jsd"], "takes --divergence kl only, got 'jsd'"),
     (["--teacher-cache-tail", "spread"],

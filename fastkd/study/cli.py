@@ -44,8 +44,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, defaults: bool = True
                 parser.add_argument(flag, dest=f.name, default=default, action="store_true", help=help_)
             continue
         if f.type.startswith("list["):
-            kind = int if f.type.startswith("list[int]") else str
-            parser.add_argument(flag, dest=f.name, type=kind, nargs="+", default=default, help=help_)
+            parser.add_argument(flag, dest=f.name, type=f.metadata.get("type", int), nargs="+", default=default,
+                                metavar=f.metadata.get("metavar"), help=help_)
             continue
         kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
         parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_)
@@ -130,8 +130,9 @@ def _validate_teacher_cache(cfg: StudyConfig):
         raise ValueError(f"unknown --teacher-cache-tail {cfg.teacher_cache_tail!r}; choose from {', '.join(TAILS)}")
     if not cfg.teacher_cache:
         return
-    if min(cfg.teacher_cache) < 1:
-        raise ValueError(f"--teacher-cache values must be >= 1 (entries per row), got {min(cfg.teacher_cache)}")
+    ks = [v for v in cfg.teacher_cache if isinstance(v, int)]
+    if ks and min(ks) < 1:
+        raise ValueError(f"--teacher-cache values must be >= 1 (entries per row) or cache folders, got {min(ks)}")
     if cfg.divergence != "kl":
         raise ValueError(f"--teacher-cache distils with sparse_kd_loss, which takes --divergence kl only, "
                          f"got {cfg.divergence!r}")

@@ -12,6 +12,22 @@ from .lm_models import LM_DEFAULTS
 from .models import DEFAULTS
 
 
+def teacher_cache_value(text: str) -> int | str:
+    """One value of --teacher-cache: an integer K, else a cache folder (./16 is a folder named 16)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _teacher_caches(values) -> list[int | str] | None:
+    """The K asked for, sorted, then the folders in the order given; each once."""
+    if not values:
+        return None
+    folders = [v for v in values if isinstance(v, str)]
+    return sorted({v for v in values if isinstance(v, int)}) + list(dict.fromkeys(folders))
+
+
 @dataclass
 class StudyConfig:
     """Every knob of ``fastkd distill``; the command line is built from these fields."""
@@ -24,7 +40,7 @@ class StudyConfig:
                 "(fastkd/study/lm.py), whose defaults differ: teacher {teacher}, student {student}, {epochs} epochs "
                 "(teacher {teacher_epochs}), lr {lr}, batch {batch_size}".format(**LM_DEFAULTS)})
     text: list[str] | None = field(default=None, metadata={
-        "help": "lm: UTF-8 text files to train on (default: Python's standard-library source, see lm_data.py)"})
+        "type": str, "metavar": "PATH", "help": "lm: UTF-8 text files to train on (default: Python's standard-library source, see lm_data.py)"})
     corpus_chars: int | None = field(default=None, metadata={"help": "lm: characters of text read (default: 300000)"})
     vocab_size: int | None = field(default=None, metadata={"help": "lm: the BPE vocabulary trained (default: 2048)"})
     seq_len: int | None = field(default=None, metadata={"help": "lm: tokens per sequence (default: 64)"})
@@ -47,11 +63,15 @@ class StudyConfig:
     alpha: float = field(default=0.9, metadata={"help": "weight of the distillation term in [0, 1]"})
     divergence: str = field(default="kl", metadata={"help": "kl | reverse_kl | jsd"})
     policy: str = field(default="constant", metadata={"help": "constant | anneal | calibration"})
-    teacher_cache: list[int] | None = field(default=None, metadata={
-        "help": "also distil the student from the teacher's top-K log-probabilities, cached once, "
-                "for each K given (e.g. 1 2 3 5 10); one more report row per K"})
+    teacher_cache: list[int | str] | None = field(default=None, metadata={
+        "type": teacher_cache_value, "metavar": "K|DIR",
+        "help": "also distil the student from sparse teachers, one more report row each: an integer K is "
+                "the teacher's top-K, cached by the run (e.g. 1 2 3 5 10); a folder is a cache fastkd "
+                "cache-teacher wrote over the training split, top-K (row \"top<K>-<tail>\") or sampled "
+                "(--sample S, row \"sampled-S<S>\"; its temperature must be --temperature, with --policy "
+                "constant). Integers and folders mix; write ./16 for a folder named 16"})
     teacher_cache_tail: str = field(default="bucket", metadata={
-        "help": "the cached teacher's missing mass (see sparse_kd_loss): bucket | renormalize"})
+        "help": "a top-K teacher's missing mass (see sparse_kd_loss): bucket | renormalize | lumped"})
     num_bins: int = field(default=15, metadata={"help": "calibration bins"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})
@@ -88,7 +108,7 @@ class StudyConfig:
                               "teacher_epochs": self.teacher_epochs if self.teacher_epochs is not None else epochs,
                               "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
                               "name": self.name or f"{self.dataset}-s{self.seed}",
-                              "teacher_cache": sorted(set(self.teacher_cache)) if self.teacher_cache else None,
+                              "teacher_cache": _teacher_caches(self.teacher_cache),
                               "device": resolve_device(self.device)})
 
 

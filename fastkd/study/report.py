@@ -9,12 +9,15 @@ COLUMNS = [("parameters", "params", "{:,}"), ("accuracy", "acc", "{:.4f}"), ("ec
            ("ece_after_scaling", "ECE after T*", "{:.4f}")]
 LABELS = {"teacher": "teacher", "student": "student alone", "distilled": "distilled student"}
 CACHED = "distilled-top"  # results keys distilled-top<K>: the student distilled from the cached top-K
+FROM_FOLDER = "distilled-"  # distilled-<name>: from a cache folder, named by it (sampled-S16, top16-bucket)
 
 
 def label(key: str) -> str:
     """The name of a model (results key) in tables, plots and curves."""
-    if key.startswith(CACHED):
+    if key.startswith(CACHED) and key[len(CACHED):].isdigit():
         return f"distilled, top-{key[len(CACHED):]} cache"
+    if key.startswith(FROM_FOLDER):
+        return f"distilled, {key[len(FROM_FOLDER):]} cache"
     return LABELS[key]
 
 
@@ -200,14 +203,22 @@ def plot_curves(history: dict, config: dict, path: Path):
     save_figure(curves_figure(history, config), path, dpi=110)
 
 
-def _cache_note(cache: dict | None) -> list[str]:
+def _cache_note(cache: dict | None, folders: dict | None = None) -> list[str]:
     """report.md's lines on the cached-teacher rows (none without ``--teacher-cache``)."""
-    if cache is None:
-        return []
-    return [f"Rows \"distilled, top-K cache\": the same student (same initialisation, same batches) "
-            f"distilled with `sparse_kd_loss` (tail `{cache['tail']}`) from the teacher's top-K "
-            f"log-probabilities, stored once in `{cache['path']}` (top-{cache['k']}, {cache['dtype']}, "
-            f"{cache['bytes']:,} bytes of shards) instead of the live teacher's logits.", ""]
+    lines = []
+    if cache is not None:
+        lines += [f"Rows \"distilled, top-K cache\": the same student (same initialisation, same batches) "
+                  f"distilled with `sparse_kd_loss` (tail `{cache['tail']}`) from the teacher's top-K "
+                  f"log-probabilities, stored once in `{cache['path']}` (top-{cache['k']}, {cache['dtype']}, "
+                  f"{cache['bytes']:,} bytes of shards) instead of the live teacher's logits.", ""]
+    for key, c in (folders or {}).items():
+        what = (f"{c['samples']} draws per row from the teacher at T = {c['temperature']:g}, as ids and counts, "
+                f"used as given (`teacher_temperature={c['temperature']:g}`: gradients unbiased for the dense "
+                "teacher's at that T)" if c["kind"] == "sampled" else
+                f"the teacher's top-{c['k']} log-probabilities ({c['dtype']}, tail `{c['tail']}`)")
+        lines += [f"Row \"{label(key)}\": the same student distilled with `sparse_kd_loss` from the cache "
+                  f"`{c['path']}`: {what}; {c['bytes']:,} bytes of shards.", ""]
+    return lines
 
 
 def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict, figures: bool = True) -> dict:
@@ -238,7 +249,7 @@ def write_outputs(out: Path, report: dict, data, preds: dict, meters: dict, figu
         "on the test split.",
         "",
         *_bound_note(report["results"], t_range),
-        *_cache_note(report.get("teacher_cache")),
+        *_cache_note(report.get("teacher_cache"), report.get("teacher_caches")),
         f"## Feedback policy: `{report['policy']['name']}`",
         "",
         f"T / alpha per epoch of the distilled student: {moves}",

@@ -23,7 +23,7 @@ import scipy.optimize
 import torch
 
 from ..calibration import CalibrationMeter
-from ..teacher_cache import TeacherCache, TeacherCacheWriter, fingerprint
+from ..teacher_cache import INDEX, CacheError, TeacherCache, TeacherCacheWriter, fingerprint
 from . import torchrun
 from .config import StudyConfig, check_same_settings, saved_settings, write_settings
 from .data import load_data
@@ -80,23 +80,65 @@ def temperature_bound(t_star: float, bounds=TEMPERATURE_RANGE) -> str | None:
     return "upper" if t_star >= bounds[1] else "lower" if t_star <= bounds[0] else None
 
 
-def check_teacher_cache(cfg: StudyConfig, data):
-    """``--teacher-cache`` asks for inputs that repeat exactly and K no larger than the classes."""
+def check_teacher_cache(cfg: StudyConfig, data) -> dict:
+    """``--teacher-cache`` asks for inputs that repeat exactly and K no larger than the classes; a
+    folder it names must hold a cache of the training split (rows, classes, the inputs' sha256),
+    a sampled one drawn at the training temperature. Read whole here, before any training (a bad
+    row is refused now, not after the teacher trained): {results key: (cache, ids, logprobs)}."""
     if not cfg.teacher_cache:
-        return
+        return {}
     if data.augment:
         raise ValueError(f"--teacher-cache needs inputs that repeat exactly; {data.name} is augmented every "
                          "step, so a cached teacher would not have seen the student's images")
-    if max(cfg.teacher_cache) > data.num_classes:
-        raise ValueError(f"--teacher-cache {max(cfg.teacher_cache)}: more entries than the "
+    ks = [v for v in cfg.teacher_cache if isinstance(v, int)]
+    if ks and max(ks) > data.num_classes:
+        raise ValueError(f"--teacher-cache {max(ks)}: more entries than the "
                          f"{data.num_classes} classes of {data.name}")
+    x, loaded = data.x_train, {}
+    for folder in (v for v in cfg.teacher_cache if isinstance(v, str)):
+        cache = TeacherCache(folder, rows=len(x), vocab=data.num_classes, row_shape=(), inputs_sha256=fingerprint(x))
+        check_sampled_temperature(cache, cfg)
+        ids, logprobs = cache.batch(torch.arange(len(cache)))
+        key = base = f"distilled-{cache_row_name(cache, cfg.teacher_cache_tail)}"
+        n = 1
+        while key in loaded:  # two caches of the same kind and size (drawn with other seeds, say)
+            n += 1
+            key = f"{base}-{n}"
+        loaded[key] = (cache, ids.to(x.device), logprobs.to(x.device))
+    return loaded
+
+
+def cache_row_name(cache: TeacherCache, tail: str) -> str:
+    """The report's name of a student distilled from a cache folder: sampled-S16, top16-bucket."""
+    return f"sampled-S{cache.samples}" if cache.kind == "sampled" else f"top{cache.k}-{tail}"
+
+
+def check_sampled_temperature(cache: TeacherCache, cfg: StudyConfig):
+    """A sampled cache holds draws from the teacher at its temperature, used as they are
+    (teacher_temperature = T): the student must be distilled at that T, every epoch."""
+    if cache.kind != "sampled":
+        return
+    t, where = cache.temperature, cache.path / INDEX
+    if t != cfg.temperature:
+        raise CacheError(f"{where}: sampled at temperature {t:g}, but --temperature is {cfg.temperature:g}; "
+                         f"sample again with fastkd cache-teacher --sample {cache.samples} --temperature "
+                         f"{cfg.temperature:g}, or distil at --temperature {t:g}")
+    if cfg.policy != "constant":
+        raise CacheError(f"{where}: sampled at temperature {t:g}, which --policy {cfg.policy} would change "
+                         "during training; use --policy constant with a sampled cache")
+
+
+def _cache_folder_info(cache: TeacherCache, tail: str) -> dict:
+    return {"path": str(cache.path), "kind": cache.kind, "k": cache.k, "samples": cache.samples,
+            "temperature": cache.temperature, "dtype": cache.dtype, "tail": tail,
+            "bytes": sum(f.stat().st_size for f in cache.path.glob("shard-*.npy"))}
 
 
 def cached_teacher(cfg: StudyConfig, teacher, data, folder: Path):
     """The teacher's top-K over the training split (K the largest asked), written once to a teacher
     cache and read back through it: ((ids, logprobs) of every training row on the device, what the
     report says about the cache)."""
-    k, x = max(cfg.teacher_cache), data.x_train
+    k, x = max(v for v in cfg.teacher_cache if isinstance(v, int)), data.x_train
     started = time.perf_counter()
     if torchrun.is_main():
         source = {"kind": "study", "dataset": data.name, "split": "train", "teacher": cfg.teacher}
@@ -150,7 +192,7 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     main = torchrun.is_main()
     started = time.perf_counter()
     data = load_data(cfg.dataset, cfg.device, cfg.data_dir, cfg.download)
-    check_teacher_cache(cfg, data)
+    cache_folders = check_teacher_cache(cfg, data)
     if main:  # only once the data are known good: bad data leave an earlier run as it was
         if cfg.overwrite:
             clear(out)
@@ -175,15 +217,21 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
                                    epochs=cfg.epochs, teacher=teacher, policy=policy, log=log,
                                    writer=writer)
         from_cache, cache_info = {}, None
-        if cfg.teacher_cache:
+        if any(isinstance(v, int) for v in cfg.teacher_cache or ()):
             (ids, logprobs), cache_info = cached_teacher(cfg, teacher, data, out / "teacher-cache")
-            for k in cfg.teacher_cache:  # the same student, the same batches; only the teacher differs
+            for k in (v for v in cfg.teacher_cache if isinstance(v, int)):  # the same student, the same batches
                 key = f"distilled-top{k}"
                 from_cache[key] = new_model(cfg.student, cfg.seed + 1)
                 from_cache[key].load_state_dict(init)
                 history[key] = fit(from_cache[key], data, cfg, key, out / f"{key}.pt", epochs=cfg.epochs,
                                    sparse_teacher=(ids[:, :k], logprobs[:, :k]), policy=policy, log=log,
                                    writer=writer)
+        for key, (cache, ids, logprobs) in cache_folders.items():  # a sampled cache: its rows are at T already
+            from_cache[key] = new_model(cfg.student, cfg.seed + 1)
+            from_cache[key].load_state_dict(init)
+            history[key] = fit(from_cache[key], data, cfg, key, out / f"{key}.pt", epochs=cfg.epochs,
+                               sparse_teacher=(ids, logprobs), teacher_temperature=cache.temperature,
+                               policy=policy, log=log, writer=writer)
     if writer is not None:
         writer.close()
 
@@ -219,6 +267,9 @@ def run_study(cfg: StudyConfig, figures: bool = True) -> dict:
     }
     if cache_info is not None:
         report["teacher_cache"] = cache_info
+    if cache_folders:
+        report["teacher_caches"] = {key: _cache_folder_info(cache, cfg.teacher_cache_tail)
+                                    for key, (cache, _, _) in cache_folders.items()}
     if main:
         report["per_class"] = write_outputs(out, report, data, preds, meters, figures)
         with open(out / "report.json", "w") as f:

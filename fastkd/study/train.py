@@ -102,11 +102,12 @@ def build_study_model(cfg: StudyConfig, data, name: str, seed: int) -> torch.nn.
 
 
 def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, epochs: int,
-        teacher=None, sparse_teacher=None, policy: Policy | None = None, log=None,
-        writer=None) -> list[dict]:
+        teacher=None, sparse_teacher=None, teacher_temperature: float = 1.0, policy: Policy | None = None,
+        log=None, writer=None) -> list[dict]:
     """Trains ``model`` for ``epochs`` (continuing from ``ckpt`` when ``cfg.resume``); returns the
     per-epoch history. With a teacher the loss is ``kd_loss``; with ``sparse_teacher`` (the top-K
-    ids and log-probabilities of every training row, on the device) ``sparse_kd_loss``; else
+    ids and log-probabilities of every training row, on the device) ``sparse_kd_loss``, its rows at
+    ``teacher_temperature`` (1: a top-K cache; T: a sampled cache, used as given); else
     cross-entropy. A stage named ``distilled-...`` draws the distilled student's batches. Under torchrun
     the model is wrapped in DistributedDataParallel and each rank takes its slice of every batch;
     only rank 0 writes the log and the checkpoint."""
@@ -165,7 +166,8 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
                 if sparse_teacher is not None:
                     ids, logprobs = sparse_teacher[0][idx], sparse_teacher[1][idx]
                     loss = sparse_kd_loss(out, ids, logprobs, y, temperature=state["temperature"],
-                                          alpha=state["alpha"], tail=cfg.teacher_cache_tail, num_items=per_rank,
+                                          alpha=state["alpha"], tail=cfg.teacher_cache_tail,
+                                          teacher_temperature=teacher_temperature, num_items=per_rank,
                                           meter=train_meter, backend=cfg.backend,
                                           validate_labels=False)  # labels checked at loading; the cache is log_softmax
                 elif teacher is None:
