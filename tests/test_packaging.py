@@ -31,7 +31,7 @@ import fastkd
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_MODULES = ("sklearn", "scipy", "tqdm", "matplotlib", "tensorboard", "torchvision")
-STUDY_DISTRIBUTIONS = {"scikit-learn", "scipy", "tqdm", "matplotlib", "tensorboard", "torchvision"}
+STUDY_DISTRIBUTIONS = {"scikit-learn", "scipy", "tqdm", "matplotlib", "tensorboard", "torchvision", "tokenizers"}
 HAS_NVCC = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
 CXX_SUFFIXES = (".cu", ".cuh", ".cpp", ".h", ".hpp")  # what pyproject ships from kernels/
 

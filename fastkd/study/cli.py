@@ -18,7 +18,7 @@ from .config import StudyConfig, check_device, resolve_device, saved_settings, w
 # needs is checked before it starts (the report's packages among them, not to fail after training);
 # the rest is named when its import fails (torchvision, when CIFAR data or models load).
 STUDY_PACKAGES = {"sklearn": "scikit-learn", "scipy": "scipy", "tqdm": "tqdm", "matplotlib": "matplotlib",
-                  "torchvision": "torchvision"}
+                  "torchvision": "torchvision", "tokenizers": "tokenizers"}
 EVERY_RUN = {"distill": ("sklearn", "scipy", "tqdm", "matplotlib"), "cache-teacher": ("tqdm",)}
 # what Ctrl-C leaves behind, per command
 INTERRUPTED = {"distill": "each finished epoch is checkpointed: the same command with --resume continues the run",
@@ -83,9 +83,18 @@ def validate(cfg: StudyConfig):
         if value is not None and value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
 
-    choice(cfg.dataset, "dataset", DATASETS)
-    choice(cfg.teacher, "teacher model", MODELS)
-    choice(cfg.student, "student model", MODELS)
+    choice(cfg.task, "task", ("classify", "lm"))
+    if cfg.task == "lm":  # its own models, data and options: fastkd/study/lm.py
+        from .lm import validate_lm
+
+        validate_lm(cfg)
+    else:
+        choice(cfg.dataset, "dataset", DATASETS)
+        choice(cfg.teacher, "teacher model", MODELS)
+        choice(cfg.student, "student model", MODELS)
+        for name in ("text", "corpus_chars", "vocab_size", "seq_len", "sparse_k"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} belongs to the language-model study: add --task lm")
     choice(cfg.divergence, "divergence", DIVERGENCES)
     choice(cfg.policy, "policy", POLICIES)
     choice(cfg.backend, "backend", BACKENDS)
@@ -96,7 +105,7 @@ def validate(cfg: StudyConfig):
     for name in ("epochs", "teacher_epochs"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-    if cfg.batch_size < 1 or cfg.num_bins < 1 or cfg.log_interval < 1:
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.num_bins < 1 or cfg.log_interval < 1:
         raise ValueError("--batch-size, --num-bins and --log-interval must be >= 1")
     _validate_teacher_cache(cfg)
     check_device(cfg.device)
@@ -164,6 +173,10 @@ def main(argv=None) -> int:
 def distill(args, given=frozenset()) -> int:
     """``fastkd distill``; ``given``: the settings named on the command line (what --resume keeps)."""
     cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "seeds")})
+    if cfg.task == "lm":  # the language-model study: its own run, report and seeds summary
+        from .lm import distill_lm
+
+        return distill_lm(cfg, args.seeds, validate, given)
     if args.seeds is not None:  # several seeds and their summary: fastkd/study/seeds.py
         from .seeds import distill_seeds
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .lm_models import LM_DEFAULTS
 from .models import DEFAULTS
 
 
@@ -34,6 +35,18 @@ class StudyConfig:
     dataset: str = field(default="digits", metadata={"help": "digits | cifar10 | cifar100"})
     data_dir: str | None = field(default=None, metadata={"help": "where the CIFAR batches live (required for CIFAR)"})
     download: bool = field(default=False, metadata={"help": "download CIFAR if it is missing"})
+    task: str = field(default="classify", metadata={
+        "help": "classify (the digits or CIFAR study) | lm, a small causal language model on text "
+                "(fastkd/study/lm.py), whose defaults differ: teacher {teacher}, student {student}, {epochs} epochs "
+                "(teacher {teacher_epochs}), lr {lr}, batch {batch_size}".format(**LM_DEFAULTS)})
+    text: list[str] | None = field(default=None, metadata={
+        "type": str, "metavar": "PATH", "help": "lm: UTF-8 text files to train on (default: Python's standard-library source, see lm_data.py)"})
+    corpus_chars: int | None = field(default=None, metadata={"help": "lm: characters of text read (default: 300000)"})
+    vocab_size: int | None = field(default=None, metadata={"help": "lm: the BPE vocabulary trained (default: 2048)"})
+    seq_len: int | None = field(default=None, metadata={"help": "lm: tokens per sequence (default: 64)"})
+    sparse_k: list[int] | None = field(default=None, metadata={
+        "help": "lm: K = S of the sparse teachers: per value one student per top-K tail and one sampled "
+                "(default: 4 16)"})
     teacher: str | None = field(default=None, metadata={
         "help": "teacher model (default: mlp-large on digits, resnet18 on CIFAR)"})
     student: str | None = field(default=None, metadata={
@@ -42,7 +55,8 @@ class StudyConfig:
         "help": "load the teacher from this checkpoint (an earlier run's teacher.pt) instead of training it"})
     epochs: int | None = field(default=None, metadata={"help": "student epochs (default: 40 on digits, 30 on CIFAR)"})
     teacher_epochs: int | None = field(default=None, metadata={"help": "teacher epochs (default: --epochs)"})
-    batch_size: int = field(default=128, metadata={"help": "batch size"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "batch size (default: 128; with --task lm 32 sequences)"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: 0.05 on digits, 0.1 on CIFAR)"})
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
     temperature: float = field(default=4.0, metadata={"help": "distillation temperature T > 0"})
@@ -78,12 +92,19 @@ class StudyConfig:
 
     def resolved(self) -> StudyConfig:
         """A copy with the dataset-dependent defaults filled in."""
+        if self.task == "lm":  # the language-model study's defaults (fastkd/study/lm.py)
+            given = asdict(self)
+            filled = {k: given[k] if given[k] is not None else v for k, v in LM_DEFAULTS.items()}
+            if self.epochs is not None and self.teacher_epochs is None:
+                filled["teacher_epochs"] = self.epochs  # as below: --teacher-epochs defaults to --epochs
+            return StudyConfig(**{**given, **filled, "sparse_k": sorted(set(filled["sparse_k"])),
+                                  "name": self.name or f"lm-s{self.seed}", "device": resolve_device(self.device)})
         small = self.dataset == "digits"
         teacher, student = DEFAULTS.get(self.dataset, (None, None))
         epochs = self.epochs if self.epochs is not None else (40 if small else 30)
         return StudyConfig(**{**asdict(self),
                               "teacher": self.teacher or teacher, "student": self.student or student,
-                              "epochs": epochs,
+                              "epochs": epochs, "batch_size": self.batch_size if self.batch_size is not None else 128,
                               "teacher_epochs": self.teacher_epochs if self.teacher_epochs is not None else epochs,
                               "lr": self.lr if self.lr is not None else (0.05 if small else 0.1),
                               "name": self.name or f"{self.dataset}-s{self.seed}",
@@ -141,8 +162,9 @@ def check_same_settings(folder: Path, saved: dict, cfg: StudyConfig, hint: str):
     """A ValueError naming the first setting (and both values) in which ``cfg`` differs from the
     settings ``saved`` of the run in ``folder``; ``hint`` says what to do instead."""
     want = json.loads(json.dumps(asdict(cfg.resolved())))  # tuples as lists, as read back from JSON
+    default = {f.name: f.default for f in fields(StudyConfig)}  # a setting newer than the run: its default
     for k, v in want.items():
-        if k not in NOT_COMPARED and saved.get(k) != v:
+        if k not in NOT_COMPARED and saved.get(k, default[k]) != v:
             raise ValueError(f"--resume: {folder} was run with --{k.replace('_', '-')} = {saved.get(k)!r}, "
                              f"not {v!r}; {hint}")
 

@@ -11,10 +11,11 @@ import shutil
 from pathlib import Path
 
 # what `fastkd distill` writes into a run folder (fnmatch patterns; *.tmp: a checkpoint being written,
-# .teacher-cache.*.partial: a teacher cache being written)
+# .teacher-cache.*.partial: a teacher cache being written; tokenizer.json, sparse.png: the language-model
+# study's)
 RUN_FILES = ("config.json", "metrics.jsonl", "report.md", "report.json", "reliability.png", "curves.png",
              "teacher.pt", "student.pt", "distilled.pt", "distilled-*.pt", "*.pt.tmp", "tensorboard",
-             "teacher-cache", ".teacher-cache.*.partial")
+             "teacher-cache", ".teacher-cache.*.partial", "tokenizer.json", "sparse.png")
 # what `fastkd distill --seeds` writes into its summary folder, besides one run folder s<S> per seed
 SUMMARY_FILES = ("report.md", "report.json", "summary.png")
 _SEED_FOLDER = re.compile(r"s[0-9]+")
