@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..sparse import TAILS
 from .lm_models import LM_DEFAULTS
 from .models import DEFAULTS
 
@@ -71,7 +72,7 @@ class StudyConfig:
                 "(--sample S, row \"sampled-S<S>\"; its temperature must be --temperature, with --policy "
                 "constant). Integers and folders mix; write ./16 for a folder named 16"})
     teacher_cache_tail: str = field(default="bucket", metadata={
-        "help": "a top-K teacher's missing mass (see sparse_kd_loss): bucket | renormalize | lumped"})
+        "help": "a top-K teacher's missing mass (see sparse_kd_loss): " + " | ".join(TAILS)})
     num_bins: int = field(default=15, metadata={"help": "calibration bins"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:i]"})

@@ -11,7 +11,7 @@ differing only in what they learn from:
   states and heads (the teacher's forward runs every step; no logits are materialised);
 - ``distilled-top<K>-<tail>``: the teacher's top-K log-probabilities at T = 1
   (``fastkd.teacher_cache.top_k_logprobs``) through ``fastkd.fused_linear_sparse_kd_loss`` with each
-  tail of ``fastkd.sparse.TAILS``;
+  tail of ``LM_TAILS`` (lm_models.py: bucket, renormalize, lumped);
 - ``distilled-sampled<S>``: S draws per token from the teacher tempered at the training T
   (``fastkd.teacher_cache.sample_teacher``), as log(count / S) with ``teacher_temperature=T``: the
   same storage as top-K at K = S (an id and a 16-bit number per entry).
@@ -43,11 +43,10 @@ import torch.nn.functional as F
 
 from ..calibration import CalibrationMeter
 from ..fused_linear import fused_linear_kd_loss, fused_linear_sparse_kd_loss
-from ..sparse import TAILS
 from .config import StudyConfig, saved_settings, with_saved_settings, write_settings
 from .folders import clear
 from .lm_data import LMData, load_lm_data
-from .lm_models import build_lm, parse_lm_model
+from .lm_models import LM_TAILS, build_lm, parse_lm_model
 from .lm_report import (label, lm_results_table, lm_summary_tables, summarize_lm_seeds, write_lm_report,
                         write_lm_summary)
 from .models import count_parameters
@@ -87,7 +86,7 @@ def student_keys(cfg: StudyConfig) -> list[str]:
     """The results keys of the students, in the order they train."""
     keys = ["student", "distilled"]
     for k in cfg.sparse_k:
-        keys += [f"distilled-top{k}-{tail}" for tail in TAILS] + [f"distilled-sampled{k}"]
+        keys += [f"distilled-top{k}-{tail}" for tail in LM_TAILS] + [f"distilled-sampled{k}"]
     return keys
 
 

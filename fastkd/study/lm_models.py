@@ -18,6 +18,10 @@ from torch import nn
 # (sized for a few minutes on 2 CPU cores: the teacher reaches a validation perplexity near 80)
 LM_DEFAULTS = dict(teacher="gpt-2x128", student="gpt-2x64", epochs=4, teacher_epochs=8, lr=3e-3, batch_size=32,
                    corpus_chars=300_000, vocab_size=2048, seq_len=64, sparse_k=[4, 16])
+# the top-K tails the study trains a student with; "conditional" (TRL's server loss without its tail)
+# is left out: it leaves the student's off-list mass to the CE term alone, a question about TRL's
+# loss rather than about what a truncated teacher does to calibration
+LM_TAILS = ("bucket", "renormalize", "lumped")
 NAME = re.compile(r"gpt-([1-9][0-9]*)x([1-9][0-9]*)")
 HEAD_WIDTH = 32
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..sparse import TAILS
+from .lm_models import LM_TAILS
 
 
 def label(key: str) -> str:
@@ -85,7 +85,7 @@ def sparse_figure(stats: dict, title: str):
     plt = pyplot()
     models = list(stats["ece"])
     ks = sorted({int(m[len("distilled-sampled"):]) for m in models if m.startswith("distilled-sampled")})
-    kinds = [(t, f"top-K, {t} tail", [f"distilled-top{k}-{t}" for k in ks]) for t in TAILS]
+    kinds = [(t, f"top-K, {t} tail", [f"distilled-top{k}-{t}" for k in ks]) for t in LM_TAILS]
     kinds.append(("sampled", "sampled (S = K)", [f"distilled-sampled{k}" for k in ks]))
     fig, axes = plt.subplots(1, len(FIGURE_METRICS), figsize=(4.4 * len(FIGURE_METRICS), 3.9), constrained_layout=True)
     for ax, (metric, name) in zip(axes, FIGURE_METRICS):
