@@ -9,11 +9,13 @@ from .._core.spec import KDSpec
 from ..backends.torch.math import transform
 
 CHUNK_LOGITS = 1 << 25  # default chunk on a GPU: about this many logits per side (128 MiB in fp32)
-# default chunk on a CPU: 2 MiB of fp32 logits per side (one core's L2 on a recent Xeon). A CPU chunk
-# holds about eight fp32 copies of its logits at once (the torch backend's temporaries), on top of
-# the fp32 weights and their gradient: at 2^19 the bench case (256 x 128 x 8000 bf16) peaks near a
-# third of the materialised recipe's memory, at about its time (bench/RESULTS.md, CPU section).
-CPU_CHUNK_LOGITS = 1 << 19
+# default chunk on a CPU: 1 MiB of fp32 logits per side, both sides within one core's L2 on a recent
+# Xeon (2 MiB). A CPU chunk holds about eight fp32 copies of its logits at once (the torch backend's
+# temporaries) on top of the fp32 weights and their gradient: at 2^18 the bench case (256 x 128 x 8000
+# bf16) peaks at about a quarter of the materialised recipe's memory, at 2^19 near a third (the
+# allocator's reuse moves it by +-5 MiB), so 2^18 keeps the promise. Fewer, larger chunks are faster
+# on a busy machine, where each parallel op waits for a core (bench/RESULTS.md, CPU section).
+CPU_CHUNK_LOGITS = 1 << 18
 
 
 def default_chunk(device, n_classes):
@@ -47,15 +49,17 @@ def mm_fp32(a, b):
 
 
 def logits(h, w, b):
-    """One chunk's logits h W^T + b: fp32 from fp16/bf16 inputs (see mm_fp32), else the inputs' dtype."""
+    """One chunk's logits h W^T + b: fp32 from fp16/bf16 inputs (see mm_fp32; off CUDA ``w`` is the
+    weight widened once per call, see widened), else the inputs' dtype."""
     out = mm_fp32(h, w.t()) if h.dtype in LOW_PRECISION else h @ w.t()
     return out.add_(b) if b is not None else out
 
 
 def accumulate(acc, a, b):
-    """acc (fp32) += a @ b. On CUDA one GEMM that writes fp32 (``out_dtype``, where this torch has
-    it); elsewhere the product in the inputs' dtype (fp32 accumulation inside the GEMM) is added
-    into the fp32 accumulator: one temporary of acc's shape in the inputs' dtype."""
+    """acc (fp32) += a @ b on CUDA: one GEMM that writes fp32 (``out_dtype``, where this torch has
+    it); else the product in the inputs' dtype (fp32 accumulation inside the GEMM) is added into
+    the fp32 accumulator: one temporary of acc's shape in the inputs' dtype. (Off CUDA see
+    project_back.)"""
     if acc.is_cuda and a.dtype != acc.dtype:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
