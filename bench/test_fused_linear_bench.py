@@ -89,17 +89,33 @@ def make_step(provider):
     return step
 
 
-def cpu_peak_bytes(provider) -> int:
-    """Peak extra resident memory of two steps on a CPU, in a fresh process (torch's CPU allocations
-    show in RSS; in this process earlier tests' freed pages would hide them). The baseline is taken
-    once the inputs exist and a tiny GEMM has loaded torch's kernels, so the steps' own logits,
-    temporaries and gradients are what is counted."""
-    code = (f"import sys, resource, torch; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; "
-            "import test_fused_linear_bench as b; "
-            f"step = b.make_step({provider!r}); "
-            "(torch.ones(8, 8, dtype=b.DTYPE) @ torch.ones(8, 8, dtype=b.DTYPE)).sum(); "
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step(); step(); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+# Run in a fresh process: the steps' peak resident memory above what the process holds once the inputs
+# exist and a tiny GEMM has loaded torch's kernels. The high-water mark is reset there (clear_refs 5)
+# and read from VmHWM: ru_maxrss would not do, since Linux carries it over from the parent across
+# fork and exec (a child of a large pytest process starts at the parent's size and hides its steps).
+PEAK_CHILD = """
+import sys, torch
+sys.path[:0] = [{bench!r}, {root!r}]
+{setup}
+import test_fused_linear_bench as b
+step = b.make_step({provider!r})
+(torch.ones(8, 8, dtype=b.DTYPE) @ torch.ones(8, 8, dtype=b.DTYPE)).sum()
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+base = status("VmRSS")
+step(); step()
+print(status("VmHWM") - base)
+"""
+
+
+def cpu_peak_bytes(provider, setup="") -> int:
+    """Peak extra resident memory of two steps on a CPU (Linux), in a fresh process (torch's CPU
+    allocations show in RSS; in this process earlier tests' freed pages would hide them). ``setup``:
+    code run before the bench module is imported (e.g. a chunk size)."""
+    code = PEAK_CHILD.format(bench=str(HERE), root=str(HERE.parent), setup=setup, provider=provider)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 

@@ -88,6 +88,16 @@ class SparseKD(torch.autograd.Function):
         return _backward(ctx, grad_output, "sparse_kd_loss", 10)
 
 
+def _times(g, grad_output, dtype):
+    """g * grad_output in fp32 (float64 for float64), rounded once to ``dtype``. A gradient kept in
+    fp32 (the weights', accumulated over chunks) is written straight into the result: no fp32
+    temporary of the weight's shape."""
+    w = wide(g.dtype)
+    if g.dtype == w:
+        return torch.mul(g, grad_output.to(w), out=torch.empty(g.shape, dtype=dtype, device=g.device))
+    return (g.to(w) * grad_output.to(w)).to(dtype)
+
+
 class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, teacher_ids, teacher_logprobs, labels, row_count, spec, impl, chunk,
@@ -118,14 +128,15 @@ class FusedLinearKD(torch.autograd.Function):
         g_bs = torch.zeros(v_s, dtype=wide(ws.dtype), device=ws.device) if need[2] else None
         g_ht, g_wt = (grad_of(ht, True, need[3]), grad_of(wt, False, need[4])) if grad_t else (None, None)
         g_bt = torch.zeros(v_t, dtype=wide(wt.dtype), device=wt.device) if grad_t and need[5] else None
+        ws_g, wt_g = gemm.widened(ws), gemm.widened(wt)  # off CUDA: fp32 once per call, not per chunk
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             h_s = hs[lo:hi]
-            s = gemm.logits(h_s, ws, bs)
+            s = gemm.logits(h_s, ws_g, bs)
             lab = labels[lo:hi] if labels is not None else None
             if dense:
                 h_t = ht[lo:hi]
-                t = gemm.match_vocab(gemm.logits(h_t, wt, bt), v_s)
+                t = gemm.match_vocab(gemm.logits(h_t, wt_g, bt), v_s)
                 chunk_loss, d_s, d_t = impl.kd_forward(s, t, lab, row_count, spec, grad_s, grad_t, *meters,
                                                        reduce=True)
             else:
@@ -136,10 +147,11 @@ class FusedLinearKD(torch.autograd.Function):
                 entropy_sum += gemm.entropy(s, spec).sum()
             s = t = None  # the chunk's fp32 logits are not needed by the projections
             if grad_s:
-                gemm.project_back(d_s, h_s, ws, g_hs, g_ws, g_bs, lo, hi)
+                gemm.project_back(d_s, h_s, ws_g, g_hs, g_ws, g_bs, lo, hi)
             if grad_t:
                 d_t = d_t[:, :v_t] if v_t <= v_s else F.pad(d_t, (0, v_t - v_s))  # dropped classes: 0
-                gemm.project_back(d_t, h_t, wt, g_ht, g_wt, g_bt, lo, hi)
+                gemm.project_back(d_t, h_t, wt_g, g_ht, g_wt, g_bt, lo, hi)
+            d_s = d_t = None  # not held while the next chunk's logits and temporaries are built
         ctx.grads = (g_hs, g_ws, g_bs, g_ht, g_wt, g_bt)
         if deferred:  # the row scale the kernel left out (KDSpec.grad_unit), now in fp32 (float64)
             for g in ctx.grads:
@@ -153,6 +165,5 @@ class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _):
         refuse_second_derivative(ctx.loss_name)
-        out = [None if g is None else (g.to(wide(g.dtype)) * grad_output.to(wide(g.dtype))).to(dt)
-               for g, dt in zip(ctx.grads, ctx.dtypes)]
+        out = [None if g is None else _times(g, grad_output, dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
         return (*out,) + (None,) * 10

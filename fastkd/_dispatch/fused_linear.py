@@ -47,7 +47,7 @@ def run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_we
         name = backends.resolve_name(options.backend, hs.device, dtypes, "dense")
         checks.transforms_on_backend(name, spec)
         lab, (hs, ht), count = counted_rows(labels, options, hs, ht)
-        chunk = options.chunk_size or max(1, gemm.CHUNK_LOGITS // max(v_s, wt.shape[0]))
+        chunk = options.chunk_size or gemm.default_chunk(hs.device, max(v_s, wt.shape[0]))
         return FusedLinearKD.apply(hs, ws, bs, ht, wt, bt, None, None, lab, count, spec, backends.load(name), chunk,
                                    None, (meter, teacher_meter), options.return_entropy)
 
@@ -70,6 +70,6 @@ def run_sparse(student_hidden, student_weight, student_bias, teacher_ids, teache
         lab, (hs, ids, lp), count = counted_rows(labels, options, hidden, teacher_ids.to(torch.int64),
                                                  teacher_logprobs)
         spec = build_spec(options, v, (hidden.dtype,), GEMM_PEAK)
-        chunk = options.chunk_size or max(1, gemm.CHUNK_LOGITS // v)
+        chunk = options.chunk_size or gemm.default_chunk(hs.device, v)
         return FusedLinearKD.apply(hs, weight, bias, None, None, None, ids, lp, lab, count, spec, impl, chunk,
                                    int(options.tail), (meter, None), options.return_entropy)

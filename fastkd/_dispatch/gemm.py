@@ -8,7 +8,21 @@ import torch.nn.functional as F
 from .._core.spec import KDSpec
 from ..backends.torch.math import transform
 
-CHUNK_LOGITS = 1 << 25  # default chunk: about this many logits per side (128 MiB in fp32)
+CHUNK_LOGITS = 1 << 25  # default chunk on a GPU: about this many logits per side (128 MiB in fp32)
+# default chunk on a CPU: 1 MiB of fp32 logits per side, both sides within one core's L2 on a recent
+# Xeon (2 MiB). A CPU chunk holds about eight fp32 copies of its logits at once (the torch backend's
+# temporaries) on top of the fp32 weights and their gradient: at 2^18 the bench case (256 x 128 x 8000
+# bf16) peaks at about a quarter of the materialised recipe's memory, at 2^19 near a third (the
+# allocator's reuse moves it by +-5 MiB), so 2^18 keeps the promise. Fewer, larger chunks are faster
+# on a busy machine, where each parallel op waits for a core (bench/RESULTS.md, CPU section).
+CPU_CHUNK_LOGITS = 1 << 18
+
+
+def default_chunk(device, n_classes):
+    """Rows per chunk when chunk_size is not given: CHUNK_LOGITS logits per side, CPU_CHUNK_LOGITS
+    on a CPU."""
+    per_side = CPU_CHUNK_LOGITS if device.type == "cpu" else CHUNK_LOGITS
+    return max(1, per_side // max(n_classes, 1))
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -35,15 +49,17 @@ def mm_fp32(a, b):
 
 
 def logits(h, w, b):
-    """One chunk's logits h W^T + b: fp32 from fp16/bf16 inputs (see mm_fp32), else the inputs' dtype."""
+    """One chunk's logits h W^T + b: fp32 from fp16/bf16 inputs (see mm_fp32; off CUDA ``w`` is the
+    weight widened once per call, see widened), else the inputs' dtype."""
     out = mm_fp32(h, w.t()) if h.dtype in LOW_PRECISION else h @ w.t()
     return out.add_(b) if b is not None else out
 
 
 def accumulate(acc, a, b):
-    """acc (fp32) += a @ b. On CUDA one GEMM that writes fp32 (``out_dtype``, where this torch has
-    it); elsewhere the product in the inputs' dtype (fp32 accumulation inside the GEMM) is added
-    into the fp32 accumulator: one temporary of acc's shape in the inputs' dtype."""
+    """acc (fp32) += a @ b on CUDA: one GEMM that writes fp32 (``out_dtype``, where this torch has
+    it); else the product in the inputs' dtype (fp32 accumulation inside the GEMM) is added into
+    the fp32 accumulator: one temporary of acc's shape in the inputs' dtype. (Off CUDA see
+    project_back.)"""
     if acc.is_cuda and a.dtype != acc.dtype:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
@@ -53,12 +69,29 @@ def accumulate(acc, a, b):
     acc.add_(a @ b)
 
 
+def widened(w):
+    """The weight as the chunks' GEMMs take it. Off CUDA, an fp16/bf16 weight widened to fp32 once per
+    call (a CPU has no GEMM that writes fp32 from 16-bit operands: widened per chunk, the whole
+    matrix was copied twice per chunk); on CUDA, or already fp32 / float64, the weight itself."""
+    if w is not None and not w.is_cuda and w.dtype in LOW_PRECISION:
+        return w.float()
+    return w
+
+
 def project_back(d_logits, h, w, g_h, g_w, g_b, lo, hi):
     """Gradients of one chunk through logits = h W^T + b (those that are asked for). ``d_logits`` is
-    the kernel's gradient of the chunk's logits (fp32 from 16-bit inputs): the bias sums it as is,
-    the GEMMs take it in the inputs' dtype (one cast of the chunk) and accumulate in fp32."""
+    the kernel's gradient of the chunk's logits (fp32 from 16-bit inputs): the bias sums it as is.
+    On CUDA the GEMMs take it in the inputs' dtype (one cast of the chunk) and accumulate in fp32;
+    elsewhere ``w`` is the widened weight (see widened) and the GEMMs run in the gradient's dtype,
+    the weight's gradient accumulated in place (addmm_: no temporary of the weight's shape)."""
     if g_b is not None:
         g_b += d_logits.to(g_b.dtype).sum(0)
+    if not d_logits.is_cuda:
+        if g_h is not None:
+            g_h[lo:hi] = d_logits @ w.to(d_logits.dtype)
+        if g_w is not None:
+            g_w.addmm_(d_logits.t().to(g_w.dtype), h.to(g_w.dtype))
+        return
     d_logits = d_logits.to(w.dtype)
     if g_h is not None:
         g_h[lo:hi] = d_logits @ w

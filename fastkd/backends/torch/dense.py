@@ -34,12 +34,12 @@ def _tempered(x, inv_t, fresh):
     return x.mul_(inv_t) if fresh else x * inv_t
 
 
-def _kl(la, lb, on_host):
+def _kl(la, lb, on_host, lb_again):
     """KL(p_t || p_s) per row and p_t, from the tempered log-probabilities; masked (0 log 0 = 0) as
     math.masked, which only changes a row whose unmasked sum is not finite: checked on the host where
-    that is free (a CPU), else always masked."""
+    that is free (a CPU), else always masked. The terms are built in lb's buffer unless ``lb_again``."""
     pt = lb.exp()
-    prod = (lb - la).mul_(pt)
+    prod = (lb - la if lb_again else lb.sub_(la)).mul_(pt)
     d = prod.sum(-1)
     if not on_host or not bool(d.isfinite().all()):
         d = torch.where(pt > 0, prod, 0.0).sum(-1)
@@ -86,7 +86,9 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         la = _tempered(x, inv_t, x_own and not x_again).log_softmax(-1)
         lb = _tempered(y, inv_t, y_own and teacher_meter is None and spec.t_cap == 0).log_softmax(-1)
         if fast_kl:
-            div, pt = _kl(la, lb, on_host)
+            lb_again = teacher_meter is not None and inv_t == 1.0
+            div, pt = _kl(la, lb, on_host, lb_again)
+            lb = lb if lb_again else None  # its buffer held the KL's terms: freed now
         else:
             div, ga, gb = divergence_terms(la, lb, spec, grad_t)
         row = spec.kd_scale * div.reshape(-1)
@@ -110,11 +112,11 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
             elif fast_kl:  # kd_g (p_s - p_t) (+ ce p1 below), in the buffer of p_s
                 g = (p1 if p1 is not None and inv_t == 1.0 else la.exp_()).sub_(pt)
                 if spec.has_ce:
-                    g = g.mul_(kd_g).add_(p1 if p1 is not None else l1.exp(), alpha=spec.ce_scale)
+                    g = g.mul_(kd_g).add_(p1 if p1 is not None else l1.exp_(), alpha=spec.ce_scale)
             else:
                 g = ga.mul_(kd_g) if spec.has_ce else ga
                 if spec.has_ce:
-                    g = g.add_(p1 if p1 is not None else l1.exp(), alpha=spec.ce_scale)
+                    g = g.add_(p1 if p1 is not None else l1.exp_(), alpha=spec.ce_scale)  # l1: last read
             factor = w_grad if spec.has_ce else w_grad * kd_g
             if spec.has_ce:  # the onehot of ce_scale (softmax(s) - onehot(label))
                 g = g.scatter_add_(-1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=dev))
@@ -125,7 +127,8 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                 g = g.mul_(slope(x, spec.s_scale, spec.s_cap))
             out = gs[lo:hi]
             torch.mul(g, factor.reshape(-1, 1), out=out)  # written once, cast on this write
-            if labels is not None:  # ignored rows: 0 even where their terms are not finite
+            # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
+            if labels is not None and (not on_host or bool((w_grad == 0).any())):
                 out.masked_fill_((w_grad == 0)[:, None], 0)
         if grad_t:
             gt[lo:hi] = torch.where(w_grad[:, None] != 0,
