@@ -7,15 +7,19 @@ Rows are processed in chunks of ``chunk_size``: the chunk's logits (one GEMM eac
 accumulation inside the GEMM, written in fp32 from fp16/bf16 inputs so that the softmax reads
 them unrounded — float64 inputs stay float64), the fused kernel's loss and logit gradients (fp32),
 then the gradients of the hidden states (per chunk) and of the weights and biases (accumulated
-over chunks in fp32, float64 for float64 inputs, returned in their dtypes); the projection GEMMs
-take the chunk's logit gradient in the inputs' dtype. Only one chunk of logits exists at a time.
+over chunks in fp32, float64 for float64 inputs, returned in their dtypes); on CUDA the projection
+GEMMs take the chunk's logit gradient in the inputs' dtype. Off CUDA, 16-bit weights are widened to
+fp32 once per call (4 V H bytes each, held for the call), every GEMM runs in fp32 and the weight
+gradient is accumulated in place. Only one chunk of logits exists at a time.
 The teacher's gradients are computed only when its tensors require grad.
 
 Memory per chunk of R rows over V classes, in bytes: at the kernel, the student's and the
 teacher's logits (4 R V each, fp32 from 16-bit inputs too) and the kernel's logit gradients (4 R V
 for the student, 4 R V more for a learning teacher): 12 R V, 16 R V with a learning teacher. The
 logits are then freed, and with 16-bit inputs each gradient is cast once for the projection GEMMs
-(2 R V each). The default ``chunk_size`` keeps R V near 2^25 per side (128 MiB of fp32 logits).
+(2 R V each). The default ``chunk_size`` keeps R V near 2^25 per side on a GPU (128 MiB of fp32
+logits) and near 2^18 on a CPU, at least 32 rows (the torch backend holds about eight fp32 copies of
+a chunk's logits; bench/RESULTS.md, CPU section).
 fp32 chunk logits from a 16-bit GEMM need ``torch.mm``'s ``out_dtype`` on CUDA (torch >= 2.8);
 without it the CUDA GEMM writes the inputs' dtype, widened afterwards (the logits then carry that
 rounding). Off CUDA the 16-bit operands are widened to fp32 for the GEMM (exact products).

@@ -3,8 +3,8 @@
 Tolerances: fp32 inputs are checked tightly (the chunked math is exact up to fp32 rounding). bf16
 inputs: the chunk's logits are written in fp32 by the GEMM (never rounded to bf16 before the
 softmax), so the loss is fp32-exact against float64 on the same bf16 operands (1e-6 relative;
-1e-7 measured, 2e-4 when the logits were bf16); the gradients go through bf16 GEMMs and come
-back in bf16, so each is compared at 6e-3 of its largest reference magnitude (3e-3 measured).
+1e-7 measured, 2e-4 when the logits were bf16); the gradients go through bf16 GEMMs on CUDA (fp32 ones
+on a CPU) and come back in bf16, so each is compared at 6e-3 of its largest reference magnitude (3e-3 measured).
 """
 import pytest
 import torch

@@ -54,9 +54,11 @@ def test_weight_sized_work_once_per_call(learning_teacher, gen):
 
 
 def test_cpu_default_chunk():
-    """The CPU's default chunk: about CPU_CHUNK_LOGITS logits per side, at least one row; a GPU's
+    """The CPU's default chunk: about CPU_CHUNK_LOGITS logits per side, at least CPU_MIN_ROWS rows; a GPU's
     stays CHUNK_LOGITS."""
     cpu = torch.device("cpu")
     assert gemm.default_chunk(cpu, 8000) * 8000 <= gemm.CPU_CHUNK_LOGITS < (gemm.default_chunk(cpu, 8000) + 1) * 8000
-    assert gemm.default_chunk(cpu, 1 << 24) == 1
+    assert gemm.default_chunk(cpu, 1 << 24) == gemm.CPU_MIN_ROWS == 32
+    assert gemm.default_chunk(cpu, 131072) == 32  # 2^18 logits would be 2 rows
+    assert gemm.default_chunk(torch.device("cuda"), 1 << 26) == 1
     assert gemm.default_chunk(torch.device("cuda"), 1000) == gemm.CHUNK_LOGITS // 1000

@@ -32,7 +32,7 @@ class Options:
     group: object  # a torch.distributed process group (vocabulary-parallel), or None
     tail: Tail  # a sparse teacher's missing mass (its int value is the kernels' TAIL code)
     teacher_temperature: float  # the temperature a sparse teacher's log-probabilities were computed at
-    chunk_size: int | None  # the fused-linear losses' rows per chunk (None: about 2^25 logits)
+    chunk_size: int | None  # the fused-linear losses' rows per chunk (None: about 2^25 logits per side on a GPU, 2^18 on a CPU)
     return_entropy: bool
 
     @classmethod

@@ -18,11 +18,17 @@ CHUNK_LOGITS = 1 << 25  # default chunk on a GPU: about this many logits per sid
 CPU_CHUNK_LOGITS = 1 << 18
 
 
+# ... but at least this many rows on a CPU: every chunk's GEMMs read the whole weight, so a chunk
+# of a couple of rows (2^18 logits at a 128k vocabulary) would re-read it for almost no work
+CPU_MIN_ROWS = 32
+
+
 def default_chunk(device, n_classes):
     """Rows per chunk when chunk_size is not given: CHUNK_LOGITS logits per side, CPU_CHUNK_LOGITS
-    on a CPU."""
-    per_side = CPU_CHUNK_LOGITS if device.type == "cpu" else CHUNK_LOGITS
-    return max(1, per_side // max(n_classes, 1))
+    (and at least CPU_MIN_ROWS rows) on a CPU."""
+    if device.type == "cpu":
+        return max(CPU_MIN_ROWS, CPU_CHUNK_LOGITS // max(n_classes, 1))
+    return max(1, CHUNK_LOGITS // max(n_classes, 1))
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
