@@ -39,6 +39,17 @@ def check_new_run(folder: Path, overwrite: bool, seeds: bool = False):
                          "it, or another --out-dir or --name for a new one")
 
 
+def check_seeds_run(folder: Path, resume: bool, overwrite: bool) -> bool:
+    """The rules for a ``--seeds`` folder: --resume and --overwrite exclude each other; without
+    --resume an existing folder is refused unless --overwrite. True when the caller is to clear it."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the runs, or replace them")
+    if resume:
+        return False
+    check_new_run(folder, overwrite, seeds=True)
+    return overwrite
+
+
 def clear(folder: Path, seeds: bool = False):
     """Deletes what an earlier run (``seeds``: multi-seed run) wrote into ``folder``."""
     for p in written_by_study(folder, seeds):

@@ -50,7 +50,7 @@ from .lm_models import LM_TAILS, build_lm, parse_lm_model
 from .lm_report import (label, lm_results_table, lm_summary_tables, summarize_lm_seeds, write_lm_report,
                         write_lm_summary)
 from .models import count_parameters
-from .train import _autocast, atomic_save, load_checkpoint
+from .train import _autocast, atomic_save, log_epoch, restore
 
 T_FIT_TOKENS = 2048  # validation tokens the T* fit reads (evenly strided): each step of its root search reads
 # tokens x vocabulary logits (about 3 s per model at 2048 x 2048 on one core; 9 s at 8192)
@@ -128,11 +128,7 @@ def fit_lm(model, data: LMData, cfg: StudyConfig, stage: str, ckpt: Path, *, epo
                                                 cycle_momentum=False)
     state = {"epoch": 0, "history": [], "finished": False}
     if cfg.resume and ckpt.exists():
-        ck = load_checkpoint(ckpt, device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        state = ck["state"]
+        state = restore(ckpt, device, model, opt, sched)
     if state["finished"]:
         return state["history"]
     distilling = teacher is not None or sparse is not None
@@ -192,13 +188,7 @@ def fit_lm(model, data: LMData, cfg: StudyConfig, stage: str, ckpt: Path, *, epo
             state["history"].append(row)
             state["epoch"] = epoch + 1
             state["finished"] = epoch + 1 == epochs
-            if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            if writer is not None:
-                for k, v in row.items():
-                    if isinstance(v, float):
-                        writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
+            log_epoch(row, stage, epoch + 1, log, writer)
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "state": state}, ckpt)
     if epochs == 0:
@@ -394,18 +384,14 @@ def run_lm_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     """The language-model study once per seed in ``<out>/<name>/s<S>`` and the summary beside them,
     with the digits study's rules: ``--resume`` reuses a finished seed and continues the others,
     ``--overwrite`` clears the earlier run first, a folder holding one is refused otherwise."""
-    from .folders import check_new_run
+    from .folders import check_seeds_run
     from .seeds import _finished, seeds_label
 
     started = time.perf_counter()
     name = cfg.name or f"lm-seeds{seeds_label(seeds)}"
     folder = Path(cfg.out_dir) / name
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the runs, or replace them")
-    if not cfg.resume:
-        check_new_run(folder, cfg.overwrite, seeds=True)
-        if cfg.overwrite:
-            clear(folder, seeds=True)
+    if check_seeds_run(folder, cfg.resume, cfg.overwrite):
+        clear(folder, seeds=True)
     reports, reused, seconds = {}, [], {}
     for seed in seeds:
         seed_cfg = replace(cfg, seed=seed, out_dir=str(folder), name=f"s{seed}")

@@ -311,17 +311,15 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     from . import torchrun
     from .run import run_study
 
-    from .folders import check_new_run, clear
+    from .folders import check_seeds_run, clear
 
     started = time.perf_counter()
     name = cfg.name or f"{cfg.dataset}-seeds{seeds_label(seeds)}"
     folder = Path(cfg.out_dir) / name
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the runs, or replace them")
+    clear_first = check_seeds_run(folder, cfg.resume, cfg.overwrite)
     if not cfg.resume:
-        check_new_run(folder, cfg.overwrite, seeds=True)
         torchrun.init_from_env(resolve_device(cfg.device))  # (again in each seed's run: a no-op then)
-        if cfg.overwrite and torchrun.is_main():
+        if clear_first and torchrun.is_main():
             clear(folder, seeds=True)
         torchrun.barrier()
     reports, reused, seconds = {}, [], {}

@@ -43,6 +43,28 @@ def load_checkpoint(path: Path, device):
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
 
 
+def restore(ckpt: Path, device, model, opt, sched) -> dict:
+    """A stage's checkpoint back into its model, optimiser and schedule; returns the loop's state
+    (epoch, history, finished, ...)."""
+    ck = load_checkpoint(ckpt, device)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    return ck["state"]
+
+
+def log_epoch(row: dict, stage: str, epoch: int, log=None, writer=None):
+    """An epoch's row into metrics.jsonl (``log``, flushed: a crash keeps what was trained) and its
+    numbers into TensorBoard (``writer``) as ``stage/name``."""
+    if log is not None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    if writer is not None:
+        for k, v in row.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"{stage}/{k}", v, epoch)
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -120,11 +142,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
     state = {"epoch": 0, "temperature": cfg.temperature, "alpha": cfg.alpha,
              "best_nll": float("inf"), "history": [], "finished": False}
     if cfg.resume and ckpt.exists():
-        ck = load_checkpoint(ckpt, device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        state = ck["state"]
+        state = restore(ckpt, device, model, opt, sched)
     if state["finished"]:
         return state["history"]
     net = model
@@ -208,13 +226,7 @@ def fit(model, data: DataBundle, cfg: StudyConfig, stage: str, ckpt: Path, *, ep
             state["best_nll"] = min(state["best_nll"], val["nll"])
             state["epoch"] = epoch + 1
             state["finished"] = epoch + 1 == epochs
-            if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            if writer is not None:
-                for k, v in row.items():
-                    if isinstance(v, float):
-                        writer.add_scalar(f"{stage}/{k}", v, epoch + 1)
+            log_epoch(row, stage, epoch + 1, log, writer)
             if rank == 0:
                 atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "state": state}, ckpt)
