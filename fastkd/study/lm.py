@@ -385,25 +385,19 @@ def run_lm_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
     with the digits study's rules: ``--resume`` reuses a finished seed and continues the others,
     ``--overwrite`` clears the earlier run first, a folder holding one is refused otherwise."""
     from .folders import check_seeds_run
-    from .seeds import _finished, seeds_label
+    from .seeds import run_each_seed, seeds_label
 
     started = time.perf_counter()
     name = cfg.name or f"lm-seeds{seeds_label(seeds)}"
     folder = Path(cfg.out_dir) / name
     if check_seeds_run(folder, cfg.resume, cfg.overwrite):
         clear(folder, seeds=True)
-    reports, reused, seconds = {}, [], {}
-    for seed in seeds:
-        seed_cfg = replace(cfg, seed=seed, out_dir=str(folder), name=f"s{seed}")
-        t0 = time.perf_counter()
-        done = _finished(seed_cfg) if cfg.resume else None
-        if done is not None:
-            reused.append(seed)
-        reports[seed] = done if done is not None else run_lm(seed_cfg)
-        seconds[seed] = time.perf_counter() - t0
-        res = reports[seed]["results"]
-        log(f"seed {seed}: " + ("reused" if done is not None else f"{seconds[seed]:.1f} s") + "; ECE " +
-            ", ".join(f"{label(m)} {r['ece']:.4f}" for m, r in res.items()))
+
+    def log_line(seed, report, seconds, reused):
+        log(f"seed {seed}: " + ("reused" if reused else f"{seconds:.1f} s") + "; ECE " +
+            ", ".join(f"{label(m)} {r['ece']:.4f}" for m, r in report["results"].items()))
+
+    reports, reused, seconds = run_each_seed(cfg, seeds, folder, run_lm, log_line)
     base = asdict(replace(cfg, name=name).resolved())
     base.pop("seed")
     summary = summarize_lm_seeds(reports)

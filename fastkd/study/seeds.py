@@ -298,6 +298,23 @@ def _finished(seed_cfg: StudyConfig) -> dict | None:
     return report
 
 
+def run_each_seed(cfg: StudyConfig, seeds: list[int], folder: Path, run_one, log_line) -> tuple[dict, list, dict]:
+    """``run_one(seed_cfg)`` per seed, each in ``folder/s<seed>``; under ``cfg.resume`` a seed run to
+    the end with the same settings is reused instead. ``log_line(seed, report, seconds, reused)``
+    after each. Returns (reports, the seeds reused, seconds per seed)."""
+    reports, reused, seconds = {}, [], {}
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed, out_dir=str(folder), name=f"s{seed}")
+        t0 = time.perf_counter()
+        done = _finished(seed_cfg) if cfg.resume else None
+        if done is not None:
+            reused.append(seed)
+        reports[seed] = done if done is not None else run_one(seed_cfg)
+        seconds[seed] = time.perf_counter() - t0
+        log_line(seed, reports[seed], seconds[seed], done is not None)
+    return reports, reused, seconds
+
+
 def _seed_line(seed: int, report: dict, seconds: float, reused: bool) -> str:
     res, names = report["results"], {key: name for key, name, _, _ in METRICS}
     moves = ", ".join(f"{names[k]} {res['student'][k]:.4f} → {res['distilled'][k]:.4f}"
@@ -322,17 +339,12 @@ def run_seeds(cfg: StudyConfig, seeds: list[int], log=print) -> dict:
         if clear_first and torchrun.is_main():
             clear(folder, seeds=True)
         torchrun.barrier()
-    reports, reused, seconds = {}, [], {}
-    for seed in seeds:
-        seed_cfg = replace(cfg, seed=seed, out_dir=str(folder), name=f"s{seed}")
-        t0 = time.perf_counter()
-        done = _finished(seed_cfg) if cfg.resume else None
-        if done is not None:
-            reused.append(seed)
-        reports[seed] = done if done is not None else run_study(seed_cfg, figures=False)
-        seconds[seed] = time.perf_counter() - t0
+
+    def log_line(*args):
         if torchrun.is_main():
-            log(_seed_line(seed, reports[seed], seconds[seed], done is not None))
+            log(_seed_line(*args))
+
+    reports, reused, seconds = run_each_seed(cfg, seeds, folder, lambda c: run_study(c, figures=False), log_line)
     base = asdict(replace(cfg, name=name).resolved())
     base.pop("seed")
     summary = summarize_seeds(reports)
