@@ -14,11 +14,7 @@ class Divergence(enum.IntEnum):
     @classmethod
     def parse(cls, value, name: str = "divergence") -> Divergence:
         """The member a public argument names ("kl", "reverse_kl", "jsd"), or a ValueError naming it."""
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, str) or value not in DIVERGENCES:
-            raise ValueError(f"{name} must be one of {DIVERGENCES}, got {value!r}")
-        return _MEMBERS[DIVERGENCES.index(value)]
+        return _parse(_DIVERGENCE_MEMBERS, DIVERGENCES, value, name)
 
 
 class Tail(enum.IntEnum):
@@ -35,17 +31,24 @@ class Tail(enum.IntEnum):
 
     @classmethod
     def parse(cls, value, name: str = "tail") -> Tail:
-        """The member a public argument names (one of TAILS), or an error naming it."""
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, str) or value not in TAILS:
-            raise ValueError(f"{name} must be one of {TAILS}, got {value!r}")
-        return cls[value.upper()]
+        """The member a public argument names (one of TAILS), or a ValueError naming it."""
+        return _parse(_TAIL_MEMBERS, TAILS, value, name)
 
 
-_MEMBERS = tuple(Divergence)
+def _parse(members: tuple, names: tuple, value, name: str):
+    """The member of ``members`` (an IntEnum's, in code order) that ``value`` is or names (its lower-case
+    name in ``names``), or a ValueError naming the argument."""
+    if isinstance(value, type(members[0])):
+        return value
+    if not isinstance(value, str) or value not in names:
+        raise ValueError(f"{name} must be one of {names}, got {value!r}")
+    return members[names.index(value)]
+
+
+_DIVERGENCE_MEMBERS = tuple(Divergence)
 DIVERGENCES = tuple(d.name.lower() for d in Divergence)  # the public names, in code order
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 LINEAR_REDUCTIONS = REDUCTIONS[:3]  # the fused-linear losses: "none" would need a weight gradient per row
+_TAIL_MEMBERS = tuple(Tail)
 TAILS = tuple(t.name.lower() for t in Tail)  # the public names, in code order
 BACKENDS = ("auto", "triton", "cuda", "torch")  # backend= and FASTKD_BACKEND, in any case (fastkd.backends)
