@@ -70,16 +70,38 @@ def _norm(gap: torch.Tensor, prop: torch.Tensor, norm: str) -> torch.Tensor:
     return gap.max()
 
 
-def _histogram(conf, correct, keep, num_bins):
-    """Per-bin (count, confidence sum, correct sum) in float64; rows where ``keep`` is False add nothing."""
-    idx = torch.bucketize(conf, bin_edges(num_bins, conf.device, conf.dtype)[:-1], right=True) - 1
-    # a NaN confidence (NaN logits, or a row of -inf) lands in the last bin, as its NaN sum shows;
-    # the kernels put it there too, so every labelled row is counted
-    idx = idx.clamp_(0, num_bins)
-    out = torch.zeros(3, num_bins + 1, dtype=torch.float64, device=conf.device)
-    for i, v in enumerate((keep, conf, correct)):
-        out[i].scatter_add_(0, idx, torch.where(keep, v.to(torch.float64), 0.0))
-    return out
+# device constants, built once per (num_bins, device[, dtype]): a few small tensors (a small-batch
+# CPU call is bound by the number of ops, and linspace + cat every call were two of them)
+_CACHE: dict = {}
+
+
+def _bin_index(conf: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """torchmetrics' slot of each confidence, ``bucketize(conf, linspace(0, 1, B + 1), right=True) - 1``
+    with the edges in conf's dtype (fp64 confidences keep fp64 edges): searching only the edges above 0
+    gives that index without the - 1, and puts a confidence of exactly 1.0 in slot B, a NaN one (NaN
+    logits, a row of -inf) there too as the kernels do, so every labelled row is counted."""
+    key = ("edges", num_bins, conf.device, conf.dtype)
+    if key not in _CACHE:
+        _CACHE[key] = torch.linspace(0, 1, num_bins + 1, dtype=conf.dtype, device=conf.device)[1:]
+    return torch.bucketize(conf, _CACHE[key], right=True)
+
+
+def _layout(num_bins: int, device) -> tuple:
+    """The constants that send a (5, N) stack of (count, confidence, correct, NLL, Brier) rows into
+    ``CalibrationMeter.state`` in one index_add_: the flat index offset + per_slot * slot (slot's entry in
+    the first three blocks of B + 1, fixed entries for the NLL and Brier sums), the rows a ``bad`` row
+    replaces and with what (wrong, NaN NLL and Brier), and a float64 zero (where(keep, v, 0.0) would
+    build a scalar tensor every call)."""
+    key = ("layout", num_bins, device)
+    if key not in _CACHE:
+        nb = num_bins + 1
+        col = dict(device=device)
+        _CACHE[key] = (torch.tensor([[0], [nb], [2 * nb], [3 * nb], [3 * nb + 1]], **col),
+                       torch.tensor([[1], [1], [1], [0], [0]], **col),
+                       torch.tensor([[False], [False], [True], [True], [True]], **col),
+                       torch.tensor([[0.0], [0.0], [0.0], [math.nan], [math.nan]], dtype=torch.float64, **col),
+                       torch.zeros((), dtype=torch.float64, **col))
+    return _CACHE[key]
 
 
 def calibration_error(logits_or_probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15,
@@ -104,8 +126,9 @@ def calibration_error(logits_or_probs: torch.Tensor, labels: torch.Tensor, num_b
     if not bool(((p >= 0) & (p <= 1)).all()):
         p = p.softmax(dim=1)
     conf, pred = p.max(dim=1)
-    hist = _histogram(conf, pred == labels, torch.ones_like(conf, dtype=torch.bool), num_bins)
-    gap, prop = _bin_errors(*hist)
+    meter = CalibrationMeter(num_bins)
+    meter._add_statistics(conf, pred == labels, conf, conf)  # the meter's bins (its NLL and Brier sums unused)
+    gap, prop = _bin_errors(*meter.state[: 3 * (num_bins + 1)].view(3, -1))
     return _norm(gap, prop, norm).to(p.dtype)
 
 
@@ -156,17 +179,20 @@ class CalibrationMeter:
         flagged ``bad`` (a label out of range, unchecked) count, as wrong, with NaN NLL and Brier."""
         self._add_statistics(*row_statistics(x, labels.clamp(min=0)), keep, bad)
 
-    def _add_statistics(self, conf, correct, nll, brier, keep, bad=None):
+    def _add_statistics(self, conf, correct, nll, brier, keep=None, bad=None):
         """Adds per-row top-1 confidence, correctness, NLL and Brier (however computed); rows where
-        ``keep`` is False add nothing, rows flagged ``bad`` count as wrong with NaN NLL and Brier."""
-        if bad is not None:
-            correct = correct & ~bad
-            nll, brier = torch.where(bad, torch.nan, nll), torch.where(bad, torch.nan, brier)
+        ``keep`` is False add nothing (None: every row counts), rows flagged ``bad`` count as wrong with
+        NaN NLL and Brier."""
         state = self._state_on(conf.device)
-        nb = self.num_bins + 1
-        state[: 3 * nb] += _histogram(conf, correct, keep, self.num_bins).reshape(-1)
-        state[3 * nb] += torch.where(keep, nll.double(), 0.0).sum()
-        state[3 * nb + 1] += torch.where(keep, brier.double(), 0.0).sum()
+        offset, per_slot, bad_rows, bad_values, zero = _layout(self.num_bins, state.device)
+        # one row per quantity, the count's ones first: the stack is float64, as the state
+        v = torch.stack((torch.ones_like(conf, dtype=torch.float64), conf, correct, nll, brier))
+        if bad is not None:
+            v = torch.where(bad_rows & bad, bad_values, v)
+        if keep is not None:  # where, not a product: an ignored row's NaN or inf must add nothing
+            v = torch.where(keep, v, zero)
+        flat = torch.addcmul(offset, per_slot, _bin_index(conf, self.num_bins))
+        state.index_add_(0, flat.view(-1), v.view(-1))  # index_add_ is deterministic on CUDA, put_ is not
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> None:

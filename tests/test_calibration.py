@@ -1,4 +1,5 @@
 """Calibration statistics: torchmetrics as the cross-check, float64 formulas as the reference."""
+import math
 import os
 import socket
 
@@ -199,3 +200,68 @@ def test_all_reduce_sums_exactly_across_ranks():
     total = results[0] + results[1]
     assert torch.equal(results["reduced0"], total) and torch.equal(results["reduced1"], total)
     assert int(total[:16].sum()) == 201
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_meter_keep_none_counts_every_row_and_ignored_rows_add_nothing(dtype, gen):
+    """keep=None equals keep=all-True bit for bit; ignored rows with NaN / inf statistics add nothing;
+    the state equals sums written plainly, binned on edges in the confidences' dtype."""
+    num_bins, n = 3, 41
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=dtype)
+    conf = torch.rand(n, generator=gen, dtype=dtype)
+    # exactly 1.0 (slot B), 0, NaN (slot B), on an edge (in fp64 below fp32's 1/3), just below it
+    conf[:5] = torch.tensor([1.0, 0.0, math.nan, 2 / 3, 1 / 3], dtype=dtype)
+    conf[5] = torch.nextafter(conf[4], torch.tensor(0.0, dtype=dtype))
+    rows = (conf, torch.rand(n, generator=gen) < 0.5, torch.rand(n, generator=gen, dtype=dtype) * 3,
+            torch.rand(n, generator=gen, dtype=dtype) * 2)
+    every, all_true, masked = (fastkd.CalibrationMeter(num_bins) for _ in range(3))
+    every._add_statistics(*rows)
+    all_true._add_statistics(*rows, keep=torch.ones(n, dtype=torch.bool))
+    torch.testing.assert_close(every.state, all_true.state, rtol=0, atol=0, equal_nan=True)
+    junk = (torch.tensor([math.nan, math.inf, 0.5], dtype=dtype), torch.tensor([True, False, True]),
+            torch.tensor([math.inf, math.nan, -math.inf], dtype=dtype),
+            torch.tensor([math.nan, -math.inf, math.inf], dtype=dtype))
+    keep = torch.ones(n + 3, dtype=torch.bool)
+    keep[torch.randperm(n + 3, generator=gen)[:3]] = False  # the ignored rows in between, the others in order
+    mixed = [torch.cat([r, j]) for r, j in zip(rows, junk)]
+    for m, r, j in zip(mixed, rows, junk):
+        m[keep], m[~keep] = r, j
+    masked._add_statistics(*mixed, keep=keep)
+    torch.testing.assert_close(masked.state, every.state, rtol=0, atol=0, equal_nan=True)
+    want = torch.zeros(3 * (num_bins + 1) + 2, dtype=torch.float64)
+    for c, ok, nll, brier in zip(*(r.tolist() for r in rows)):
+        slot = num_bins if math.isnan(c) else max(sum(e <= c for e in edges.tolist()) - 1, 0)
+        for block, v in enumerate((1.0, c, float(ok))):
+            want[block * (num_bins + 1) + slot] += v
+        want[-2] += nll
+        want[-1] += brier
+    torch.testing.assert_close(every.state, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_meter_adds_few_ops_to_a_small_cpu_batch():
+    """A CPU batch of 128 x 10 is bound by the number of ops (a few us each), not by bytes: the meter
+    adds at most 22 to kd_loss's forward (64 before it was trimmed)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    s, t = torch.randn(128, 10), torch.randn(128, 10)
+    labels = torch.randint(0, 10, (128,))
+    counts = []
+    for meter in (None, fastkd.CalibrationMeter()):
+        kw = dict(temperature=4.0, alpha=0.9, meter=meter, backend="torch")
+        fastkd.kd_loss(s, t, labels, **kw)  # the first call builds the meter's device constants
+        with Count() as mode:
+            fastkd.kd_loss(s, t, labels, **kw)
+        counts.append(mode.ops)
+    extra = sum(counts[1].values()) - sum(counts[0].values())
+    assert extra <= 22, (extra, counts[1] - counts[0])

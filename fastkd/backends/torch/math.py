@@ -116,9 +116,10 @@ def conditioned(lps_k, valid):
 def meter_statistics(l1, p1, labels):
     """Per-row (confidence, correct, NLL, Brier) at T = 1 from the log-probabilities ``l1`` and the
     probabilities ``p1`` the loss already has (calibration.row_statistics' values, without a second
-    softmax): confidence = exp(max log p)."""
+    softmax): confidence = exp(max log p), Brier = sum p^2 - 2 p_y + 1. ``labels`` in range."""
     top, pred = l1.max(dim=-1)
-    lab = labels.unsqueeze(-1)
-    p_lab = p1.gather(-1, lab).squeeze(-1)
-    brier = (p1 * p1).sum(-1) - 2 * p_lab + 1
-    return top.exp(), pred == labels, -l1.gather(-1, lab).squeeze(-1), brier
+    # nll_loss(x, y)[i] = -x[i, y_i]: one op where gather needs unsqueeze, squeeze and a negation
+    nll = torch.nn.functional.nll_loss(l1, labels, reduction="none")
+    brier = torch.linalg.vecdot(p1, p1).add_(torch.nn.functional.nll_loss(p1, labels, reduction="none"),
+                                            alpha=2).add_(1)
+    return top.exp(), pred == labels, nll, brier
