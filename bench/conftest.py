@@ -123,11 +123,46 @@ def _linear_table() -> list[str]:
     return lines
 
 
+def _side_by_side() -> list[str]:
+    """The one table issue 29 asks for: each fastkd row's time over the recipe it replaces, in the
+    same run (<= 1.00x: fastkd is no slower). A meter row is compared with the recipe without one
+    (no recipe has a meter); fused linear also compares peak memory, the epoch its time."""
+    rows = []
+    eager = {(r["rows"], r["classes"], r["dtype"], r["mode"]): r["ms"] for r in RESULTS if r["provider"] == "eager"}
+    for r in RESULTS:
+        if not r["provider"].startswith("fastkd") or r["mode"] == "fwd":
+            continue
+        base = eager.get((r["rows"], r["classes"], r["dtype"], r["mode"].replace("+meter", "")))
+        if base:
+            rows.append((f"kd_loss {r['rows']} x {r['classes']} {r['dtype']}, {r['mode']}", "eager recipe", base,
+                         r["provider"], r["ms"], ""))
+    linear = {r["provider"]: r for r in LINEAR_RESULTS}
+    base = linear.get("materialised-eager")
+    for name, r in linear.items():
+        if base and name.startswith("fastkd") and "trl" not in name:
+            peak = (f", peak {r['extra_mib'] / base['extra_mib']:.2f} of it" if r["extra_mib"] and base["extra_mib"]
+                    else "")
+            rows.append((f"fused linear {r['shape']}", "materialised", base["ms"], name, r["ms"], peak))
+    plain = {r["data"]: r for r in LOOP_RESULTS if r["loop"] == "plain"}
+    for r in LOOP_RESULTS:
+        if r["loop"] != "plain" and r["data"] in plain:
+            rows.append((f"distillation epoch, {r['data']}", "plain loop", plain[r["data"]]["epoch_ms"], f"{r['loop']} loop",
+                         r["epoch_ms"], ""))
+    if not rows:
+        return []
+    width = max(len(r[0]) for r in rows)
+    lines = ["side by side (time ratio = fastkd / the recipe it replaces; <= 1.00x: no slower)"]
+    for case, base_name, base_ms, name, ms, extra in rows:
+        lines.append(f"{case:<{width}}  {base_name:>12} {base_ms:9.3f} ms  {name:>18} {ms:9.3f} ms  "
+                     f"{ms / base_ms:5.2f}x{extra}")
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS and not LOOP_RESULTS and not LINEAR_RESULTS:
         return
     lines = [f"device: {torch.cuda.get_device_name() if ON_GPU else 'CPU'}, torch {torch.__version__}"]
-    lines += (_table()[1:] if RESULTS else []) + _loop_table() + _linear_table()
+    lines += (_table()[1:] if RESULTS else []) + _loop_table() + _linear_table() + _side_by_side()
     terminalreporter.write_sep("=", "fastkd benchmark summary")
     for line in lines:
         terminalreporter.write_line(line)

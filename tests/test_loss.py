@@ -94,6 +94,23 @@ def test_dtypes_with_ignore_index_and_teacher_grad(backend, dtype, rtol_grad, sh
                             alpha=0.7)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 2, 6])
+def test_rows_that_all_count_and_an_ignore_index_among_the_classes(ignore_index, gen):
+    """The torch backend skips its per-row masks on a CPU when every row counts; an ignore_index
+    that is also a class id (2), present in the labels or not (6 of 6 classes: never), must still
+    drop its rows. Against the float64 reference, with the teacher's gradient and a meter."""
+    s, t = randn((33, 6), gen), randn((33, 6), gen)
+    labels = torch.randint(0, 6, (33,), generator=gen)
+    labels[[0, 5, 32]] = 2
+    check_against_reference("torch", s, t, labels, 1e-5, teacher_grad=True, temperature=2.0, alpha=0.6,
+                            ignore_index=ignore_index)
+    meter, reference = fastkd.CalibrationMeter(), fastkd.CalibrationMeter()
+    fastkd.kd_loss(s, t, labels, alpha=0.6, ignore_index=ignore_index, meter=meter, backend="torch")
+    reference.update(s, labels, ignore_index=ignore_index)
+    assert meter.compute().count == reference.compute().count == int((labels != ignore_index).sum())
+    torch.testing.assert_close(meter.state, reference.state)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])

@@ -3,8 +3,10 @@ object instead of the public keyword lists."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import checks
@@ -36,7 +38,19 @@ class Options:
     return_entropy: bool
 
     @classmethod
-    def build(cls, *, temperature, alpha=None, divergence="kl", beta=0.5, ignore_index=-100,
+    def build(cls, **arguments) -> Options:
+        """:meth:`check`, remembered for calls whose arguments are all plain Python values (a training
+        loop passes the same keywords every step: checked once, not per step). The key holds each
+        value's type (``True`` is not ``1``: it must still be refused where a number is asked for);
+        Options are immutable, so one object is shared. A tensor or a process group is not
+        remembered (checked every call), nor is anything under torch.compile (Dynamo traces through
+        a cache and warns)."""
+        if not torch.compiler.is_compiling() and all(type(v) in _PLAIN for v in arguments.values()):
+            return _checked(tuple((k, type(v), v) for k, v in arguments.items()))
+        return cls.check(**arguments)
+
+    @classmethod
+    def check(cls, *, temperature, alpha=None, divergence="kl", beta=0.5, ignore_index=-100,
               reduction="batchmean", reductions=REDUCTIONS, has_labels=None, backend=None, validate_labels=True,
               num_items=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
               teacher_softcap=None, group=None, tail="bucket", teacher_temperature=1.0, sparse=False,
@@ -85,6 +99,14 @@ class Options:
     def transforms_set(self) -> list[str]:
         """The public arguments of the logit transforms this call sets (not at their defaults)."""
         return transform_names(*self.transforms)
+
+
+_PLAIN = (bool, int, float, str, type(None), tuple)  # tuple: the reductions a loss allows (of str)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(arguments: tuple) -> Options:
+    return Options.check(**{name: value for name, _, value in arguments})
 
 
 class OptionsModule(nn.Module):

@@ -9,7 +9,7 @@ from .._core.spec import build_spec
 from .. import backends
 from ..calibration import check_meters
 from . import compiled, vocab_parallel
-from .functions import FusedKD
+from .functions import FusedKD, autocast_off
 from .rows import label_rows, pair_rows, row_count
 
 
@@ -38,7 +38,7 @@ def run(s, t, labels, options: Options, meter=None, teacher_meter=None):
     labels2 = label_rows(labels)
     count = row_count(labels2, options, s2.numel() // c)
     reduce = options.reduction != "none"
-    with torch.autocast(s.device.type, enabled=False):  # the kernels pick their own precision
+    with autocast_off(s.device.type):  # the kernels pick their own precision
         if compiling:
             loss = compiled.fused_kd(s2, t2, labels2, count, spec, reduce, name, meter, teacher_meter)
         else:

@@ -3,11 +3,22 @@
 scale the forward left to it, KDSpec.grad_unit)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from .._core.spec import backward_factor, wide
 from . import gemm
+
+
+def autocast_off(device_type: str):
+    """Autocast off for the loss (its backends pick their own precision): ``torch.autocast(...,
+    enabled=False)`` where autocast is on or a trace may turn it on, else nothing (entering it costs
+    as much as a small op, paid in every call)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def refuse_second_derivative(loss_name):

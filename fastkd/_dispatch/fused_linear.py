@@ -10,7 +10,7 @@ from .._core.spec import GEMM_PEAK, build_spec
 from .. import backends
 from ..calibration import check_meters
 from . import gemm, vocab_parallel
-from .functions import FusedLinearKD
+from .functions import FusedLinearKD, autocast_off
 from .rows import counted_rows
 
 
@@ -33,7 +33,7 @@ def run(student_hidden, student_weight, student_bias, teacher_hidden, teacher_we
     hs, ws, bs, ht, wt, bt = gemm.follow_autocast(device_type, student_hidden, gemm.full(student_weight),
                                                   gemm.full(student_bias), teacher_hidden,
                                                   gemm.full(teacher_weight), gemm.full(teacher_bias))
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         checks.linear(hs, ws, bs, "student")
         checks.linear(ht, wt, bt, "teacher")
         checks.same_rows(hs, ht)
@@ -58,7 +58,7 @@ def run_sparse(student_hidden, student_weight, student_bias, teacher_ids, teache
     device_type = _device_type(student_hidden)
     hidden, weight, bias = gemm.follow_autocast(device_type, student_hidden, gemm.full(student_weight),
                                                 gemm.full(student_bias))
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         checks.linear(hidden, weight, bias, "student")
         v = weight.shape[0]
         checks.teacher(teacher_ids, teacher_logprobs, hidden.shape[:-1], v, hidden.device, options.validate_labels)

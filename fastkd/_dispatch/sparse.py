@@ -9,7 +9,7 @@ from .._core.spec import build_spec
 from .. import backends
 from ..calibration import check_meters
 from . import vocab_parallel
-from .functions import SparseKD
+from .functions import SparseKD, autocast_off
 from .rows import as_rows, label_rows, row_count
 
 
@@ -33,7 +33,7 @@ def run(s, teacher_ids, teacher_logprobs, labels, options: Options, meter=None):
     labels2 = label_rows(labels)
     spec = build_spec(options, c, (s.dtype,))
     reduce = options.reduction != "none"
-    with torch.autocast(s.device.type, enabled=False):
+    with autocast_off(s.device.type):
         loss = SparseKD.apply(s2, teacher_ids.reshape(-1, k).to(torch.int64).contiguous(),
                               teacher_logprobs.reshape(-1, k).contiguous(), labels2,
                               row_count(labels2, options, s2.shape[0]), spec, int(options.tail), reduce, impl, meter)

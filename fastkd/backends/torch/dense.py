@@ -11,7 +11,10 @@ already has. Ops, not bytes, are what a chunk pays for (see CHUNK_ELEMENTS).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from ..._core.enums import Divergence
 from ..._core.spec import KDSpec, row_scale
@@ -41,9 +44,19 @@ def _kl(la, lb, on_host, lb_again):
     pt = lb.exp()
     prod = (lb - la if lb_again else lb.sub_(la)).mul_(pt)
     d = prod.sum(-1)
-    if not on_host or not bool(d.isfinite().all()):
+    if not on_host or not math.isfinite(d.sum()):  # a sum is finite only if every term is
         d = torch.where(pt > 0, prod, 0.0).sum(-1)
     return d, pt
+
+
+def _every_row_counts(labels, c, ignore_index) -> bool:
+    """Every label in [0, c) and none equal to ``ignore_index``: no row ignored, none out of range."""
+    if not labels.numel():
+        return True
+    low, high = (int(v) for v in torch.aminmax(labels))
+    if low < 0 or high >= c:
+        return False
+    return not 0 <= ignore_index < c or not bool((labels == ignore_index).any())
 
 
 def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool, meter, teacher_meter,
@@ -67,18 +80,21 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     kd_g = spec.kd_scale * inv_t
     fast_kl = spec.divergence == Divergence.KL and not grad_t
     s_slope_free = spec.s_cap == 0  # the student's d z'/d z is a number (its scale), not a tensor
+    # every row counts (no label ignored or out of range): no per-row masks at all, only the row
+    # scale. Known without labels, or read on a CPU (one op on the labels, no device to sync)
+    every_row = labels is None or on_host and _every_row_counts(labels, c, spec.ignore_index)
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         x = transform(s[lo:hi].to(cd), spec.s_scale, spec.s_cap)
         y = transform(t[lo:hi].to(cd), spec.t_scale, spec.t_cap)
-        if labels is not None:
-            lab = labels[lo:hi]
+        lab = labels[lo:hi] if labels is not None else None
+        if every_row:
+            keep = bad = None
+        else:
             keep = lab != spec.ignore_index
             bad = keep & ((lab < 0) | (lab >= c))  # only with validate_labels=False: NaN rows
             lab = torch.where(keep & ~bad, lab, 0)
-        else:
-            lab, keep, bad = None, torch.ones(hi - lo, dtype=torch.bool, device=dev), None
         # x is needed again at T = 1 (CE, meter) or for the softcap's slope; else a = x / T in place
         x_again = (spec.has_ce or meter is not None) and inv_t != 1.0 or not s_slope_free
         x_own = s.dtype != cd or spec.s_scale != 1.0 or spec.s_cap > 0  # x is a copy, not s's rows
@@ -95,16 +111,23 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
         l1 = p1 = None
         if spec.has_ce or meter is not None:
             l1 = la if inv_t == 1.0 else x.log_softmax(-1)
-        if spec.has_ce:
-            row = row + spec.ce_scale * -l1.gather(-1, lab[:, None]).squeeze(-1)
         if meter is not None:
             p1 = l1.exp()
-            meter._add_statistics(*meter_statistics(l1, p1, lab), keep, bad)
+            statistics = meter_statistics(l1, p1, lab)
+            meter._add_statistics(*statistics, keep, bad)
+        if spec.has_ce:  # -log p_label: the meter's NLL when there is one
+            nll = statistics[2] if meter is not None else F.nll_loss(l1, lab, reduction="none")
+            row = row.add_(nll, alpha=spec.ce_scale)
         if teacher_meter is not None:
             lt = lb if inv_t == 1.0 else y.log_softmax(-1)
             teacher_meter._add_statistics(*meter_statistics(lt, lt.exp(), lab), keep, bad)
-        w, w_grad = row_weights(keep, bad, scale, spec, cd)
-        loss[lo:hi] = torch.where(keep, row * w, 0.0)
+        if every_row:  # w_grad: a number unless the forward applies the row scale
+            w = scale
+            w_grad = scale if spec.row_scaled_grad else spec.grad_unit
+            torch.mul(row, w, out=loss[lo:hi])
+        else:
+            w, w_grad = row_weights(keep, bad, scale, spec, cd)
+            loss[lo:hi] = torch.where(keep, row * w, 0.0)
         if grad_s:
             if fast_kl and spec.has_ce and inv_t == 1.0:  # (kd_g + ce) p_s - kd_g p_t - ce onehot
                 p1 = p1 if p1 is not None else la.exp_()  # la: read for the last time above
@@ -126,13 +149,19 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
             else:
                 g = g.mul_(slope(x, spec.s_scale, spec.s_cap))
             out = gs[lo:hi]
-            torch.mul(g, factor.reshape(-1, 1), out=out)  # written once, cast on this write
-            # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
-            if labels is not None and (not on_host or bool((w_grad == 0).any())):
-                out.masked_fill_((w_grad == 0)[:, None], 0)
+            if every_row:
+                torch.mul(g, factor, out=out)  # written once, cast on this write
+            else:
+                torch.mul(g, factor.reshape(-1, 1), out=out)
+                # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
+                if not on_host or bool((w_grad == 0).any()):
+                    out.masked_fill_((w_grad == 0)[:, None], 0)
         if grad_t:
-            gt[lo:hi] = torch.where(w_grad[:, None] != 0,
-                                    chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap)) * w_grad[:, None], 0.0)
+            g_t = chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap))
+            if every_row:
+                torch.mul(g_t, w_grad, out=gt[lo:hi])
+            else:
+                gt[lo:hi] = torch.where(w_grad[:, None] != 0, g_t * w_grad[:, None], 0.0)
     return loss.sum() if reduce else loss, gs, gt
 
 
