@@ -73,7 +73,11 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     dev = s.device
     on_host = dev.type == "cpu" and not torch.compiler.is_compiling()
     loss = torch.empty(n, dtype=cd, device=dev)
-    gs = torch.empty_like(s) if grad_s else None
+    step = max(1, CHUNK_ELEMENTS // max(c, 1))
+    # one chunk of cd logits: the gradient is returned in the temporary it is built in (no second
+    # buffer of the chunk's size: the fused-linear losses' chunks are held to a few of those)
+    gs_built = grad_s and 0 < n <= step and s.dtype == cd
+    gs = torch.empty_like(s) if grad_s and not gs_built else None
     gt = torch.empty_like(t) if grad_t else None
     scale = row_scale(row_count, cd, dev)
     inv_t = spec.inv_temperature
@@ -83,7 +87,6 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     # every row counts (no label ignored or out of range): no per-row masks at all, only the row
     # scale. Known without labels, or read on a CPU (one op on the labels, no device to sync)
     every_row = labels is None or on_host and _every_row_counts(labels, c, spec.ignore_index)
-    step = max(1, CHUNK_ELEMENTS // max(c, 1))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         x = transform(s[lo:hi].to(cd), spec.s_scale, spec.s_cap)
@@ -148,14 +151,15 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
                     factor = factor * spec.s_scale
             else:
                 g = g.mul_(slope(x, spec.s_scale, spec.s_cap))
-            out = gs[lo:hi]
-            if every_row:
-                torch.mul(g, factor, out=out)  # written once, cast on this write
+            factor = factor if every_row else factor.reshape(-1, 1)
+            if gs_built:
+                out = gs = g.mul_(factor)
             else:
-                torch.mul(g, factor.reshape(-1, 1), out=out)
-                # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
-                if not on_host or bool((w_grad == 0).any()):
-                    out.masked_fill_((w_grad == 0)[:, None], 0)
+                out = gs[lo:hi]
+                torch.mul(g, factor, out=out)  # written once, cast on this write
+            # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
+            if not every_row and (not on_host or bool((w_grad == 0).any())):
+                out.masked_fill_((w_grad == 0)[:, None], 0)
         if grad_t:
             g_t = chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap))
             if every_row:
