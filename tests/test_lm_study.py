@@ -3,6 +3,7 @@ the sparse teachers' rows, and the command end to end on a tiny corpus written h
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -128,6 +129,7 @@ def tiny_text(tmp_path_factory):
 
 def test_cli_end_to_end_on_a_tiny_corpus(capsys, tiny_text, tmp_path):
     out = tmp_path / "runs"
+    tiny_text = shutil.copy(tiny_text, tmp_path / "tiny.txt")  # this run's own copy: it is changed at the end
     code, stdout, err = run_cli(capsys, *LM_ARGS, "--text", str(tiny_text), "--out-dir", str(out), "--name", "r")
     assert code == 0, err
     folder = out / "r"
@@ -170,6 +172,11 @@ def test_cli_end_to_end_on_a_tiny_corpus(capsys, tiny_text, tmp_path):
     assert code == 2 and "holds an earlier run" in err
     code, _, err = run_cli(capsys, "--task", "lm", "--resume", "--seq-len", "8", "--out-dir", str(out), "--name", "r")
     assert code == 2 and "was run with --seq-len = 16, not 8" in err
+    # the same path with other text: refused, not trained on
+    (folder / "distilled-sampled2.pt").unlink()
+    tiny_text.write_text(tiny_text.read_text() + "one more line\n")
+    code, _, err = run_cli(capsys, "--task", "lm", "--resume", "--out-dir", str(out), "--name", "r")
+    assert code == 2 and "the text changed since" in err and not (folder / "distilled-sampled2.pt").exists()
 
 
 def test_cli_seeds_summary_pairs_each_student_with_the_dense_one(capsys, tiny_text, tmp_path):

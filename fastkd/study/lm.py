@@ -308,11 +308,20 @@ def run_lm(cfg: StudyConfig) -> dict:
                                    tokenizer_path if reuse else None)
     if max(cfg.sparse_k) > data.vocab:
         raise ValueError(f"--sparse-k {max(cfg.sparse_k)}: more entries than the {data.vocab} tokens of the vocabulary")
+    corpus_path = out / "corpus.json"  # what the run was started on: a resumed run must read the same text
+    if reuse and corpus_path.exists():
+        started_on = json.loads(corpus_path.read_text())
+        if started_on["sha256"] != data.info["sha256"]:
+            raise ValueError(f"--resume: the text changed since {out} was started (sha256 {data.info['sha256'][:12]}, "
+                             f"not {started_on['sha256'][:12]}; files {', '.join(started_on['files'])}): put it back, "
+                             "or start a new run (--overwrite, or another --name)")
     if cfg.overwrite:
         clear(out)
     out.mkdir(parents=True, exist_ok=True)
     if not reuse:
         tokenizer.save(str(tokenizer_path))
+    if not reuse or not corpus_path.exists():
+        corpus_path.write_text(json.dumps({k: data.info[k] for k in ("source", "files", "chars", "sha256")}, indent=1))
     write_settings(out, cfg)
 
     def new_model(name, seed):
