@@ -1,0 +1,72 @@
+"""The torch backend's dense loss with each chunk's math compiled by ``torch.compile`` (Inductor's C++
+backend): opt-in with ``FASTKD_CPU_COMPILE=1``, for kl_loss / kd_loss on CPU tensors outside an outer
+torch.compile (the dispatch layer asks ``requested``). Off, nothing here runs.
+
+Eager, each tensor op of a chunk is one sweep over it; compiled, the chunk (transforms, both
+log-softmaxes, the divergence, CE, the meter's statistics, both gradients) is a few fused C++ loops.
+One compile serves a shape family: the row count is unbacked (any N, 1 included, no recompile);
+the classes, the dtypes, the spec's constants, which gradients and meters, labels or not, each make
+a family of their own. The first call of a family compiles: about 10-20 s on 2 CPU cores with a cold
+Inductor cache (a few seconds from a warm one), so it pays only in runs long enough to repay that.
+Measured on 2 cores, forward + backward, steady state (README, "Backends"): faster where a chunk is
+many ops over few classes or wide rows (1024 x 1000, 16384 x 10 fp32, 64 x 32000 bf16); see the
+README for where it does not pay.
+
+Inside the compiled function no decision needs the host: every row is masked unless there are no
+labels (``every_row`` only then), and a KL sum is always masked (``on_host`` False), as the eager
+path does under torch.compile. The numbers match the eager path to rounding, not bit for bit.
+If Inductor or its C++ compiler is missing, or compiling raises, a warning naming FASTKD_CPU_COMPILE
+is given once and the eager chunk runs from then on.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .dense import INPLACE_BACKWARD, chunk, drive, scale_grad
+
+ENV = "FASTKD_CPU_COMPILE"
+_STATE: dict = {}  # "fn": the compiled chunk (made on first use); "failed": why it could not run
+
+
+def requested(device: torch.device) -> bool:
+    """FASTKD_CPU_COMPILE=1 (read at each call; 0 or unset: off), a CPU tensor, no outer torch.compile
+    tracing the call, and compiling has not failed before."""
+    value = os.environ.get(ENV, "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0 or 1, got {value!r}")
+    return value == "1" and device.type == "cpu" and not torch.compiler.is_compiling() and "failed" not in _STATE
+
+
+def _compiled():
+    if "fn" not in _STATE:
+        # static shapes but for the rows, which are marked unbacked per call: a one-row batch takes
+        # the same code as a large one (a backed size would be specialised at 0 and 1)
+        _STATE["fn"] = torch.compile(chunk, backend="inductor", dynamic=False)
+    return _STATE["fn"]
+
+
+def _compiled_chunk(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row):
+    if "failed" not in _STATE:
+        from torch._dynamo.decorators import mark_unbacked
+
+        for x in (s, t) if lab is None else (s, t, lab):
+            mark_unbacked(x, 0)  # s, t, lab are this chunk's own views: the caller's tensors stay unmarked
+        try:
+            return _compiled()(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row)
+        except Exception as e:  # no C++ compiler, Inductor missing or failing: eager, said once
+            _STATE["failed"] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"fastkd: {ENV}=1 but torch.compile of the loss failed ({_STATE['failed'][:300]}); "
+                          "running the eager torch backend instead", RuntimeWarning, stacklevel=2)
+    return chunk(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row)
+
+
+def kd_forward(s, t, labels, row_count, spec, grad_s: bool, grad_t: bool, meter, teacher_meter,
+               reduce: bool = False):
+    """The torch backend's kd_forward (same arguments and results) with each chunk compiled."""
+    return drive(s, t, labels, row_count, spec, grad_s, grad_t, meter, teacher_meter, reduce, _compiled_chunk)
+
+
+__all__ = ["INPLACE_BACKWARD", "ENV", "kd_forward", "requested", "scale_grad"]
