@@ -6,11 +6,13 @@ Eager, each tensor op of a chunk is one sweep over it; compiled, the chunk (tran
 log-softmaxes, the divergence, CE, the meter's statistics, both gradients) is a few fused C++ loops.
 One compile serves a shape family: the row count is unbacked (any N, 1 included, no recompile);
 the classes, the dtypes, the spec's constants, which gradients and meters, labels or not, each make
-a family of their own. The first call of a family compiles: about 10-20 s on 2 CPU cores with a cold
-Inductor cache (a few seconds from a warm one), so it pays only in runs long enough to repay that.
-Measured on 2 cores, forward + backward, steady state (README, "Backends"): faster where a chunk is
-many ops over few classes or wide rows (1024 x 1000, 16384 x 10 fp32, 64 x 32000 bf16); see the
-README for where it does not pay.
+a family of their own. The first call of a family compiles: 27-31 s for the first one on 2 CPU
+cores with a cold Inductor cache (the toolchain starts up), 4-7 s for each further one, a few
+seconds from a warm cache; Dynamo keeps 8 (its recompile_limit), later families run eager. So it
+pays only in runs long enough to repay that. Steady state, forward + backward, 1 thread
+(bench/tools/cpu_compile_ab.py, the table in the README's "Backends"): 1.9-2.5x faster at
+16384 x 10 fp32, 1.3-1.7x at 64 x 32000 bf16, 7% at 1024 x 1000, none at 4096 x 100, and 5-10%
+slower at 128 x 10 (Dynamo's guards, per call).
 
 Inside the compiled function no decision needs the host: every row is masked unless there are no
 labels (``every_row`` only then), and a KL sum is always masked (``on_host`` False), as the eager
