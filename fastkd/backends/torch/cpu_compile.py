@@ -4,15 +4,16 @@ torch.compile (the dispatch layer asks ``requested``). Off, nothing here runs.
 
 Eager, each tensor op of a chunk is one sweep over it; compiled, the chunk (transforms, both
 log-softmaxes, the divergence, CE, the meter's statistics, both gradients) is a few fused C++ loops.
-One compile serves a shape family: the row count is unbacked (any N, 1 included, no recompile);
+One compile serves a shape family: the row count is dynamic (any N, 1 included, no recompile);
 the classes, the dtypes, the spec's constants, which gradients and meters, labels or not, each make
 a family of their own. The first call of a family compiles: 27-31 s for the first one on 2 CPU
-cores with a cold Inductor cache (the toolchain starts up), 4-7 s for each further one, a few
+cores with a cold Inductor cache (the toolchain starts up), 4-6 s for each further one, a few
 seconds from a warm cache; Dynamo keeps 8 (its recompile_limit), later families run eager. So it
 pays only in runs long enough to repay that. Steady state, forward + backward, 1 thread
-(bench/tools/cpu_compile_ab.py, the table in the README's "Backends"): 1.9-2.5x faster at
-16384 x 10 fp32, 1.3-1.7x at 64 x 32000 bf16, 7% at 1024 x 1000, none at 4096 x 100, and 5-10%
-slower at 128 x 10 (Dynamo's guards, per call).
+(bench/tools/cpu_compile_ab.py, the table in the README's "Backends"): 1.9-2.4x faster at
+16384 x 10 fp32, 1.9-2.3x at 64 x 32000 bf16, 1.3-1.5x at 1024 x 1000, 1.1-1.2x at 4096 x 100,
+nothing (up to 10% slower: Dynamo's guards, per call) at 128 x 10; with 2 threads 4096 x 100 is
+no faster either (1.01-1.12x the eager time).
 
 Inside the compiled function no decision needs the host: every row is masked unless there are no
 labels (``every_row`` only then), and a KL sum is always masked (``on_host`` False), as the eager
@@ -44,24 +45,35 @@ def requested(device: torch.device) -> bool:
 
 def _compiled():
     if "fn" not in _STATE:
-        # static shapes but for the rows, which are marked unbacked per call: a one-row batch takes
-        # the same code as a large one (a backed size would be specialised at 0 and 1)
+        # static shapes but for the rows, marked dynamic per call; the classes stay a constant
         _STATE["fn"] = torch.compile(chunk, backend="inductor", dynamic=False)
     return _STATE["fn"]
 
 
+def _first_row(x):
+    return None if x is None else tuple(_first_row(v) for v in x) if isinstance(x, tuple) else x[:1]
+
+
 def _compiled_chunk(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row):
     if "failed" not in _STATE:
-        from torch._dynamo.decorators import mark_unbacked
-
+        # a dynamic size of 1 would be specialised (a second compile): one row runs as two copies of
+        # it, and the first copy's results are kept (rows are independent)
+        one = s.shape[0] == 1
+        s, t = s.detach(), t.detach()  # a copy below does not require grad: the views must not either (a guard)
+        if one:
+            s, t, lab = s.repeat(2, 1), t.repeat(2, 1), None if lab is None else lab.repeat(2)
         for x in (s, t) if lab is None else (s, t, lab):
-            mark_unbacked(x, 0)  # s, t, lab are this chunk's own views: the caller's tensors stay unmarked
+            # backed, not unbacked: Inductor fuses a row's passes into one loop only for a backed size
+            torch._dynamo.mark_dynamic(x, 0)  # this chunk's own views or copies: the caller's stay unmarked
         try:
-            return _compiled()(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row)
+            out = _compiled()(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row)
+            return _first_row(out) if one else out
         except Exception as e:  # no C++ compiler, Inductor missing or failing: eager, said once
             _STATE["failed"] = f"{type(e).__name__}: {e}"
             warnings.warn(f"fastkd: {ENV}=1 but torch.compile of the loss failed ({_STATE['failed'][:300]}); "
                           "running the eager torch backend instead", RuntimeWarning, stacklevel=2)
+            if one:
+                s, t, lab = s[:1], t[:1], None if lab is None else lab[:1]
     return chunk(s, t, lab, scale, spec, grad_s, grad_t, meter_on, teacher_meter_on, every_row)
 
 
