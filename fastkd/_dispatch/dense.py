@@ -7,6 +7,7 @@ from .._core import checks
 from .._core.options import Options
 from .._core.spec import build_spec
 from .. import backends
+from ..backends.torch import cpu_compile
 from ..calibration import check_meters
 from . import compiled, vocab_parallel
 from .functions import FusedKD, autocast_off
@@ -42,5 +43,7 @@ def run(s, t, labels, options: Options, meter=None, teacher_meter=None):
         if compiling:
             loss = compiled.fused_kd(s2, t2, labels2, count, spec, reduce, name, meter, teacher_meter)
         else:
-            loss = FusedKD.apply(s2, t2, labels2, count, spec, reduce, backends.load(name), meter, teacher_meter)
+            # opt-in (FASTKD_CPU_COMPILE=1): the torch backend's chunks compiled, on CPU tensors only
+            impl = cpu_compile if name == "torch" and cpu_compile.requested(s.device) else backends.load(name)
+            loss = FusedKD.apply(s2, t2, labels2, count, spec, reduce, impl, meter, teacher_meter)
     return loss if reduce else loss.reshape(s.shape[:-1])

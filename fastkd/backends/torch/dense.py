@@ -68,105 +68,161 @@ def kd_forward(s, t, labels, row_count, spec: KDSpec, grad_s: bool, grad_t: bool
     1-element tensor summed on the device); ignored rows get loss 0 and gradient 0. The logits are
     transformed first (spec.s_scale, s_cap, t_scale, t_cap); the gradients are w.r.t. the raw logits.
     """
+    return drive(s, t, labels, row_count, spec, grad_s, grad_t, meter, teacher_meter, reduce, None)
+
+
+def drive(s, t, labels, row_count, spec: KDSpec, grad_s, grad_t, meter, teacher_meter, reduce, compiled_chunk):
+    """kd_forward's loop over chunks of rows: each chunk's math is ``chunk`` (eager, writing into the
+    outputs), or ``compiled_chunk`` (torch.compile'd ``chunk``: no host decision inside, returns new
+    tensors that are copied in unless there is one chunk); the meters are fed here from its statistics."""
     n, c = s.shape
     cd = compute_dtype(s, t)
     dev = s.device
-    on_host = dev.type == "cpu" and not torch.compiler.is_compiling()
+    eager = compiled_chunk is None
+    on_host = eager and dev.type == "cpu" and not torch.compiler.is_compiling()
     loss = torch.empty(n, dtype=cd, device=dev)
     step = max(1, CHUNK_ELEMENTS // max(c, 1))
     # one chunk of cd logits: the gradient is returned in the temporary it is built in (no second
     # buffer of the chunk's size: the fused-linear losses' chunks are held to a few of those)
-    gs_built = grad_s and 0 < n <= step and s.dtype == cd
+    one_chunk = 0 < n <= step
+    gs_built = grad_s and one_chunk and (s.dtype == cd or not eager)
     gs = torch.empty_like(s) if grad_s and not gs_built else None
-    gt = torch.empty_like(t) if grad_t else None
+    gt = torch.empty_like(t) if grad_t and not (one_chunk and not eager) else None
     scale = row_scale(row_count, cd, dev)
-    inv_t = spec.inv_temperature
-    kd_g = spec.kd_scale * inv_t
-    fast_kl = spec.divergence == Divergence.KL and not grad_t
-    s_slope_free = spec.s_cap == 0  # the student's d z'/d z is a number (its scale), not a tensor
     # every row counts (no label ignored or out of range): no per-row masks at all, only the row
     # scale. Known without labels, or read on a CPU (one op on the labels, no device to sync)
     every_row = labels is None or on_host and _every_row_counts(labels, c, spec.ignore_index)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        x = transform(s[lo:hi].to(cd), spec.s_scale, spec.s_cap)
-        y = transform(t[lo:hi].to(cd), spec.t_scale, spec.t_cap)
         lab = labels[lo:hi] if labels is not None else None
-        if every_row:
-            keep = bad = None
+        if eager:
+            outs = (loss[lo:hi], None if gs_built else gs[lo:hi] if grad_s else None, gt[lo:hi] if grad_t else None)
+            rows, g_s, g_t, stats, t_stats, keep, bad = chunk(
+                s[lo:hi], t[lo:hi], lab, scale, spec, grad_s, grad_t, meter is not None, teacher_meter is not None,
+                every_row, on_host, *outs)
         else:
-            keep = lab != spec.ignore_index
-            bad = keep & ((lab < 0) | (lab >= c))  # only with validate_labels=False: NaN rows
-            lab = torch.where(keep & ~bad, lab, 0)
-        # x is needed again at T = 1 (CE, meter) or for the softcap's slope; else a = x / T in place
-        x_again = (spec.has_ce or meter is not None) and inv_t != 1.0 or not s_slope_free
-        x_own = s.dtype != cd or spec.s_scale != 1.0 or spec.s_cap > 0  # x is a copy, not s's rows
-        y_own = t.dtype != cd or spec.t_scale != 1.0 or spec.t_cap > 0
-        la = _tempered(x, inv_t, x_own and not x_again).log_softmax(-1)
-        lb = _tempered(y, inv_t, y_own and teacher_meter is None and spec.t_cap == 0).log_softmax(-1)
-        if fast_kl:
-            lb_again = teacher_meter is not None and inv_t == 1.0
-            div, pt = _kl(la, lb, on_host, lb_again)
-            lb = lb if lb_again else None  # its buffer held the KL's terms: freed now
-        else:
-            div, ga, gb = divergence_terms(la, lb, spec, grad_t)
-        row = spec.kd_scale * div.reshape(-1)
-        l1 = p1 = None
-        if spec.has_ce or meter is not None:
-            l1 = la if inv_t == 1.0 else x.log_softmax(-1)
+            rows, g_s, g_t, stats, t_stats, keep, bad = compiled_chunk(
+                s[lo:hi], t[lo:hi], lab, scale, spec, grad_s, grad_t, meter is not None, teacher_meter is not None,
+                every_row)
+            if one_chunk:
+                loss = rows
+                gt = g_t
+            else:
+                loss[lo:hi] = rows
+                if grad_s:
+                    gs[lo:hi] = g_s
+                if grad_t:
+                    gt[lo:hi] = g_t
+        if gs_built:
+            gs = g_s
         if meter is not None:
-            p1 = l1.exp()
-            statistics = meter_statistics(l1, p1, lab)
-            meter._add_statistics(*statistics, keep, bad)
-        if spec.has_ce:  # -log p_label: the meter's NLL when there is one
-            nll = statistics[2] if meter is not None else F.nll_loss(l1, lab, reduction="none")
-            row = row.add_(nll, alpha=spec.ce_scale)
+            meter._add_statistics(*stats, keep, bad)
         if teacher_meter is not None:
-            lt = lb if inv_t == 1.0 else y.log_softmax(-1)
-            teacher_meter._add_statistics(*meter_statistics(lt, lt.exp(), lab), keep, bad)
-        if every_row:  # w_grad: a number unless the forward applies the row scale
-            w = scale
-            w_grad = scale if spec.row_scaled_grad else spec.grad_unit
-            torch.mul(row, w, out=loss[lo:hi])
-        else:
-            w, w_grad = row_weights(keep, bad, scale, spec, cd)
-            loss[lo:hi] = torch.where(keep, row * w, 0.0)
-        if grad_s:
-            if fast_kl and spec.has_ce and inv_t == 1.0:  # (kd_g + ce) p_s - kd_g p_t - ce onehot
-                p1 = p1 if p1 is not None else la.exp_()  # la: read for the last time above
-                g = (p1 * (kd_g + spec.ce_scale)).sub_(pt, alpha=kd_g)
-            elif fast_kl:  # kd_g (p_s - p_t) (+ ce p1 below), in the buffer of p_s
-                g = (p1 if p1 is not None and inv_t == 1.0 else la.exp_()).sub_(pt)
-                if spec.has_ce:
-                    g = g.mul_(kd_g).add_(p1 if p1 is not None else l1.exp_(), alpha=spec.ce_scale)
-            else:
-                g = ga.mul_(kd_g) if spec.has_ce else ga
-                if spec.has_ce:
-                    g = g.add_(p1 if p1 is not None else l1.exp_(), alpha=spec.ce_scale)  # l1: last read
-            factor = w_grad if spec.has_ce else w_grad * kd_g
-            if spec.has_ce:  # the onehot of ce_scale (softmax(s) - onehot(label))
-                g = g.scatter_add_(-1, lab[:, None], torch.full((hi - lo, 1), -spec.ce_scale, dtype=cd, device=dev))
-            if s_slope_free:
-                if spec.s_scale != 1.0:
-                    factor = factor * spec.s_scale
-            else:
-                g = g.mul_(slope(x, spec.s_scale, spec.s_cap))
-            factor = factor if every_row else factor.reshape(-1, 1)
-            if gs_built:
-                out = gs = g.mul_(factor)
-            else:
-                out = gs[lo:hi]
-                torch.mul(g, factor, out=out)  # written once, cast on this write
-            # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
-            if not every_row and (not on_host or bool((w_grad == 0).any())):
-                out.masked_fill_((w_grad == 0)[:, None], 0)
-        if grad_t:
-            g_t = chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap))
-            if every_row:
-                torch.mul(g_t, w_grad, out=gt[lo:hi])
-            else:
-                gt[lo:hi] = torch.where(w_grad[:, None] != 0, g_t * w_grad[:, None], 0.0)
+            teacher_meter._add_statistics(*t_stats, keep, bad)
     return loss.sum() if reduce else loss, gs, gt
+
+
+def chunk(s, t, lab, scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter_on: bool, teacher_meter_on: bool,
+          every_row: bool = False, on_host: bool = False, loss_out=None, gs_out=None, gt_out=None):
+    """One chunk's math: rows of logits -> (row losses, grad_s | None, grad_t | None, the student's
+    and the teacher's meter statistics | None, keep, bad). Written into ``*_out`` where given (the
+    eager loop: the gradient cast on that write), else returned in the logits' dtypes. Decisions the
+    host makes for free on a CPU are ``every_row`` (no label ignored or out of range) and
+    ``on_host`` (read a sum's finiteness); both False is the always-masked path (torch.compile)."""
+    c = s.shape[-1]
+    cd = compute_dtype(s, t)
+    dev = s.device
+    inv_t = spec.inv_temperature
+    kd_g = spec.kd_scale * inv_t
+    fast_kl = spec.divergence == Divergence.KL and not grad_t
+    s_slope_free = spec.s_cap == 0  # the student's d z'/d z is a number (its scale), not a tensor
+    x = transform(s.to(cd), spec.s_scale, spec.s_cap)
+    y = transform(t.to(cd), spec.t_scale, spec.t_cap)
+    statistics = t_statistics = None
+    if every_row:
+        keep = bad = None
+    else:
+        keep = lab != spec.ignore_index
+        bad = keep & ((lab < 0) | (lab >= c))  # only with validate_labels=False: NaN rows
+        lab = torch.where(keep & ~bad, lab, 0)
+    # x is needed again at T = 1 (CE, meter) or for the softcap's slope; else a = x / T in place
+    x_again = (spec.has_ce or meter_on) and inv_t != 1.0 or not s_slope_free
+    x_own = s.dtype != cd or spec.s_scale != 1.0 or spec.s_cap > 0  # x is a copy, not s's rows
+    y_own = t.dtype != cd or spec.t_scale != 1.0 or spec.t_cap > 0
+    la = _tempered(x, inv_t, x_own and not x_again).log_softmax(-1)
+    lb = _tempered(y, inv_t, y_own and not teacher_meter_on and spec.t_cap == 0).log_softmax(-1)
+    if fast_kl:
+        lb_again = teacher_meter_on and inv_t == 1.0
+        div, pt = _kl(la, lb, on_host, lb_again)
+        lb = lb if lb_again else None  # its buffer held the KL's terms: freed now
+    else:
+        div, ga, gb = divergence_terms(la, lb, spec, grad_t)
+    row = spec.kd_scale * div.reshape(-1)
+    l1 = p1 = None
+    if spec.has_ce or meter_on:
+        l1 = la if inv_t == 1.0 else x.log_softmax(-1)
+    if meter_on:
+        p1 = l1.exp()
+        statistics = meter_statistics(l1, p1, lab)
+    if spec.has_ce:  # -log p_label: the meter's NLL when there is one
+        nll = statistics[2] if meter_on else F.nll_loss(l1, lab, reduction="none")
+        row = row.add_(nll, alpha=spec.ce_scale)
+    if teacher_meter_on:
+        lt = lb if inv_t == 1.0 else y.log_softmax(-1)
+        t_statistics = meter_statistics(lt, lt.exp(), lab)
+    if every_row:  # w_grad: a number unless the forward applies the row scale
+        w = scale
+        w_grad = scale if spec.row_scaled_grad else spec.grad_unit
+        rows = torch.mul(row, w, out=loss_out) if loss_out is not None else row * w
+    else:
+        w, w_grad = row_weights(keep, bad, scale, spec, cd)
+        rows = torch.where(keep, row * w, 0.0)
+        if loss_out is not None:
+            loss_out[:] = rows
+            rows = loss_out
+    out = g_t = None
+    if grad_s:
+        if fast_kl and spec.has_ce and inv_t == 1.0:  # (kd_g + ce) p_s - kd_g p_t - ce onehot
+            p1 = p1 if p1 is not None else la.exp_()  # la: read for the last time above
+            g = (p1 * (kd_g + spec.ce_scale)).sub_(pt, alpha=kd_g)
+        elif fast_kl:  # kd_g (p_s - p_t) (+ ce p1 below), in the buffer of p_s
+            g = (p1 if p1 is not None and inv_t == 1.0 else la.exp_()).sub_(pt)
+            if spec.has_ce:
+                g = g.mul_(kd_g).add_(p1 if p1 is not None else l1.exp_(), alpha=spec.ce_scale)
+        else:
+            g = ga.mul_(kd_g) if spec.has_ce else ga
+            if spec.has_ce:
+                g = g.add_(p1 if p1 is not None else l1.exp_(), alpha=spec.ce_scale)  # l1: last read
+        factor = w_grad if spec.has_ce else w_grad * kd_g
+        if spec.has_ce:  # the onehot of ce_scale (softmax(s) - onehot(label))
+            g = g.scatter_add_(-1, lab[:, None], torch.full((lab.shape[0], 1), -spec.ce_scale, dtype=cd, device=dev))
+        if s_slope_free:
+            if spec.s_scale != 1.0:
+                factor = factor * spec.s_scale
+        else:
+            g = g.mul_(slope(x, spec.s_scale, spec.s_cap))
+        factor = factor if every_row else factor.reshape(-1, 1)
+        if gs_out is None:  # the gradient returned in the temporary it is built in
+            out = g.mul_(factor)
+        else:
+            out = gs_out
+            torch.mul(g, factor, out=out)  # written once, cast on this write
+        # ignored rows: 0 even where their terms are not finite (skipped when a CPU sees none: one sweep less)
+        if not every_row and (not on_host or bool((w_grad == 0).any())):
+            out.masked_fill_((w_grad == 0)[:, None], 0)
+        out = out.to(s.dtype)
+    if grad_t:
+        g_t = chain(kd_g * gb, slope(y, spec.t_scale, spec.t_cap))
+        if every_row:
+            g_t = torch.mul(g_t, w_grad, out=gt_out) if gt_out is not None else (g_t * w_grad).to(t.dtype)
+        else:
+            g_t = torch.where(w_grad[:, None] != 0, g_t * w_grad[:, None], 0.0)
+            if gt_out is not None:
+                gt_out[:] = g_t
+                g_t = gt_out
+            else:
+                g_t = g_t.to(t.dtype)
+    return rows, out, g_t, statistics, t_statistics, keep, bad
 
 
 def scale_grad(grad, factor):
