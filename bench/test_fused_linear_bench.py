@@ -124,7 +124,7 @@ def cpu_peak_bytes(provider, setup="") -> int:
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_fused_linear(benchmark, provider):
     step = make_step(provider)
-    peak = measure(benchmark, step, rounds=3)
+    peak = measure(benchmark, step, rounds=3 if ON_GPU else 7)
     if peak is None:  # a CPU: peak RSS of the same steps in a subprocess; the median of three, as the
         peak = statistics.median(cpu_peak_bytes(provider) for _ in range(3))  # allocator's reuse moves it
     LINEAR_RESULTS.append(dict(provider=provider, shape=f"{ROWS}x{HIDDEN}x{VOCAB} bf16",

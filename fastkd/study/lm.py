@@ -50,7 +50,7 @@ from .lm_models import LM_TAILS, build_lm, parse_lm_model
 from .lm_report import (label, lm_results_table, lm_summary_tables, summarize_lm_seeds, write_lm_report,
                         write_lm_summary)
 from .models import count_parameters
-from .train import _autocast, atomic_save, log_epoch, restore
+from .train import _autocast, atomic_save, log_epoch, restore, seed_rngs
 
 T_FIT_TOKENS = 2048  # validation tokens the T* fit reads (evenly strided): each step of its root search reads
 # tokens x vocabulary logits (about 3 s per model at 2048 x 2048 on one core; 9 s at 8192)
@@ -141,7 +141,7 @@ def fit_lm(model, data: LMData, cfg: StudyConfig, stage: str, ckpt: Path, *, epo
     with bar:
         for epoch in range(state["epoch"], epochs):
             seed = cfg.seed * 1_000_003 + stage_id * 10_007 + epoch
-            torch.manual_seed(seed)
+            seed_rngs(seed, device)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
             model.train()
             total = torch.zeros((), device=device)
