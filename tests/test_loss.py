@@ -94,6 +94,24 @@ def test_dtypes_with_ignore_index_and_teacher_grad(backend, dtype, rtol_grad, sh
                             alpha=0.7)
 
 
+@pytest.mark.parametrize("c", [1, 2, 10, 15, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_backend_log_softmax_of_few_classes(c, dtype, gen):
+    """Rows of fewer than 16 classes take max, exp, sum and log as separate ops on a CPU (the
+    kernel's scalar path is slower): equal to float64 log_softmax, -inf kept, NaN where it is NaN."""
+    from fastkd.backends.torch.math import log_softmax
+
+    x = randn((7, c), gen, torch.float64)
+    x[1, 0] = -torch.inf  # a masked class
+    x[2] = -torch.inf  # every class masked: NaN, as torch's log_softmax
+    x[3, -1] = torch.inf
+    x[4, 0] = torch.nan
+    want = x.log_softmax(-1)
+    got = log_softmax(x.to(dtype)).double()
+    torch.testing.assert_close(got, want, rtol=0, atol=4e-6 if dtype == torch.float32 else 1e-14, equal_nan=True)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got == -torch.inf, want == -torch.inf)
+
+
 @pytest.mark.parametrize("ignore_index", [-100, 2, 6])
 def test_rows_that_all_count_and_an_ignore_index_among_the_classes(ignore_index, gen):
     """The torch backend skips its per-row masks on a CPU when every row counts; an ignore_index

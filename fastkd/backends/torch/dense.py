@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..._core.enums import Divergence
 from ..._core.spec import KDSpec, row_scale
-from .math import chain, compute_dtype, divergence_terms, meter_statistics, row_weights, slope, transform
+from .math import (chain, compute_dtype, divergence_terms, log_softmax, meter_statistics, row_weights, slope,
+                   transform)
 
 # elements of one chunk's row block (about five fp32 temporaries of it live at once). Measured on the
 # shared 2-core CPU (issue 29, interleaved with the eager recipe): chunks sized for L2 (1 << 16, a few
@@ -149,8 +150,8 @@ def chunk(s, t, lab, scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter_on: 
     x_again = (spec.has_ce or meter_on) and inv_t != 1.0 or not s_slope_free
     x_own = s.dtype != cd or spec.s_scale != 1.0 or spec.s_cap > 0  # x is a copy, not s's rows
     y_own = t.dtype != cd or spec.t_scale != 1.0 or spec.t_cap > 0
-    la = _tempered(x, inv_t, x_own and not x_again).log_softmax(-1)
-    lb = _tempered(y, inv_t, y_own and not teacher_meter_on and spec.t_cap == 0).log_softmax(-1)
+    la = log_softmax(_tempered(x, inv_t, x_own and not x_again))
+    lb = log_softmax(_tempered(y, inv_t, y_own and not teacher_meter_on and spec.t_cap == 0))
     if fast_kl:
         lb_again = teacher_meter_on and inv_t == 1.0
         div, pt = _kl(la, lb, on_host, lb_again)
@@ -160,7 +161,7 @@ def chunk(s, t, lab, scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter_on: 
     row = spec.kd_scale * div.reshape(-1)
     l1 = p1 = None
     if spec.has_ce or meter_on:
-        l1 = la if inv_t == 1.0 else x.log_softmax(-1)
+        l1 = la if inv_t == 1.0 else log_softmax(x)
     if meter_on:
         p1 = l1.exp()
         statistics = meter_statistics(l1, p1, lab)
@@ -168,7 +169,7 @@ def chunk(s, t, lab, scale, spec: KDSpec, grad_s: bool, grad_t: bool, meter_on: 
         nll = statistics[2] if meter_on else F.nll_loss(l1, lab, reduction="none")
         row = row.add_(nll, alpha=spec.ce_scale)
     if teacher_meter_on:
-        lt = lb if inv_t == 1.0 else y.log_softmax(-1)
+        lt = lb if inv_t == 1.0 else log_softmax(y)
         t_statistics = meter_statistics(lt, lt.exp(), lab)
     if every_row:  # w_grad: a number unless the forward applies the row scale
         w = scale
