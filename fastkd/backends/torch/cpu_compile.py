@@ -10,10 +10,10 @@ a family of their own. The first call of a family compiles: 27-31 s for the firs
 cores with a cold Inductor cache (the toolchain starts up), 4-6 s for each further one, a few
 seconds from a warm cache; Dynamo keeps 8 (its recompile_limit), later families run eager. So it
 pays only in runs long enough to repay that. Steady state, forward + backward, 1 thread
-(bench/tools/cpu_compile_ab.py, the table in the README's "Backends"): 1.9-2.4x faster at
-16384 x 10 fp32, 1.9-2.3x at 64 x 32000 bf16, 1.3-1.5x at 1024 x 1000, 1.1-1.2x at 4096 x 100,
-nothing (up to 10% slower: Dynamo's guards, per call) at 128 x 10; with 2 threads 4096 x 100 is
-no faster either (1.01-1.12x the eager time).
+(bench/tools/cpu_compile_ab.py, the table in the README's "Backends"): 2.4x faster at 64 x 32000
+bf16, 1.35-1.9x at 1024 x 1000, 1.1-1.2x at 4096 x 100 (the upper ends with a meter), nothing at
+16384 x 10 since the eager path takes few-class log-softmaxes from their parts (0.9-1.1x), and
+little at 128 x 10 (Dynamo's guards, per call).
 
 Inside the compiled function no decision needs the host: every row is masked unless there are no
 labels (``every_row`` only then), and a KL sum is always masked (``on_host`` False), as the eager
