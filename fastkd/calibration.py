@@ -82,7 +82,7 @@ def _bin_index(conf: torch.Tensor, num_bins: int) -> torch.Tensor:
     logits, a row of -inf) there too as the kernels do, so every labelled row is counted."""
     key = ("edges", num_bins, conf.device, conf.dtype)
     if key not in _CACHE:
-        _CACHE[key] = torch.linspace(0, 1, num_bins + 1, dtype=conf.dtype, device=conf.device)[1:]
+        _CACHE[key] = bin_edges(num_bins, conf.device, conf.dtype)[1:-1]  # the edges above 0, no +inf
     return torch.bucketize(conf, _CACHE[key], right=True)
 
 

@@ -18,8 +18,8 @@ teacher's logits (4 R V each, fp32 from 16-bit inputs too) and the kernel's logi
 for the student, 4 R V more for a learning teacher): 12 R V, 16 R V with a learning teacher. The
 logits are then freed, and with 16-bit inputs each gradient is cast once for the projection GEMMs
 (2 R V each). The default ``chunk_size`` keeps R V near 2^25 per side on a GPU (128 MiB of fp32
-logits) and near 2^18 on a CPU, at least 32 rows (the torch backend holds about eight fp32 copies of
-a chunk's logits; bench/RESULTS.md, CPU section).
+logits) and near 2^18 on a CPU, at least 32 rows (about five fp32 copies of a chunk's logits live at
+once there; bench/RESULTS.md, CPU section).
 fp32 chunk logits from a 16-bit GEMM need ``torch.mm``'s ``out_dtype`` on CUDA (torch >= 2.8);
 without it the CUDA GEMM writes the inputs' dtype, widened afterwards (the logits then carry that
 rounding). Off CUDA the 16-bit operands are widened to fp32 for the GEMM (exact products).

@@ -10,10 +10,10 @@ from ..backends.torch.math import transform
 
 CHUNK_LOGITS = 1 << 25  # default chunk on a GPU: about this many logits per side (128 MiB in fp32)
 # default chunk on a CPU: 1 MiB of fp32 logits per side, both sides within one core's L2 on a recent
-# Xeon (2 MiB). A CPU chunk holds about eight fp32 copies of its logits at once (the torch backend's
-# temporaries) on top of the fp32 weights and their gradient: at 2^18 the bench case (256 x 128 x 8000
-# bf16) peaks at about a quarter of the materialised recipe's memory, at 2^19 near a third (the
-# allocator's reuse moves it by +-5 MiB), so 2^18 keeps the promise. Fewer, larger chunks are faster
+# Xeon (2 MiB). A CPU chunk holds about five fp32 copies of its logits at once (both sides' logits
+# and the torch backend's temporaries) on top of the fp32 weights and their gradient: at 2^18 the bench
+# case (256 x 128 x 8000 bf16) peaks at about a quarter of the materialised recipe's resident memory
+# (the allocator's reuse moves it by +-5 MiB), so 2^18 keeps the promise. Fewer, larger chunks are faster
 # on a busy machine, where each parallel op waits for a core (bench/RESULTS.md, CPU section).
 CPU_CHUNK_LOGITS = 1 << 18
 

@@ -56,7 +56,7 @@ from .. import backends
 from ..backends.torch.math import finite, masked, rescale, row_weights, sparse_teacher
 from ..calibration import check_meters
 from . import gemm
-from .functions import FusedKD, FusedLinearKD, SparseKD
+from .functions import FusedKD, FusedLinearKD, SparseKD, autocast_off
 from .rows import as_rows, counted_rows, label_rows, row_count
 
 # columns of the local statistics (both backends): maxima, then the sums against them
@@ -380,7 +380,7 @@ def dense(s, t, labels, options: Options, meter, teacher_meter):
     s2, t2 = as_rows(s), as_rows(t)
     spec = build_spec(options, lay.vocab, (s.dtype, t.dtype))
     reduce = options.reduction != "none"
-    with torch.autocast(s.device.type, enabled=False):
+    with autocast_off(s.device.type):
         loss = FusedKD.apply(s2, t2, labels2, row_count(labels2, options, s2.shape[0]), spec, reduce,
                              VocabParallel(lay, kernels), meter, teacher_meter)
     return loss if reduce else loss.reshape(s.shape[:-1])
@@ -401,7 +401,7 @@ def sparse(s, teacher_ids, teacher_logprobs, labels, options: Options, meter):
     s2 = as_rows(s)
     spec = build_spec(options, lay.vocab, (s.dtype,))
     reduce = options.reduction != "none"
-    with torch.autocast(s.device.type, enabled=False):
+    with autocast_off(s.device.type):
         loss = SparseKD.apply(s2, teacher_ids.reshape(-1, k).to(torch.int64).contiguous(),
                               teacher_logprobs.reshape(-1, k).contiguous(), labels2,
                               row_count(labels2, options, s2.shape[0]), spec, int(options.tail), reduce,
@@ -424,7 +424,7 @@ def fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, t
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     hs, ws, bs, ht, wt, bt = gemm.follow_autocast(device_type, student_hidden, student_weight, student_bias,
                                                   teacher_hidden, teacher_weight, teacher_bias)
-    with torch.autocast(device_type, enabled=False):
+    with autocast_off(device_type):
         checks.linear(hs, ws, bs, "student")
         checks.linear(ht, wt, bt, "teacher")
         checks.same_rows(hs, ht)
